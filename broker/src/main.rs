@@ -1,0 +1,577 @@
+//! `sekisho-broker`: terminates clients' WireGuard tunnels, authorizes every new flow against
+//! the policy, and forwards allowed packets to the connector of the application's site.
+
+mod config;
+mod core;
+mod pki;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UdpSocket, UnixListener};
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use sekisho_proto::keys::PrivateKey;
+use sekisho_proto::link::{
+    ALPN, BrokerWelcome, ConnectorHello, MAX_CONTROL_MESSAGE, connector_cert_name,
+};
+use sekisho_proto::policy::Policy;
+
+use crate::config::BrokerConfig;
+use crate::core::{BUF_SIZE, BrokerCore, DecisionRecord, Io};
+
+#[derive(Parser)]
+#[command(
+    name = "sekisho-broker",
+    version,
+    about = "Sekisho broker: WireGuard termination, per-flow authorization and connector links",
+    long_about = "Sekisho broker: terminates the WireGuard tunnels of clients on one UDP socket, \
+decides every new flow against the policy (default deny; allow rules; deny rules win), answers \
+denied flows at once (TCP RST or ICMP administratively prohibited) and forwards allowed packets \
+over QUIC to the connector of the application's site. Every decision is one JSON line in the \
+decision log.\n\nSignals: SIGHUP reloads the policy file (a file with errors is rejected and the \
+running policy stays); SIGTERM/SIGINT stop the broker."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker with a config file (see deploy/demo/broker.toml).
+    Run {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Check a policy file and print a summary, or its first error as file:line:column.
+    CheckPolicy { policy: PathBuf },
+    /// Print the running broker's counters, peers and connector links as JSON.
+    Stats {
+        /// The broker's control socket (see `control_socket` in the config).
+        #[arg(short, long, default_value = "/run/sekisho/broker.sock")]
+        socket: PathBuf,
+    },
+    /// Print a new WireGuard private key (base64).
+    Genkey,
+    /// Read a private key on standard input and print its public key.
+    Pubkey,
+    /// The certificate authority for connector links.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Create a CA (ca.pem, ca.key) and the broker's certificate (broker.pem, broker.key) in DIR.
+    Init {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// DNS name(s) connectors use to reach this broker.
+        #[arg(long = "name", default_value = "broker.sekisho.internal")]
+        names: Vec<String>,
+    },
+    /// Issue the certificate of one site's connector (connector-SITE.pem/.key) in DIR.
+    IssueConnector {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        #[arg(long)]
+        site: String,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config } => run_blocking(&config),
+        Command::CheckPolicy { policy } => check_policy(&policy),
+        Command::Stats { socket } => stats(&socket),
+        Command::Genkey => {
+            println!("{}", PrivateKey::generate().to_base64());
+            Ok(())
+        }
+        Command::Pubkey => pubkey(),
+        Command::Pki(PkiCommand::Init { dir, names }) => pki::init(&dir, &names),
+        Command::Pki(PkiCommand::IssueConnector { dir, site }) => pki::issue_connector(&dir, &site),
+    };
+    if let Err(e) = result {
+        eprintln!("sekisho-broker: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn pubkey() -> Result<()> {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+    println!("{}", PrivateKey::parse(&text)?.public());
+    Ok(())
+}
+
+fn check_policy(path: &Path) -> Result<()> {
+    let p = Policy::load(path)?;
+    println!(
+        "{}: ok: {} users, {} groups, {} devices, {} sites, {} applications, {} rules; device range {}",
+        path.display(),
+        p.users.len(),
+        p.groups.len(),
+        p.devices.len(),
+        p.sites.len(),
+        p.applications.len(),
+        p.rules.len(),
+        p.device_range
+    );
+    Ok(())
+}
+
+fn stats(socket: &Path) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut s = tokio::net::UnixStream::connect(socket)
+            .await
+            .with_context(|| format!("cannot reach the broker at {}", socket.display()))?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        println!("{out}");
+        Ok(())
+    })
+}
+
+fn run_blocking(config: &Path) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run(config))
+}
+
+/// Everything the data path touches, behind one lock. Packets are processed under it in
+/// batches; nothing awaits while it is held.
+struct Shared {
+    core: BrokerCore,
+    links: HashMap<String, quinn::Connection>,
+}
+
+type SharedRef = Arc<Mutex<Shared>>;
+
+fn lock(s: &SharedRef) -> MutexGuard<'_, Shared> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+enum LogLine {
+    Decision(DecisionRecord),
+    Policy {
+        result: &'static str,
+        detail: String,
+    },
+}
+
+struct ShellIo<'a> {
+    udp: &'a UdpSocket,
+    links: &'a HashMap<String, quinn::Connection>,
+    log: &'a mpsc::UnboundedSender<LogLine>,
+}
+
+impl Io for ShellIo<'_> {
+    fn send_udp(&mut self, to: SocketAddr, data: &[u8]) {
+        if let Err(e) = self.udp.try_send_to(data, to) {
+            debug!(%e, "UDP send failed");
+        }
+    }
+
+    fn send_to_site(&mut self, site: &str, packet: &[u8]) -> bool {
+        match self.links.get(site) {
+            Some(conn) => conn.send_datagram(Bytes::copy_from_slice(packet)).is_ok(),
+            None => false,
+        }
+    }
+
+    fn decision(&mut self, record: DecisionRecord) {
+        debug!(?record, "flow decision");
+        let _ = self.log.send(LogLine::Decision(record));
+    }
+}
+
+fn with_core(
+    shared: &SharedRef,
+    udp: &UdpSocket,
+    log: &mpsc::UnboundedSender<LogLine>,
+    f: impl FnOnce(&mut BrokerCore, &mut ShellIo),
+) {
+    let mut g = lock(shared);
+    let Shared { core, links } = &mut *g;
+    let mut io = ShellIo { udp, links, log };
+    f(core, &mut io);
+}
+
+async fn run(config_path: &Path) -> Result<()> {
+    let config = BrokerConfig::load(config_path)?;
+    let key = PrivateKey::read_file(&config.private_key_file)?;
+    let policy = Policy::load(&config.policy)?;
+    let core = BrokerCore::new(key, policy, config.flows.timeouts(), config.flows.max_flows);
+    info!(public_key = %core.public_key(), "broker identity");
+    core.log_policy_summary();
+    let shared: SharedRef = Arc::new(Mutex::new(Shared {
+        core,
+        links: HashMap::new(),
+    }));
+
+    let udp = Arc::new(
+        UdpSocket::bind(config.listen_wireguard)
+            .await
+            .with_context(|| format!("cannot bind WireGuard UDP {}", config.listen_wireguard))?,
+    );
+    info!(addr = %config.listen_wireguard, "WireGuard listening");
+    let endpoint = quic_endpoint(&config)?;
+    info!(addr = %config.listen_connectors, "connector QUIC listening");
+
+    let (log_tx, log_rx) = mpsc::unbounded_channel();
+    tokio::spawn(decision_writer(config.decision_log.clone(), log_rx));
+
+    tokio::spawn(wg_loop(shared.clone(), udp.clone(), log_tx.clone()));
+    tokio::spawn(timer_loop(shared.clone(), udp.clone(), log_tx.clone()));
+    tokio::spawn(accept_connectors(
+        endpoint.clone(),
+        shared.clone(),
+        udp.clone(),
+        log_tx.clone(),
+    ));
+    let control = control_server(&config.control_socket, shared.clone())?;
+
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => reload_policy(&config.policy, &shared, &log_tx),
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    info!("stopping");
+    endpoint.close(0u32.into(), b"broker stopping");
+    control.abort();
+    let _ = std::fs::remove_file(&config.control_socket);
+    Ok(())
+}
+
+fn reload_policy(path: &Path, shared: &SharedRef, log: &mpsc::UnboundedSender<LogLine>) {
+    match Policy::load(path) {
+        Ok(policy) => {
+            let mut g = lock(shared);
+            g.core.set_policy(policy);
+            g.core.log_policy_summary();
+            let generation = g.core.stats().policy_generation;
+            let _ = log.send(LogLine::Policy {
+                result: "applied",
+                detail: format!("generation {generation}"),
+            });
+        }
+        Err(e) => {
+            error!("policy reload rejected, the running policy stays in force: {e}");
+            let _ = log.send(LogLine::Policy {
+                result: "rejected",
+                detail: e.to_string(),
+            });
+        }
+    }
+}
+
+async fn wg_loop(shared: SharedRef, udp: Arc<UdpSocket>, log: mpsc::UnboundedSender<LogLine>) {
+    let mut buf = vec![0u8; BUF_SIZE];
+    loop {
+        let (n, from) = match udp.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(%e, "WireGuard socket receive error");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let now = Instant::now();
+        with_core(&shared, &udp, &log, |core, io| {
+            core.handle_wg(from, &buf[..n], now, io);
+            // Drain what else is waiting under the same lock.
+            for _ in 0..63 {
+                match udp.try_recv_from(&mut buf) {
+                    Ok((n, from)) => core.handle_wg(from, &buf[..n], now, io),
+                    Err(_) => break,
+                }
+            }
+        });
+    }
+}
+
+async fn timer_loop(shared: SharedRef, udp: Arc<UdpSocket>, log: mpsc::UnboundedSender<LogLine>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        with_core(&shared, &udp, &log, |core, io| core.tick(now, io));
+    }
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("cannot read certificates from {}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("bad PEM in {}", path.display()))?;
+    if certs.is_empty() {
+        bail!("{}: no certificate found", path.display());
+    }
+    Ok(certs)
+}
+
+fn quic_endpoint(config: &BrokerConfig) -> Result<quinn::Endpoint> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in load_certs(&config.tls.ca)? {
+        roots.add(ca).context("bad CA certificate")?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .context("cannot build the connector certificate verifier")?;
+    let key = PrivateKeyDer::from_pem_file(&config.tls.key)
+        .with_context(|| format!("cannot read private key {}", config.tls.key.display()))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(&config.tls.cert)?, key)
+        .context("broker certificate and key do not match")?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .keep_alive_interval(Some(Duration::from_secs(2)))
+        .max_idle_timeout(Some(Duration::from_secs(8).try_into()?))
+        // Client packets (MTU 1360 by default) must fit in one datagram from the start.
+        .initial_mtu(1400)
+        .datagram_receive_buffer_size(Some(8 << 20))
+        .datagram_send_buffer_size(8 << 20)
+        .max_concurrent_uni_streams(0u32.into());
+    server.transport_config(Arc::new(transport));
+    quinn::Endpoint::server(server, config.listen_connectors)
+        .with_context(|| format!("cannot bind connector QUIC {}", config.listen_connectors))
+}
+
+async fn accept_connectors(
+    endpoint: quinn::Endpoint,
+    shared: SharedRef,
+    udp: Arc<UdpSocket>,
+    log: mpsc::UnboundedSender<LogLine>,
+) {
+    while let Some(incoming) = endpoint.accept().await {
+        let (shared, udp, log) = (shared.clone(), udp.clone(), log.clone());
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            if let Err(e) = serve_connector(incoming, shared, udp, log).await {
+                warn!(%remote, "connector link ended: {e:#}");
+            }
+        });
+    }
+}
+
+/// Checks that the connector's certificate is valid for the site it claims and that the
+/// policy knows the site.
+fn check_connector(
+    conn: &quinn::Connection,
+    hello: &ConnectorHello,
+    policy: &Policy,
+) -> Result<(), String> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or("no client certificate")?;
+    let leaf = certs.first().ok_or("empty certificate chain")?;
+    let cert =
+        webpki::EndEntityCert::try_from(leaf).map_err(|e| format!("bad certificate: {e}"))?;
+    let name = ServerName::try_from(connector_cert_name(&hello.site))
+        .map_err(|_| "bad site name".to_string())?;
+    cert.verify_is_valid_for_subject_name(&name)
+        .map_err(|_| format!("certificate is not valid for site {:?}", hello.site))?;
+    if !policy.sites.iter().any(|s| *s == hello.site) {
+        return Err(format!("site {:?} is not in the policy", hello.site));
+    }
+    Ok(())
+}
+
+async fn serve_connector(
+    incoming: quinn::Incoming,
+    shared: SharedRef,
+    udp: Arc<UdpSocket>,
+    log: mpsc::UnboundedSender<LogLine>,
+) -> Result<()> {
+    let conn = incoming.await.context("handshake failed")?;
+    let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
+        .await
+        .context("no hello within 10 s")??;
+    let hello_bytes = recv
+        .read_to_end(MAX_CONTROL_MESSAGE)
+        .await
+        .context("reading hello")?;
+    let hello: ConnectorHello = serde_json::from_slice(&hello_bytes).context("malformed hello")?;
+    let (check, ranges) = {
+        let g = lock(&shared);
+        (
+            check_connector(&conn, &hello, g.core.policy()),
+            vec![g.core.policy().device_range],
+        )
+    };
+    let welcome = match &check {
+        Ok(()) => BrokerWelcome::Accepted {
+            site: hello.site.clone(),
+            device_ranges: ranges,
+        },
+        Err(reason) => BrokerWelcome::Refused {
+            reason: reason.clone(),
+        },
+    };
+    send.write_all(&serde_json::to_vec(&welcome)?).await?;
+    send.finish()?;
+    if let Err(reason) = check {
+        // Give the refusal time to arrive before closing.
+        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+        conn.close(1u32.into(), reason.as_bytes());
+        bail!("refused connector for site {:?}: {reason}", hello.site);
+    }
+    let site = hello.site;
+    info!(site = %site, version = %hello.version, remote = %conn.remote_address(), "connector linked");
+    lock(&shared).links.insert(site.clone(), conn.clone());
+    let result = loop {
+        match conn.read_datagram().await {
+            Ok(pkt) => {
+                let now = Instant::now();
+                with_core(&shared, &udp, &log, |core, io| {
+                    core.handle_site_packet(&site, &pkt, now, io)
+                });
+            }
+            Err(e) => break e,
+        }
+    };
+    let mut g = lock(&shared);
+    if g.links
+        .get(&site)
+        .is_some_and(|c| c.stable_id() == conn.stable_id())
+    {
+        g.links.remove(&site);
+    }
+    drop(g);
+    info!(site = %site, "connector link closed: {result}");
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct StatsReport<'a> {
+    public_key: String,
+    policy_generation: u64,
+    flows: usize,
+    counters: &'a core::Stats,
+    peers: Vec<core::PeerInfo>,
+    connector_links: Vec<String>,
+}
+
+fn control_server(path: &Path, shared: SharedRef) -> Result<tokio::task::JoinHandle<()>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot bind control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let body = {
+                let g = lock(&shared);
+                let mut links: Vec<String> = g.links.keys().cloned().collect();
+                links.sort();
+                serde_json::to_string_pretty(&StatsReport {
+                    public_key: g.core.public_key().to_string(),
+                    policy_generation: g.core.stats().policy_generation,
+                    flows: g.core.flow_count(),
+                    counters: g.core.stats(),
+                    peers: g.core.peers(),
+                    connector_links: links,
+                })
+            };
+            if let Ok(body) = body {
+                let _ = stream.write_all(body.as_bytes()).await;
+            }
+        }
+    }))
+}
+
+#[derive(Serialize)]
+struct Stamped<'a, T: Serialize> {
+    ts: String,
+    #[serde(flatten)]
+    record: &'a T,
+}
+
+#[derive(Serialize)]
+struct PolicyEvent<'a> {
+    event: &'static str,
+    result: &'static str,
+    detail: &'a str,
+}
+
+async fn decision_writer(path: PathBuf, mut rx: mpsc::UnboundedReceiver<LogLine>) {
+    let mut out: Box<dyn std::io::Write + Send> = if path == Path::new("-") {
+        Box::new(std::io::stdout())
+    } else {
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+        {
+            Ok(f) => Box::new(f),
+            Err(e) => {
+                error!(
+                    "cannot open decision log {}: {e}; decisions go to standard output",
+                    path.display()
+                );
+                Box::new(std::io::stdout())
+            }
+        }
+    };
+    while let Some(line) = rx.recv().await {
+        let ts = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        let text = match &line {
+            LogLine::Decision(r) => serde_json::to_string(&Stamped { ts, record: r }),
+            LogLine::Policy { result, detail } => serde_json::to_string(&Stamped {
+                ts,
+                record: &PolicyEvent {
+                    event: "policy",
+                    result,
+                    detail,
+                },
+            }),
+        };
+        if let Ok(mut text) = text {
+            text.push('\n');
+            if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+                error!("cannot write decision log: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! `sekisho-connector`: sits beside a site's private applications, dials out to the broker over
+//! QUIC (mutual TLS) and forwards the packets of authorized flows into the site's network
+//! through a TUN device with source NAT. It listens on no port.
+
+use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::Parser;
+use ipnet::IpNet;
+use rand::Rng;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+use tracing::{debug, info, warn};
+
+use sekisho_proto::config::{ConfigError, load_toml};
+use sekisho_proto::link::{ALPN, BrokerWelcome, ConnectorHello, MAX_CONTROL_MESSAGE};
+use sekisho_proto::sys::{AsyncDevice, Netlink, create_tun};
+
+#[derive(Parser)]
+#[command(
+    name = "sekisho-connector",
+    version,
+    about = "Sekisho connector: carries authorized flows from the broker into this site's network",
+    long_about = "Sekisho connector: dials out to the broker over QUIC with mutual TLS (it listens on \
+no port), receives the IP packets of flows the broker authorized as QUIC datagrams, writes them \
+into a TUN device and lets the kernel route them, with source NAT (nftables), to the site's \
+applications. Replies take the same way back. When the broker goes away it reconnects with \
+backoff.\n\nSignals: SIGTERM/SIGINT remove the nftables table and the interface, then exit."
+)]
+struct Cli {
+    /// Config file (see deploy/demo/connector.toml).
+    #[arg(short, long, value_name = "FILE")]
+    config: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConnectorConfig {
+    /// The site this connector serves (as named in the policy and in its certificate).
+    site: String,
+    /// host:port of the broker's connector (QUIC) socket.
+    broker: String,
+    /// Name on the broker's certificate.
+    #[serde(default = "default_broker_name")]
+    broker_name: String,
+    /// TUN interface name.
+    #[serde(default = "default_tun")]
+    tun_name: String,
+    /// Enable IPv4 forwarding in this network namespace at start (the connector routes).
+    #[serde(default = "yes")]
+    enable_forwarding: bool,
+    /// Longest wait between reconnection attempts.
+    #[serde(default = "default_backoff_max")]
+    max_backoff_secs: u64,
+    tls: TlsConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsConfig {
+    /// CA certificate that signed the broker's certificate.
+    ca: PathBuf,
+    /// This connector's certificate (from `sekisho-broker pki issue-connector`).
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn default_broker_name() -> String {
+    "broker.sekisho.internal".into()
+}
+fn default_tun() -> String {
+    "sekisho-c0".into()
+}
+fn yes() -> bool {
+    true
+}
+fn default_backoff_max() -> u64 {
+    10
+}
+
+/// The TUN device's MTU: packets from clients are at most their own tunnel MTU.
+const TUN_MTU: u16 = 1500;
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run_blocking(&cli.config) {
+        eprintln!("sekisho-connector: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn load_config(path: &Path) -> Result<ConnectorConfig, ConfigError> {
+    let (mut c, _): (ConnectorConfig, String) = load_toml(path)?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    for p in [&mut c.tls.ca, &mut c.tls.cert, &mut c.tls.key] {
+        *p = base.join(&*p);
+    }
+    Ok(c)
+}
+
+fn run_blocking(config: &Path) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = load_config(config)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run(config))
+}
+
+fn tls_client_config(c: &TlsConfig) -> Result<quinn::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(&c.ca)
+        .with_context(|| format!("cannot read {}", c.ca.display()))?
+    {
+        roots
+            .add(ca.context("bad PEM in CA file")?)
+            .context("bad CA certificate")?;
+    }
+    let chain = CertificateDer::pem_file_iter(&c.cert)
+        .with_context(|| format!("cannot read {}", c.cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .context("bad PEM in certificate file")?;
+    let key = PrivateKeyDer::from_pem_file(&c.key)
+        .with_context(|| format!("cannot read {}", c.key.display()))?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .context("connector certificate and key do not match")?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .keep_alive_interval(Some(Duration::from_secs(2)))
+        .max_idle_timeout(Some(Duration::from_secs(8).try_into()?))
+        .initial_mtu(1400)
+        .datagram_receive_buffer_size(Some(8 << 20))
+        .datagram_send_buffer_size(8 << 20);
+    client.transport_config(Arc::new(transport));
+    Ok(client)
+}
+
+/// nftables table name for this connector's TUN device.
+fn nft_table(tun: &str) -> String {
+    format!(
+        "sekisho_{}",
+        tun.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+    )
+}
+
+async fn nft(script: &str) -> Result<()> {
+    let mut child = tokio::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run `nft` (install the nftables package)")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(script.as_bytes()).await?;
+    }
+    let out = child.wait_with_output().await?;
+    if !out.status.success() {
+        bail!(
+            "nft failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Source NAT for packets from the tunnel into the site, and nothing from the site into the
+/// tunnel that is not a reply.
+async fn install_nat(tun: &str) -> Result<()> {
+    let t = nft_table(tun);
+    nft(&format!(
+        "table inet {t} {{}}\n\
+         delete table inet {t}\n\
+         table inet {t} {{\n\
+           chain postrouting {{\n\
+             type nat hook postrouting priority srcnat; policy accept;\n\
+             iifname \"{tun}\" oifname != \"{tun}\" masquerade\n\
+           }}\n\
+           chain forward {{\n\
+             type filter hook forward priority filter; policy accept;\n\
+             oifname \"{tun}\" ct state established,related accept\n\
+             oifname \"{tun}\" counter drop\n\
+           }}\n\
+         }}\n"
+    ))
+    .await
+}
+
+async fn remove_nat(tun: &str) {
+    let t = nft_table(tun);
+    if let Err(e) = nft(&format!("table inet {t} {{}}\ndelete table inet {t}\n")).await {
+        warn!("cannot remove nftables table {t}: {e:#}");
+    }
+}
+
+fn enable_forwarding() -> Result<()> {
+    let path = "/proc/sys/net/ipv4/ip_forward";
+    if std::fs::read_to_string(path)
+        .map(|v| v.trim() == "1")
+        .unwrap_or(false)
+    {
+        return Ok(());
+    }
+    std::fs::write(path, "1").context(
+        "cannot enable IPv4 forwarding (in a container, set the sysctl net.ipv4.ip_forward=1)",
+    )?;
+    info!("enabled IPv4 forwarding");
+    Ok(())
+}
+
+async fn run(config: ConnectorConfig) -> Result<()> {
+    let client_config = tls_client_config(&config.tls)?;
+    if config.enable_forwarding {
+        enable_forwarding()?;
+    }
+    let tun = create_tun(&config.tun_name, TUN_MTU)?;
+    let netlink = Netlink::open()?;
+    let index = netlink.link_index(&config.tun_name).await?;
+    install_nat(&config.tun_name).await?;
+    info!(site = %config.site, interface = %config.tun_name, "connector interface up");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = link_loop(&config, &client_config, &tun, &netlink, index) => {}
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    info!("stopping: removing nftables table and interface");
+    remove_nat(&config.tun_name).await;
+    drop(tun);
+    Ok(())
+}
+
+/// Connects, serves, and reconnects with jittered exponential backoff, forever.
+async fn link_loop(
+    config: &ConnectorConfig,
+    client_config: &quinn::ClientConfig,
+    tun: &AsyncDevice,
+    netlink: &Netlink,
+    index: u32,
+) {
+    let max = Duration::from_secs(config.max_backoff_secs.max(1));
+    let mut backoff = Duration::from_millis(250);
+    let mut routes: Vec<IpNet> = Vec::new();
+    loop {
+        let started = Instant::now();
+        match connect(config, client_config).await {
+            Ok((conn, ranges)) => {
+                backoff = Duration::from_millis(250);
+                for net in &ranges {
+                    if let Err(e) = netlink.add_route(index, *net).await {
+                        warn!("cannot route {net} into the tunnel: {e}");
+                    }
+                }
+                for old in routes.iter().filter(|r| !ranges.contains(r)) {
+                    let _ = netlink.del_route(index, *old).await;
+                }
+                routes = ranges;
+                info!(site = %config.site, broker = %conn.remote_address(), "linked to broker");
+                let reason = forward(&conn, tun).await;
+                warn!(site = %config.site, "link to broker lost: {reason}");
+            }
+            Err(e) => warn!("cannot link to broker {}: {e:#}", config.broker),
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(250);
+        }
+        let jitter = rand::thread_rng().gen_range(0.8..1.2);
+        let wait = backoff.mul_f64(jitter);
+        debug!(?wait, "reconnecting after backoff");
+        tokio::time::sleep(wait).await;
+        backoff = (backoff * 2).min(max);
+    }
+}
+
+/// One link attempt: a fresh UDP socket *connected* to the broker (so it accepts nothing from
+/// anyone else and is not a listening socket), QUIC with mutual TLS, then the hello exchange.
+async fn connect(
+    config: &ConnectorConfig,
+    client_config: &quinn::ClientConfig,
+) -> Result<(quinn::Connection, Vec<IpNet>)> {
+    let broker: SocketAddr = tokio::net::lookup_host(&config.broker)
+        .await
+        .with_context(|| format!("cannot resolve {:?}", config.broker))?
+        .next()
+        .context("broker name has no address")?;
+    let bind: SocketAddr = if broker.is_ipv6() {
+        "[::]:0".parse()?
+    } else {
+        "0.0.0.0:0".parse()?
+    };
+    let socket = StdUdpSocket::bind(bind)?;
+    socket.connect(broker)?;
+    socket.set_nonblocking(true)?;
+    let runtime = quinn::default_runtime().context("no async runtime")?;
+    let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)?;
+    let conn = tokio::time::timeout(
+        Duration::from_secs(10),
+        endpoint.connect_with(client_config.clone(), broker, &config.broker_name)?,
+    )
+    .await
+    .context("QUIC handshake timed out")?
+    .context("QUIC handshake failed")?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let hello = ConnectorHello {
+        site: config.site.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    send.write_all(&serde_json::to_vec(&hello)?).await?;
+    send.finish()?;
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        recv.read_to_end(MAX_CONTROL_MESSAGE),
+    )
+    .await
+    .context("no answer from broker")??;
+    match serde_json::from_slice::<BrokerWelcome>(&answer)
+        .context("malformed answer from broker")?
+    {
+        BrokerWelcome::Accepted { device_ranges, .. } => Ok((conn, device_ranges)),
+        BrokerWelcome::Refused { reason } => bail!("broker refused this connector: {reason}"),
+    }
+}
+
+/// Moves packets between the link and the TUN device until the link ends.
+async fn forward(conn: &quinn::Connection, tun: &AsyncDevice) -> String {
+    let mut buf = vec![0u8; 65536];
+    let mut too_large = 0u64;
+    loop {
+        tokio::select! {
+            d = conn.read_datagram() => match d {
+                Ok(pkt) => {
+                    if let Err(e) = tun.send(&pkt).await {
+                        debug!("TUN write error: {e}");
+                    }
+                }
+                Err(e) => return e.to_string(),
+            },
+            r = tun.recv(&mut buf) => match r {
+                Ok(n) => match conn.send_datagram(Bytes::copy_from_slice(&buf[..n])) {
+                    Ok(()) => {}
+                    Err(quinn::SendDatagramError::TooLarge) => {
+                        too_large += 1;
+                        if too_large.is_power_of_two() {
+                            warn!(too_large, size = n, "reply packet larger than the link carries; dropped");
+                        }
+                    }
+                    Err(e) => return e.to_string(),
+                },
+                Err(e) => debug!("TUN read error: {e}"),
+            },
+        }
+    }
+}

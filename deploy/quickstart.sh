@@ -1,0 +1,272 @@
+#!/usr/bin/env bash
+# Sekisho quickstart: a whole deployment on one machine, in network namespaces.
+#
+#   deploy/quickstart.sh up       build, configure and start everything; print what to try
+#   deploy/quickstart.sh down     stop everything this script started and remove the namespaces
+#   deploy/quickstart.sh status   show processes and the broker's counters
+#   deploy/quickstart.sh start|stop|kill NAME
+#                                 one daemon: broker, connector, client-alice, client-bob, app
+#
+# Hosts (namespaces): sk-laptop (alice) and sk-laptop2 (bob) on the "internet" router sk-inet,
+# which also reaches sk-broker and the site's connector host sk-site; behind sk-site, on a
+# private network nothing else can reach, the app host sk-app (10.20.0.10: HTTP on 80, UDP echo
+# on 7, and a "database" on TCP 5432 that the policy denies).
+#
+# Run as root. Traffic stays inside these namespaces. Settings (environment):
+#   SK_PREFIX   namespace name prefix (default "sk-"); tests use a per-run prefix
+#   SK_STATE    folder for keys, configs, logs and pid files (default /run/sekisho-quickstart)
+#   SK_BIN      folder with the three binaries; if unset, `cargo build --release` builds them
+#   SK_SKIP_PACKAGES=1  do not install Debian packages
+set -euo pipefail
+
+P=${SK_PREFIX:-sk-}
+STATE=${SK_STATE:-/run/sekisho-quickstart}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+
+say() { printf '%s\n' "$*" >&2; }
+die() { say "quickstart: $*"; exit 1; }
+ns() { printf '%s%s' "$P" "$1"; }
+inns() { local n=$1; shift; ip netns exec "$(ns "$n")" "$@"; }
+
+need_root() { [ "$(id -u)" = 0 ] || die "run as root (it creates network namespaces)"; }
+
+install_packages() {
+    [ "${SK_SKIP_PACKAGES:-0}" = 1 ] && return 0
+    local missing=()
+    command -v ip >/dev/null || missing+=(iproute2)
+    command -v nft >/dev/null || missing+=(nftables)
+    command -v curl >/dev/null || missing+=(curl)
+    command -v ping >/dev/null || missing+=(iputils-ping)
+    command -v python3 >/dev/null || missing+=(python3)
+    if [ ${#missing[@]} -gt 0 ]; then
+        say "installing: ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+}
+
+binaries() {
+    if [ -z "${SK_BIN:-}" ]; then
+        say "building release binaries (first time: several minutes)"
+        (cd "$ROOT" && cargo build --release --bins -q)
+        SK_BIN="$ROOT/target/release"
+    fi
+    BIN=$(cd "$SK_BIN" && pwd)
+    for b in sekisho-broker sekisho-client sekisho-connector; do
+        [ -x "$BIN/$b" ] || die "$BIN/$b is missing"
+    done
+}
+
+# link A IFA ADDRA B IFB ADDRB: a veth pair between two namespaces, created inside them.
+link() {
+    ip link add "$2" netns "$(ns "$1")" type veth peer name "$5" netns "$(ns "$4")"
+    ip -n "$(ns "$1")" addr add "$3" dev "$2"
+    ip -n "$(ns "$4")" addr add "$6" dev "$5"
+    ip -n "$(ns "$1")" link set "$2" up
+    ip -n "$(ns "$4")" link set "$5" up
+}
+
+HOSTS="laptop laptop2 inet broker site app"
+
+topology() {
+    for h in $HOSTS; do
+        ip netns add "$(ns "$h")"
+        ip -n "$(ns "$h")" link set lo up
+    done
+    link inet to-laptop 10.99.1.1/24 laptop eth0 10.99.1.2/24
+    link inet to-laptop2 10.99.4.1/24 laptop2 eth0 10.99.4.2/24
+    link inet to-broker 10.99.2.1/24 broker eth0 10.99.2.2/24
+    link inet to-site 10.99.3.1/24 site eth0 10.99.3.2/24
+    link site priv0 10.20.0.1/24 app eth0 10.20.0.10/24
+    ip -n "$(ns laptop)" route add default via 10.99.1.1
+    ip -n "$(ns laptop2)" route add default via 10.99.4.1
+    ip -n "$(ns broker)" route add default via 10.99.2.1
+    ip -n "$(ns site)" route add default via 10.99.3.1
+    inns inet sysctl -qw net.ipv4.ip_forward=1
+    # The app host has no default route: only its own network reaches it.
+}
+
+configure() {
+    mkdir -p "$STATE"
+    chmod 700 "$STATE"
+    local pki="$STATE/pki"
+    "$BIN/sekisho-broker" genkey >"$STATE/broker.key"
+    chmod 600 "$STATE/broker.key"
+    local broker_pub alice_pub bob_pub
+    broker_pub=$("$BIN/sekisho-broker" pubkey <"$STATE/broker.key")
+    alice_pub=$("$BIN/sekisho-client" genkey "$STATE/alice.key")
+    bob_pub=$("$BIN/sekisho-client" genkey "$STATE/bob.key")
+    "$BIN/sekisho-broker" pki init --dir "$pki" --name broker.sekisho.internal
+    "$BIN/sekisho-broker" pki issue-connector --dir "$pki" --site dc1
+    sed -e "s|@ALICE_KEY@|$alice_pub|" -e "s|@BOB_KEY@|$bob_pub|" "$HERE/demo/policy.toml.in" >"$STATE/policy.toml"
+    cat >"$STATE/broker.toml" <<EOF
+private_key_file = "broker.key"
+listen_wireguard = "0.0.0.0:51820"
+listen_connectors = "0.0.0.0:4433"
+policy = "policy.toml"
+decision_log = "decisions.jsonl"
+control_socket = "broker.sock"
+
+[tls]
+ca = "pki/ca.pem"
+cert = "pki/broker.pem"
+key = "pki/broker.key"
+EOF
+    cat >"$STATE/connector.toml" <<EOF
+site = "dc1"
+broker = "10.99.2.2:4433"
+broker_name = "broker.sekisho.internal"
+tun_name = "sekisho-c0"
+
+[tls]
+ca = "pki/ca.pem"
+cert = "pki/connector-dc1.pem"
+key = "pki/connector-dc1.key"
+EOF
+    for who in alice:100.118.0.2 bob:100.118.0.3; do
+        cat >"$STATE/client-${who%%:*}.toml" <<EOF
+[interface]
+name = "sekisho0"
+private_key_file = "${who%%:*}.key"
+address = "${who##*:}"
+routes = ["10.20.0.0/24"]
+
+[broker]
+endpoint = "10.99.2.2:51820"
+public_key = "$broker_pub"
+EOF
+    done
+    mkdir -p "$STATE/www"
+    echo "Hello from the private app behind Sekisho" >"$STATE/www/index.html"
+    head -c 10485760 /dev/urandom >"$STATE/www/10mb.bin"
+}
+
+# daemon NAME: the namespace and command of each daemon.
+daemon_ns() {
+    case $1 in
+        broker) echo broker ;;
+        connector) echo site ;;
+        client-alice) echo laptop ;;
+        client-bob) echo laptop2 ;;
+        app) echo app ;;
+        *) die "unknown daemon $1" ;;
+    esac
+}
+
+daemon_cmd() {
+    case $1 in
+        broker) echo "$BIN/sekisho-broker run --config $STATE/broker.toml" ;;
+        connector) echo "$BIN/sekisho-connector --config $STATE/connector.toml" ;;
+        client-alice) echo "$BIN/sekisho-client run --config $STATE/client-alice.toml" ;;
+        client-bob) echo "$BIN/sekisho-client run --config $STATE/client-bob.toml" ;;
+        app) echo "python3 $HERE/demo/app-services.py $STATE/www" ;;
+    esac
+}
+
+start() {
+    local name=$1 n
+    n=$(daemon_ns "$name")
+    # shellcheck disable=SC2046
+    setsid ip netns exec "$(ns "$n")" $(daemon_cmd "$name") >>"$STATE/$name.log" 2>&1 </dev/null &
+    echo $! >"$STATE/$name.pid"
+}
+
+stop() {
+    local name=$1 sig=${2:-TERM} pid
+    [ -f "$STATE/$name.pid" ] || return 0
+    pid=$(cat "$STATE/$name.pid")
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -"$sig" "$pid" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -f "$STATE/$name.pid"
+}
+
+broker_stats() { "$BIN/sekisho-broker" stats --socket "$STATE/broker.sock" 2>/dev/null; }
+
+# wait_for DESCRIPTION SECONDS COMMAND...: poll until the command succeeds.
+wait_for() {
+    local what=$1 secs=$2; shift 2
+    for _ in $(seq $((secs * 10))); do
+        if "$@" >/dev/null 2>&1; then return 0; fi
+        sleep 0.1
+    done
+    die "timed out waiting for $what (logs in $STATE)"
+}
+
+linked() { broker_stats | python3 -c 'import json,sys; sys.exit(0 if "dc1" in json.load(sys.stdin)["connector_links"] else 1)'; }
+handshaken() {
+    broker_stats | python3 -c 'import json,sys; p=json.load(sys.stdin)["peers"]; sys.exit(0 if all(x["seconds_since_handshake"] is not None for x in p) else 1)'
+}
+
+up() {
+    need_root
+    install_packages
+    binaries
+    if ip netns list | grep -q "^$(ns broker)\b"; then
+        die "namespace $(ns broker) exists: run '$0 down' first"
+    fi
+    rm -rf "$STATE"
+    configure
+    topology
+    start app
+    start broker
+    wait_for "the broker" 20 test -S "$STATE/broker.sock"
+    start connector
+    start client-alice
+    start client-bob
+    wait_for "the connector link" 30 linked
+    wait_for "the clients' handshakes" 30 handshaken
+    cat <<EOF
+Sekisho is up. Things to try:
+
+  ip netns exec $(ns laptop) curl http://10.20.0.10/                 # alice: allowed
+  ip netns exec $(ns laptop) ping -c 2 10.20.0.10                    # alice: allowed
+  ip netns exec $(ns laptop) curl http://10.20.0.10:5432/            # refused: rule no-database-from-laptops
+  ip netns exec $(ns laptop2) curl http://10.20.0.10/                # bob: refused (default deny)
+  ip netns exec $(ns inet) curl -m 3 http://10.20.0.10/              # the internet cannot reach the app
+  tail -f $STATE/decisions.jsonl                                # every decision, one JSON line
+  $BIN/sekisho-broker stats --socket $STATE/broker.sock         # counters, peers, links
+  $0 down                                                       # remove everything
+EOF
+}
+
+down() {
+    need_root
+    for d in client-alice client-bob connector broker app; do stop "$d"; done
+    for h in $HOSTS; do
+        local n
+        n=$(ns "$h")
+        if ip netns list | grep -q "^$n\b"; then
+            # Anything else still running inside our namespaces, by its own pid.
+            for pid in $(ip netns pids "$n" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+            ip netns del "$n"
+        fi
+    done
+    [ "${SK_KEEP_STATE:-0}" = 1 ] || rm -rf "$STATE"
+}
+
+status() {
+    SK_BIN=${SK_BIN:-$ROOT/target/release}
+    binaries
+    for d in broker connector client-alice client-bob app; do
+        if [ -f "$STATE/$d.pid" ] && kill -0 "$(cat "$STATE/$d.pid")" 2>/dev/null; then
+            say "$d: running (pid $(cat "$STATE/$d.pid"))"
+        else
+            say "$d: stopped"
+        fi
+    done
+    broker_stats || say "broker: no answer on $STATE/broker.sock"
+}
+
+case ${1:-} in
+    up) up ;;
+    down) down ;;
+    status) status ;;
+    start) need_root; SK_BIN=${SK_BIN:-$ROOT/target/release}; binaries; start "${2:?daemon name}" ;;
+    stop) need_root; stop "${2:?daemon name}" TERM ;;
+    kill) need_root; stop "${2:?daemon name}" KILL ;;
+    *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac

@@ -1,0 +1,15 @@
+//! Sekisho's shared language: the policy model and its evaluation, IP packet inspection, the flow
+//! table, keys, the connector link messages and the WireGuard engine wrapper. Everything here
+//! is pure: no sockets, no threads, no clocks (time comes in as an argument).
+
+pub mod config;
+pub mod flow;
+pub mod keys;
+pub mod link;
+pub mod packet;
+pub mod policy;
+pub mod wg;
+
+/// OS glue for the client and the connector: TUN devices, addresses and routes (netlink).
+#[cfg(feature = "sys")]
+pub mod sys;

@@ -1,0 +1,37 @@
+//! The connector link's control messages (QUIC stream set-up). IP packets themselves travel as
+//! QUIC datagrams, unframed.
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// ALPN protocol of the connector link.
+pub const ALPN: &[u8] = b"sekisho-connector/1";
+
+/// Largest control message accepted on the link.
+pub const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
+
+/// First message from a connector on its first bidirectional stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectorHello {
+    pub site: String,
+    pub version: String,
+}
+
+/// The broker's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "lowercase")]
+pub enum BrokerWelcome {
+    /// The connector serves `site`; packets from clients in `device_ranges` will come.
+    Accepted {
+        site: String,
+        device_ranges: Vec<IpNet>,
+    },
+    Refused {
+        reason: String,
+    },
+}
+
+/// DNS name a site's connector certificate must be valid for.
+pub fn connector_cert_name(site: &str) -> String {
+    format!("{site}.site.sekisho.internal")
+}

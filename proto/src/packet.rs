@@ -1,0 +1,566 @@
+//! IP packet inspection and the replies a broker sends for denied flows.
+//!
+//! Everything here works on borrowed byte slices and writes into caller buffers: no allocation,
+//! no panics on any input (checked by the property tests and the fuzz target).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// The identity of a flow as seen from the client side: who talks to what.
+///
+/// For ICMP echo the identifier stands in for both ports, so that a reply maps to the same flow
+/// as its request once reversed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub proto: u8,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl FlowKey {
+    /// The same flow seen from the other end.
+    pub fn reversed(&self) -> FlowKey {
+        FlowKey {
+            proto: self.proto,
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+        }
+    }
+
+    pub fn is_icmp(&self) -> bool {
+        self.proto == PROTO_ICMP || self.proto == PROTO_ICMPV6
+    }
+
+    pub fn proto_name(&self) -> &'static str {
+        proto_name(self.proto)
+    }
+}
+
+pub fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        PROTO_TCP => "tcp",
+        PROTO_UDP => "udp",
+        PROTO_ICMP => "icmp",
+        PROTO_ICMPV6 => "icmpv6",
+        _ => "other",
+    }
+}
+
+/// What a packet is, for the flow table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PacketKind {
+    /// A packet of the flow `key` (TCP, UDP, ICMP echo, or another protocol with ports 0).
+    Flow(FlowKey),
+    /// An ICMP error about a packet of flow `about` (as the erring packet carried it: from the
+    /// receiver of this error to its sender). It belongs to that flow, reversed.
+    IcmpError { outer: FlowKey, about: FlowKey },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PacketError {
+    #[error("packet too short")]
+    Truncated,
+    #[error("not an IPv4 or IPv6 packet")]
+    BadVersion,
+    #[error("IP header length field is invalid")]
+    BadHeader,
+    #[error("fragment without transport header")]
+    Fragment,
+}
+
+/// Source and destination addresses of an IP packet.
+pub fn addresses(pkt: &[u8]) -> Result<(IpAddr, IpAddr), PacketError> {
+    match pkt.first().map(|b| b >> 4) {
+        Some(4) => {
+            if pkt.len() < 20 {
+                return Err(PacketError::Truncated);
+            }
+            Ok((ipv4_at(pkt, 12).into(), ipv4_at(pkt, 16).into()))
+        }
+        Some(6) => {
+            if pkt.len() < 40 {
+                return Err(PacketError::Truncated);
+            }
+            Ok((ipv6_at(pkt, 8).into(), ipv6_at(pkt, 24).into()))
+        }
+        Some(_) => Err(PacketError::BadVersion),
+        None => Err(PacketError::Truncated),
+    }
+}
+
+fn ipv4_at(p: &[u8], i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(p[i], p[i + 1], p[i + 2], p[i + 3])
+}
+
+fn ipv6_at(p: &[u8], i: usize) -> Ipv6Addr {
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&p[i..i + 16]);
+    Ipv6Addr::from(b)
+}
+
+fn be16(p: &[u8], i: usize) -> u16 {
+    u16::from_be_bytes([p[i], p[i + 1]])
+}
+
+/// The IP header: (protocol, header length, src, dst, is a non-first fragment).
+struct IpHeader {
+    proto: u8,
+    header_len: usize,
+    src: IpAddr,
+    dst: IpAddr,
+    later_fragment: bool,
+}
+
+fn ip_header(pkt: &[u8]) -> Result<IpHeader, PacketError> {
+    match pkt.first().map(|b| b >> 4) {
+        Some(4) => {
+            if pkt.len() < 20 {
+                return Err(PacketError::Truncated);
+            }
+            let ihl = usize::from(pkt[0] & 0x0f) * 4;
+            if ihl < 20 || ihl > pkt.len() {
+                return Err(PacketError::BadHeader);
+            }
+            let frag_offset = be16(pkt, 6) & 0x1fff;
+            Ok(IpHeader {
+                proto: pkt[9],
+                header_len: ihl,
+                src: ipv4_at(pkt, 12).into(),
+                dst: ipv4_at(pkt, 16).into(),
+                later_fragment: frag_offset != 0,
+            })
+        }
+        Some(6) => {
+            if pkt.len() < 40 {
+                return Err(PacketError::Truncated);
+            }
+            // Walk the common extension headers to the transport header.
+            let mut next = pkt[6];
+            let mut off = 40;
+            let mut later_fragment = false;
+            loop {
+                match next {
+                    0 | 43 | 60 => {
+                        if pkt.len() < off + 8 {
+                            return Err(PacketError::Truncated);
+                        }
+                        next = pkt[off];
+                        off += (usize::from(pkt[off + 1]) + 1) * 8;
+                    }
+                    44 => {
+                        if pkt.len() < off + 8 {
+                            return Err(PacketError::Truncated);
+                        }
+                        next = pkt[off];
+                        later_fragment = be16(pkt, off + 2) & 0xfff8 != 0;
+                        off += 8;
+                    }
+                    _ => break,
+                }
+                if off > pkt.len() {
+                    return Err(PacketError::Truncated);
+                }
+            }
+            Ok(IpHeader {
+                proto: next,
+                header_len: off,
+                src: ipv6_at(pkt, 8).into(),
+                dst: ipv6_at(pkt, 24).into(),
+                later_fragment,
+            })
+        }
+        Some(_) => Err(PacketError::BadVersion),
+        None => Err(PacketError::Truncated),
+    }
+}
+
+fn is_icmp_error(proto: u8, icmp_type: u8) -> bool {
+    match proto {
+        PROTO_ICMP => matches!(icmp_type, 3 | 4 | 5 | 11 | 12),
+        PROTO_ICMPV6 => icmp_type < 128,
+        _ => false,
+    }
+}
+
+fn is_echo(proto: u8, icmp_type: u8) -> bool {
+    match proto {
+        PROTO_ICMP => matches!(icmp_type, 0 | 8),
+        PROTO_ICMPV6 => matches!(icmp_type, 128 | 129),
+        _ => false,
+    }
+}
+
+/// Flow key of a packet, reading only as much as the transport header needs. `allow_short`
+/// accepts a transport header cut after 8 bytes (as inside ICMP errors).
+fn key_of(pkt: &[u8], h: &IpHeader) -> Result<FlowKey, PacketError> {
+    let t = &pkt[h.header_len..];
+    let (sport, dport) = match h.proto {
+        PROTO_TCP | PROTO_UDP => {
+            if h.later_fragment {
+                return Err(PacketError::Fragment);
+            }
+            if t.len() < 4 {
+                return Err(PacketError::Truncated);
+            }
+            (be16(t, 0), be16(t, 2))
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            if h.later_fragment {
+                return Err(PacketError::Fragment);
+            }
+            if t.len() < 8 {
+                return Err(PacketError::Truncated);
+            }
+            if is_echo(h.proto, t[0]) {
+                let id = be16(t, 4);
+                (id, id)
+            } else {
+                (0, 0)
+            }
+        }
+        _ => (0, 0),
+    };
+    Ok(FlowKey {
+        proto: h.proto,
+        src: h.src,
+        dst: h.dst,
+        sport,
+        dport,
+    })
+}
+
+/// Classifies an IP packet for the flow table.
+pub fn classify(pkt: &[u8]) -> Result<PacketKind, PacketError> {
+    let h = ip_header(pkt)?;
+    let outer = key_of(pkt, &h)?;
+    if outer.is_icmp() {
+        let t = &pkt[h.header_len..];
+        if is_icmp_error(h.proto, t[0]) {
+            let inner = &t[8..];
+            let ih = ip_header(inner)?;
+            let about = key_of(inner, &ih)?;
+            return Ok(PacketKind::IcmpError { outer, about });
+        }
+    }
+    Ok(PacketKind::Flow(outer))
+}
+
+/// Internet checksum over `data`, continuing from `sum`.
+fn sum16(mut sum: u32, data: &[u8]) -> u32 {
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        sum += u32::from(*last) << 8;
+    }
+    sum
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn pseudo_sum(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u32 {
+    let mut s = 0;
+    match (src, dst) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            s = sum16(s, &a.octets());
+            s = sum16(s, &b.octets());
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            s = sum16(s, &a.octets());
+            s = sum16(s, &b.octets());
+        }
+        _ => {}
+    }
+    s + u32::from(proto) + len as u32
+}
+
+/// Writes an IP header for a packet from `src` to `dst` carrying `payload_len` bytes of `proto`;
+/// returns the header length.
+fn write_ip_header(
+    out: &mut [u8],
+    src: IpAddr,
+    dst: IpAddr,
+    proto: u8,
+    payload_len: usize,
+) -> usize {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let total = 20 + payload_len;
+            out[..20].fill(0);
+            out[0] = 0x45;
+            out[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+            out[6] = 0x40; // don't fragment
+            out[8] = 64;
+            out[9] = proto;
+            out[12..16].copy_from_slice(&s.octets());
+            out[16..20].copy_from_slice(&d.octets());
+            let c = fold(sum16(0, &out[..20]));
+            out[10..12].copy_from_slice(&c.to_be_bytes());
+            20
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            out[..40].fill(0);
+            out[0] = 0x60;
+            out[4..6].copy_from_slice(&(payload_len as u16).to_be_bytes());
+            out[6] = proto;
+            out[7] = 64;
+            out[8..24].copy_from_slice(&s.octets());
+            out[24..40].copy_from_slice(&d.octets());
+            40
+        }
+        _ => 0,
+    }
+}
+
+/// Builds the answer to the first packet of a denied flow into `out`: a TCP RST for TCP, an ICMP
+/// "communication administratively prohibited" for anything else. Returns the reply's length,
+/// or `None` when no reply is due (the packet is itself an RST or an ICMP error, or unparsable).
+/// `out` should hold at least 1280 bytes.
+pub fn deny_reply(pkt: &[u8], out: &mut [u8]) -> Option<usize> {
+    let h = ip_header(pkt).ok()?;
+    if h.later_fragment {
+        return None;
+    }
+    let t = &pkt[h.header_len..];
+    if h.proto == PROTO_TCP {
+        if t.len() < 20 || out.len() < 60 {
+            return None;
+        }
+        let flags = t[13];
+        if flags & 0x04 != 0 {
+            return None; // never answer an RST
+        }
+        let seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
+        let ack = u32::from_be_bytes([t[8], t[9], t[10], t[11]]);
+        let data_off = usize::from(t[12] >> 4) * 4;
+        let ip_len = match h.src {
+            IpAddr::V4(_) => usize::from(be16(pkt, 2)),
+            IpAddr::V6(_) => 40 + usize::from(be16(pkt, 4)),
+        };
+        let payload = ip_len.saturating_sub(h.header_len).saturating_sub(data_off);
+        let (rst_seq, rst_ack, rst_flags) = if flags & 0x10 != 0 {
+            (ack, 0, 0x04)
+        } else {
+            let syn_fin = u32::from(flags & 0x02 != 0) + u32::from(flags & 0x01 != 0);
+            (
+                0,
+                seq.wrapping_add(payload as u32).wrapping_add(syn_fin),
+                0x14,
+            )
+        };
+        let hl = write_ip_header(out, h.dst, h.src, PROTO_TCP, 20);
+        let tcp = &mut out[hl..hl + 20];
+        tcp.fill(0);
+        tcp[0..2].copy_from_slice(&t[2..4]);
+        tcp[2..4].copy_from_slice(&t[0..2]);
+        tcp[4..8].copy_from_slice(&rst_seq.to_be_bytes());
+        tcp[8..12].copy_from_slice(&rst_ack.to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = rst_flags;
+        let c = fold(sum16(pseudo_sum(h.dst, h.src, PROTO_TCP, 20), tcp));
+        tcp[16..18].copy_from_slice(&c.to_be_bytes());
+        return Some(hl + 20);
+    }
+    if (h.proto == PROTO_ICMP || h.proto == PROTO_ICMPV6)
+        && (t.is_empty() || is_icmp_error(h.proto, t[0]))
+    {
+        return None; // never answer an ICMP error with an ICMP error
+    }
+    let (icmp_proto, ty, code, quote_max) = match h.src {
+        IpAddr::V4(_) => (PROTO_ICMP, 3u8, 13u8, h.header_len + 8),
+        IpAddr::V6(_) => (PROTO_ICMPV6, 1u8, 1u8, 1280 - 48),
+    };
+    let hl_len = if h.src.is_ipv4() { 20 } else { 40 };
+    let quote = pkt
+        .len()
+        .min(quote_max)
+        .min(out.len().saturating_sub(hl_len + 8));
+    let icmp_len = 8 + quote;
+    let hl = write_ip_header(out, h.dst, h.src, icmp_proto, icmp_len);
+    let icmp = &mut out[hl..hl + icmp_len];
+    icmp[..8].fill(0);
+    icmp[0] = ty;
+    icmp[1] = code;
+    icmp[8..].copy_from_slice(&pkt[..quote]);
+    let start = if icmp_proto == PROTO_ICMPV6 {
+        pseudo_sum(h.dst, h.src, PROTO_ICMPV6, icmp_len)
+    } else {
+        0
+    };
+    let c = fold(sum16(start, icmp));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    Some(hl + icmp_len)
+}
+
+#[cfg(test)]
+pub(crate) mod testpkt {
+    //! Builders for well-formed test packets.
+    use super::*;
+
+    pub fn tcp4(
+        src: [u8; 4],
+        sport: u16,
+        dst: [u8; 4],
+        dport: u16,
+        flags: u8,
+        seq: u32,
+    ) -> Vec<u8> {
+        let mut p = vec![0u8; 40];
+        write_ip_header(
+            &mut p,
+            Ipv4Addr::from(src).into(),
+            Ipv4Addr::from(dst).into(),
+            PROTO_TCP,
+            20,
+        );
+        p[20..22].copy_from_slice(&sport.to_be_bytes());
+        p[22..24].copy_from_slice(&dport.to_be_bytes());
+        p[24..28].copy_from_slice(&seq.to_be_bytes());
+        p[32] = 5 << 4;
+        p[33] = flags;
+        p
+    }
+
+    pub fn udp4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; 28 + payload.len()];
+        write_ip_header(
+            &mut p,
+            Ipv4Addr::from(src).into(),
+            Ipv4Addr::from(dst).into(),
+            PROTO_UDP,
+            8 + payload.len(),
+        );
+        p[20..22].copy_from_slice(&sport.to_be_bytes());
+        p[22..24].copy_from_slice(&dport.to_be_bytes());
+        p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        p[28..].copy_from_slice(payload);
+        p
+    }
+
+    pub fn echo4(src: [u8; 4], dst: [u8; 4], id: u16, request: bool) -> Vec<u8> {
+        let mut p = vec![0u8; 28];
+        write_ip_header(
+            &mut p,
+            Ipv4Addr::from(src).into(),
+            Ipv4Addr::from(dst).into(),
+            PROTO_ICMP,
+            8,
+        );
+        p[20] = if request { 8 } else { 0 };
+        p[24..26].copy_from_slice(&id.to_be_bytes());
+        p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testpkt::*;
+    use super::*;
+    use proptest::prelude::*;
+
+    fn checksum_ok(data: &[u8]) -> bool {
+        fold(sum16(0, data)) == 0
+    }
+
+    #[test]
+    fn tcp_key_and_reverse() {
+        let p = tcp4([100, 118, 0, 2], 40000, [10, 20, 0, 10], 80, 0x02, 7);
+        let PacketKind::Flow(k) = classify(&p).unwrap() else {
+            panic!()
+        };
+        assert_eq!((k.proto, k.sport, k.dport), (PROTO_TCP, 40000, 80));
+        assert_eq!(k.reversed().reversed(), k);
+        assert_eq!(k.reversed().src, k.dst);
+    }
+
+    #[test]
+    fn echo_request_and_reply_share_a_flow() {
+        let req = echo4([100, 118, 0, 2], [10, 20, 0, 10], 99, true);
+        let rep = echo4([10, 20, 0, 10], [100, 118, 0, 2], 99, false);
+        let (PacketKind::Flow(a), PacketKind::Flow(b)) =
+            (classify(&req).unwrap(), classify(&rep).unwrap())
+        else {
+            panic!()
+        };
+        assert_eq!(a, b.reversed());
+    }
+
+    #[test]
+    fn rst_for_syn_acks_the_syn() {
+        let syn = tcp4([100, 118, 0, 2], 40000, [10, 20, 0, 10], 5432, 0x02, 1000);
+        let mut out = [0u8; 1500];
+        let n = deny_reply(&syn, &mut out).unwrap();
+        let r = &out[..n];
+        assert_eq!(n, 40);
+        assert!(checksum_ok(&r[..20]));
+        let PacketKind::Flow(k) = classify(r).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (k.src, k.sport, k.dport),
+            (IpAddr::from([10, 20, 0, 10]), 5432, 40000)
+        );
+        assert_eq!(r[33], 0x14, "RST+ACK");
+        assert_eq!(u32::from_be_bytes([r[28], r[29], r[30], r[31]]), 1001);
+        // TCP checksum including the pseudo header verifies to zero.
+        let s = sum16(pseudo_sum(k.src, k.dst, PROTO_TCP, 20), &r[20..]);
+        assert_eq!(fold(s), 0);
+        // An RST is never answered.
+        assert_eq!(deny_reply(r, &mut [0u8; 1500]), None);
+    }
+
+    #[test]
+    fn udp_gets_admin_prohibited_that_quotes_it() {
+        let p = udp4([100, 118, 0, 2], 5000, [10, 20, 0, 10], 53, b"hello world");
+        let mut out = [0u8; 1500];
+        let n = deny_reply(&p, &mut out).unwrap();
+        let r = &out[..n];
+        assert!(checksum_ok(&r[..20]));
+        assert!(checksum_ok(&r[20..]));
+        assert_eq!((r[20], r[21]), (3, 13));
+        match classify(r).unwrap() {
+            PacketKind::IcmpError { about, .. } => {
+                assert_eq!((about.sport, about.dport), (5000, 53));
+            }
+            other => panic!("{other:?}"),
+        }
+        // ICMP errors are not answered.
+        assert_eq!(deny_reply(r, &mut [0u8; 1500]), None);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(classify(&[]).is_err());
+        assert!(classify(&[0x45]).is_err());
+        assert!(classify(&[0x4f; 20]).is_err());
+        assert!(classify(&[0x70; 60]).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn classify_and_reply_never_panic(data in proptest::collection::vec(any::<u8>(), 0..200), v6 in any::<bool>()) {
+            let mut data = data;
+            if let Some(b) = data.first_mut() { *b = (*b & 0x0f) | if v6 { 0x60 } else { 0x40 }; }
+            let _ = classify(&data);
+            let _ = addresses(&data);
+            let mut out = [0u8; 1500];
+            if let Some(n) = deny_reply(&data, &mut out) {
+                prop_assert!(n <= out.len());
+            }
+        }
+    }
+}

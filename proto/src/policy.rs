@@ -1,0 +1,781 @@
+//! The admin's policy: users, groups, devices, sites, applications and rules.
+//!
+//! A policy file is TOML (see `deploy/demo/policy.toml` for a commented example). It is checked
+//! as a whole on load; every error names the file, line and field. Evaluation is default deny:
+//! a flow is allowed when an allow rule covers the user (directly or by group) and an application
+//! that matches the flow, unless a deny rule covers them, which wins.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::config::{ConfigError, Source, parse_toml};
+use crate::keys::PublicKeyBytes;
+use crate::packet::{FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+
+/// Device addresses come from here unless the policy says otherwise. Chosen inside the shared
+/// address space 100.64.0.0/10 but away from the ranges other overlays are known to use
+/// (Tailscale's 100.100.100.100 service address, Firezone's 100.64.0.0/11 and 100.96.0.0/11,
+/// Cloudflare WARP's 100.96.0.0/12), so Sekisho can run beside them.
+pub const DEFAULT_DEVICE_RANGE: &str = "100.118.0.0/16";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    device_range: Option<Spanned<IpNet>>,
+    #[serde(default)]
+    groups: Vec<RawGroup>,
+    #[serde(default)]
+    users: Vec<RawUser>,
+    #[serde(default)]
+    devices: Vec<RawDevice>,
+    #[serde(default)]
+    sites: Vec<RawSite>,
+    #[serde(default)]
+    applications: Vec<RawApp>,
+    #[serde(default)]
+    rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    name: Spanned<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    description: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUser {
+    name: Spanned<String>,
+    #[serde(default)]
+    groups: Vec<Spanned<String>>,
+    #[serde(default)]
+    disabled: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevice {
+    name: Spanned<String>,
+    user: Spanned<String>,
+    public_key: Spanned<String>,
+    address: Spanned<IpAddr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSite {
+    name: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawPort {
+    Number(i64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApp {
+    name: Spanned<String>,
+    site: Spanned<String>,
+    addresses: Spanned<Vec<Spanned<String>>>,
+    protocols: Spanned<Vec<Spanned<Protocol>>>,
+    #[serde(default)]
+    ports: Vec<Spanned<RawPort>>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Spanned<String>,
+    action: Action,
+    #[serde(default)]
+    users: Vec<Spanned<String>>,
+    #[serde(default)]
+    groups: Vec<Spanned<String>>,
+    applications: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    description: String,
+}
+
+pub type UserId = u32;
+pub type GroupId = u32;
+pub type DeviceId = u32;
+pub type SiteId = u32;
+pub type AppId = u32;
+pub type RuleId = u32;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub groups: Vec<GroupId>,
+    pub disabled: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub name: String,
+    pub user: UserId,
+    pub public_key: PublicKeyBytes,
+    pub address: IpAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Application {
+    pub name: String,
+    pub site: SiteId,
+    pub networks: Vec<IpNet>,
+    pub protocols: Vec<Protocol>,
+    /// Inclusive port ranges; empty means every port.
+    pub ports: Vec<(u16, u16)>,
+}
+
+impl Application {
+    pub fn matches(&self, key: &FlowKey) -> bool {
+        let proto = match key.proto {
+            PROTO_TCP => Protocol::Tcp,
+            PROTO_UDP => Protocol::Udp,
+            PROTO_ICMP | PROTO_ICMPV6 => Protocol::Icmp,
+            _ => return false,
+        };
+        if !self.protocols.contains(&proto) {
+            return false;
+        }
+        if !self.networks.iter().any(|n| n.contains(&key.dst)) {
+            return false;
+        }
+        proto == Protocol::Icmp
+            || self.ports.is_empty()
+            || self
+                .ports
+                .iter()
+                .any(|&(lo, hi)| (lo..=hi).contains(&key.dport))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub name: String,
+    pub action: Action,
+    pub users: Vec<UserId>,
+    pub groups: Vec<GroupId>,
+    pub applications: Vec<AppId>,
+}
+
+/// A checked policy, ready for evaluation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub device_range: IpNet,
+    pub groups: Vec<String>,
+    pub users: Vec<User>,
+    pub devices: Vec<Device>,
+    pub sites: Vec<String>,
+    pub applications: Vec<Application>,
+    pub rules: Vec<Rule>,
+    device_by_key: HashMap<PublicKeyBytes, DeviceId>,
+}
+
+/// Why a flow was allowed or denied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// A rule decided.
+    Rule(RuleId),
+    /// No allow rule covers this user and a matching application.
+    DefaultDeny,
+    /// The user is disabled in the policy.
+    UserDisabled,
+    /// The device is not (or no longer) in the policy.
+    UnknownDevice,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub action: Action,
+    /// The application the deciding rule refers to, or the first application the flow matches.
+    pub application: Option<AppId>,
+    pub reason: Reason,
+}
+
+impl Decision {
+    pub fn allowed(&self) -> bool {
+        self.action == Action::Allow
+    }
+}
+
+impl Policy {
+    /// Loads and checks a policy file.
+    pub fn load(path: &Path) -> Result<Policy, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            field: String::new(),
+            message: format!("cannot read policy: {e}"),
+        })?;
+        Policy::parse(path, &text)
+    }
+
+    /// Parses and checks policy text; `path` is only used in error messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Policy, ConfigError> {
+        let raw: RawPolicy = parse_toml(path, text)?;
+        compile(&Source { file: path, text }, raw)
+    }
+
+    pub fn device_by_key(&self, key: &PublicKeyBytes) -> Option<DeviceId> {
+        self.device_by_key.get(key).copied()
+    }
+
+    pub fn device(&self, id: DeviceId) -> &Device {
+        &self.devices[id as usize]
+    }
+
+    pub fn user_of(&self, device: DeviceId) -> &User {
+        &self.users[self.devices[device as usize].user as usize]
+    }
+
+    pub fn app_name(&self, app: Option<AppId>) -> Option<&str> {
+        app.map(|a| self.applications[a as usize].name.as_str())
+    }
+
+    pub fn rule_name(&self, reason: Reason) -> Option<&str> {
+        match reason {
+            Reason::Rule(r) => Some(self.rules[r as usize].name.as_str()),
+            _ => None,
+        }
+    }
+
+    pub fn reason_text(&self, reason: Reason) -> &'static str {
+        match reason {
+            Reason::Rule(r) => match self.rules[r as usize].action {
+                Action::Allow => "allowed by rule",
+                Action::Deny => "denied by rule",
+            },
+            Reason::DefaultDeny => "default deny: no allow rule covers this user and application",
+            Reason::UserDisabled => "user disabled",
+            Reason::UnknownDevice => "device not in policy",
+        }
+    }
+
+    fn subject_matches(&self, rule: &Rule, user_id: UserId) -> bool {
+        let user = &self.users[user_id as usize];
+        rule.users.contains(&user_id) || rule.groups.iter().any(|g| user.groups.contains(g))
+    }
+
+    fn rule_app(&self, rule: &Rule, key: &FlowKey) -> Option<AppId> {
+        rule.applications
+            .iter()
+            .copied()
+            .find(|&a| self.applications[a as usize].matches(key))
+    }
+
+    /// Decides a new flow from `device`. Pure: same policy, same answer.
+    pub fn evaluate(&self, device: DeviceId, key: &FlowKey) -> Decision {
+        let Some(dev) = self.devices.get(device as usize) else {
+            return Decision {
+                action: Action::Deny,
+                application: None,
+                reason: Reason::UnknownDevice,
+            };
+        };
+        let user_id = dev.user;
+        if self.users[user_id as usize].disabled {
+            return Decision {
+                action: Action::Deny,
+                application: None,
+                reason: Reason::UserDisabled,
+            };
+        }
+        let mut allow: Option<(RuleId, AppId)> = None;
+        for (i, rule) in self.rules.iter().enumerate() {
+            if rule.action == Action::Allow && allow.is_some() {
+                continue;
+            }
+            if !self.subject_matches(rule, user_id) {
+                continue;
+            }
+            if let Some(app) = self.rule_app(rule, key) {
+                match rule.action {
+                    Action::Deny => {
+                        return Decision {
+                            action: Action::Deny,
+                            application: Some(app),
+                            reason: Reason::Rule(i as RuleId),
+                        };
+                    }
+                    Action::Allow => allow = Some((i as RuleId, app)),
+                }
+            }
+        }
+        match allow {
+            Some((rule, app)) => Decision {
+                action: Action::Allow,
+                application: Some(app),
+                reason: Reason::Rule(rule),
+            },
+            None => Decision {
+                action: Action::Deny,
+                application: self
+                    .applications
+                    .iter()
+                    .position(|a| a.matches(key))
+                    .map(|a| a as AppId),
+                reason: Reason::DefaultDeny,
+            },
+        }
+    }
+}
+
+fn parse_port(text: &str) -> Option<(u16, u16)> {
+    let (lo, hi) = match text.split_once('-') {
+        Some((a, b)) => (a.trim().parse().ok()?, b.trim().parse().ok()?),
+        None => {
+            let p = text.trim().parse().ok()?;
+            (p, p)
+        }
+    };
+    (lo <= hi && lo > 0).then_some((lo, hi))
+}
+
+/// Looks names up in a list, reporting unknown and duplicate names with their place.
+struct Names<'a> {
+    kind: &'static str,
+    index: HashMap<&'a str, u32>,
+}
+
+impl<'a> Names<'a> {
+    fn build(
+        src: &Source,
+        kind: &'static str,
+        section: &str,
+        names: impl Iterator<Item = &'a Spanned<String>>,
+    ) -> Result<Self, ConfigError> {
+        let mut index = HashMap::new();
+        for (i, name) in names.enumerate() {
+            let field = format!("{section}[{i}].name");
+            if name.get_ref().trim().is_empty() {
+                return Err(src.error(Some(name.span()), field, format!("{kind} name is empty")));
+            }
+            if index.insert(name.get_ref().as_str(), i as u32).is_some() {
+                return Err(src.error(
+                    Some(name.span()),
+                    field,
+                    format!("duplicate {kind} name {:?}", name.get_ref()),
+                ));
+            }
+        }
+        Ok(Names { kind, index })
+    }
+
+    fn get(&self, src: &Source, field: String, name: &Spanned<String>) -> Result<u32, ConfigError> {
+        self.index
+            .get(name.get_ref().as_str())
+            .copied()
+            .ok_or_else(|| {
+                let mut known: Vec<&str> = self.index.keys().copied().collect();
+                known.sort_unstable();
+                src.error(
+                    Some(name.span()),
+                    field,
+                    format!(
+                        "unknown {} {:?} (known: {})",
+                        self.kind,
+                        name.get_ref(),
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                )
+            })
+    }
+
+    fn get_all(
+        &self,
+        src: &Source,
+        field: &str,
+        names: &[Spanned<String>],
+    ) -> Result<Vec<u32>, ConfigError> {
+        names
+            .iter()
+            .enumerate()
+            .map(|(j, n)| self.get(src, format!("{field}[{j}]"), n))
+            .collect()
+    }
+}
+
+fn compile(src: &Source, raw: RawPolicy) -> Result<Policy, ConfigError> {
+    let device_range = match &raw.device_range {
+        Some(r) => *r.get_ref(),
+        None => DEFAULT_DEVICE_RANGE
+            .parse()
+            .map_err(|_| src.error(None, "device_range", "bad default"))?,
+    };
+    let groups = Names::build(src, "group", "groups", raw.groups.iter().map(|g| &g.name))?;
+    let users_n = Names::build(src, "user", "users", raw.users.iter().map(|u| &u.name))?;
+    Names::build(
+        src,
+        "device",
+        "devices",
+        raw.devices.iter().map(|d| &d.name),
+    )?;
+    let sites = Names::build(src, "site", "sites", raw.sites.iter().map(|s| &s.name))?;
+    let apps_n = Names::build(
+        src,
+        "application",
+        "applications",
+        raw.applications.iter().map(|a| &a.name),
+    )?;
+    Names::build(src, "rule", "rules", raw.rules.iter().map(|r| &r.name))?;
+
+    let users = raw
+        .users
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            Ok(User {
+                name: u.name.get_ref().clone(),
+                groups: groups.get_all(src, &format!("users[{i}].groups"), &u.groups)?,
+                disabled: u.disabled,
+            })
+        })
+        .collect::<Result<Vec<_>, ConfigError>>()?;
+
+    let mut devices = Vec::new();
+    let mut device_by_key = HashMap::new();
+    let mut addresses: HashMap<IpAddr, usize> = HashMap::new();
+    for (i, d) in raw.devices.iter().enumerate() {
+        let user = users_n.get(src, format!("devices[{i}].user"), &d.user)?;
+        let public_key = PublicKeyBytes::parse(d.public_key.get_ref()).map_err(|e| {
+            src.error(
+                Some(d.public_key.span()),
+                format!("devices[{i}].public_key"),
+                e.to_string(),
+            )
+        })?;
+        let address = *d.address.get_ref();
+        let addr_field = format!("devices[{i}].address");
+        if !device_range.contains(&address) {
+            return Err(src.error(
+                Some(d.address.span()),
+                addr_field,
+                format!("address {address} is outside the device range {device_range}"),
+            ));
+        }
+        if let Some(other) = addresses.insert(address, i) {
+            return Err(src.error(
+                Some(d.address.span()),
+                addr_field,
+                format!(
+                    "address {address} is already used by device {:?}",
+                    raw.devices[other].name.get_ref()
+                ),
+            ));
+        }
+        if device_by_key.insert(public_key, i as DeviceId).is_some() {
+            return Err(src.error(
+                Some(d.public_key.span()),
+                format!("devices[{i}].public_key"),
+                "public key is already used by another device",
+            ));
+        }
+        devices.push(Device {
+            name: d.name.get_ref().clone(),
+            user,
+            public_key,
+            address,
+        });
+    }
+
+    let mut applications = Vec::new();
+    for (i, a) in raw.applications.iter().enumerate() {
+        let f = |name: &str| format!("applications[{i}].{name}");
+        let site = sites.get(src, f("site"), &a.site)?;
+        if a.addresses.get_ref().is_empty() {
+            return Err(src.error(
+                Some(a.addresses.span()),
+                f("addresses"),
+                "an application needs at least one address",
+            ));
+        }
+        let mut networks = Vec::new();
+        for (j, addr) in a.addresses.get_ref().iter().enumerate() {
+            let text = addr.get_ref().trim();
+            let net = text
+                .parse::<IpNet>()
+                .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    src.error(
+                        Some(addr.span()),
+                        format!("applications[{i}].addresses[{j}]"),
+                        format!("{text:?} is not an address or CIDR (like \"10.20.0.10\" or \"10.20.0.0/24\")"),
+                    )
+                })?;
+            if net.contains(&device_range.network()) || device_range.contains(&net.network()) {
+                return Err(src.error(
+                    Some(addr.span()),
+                    format!("applications[{i}].addresses[{j}]"),
+                    format!("{net} overlaps the device range {device_range}"),
+                ));
+            }
+            networks.push(net.trunc());
+        }
+        if a.protocols.get_ref().is_empty() {
+            return Err(src.error(
+                Some(a.protocols.span()),
+                f("protocols"),
+                "list at least one of \"tcp\", \"udp\", \"icmp\"",
+            ));
+        }
+        let mut ports = Vec::new();
+        for (j, p) in a.ports.iter().enumerate() {
+            let parsed = match p.get_ref() {
+                RawPort::Number(n) => u16::try_from(*n).ok().filter(|&n| n > 0).map(|n| (n, n)),
+                RawPort::Text(t) => parse_port(t),
+            };
+            ports.push(parsed.ok_or_else(|| {
+                src.error(
+                    Some(p.span()),
+                    format!("applications[{i}].ports[{j}]"),
+                    "a port is a number 1-65535 or a range like \"8000-8100\"",
+                )
+            })?);
+        }
+        applications.push(Application {
+            name: a.name.get_ref().clone(),
+            site,
+            networks,
+            protocols: a.protocols.get_ref().iter().map(|p| *p.get_ref()).collect(),
+            ports,
+        });
+    }
+
+    let mut rules = Vec::new();
+    for (i, r) in raw.rules.iter().enumerate() {
+        if r.users.is_empty() && r.groups.is_empty() {
+            return Err(src.error(
+                Some(r.name.span()),
+                format!("rules[{i}]"),
+                "a rule must name at least one user or group",
+            ));
+        }
+        if r.applications.get_ref().is_empty() {
+            return Err(src.error(
+                Some(r.applications.span()),
+                format!("rules[{i}].applications"),
+                "a rule must name at least one application",
+            ));
+        }
+        rules.push(Rule {
+            name: r.name.get_ref().clone(),
+            action: r.action,
+            users: users_n.get_all(src, &format!("rules[{i}].users"), &r.users)?,
+            groups: groups.get_all(src, &format!("rules[{i}].groups"), &r.groups)?,
+            applications: apps_n.get_all(
+                src,
+                &format!("rules[{i}].applications"),
+                r.applications.get_ref(),
+            )?,
+        });
+    }
+
+    Ok(Policy {
+        device_range,
+        groups: raw
+            .groups
+            .iter()
+            .map(|g| g.name.get_ref().clone())
+            .collect(),
+        users,
+        devices,
+        sites: raw.sites.iter().map(|s| s.name.get_ref().clone()).collect(),
+        applications,
+        rules,
+        device_by_key,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::PrivateKey;
+    use crate::packet::PROTO_TCP;
+
+    pub(crate) fn demo_text(alice_key: &str, bob_key: &str) -> String {
+        format!(
+            r#"
+[[groups]]
+name = "engineering"
+[[groups]]
+name = "finance"
+
+[[users]]
+name = "alice"
+groups = ["engineering"]
+[[users]]
+name = "bob"
+groups = ["finance"]
+
+[[devices]]
+name = "alice-laptop"
+user = "alice"
+public_key = "{alice_key}"
+address = "100.118.0.2"
+[[devices]]
+name = "bob-laptop"
+user = "bob"
+public_key = "{bob_key}"
+address = "100.118.0.3"
+
+[[sites]]
+name = "dc1"
+
+[[applications]]
+name = "intranet"
+site = "dc1"
+addresses = ["10.20.0.10"]
+protocols = ["tcp"]
+ports = [80, "8000-8100"]
+
+[[applications]]
+name = "app-host"
+site = "dc1"
+addresses = ["10.20.0.0/24"]
+protocols = ["tcp", "udp", "icmp"]
+
+[[rules]]
+name = "eng-intranet"
+action = "allow"
+groups = ["engineering"]
+applications = ["intranet"]
+
+[[rules]]
+name = "everyone-host"
+action = "allow"
+groups = ["engineering", "finance"]
+applications = ["app-host"]
+
+[[rules]]
+name = "no-db-for-finance"
+action = "deny"
+users = ["bob"]
+applications = ["intranet"]
+"#
+        )
+    }
+
+    fn keys() -> (String, String) {
+        (
+            PrivateKey::generate().public().to_string(),
+            PrivateKey::generate().public().to_string(),
+        )
+    }
+
+    fn tcp(dst: [u8; 4], dport: u16) -> FlowKey {
+        FlowKey {
+            proto: PROTO_TCP,
+            src: IpAddr::from([100, 118, 0, 2]),
+            dst: IpAddr::from(dst),
+            sport: 40000,
+            dport,
+        }
+    }
+
+    #[test]
+    fn allow_deny_and_default() {
+        let (a, b) = keys();
+        let p = Policy::parse(Path::new("p.toml"), &demo_text(&a, &b)).unwrap();
+        let alice = 0;
+        let bob = 1;
+        let d = p.evaluate(alice, &tcp([10, 20, 0, 10], 80));
+        assert_eq!(d.action, Action::Allow);
+        assert_eq!(p.rule_name(d.reason), Some("eng-intranet"));
+        // Bob: the deny rule on intranet wins over the allow on the whole host.
+        let d = p.evaluate(bob, &tcp([10, 20, 0, 10], 80));
+        assert_eq!(d.action, Action::Deny);
+        assert_eq!(p.rule_name(d.reason), Some("no-db-for-finance"));
+        // Outside every application: default deny, no application.
+        let d = p.evaluate(alice, &tcp([10, 30, 0, 1], 80));
+        assert_eq!(
+            (d.action, d.reason, d.application),
+            (Action::Deny, Reason::DefaultDeny, None)
+        );
+        assert_eq!(
+            p.evaluate(7, &tcp([10, 20, 0, 10], 80)).reason,
+            Reason::UnknownDevice
+        );
+    }
+
+    #[test]
+    fn port_ranges() {
+        let (a, b) = keys();
+        let p = Policy::parse(Path::new("p.toml"), &demo_text(&a, &b)).unwrap();
+        let intranet = &p.applications[0];
+        assert!(intranet.matches(&tcp([10, 20, 0, 10], 8050)));
+        assert!(!intranet.matches(&tcp([10, 20, 0, 10], 8101)));
+        assert!(!intranet.matches(&tcp([10, 20, 0, 11], 80)));
+    }
+
+    fn err_of(text: &str) -> ConfigError {
+        Policy::parse(Path::new("policy.toml"), text).unwrap_err()
+    }
+
+    #[test]
+    fn unknown_group_is_located() {
+        let (a, b) = keys();
+        let text = demo_text(&a, &b).replace("groups = [\"finance\"]", "groups = [\"fnance\"]");
+        let e = err_of(&text);
+        assert_eq!(e.field, "users[1].groups[0]");
+        assert!(e.message.contains("unknown group \"fnance\""), "{e}");
+        let line = text.lines().position(|l| l.contains("fnance")).unwrap() + 1;
+        assert_eq!(e.line, line, "{e}");
+    }
+
+    #[test]
+    fn bad_action_and_bad_port_are_located() {
+        let (a, b) = keys();
+        let text = demo_text(&a, &b).replace("action = \"deny\"", "action = \"dney\"");
+        let e = err_of(&text);
+        assert_eq!(e.field, "rules[2].action", "{e}");
+        let text = demo_text(&a, &b).replace("\"8000-8100\"", "\"9000-8000\"");
+        let e = err_of(&text);
+        assert_eq!(e.field, "applications[0].ports[1]", "{e}");
+    }
+
+    #[test]
+    fn device_address_outside_range_and_bad_key() {
+        let (a, b) = keys();
+        let e = err_of(&demo_text(&a, &b).replace("100.118.0.3", "10.0.0.3"));
+        assert_eq!(e.field, "devices[1].address", "{e}");
+        let e = err_of(&demo_text(&a, "not-a-key"));
+        assert_eq!(e.field, "devices[1].public_key", "{e}");
+        let e = err_of(&demo_text(&a, &a));
+        assert!(e.message.contains("already used"), "{e}");
+    }
+}

@@ -1,0 +1,260 @@
+//! The WireGuard engine, behind one module so that a maintained fork of boringtun can replace it.
+//!
+//! [`Session`] is one peer-to-peer tunnel (Noise handshake, keys, timers, replay protection);
+//! [`Responder`] finds which peer a datagram arriving at a shared server socket belongs to: by
+//! the initiator's static key in a handshake initiation, by our session index otherwise.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519;
+
+pub use boringtun::noise::errors::WireGuardError;
+
+use crate::keys::{PrivateKey, PublicKeyBytes};
+
+/// Bytes WireGuard adds to an IP packet (header 16 + tag 16), not counting the outer IP and UDP.
+pub const DATA_OVERHEAD: usize = 32;
+/// Smallest buffer the engine accepts for any output (a handshake initiation is 148 bytes).
+pub const MIN_BUFFER: usize = 148;
+/// Handshake initiations a server answers per second before it asks for cookies.
+pub const SERVER_HANDSHAKE_RATE: u64 = 100;
+
+/// What the engine asks its caller to do.
+#[derive(Debug)]
+pub enum Output<'a> {
+    /// Send these bytes to the peer over UDP.
+    Network(&'a [u8]),
+    /// An IP packet from the peer, decrypted, for the local side.
+    Tunnel(&'a [u8]),
+    /// Nothing to do.
+    Done,
+    Error(WireGuardError),
+}
+
+impl<'a> From<TunnResult<'a>> for Output<'a> {
+    fn from(r: TunnResult<'a>) -> Self {
+        match r {
+            TunnResult::Done => Output::Done,
+            TunnResult::Err(e) => Output::Error(e),
+            TunnResult::WriteToNetwork(b) => Output::Network(b),
+            TunnResult::WriteToTunnelV4(b, _) | TunnResult::WriteToTunnelV6(b, _) => {
+                Output::Tunnel(b)
+            }
+        }
+    }
+}
+
+/// One WireGuard tunnel to one peer.
+pub struct Session {
+    tunn: Tunn,
+}
+
+impl Session {
+    /// `index` tells sessions of one server apart (24 bits are used; the engine adds 8).
+    pub fn new(
+        own: &PrivateKey,
+        peer: PublicKeyBytes,
+        persistent_keepalive: Option<u16>,
+        index: u32,
+        limiter: Option<Arc<RateLimiter>>,
+    ) -> Self {
+        Session {
+            tunn: Tunn::new(
+                own.secret().clone(),
+                peer.to_x25519(),
+                None,
+                persistent_keepalive,
+                index,
+                limiter,
+            ),
+        }
+    }
+
+    /// Encrypts an IP packet for the peer (or queues it and starts a handshake).
+    /// `buf` must hold `packet.len() + DATA_OVERHEAD` and at least [`MIN_BUFFER`] bytes.
+    pub fn encapsulate<'a>(&mut self, packet: &[u8], buf: &'a mut [u8]) -> Output<'a> {
+        if buf.len() < (packet.len() + DATA_OVERHEAD).max(MIN_BUFFER) {
+            return Output::Error(WireGuardError::DestinationBufferTooSmall);
+        }
+        self.tunn.encapsulate(packet, buf).into()
+    }
+
+    /// Handles a datagram from the peer. After [`Output::Network`], call [`Session::flush`]
+    /// until it returns [`Output::Done`] to send packets queued during the handshake.
+    pub fn decapsulate<'a>(
+        &mut self,
+        from: Option<IpAddr>,
+        datagram: &[u8],
+        buf: &'a mut [u8],
+    ) -> Output<'a> {
+        if datagram.is_empty() {
+            return Output::Done;
+        }
+        self.tunn.decapsulate(from, datagram, buf).into()
+    }
+
+    /// Sends what was queued while no session existed.
+    pub fn flush<'a>(&mut self, buf: &'a mut [u8]) -> Output<'a> {
+        self.tunn.decapsulate(None, &[], buf).into()
+    }
+
+    /// Runs the timers (keepalive, rekey, expiry). Call every 100–250 ms.
+    pub fn tick<'a>(&mut self, buf: &'a mut [u8]) -> Output<'a> {
+        self.tunn.update_timers(buf).into()
+    }
+
+    /// Starts a handshake now (unless one is under way and `force` is false).
+    pub fn initiate<'a>(&mut self, buf: &'a mut [u8], force: bool) -> Output<'a> {
+        self.tunn.format_handshake_initiation(buf, force).into()
+    }
+
+    pub fn time_since_handshake(&self) -> Option<Duration> {
+        self.tunn.time_since_last_handshake()
+    }
+
+    /// True once the session's keys are too old to use and no new handshake succeeded.
+    pub fn is_expired(&self) -> bool {
+        self.tunn.is_expired()
+    }
+
+    /// (tx bytes, rx bytes) of tunnelled packets.
+    pub fn traffic(&self) -> (usize, usize) {
+        let (_, tx, rx, _, _) = self.tunn.stats();
+        (tx, rx)
+    }
+}
+
+/// Where a datagram arriving at a server socket should go.
+#[derive(Debug)]
+pub enum Route<'a> {
+    /// A handshake initiation from the peer with this static key.
+    Initiation(PublicKeyBytes),
+    /// A packet for the session with this index (as given to [`Session::new`]).
+    Session(u32),
+    /// Under load: send this cookie reply back instead of processing the datagram.
+    Cookie(&'a [u8]),
+    /// Not a valid WireGuard datagram for us: drop it.
+    Invalid(WireGuardError),
+}
+
+/// The server side of many sessions sharing one socket and one static key.
+pub struct Responder {
+    key: PrivateKey,
+    public: x25519::PublicKey,
+    limiter: Arc<RateLimiter>,
+}
+
+impl Responder {
+    pub fn new(key: PrivateKey) -> Self {
+        let public = x25519::PublicKey::from(key.secret());
+        let limiter = Arc::new(RateLimiter::new(&public, SERVER_HANDSHAKE_RATE));
+        Responder {
+            key,
+            public,
+            limiter,
+        }
+    }
+
+    pub fn private_key(&self) -> &PrivateKey {
+        &self.key
+    }
+
+    /// The rate limiter to hand to every [`Session`] of this server.
+    pub fn limiter(&self) -> Arc<RateLimiter> {
+        Arc::clone(&self.limiter)
+    }
+
+    /// Call once a second: the handshake rate limit counts per second.
+    pub fn reset_rate_limit(&self) {
+        self.limiter.reset_count();
+    }
+
+    /// Checks the datagram's MACs (cheap) before any Diffie-Hellman work, then finds its peer.
+    pub fn route<'a>(&self, from: IpAddr, datagram: &[u8], cookie_buf: &'a mut [u8]) -> Route<'a> {
+        match self.limiter.verify_packet(Some(from), datagram, cookie_buf) {
+            Ok(Packet::HandshakeInit(init)) => {
+                match parse_handshake_anon(self.key.secret(), &self.public, &init) {
+                    Ok(half) => Route::Initiation(PublicKeyBytes(half.peer_static_public)),
+                    Err(e) => Route::Invalid(e),
+                }
+            }
+            Ok(Packet::HandshakeResponse(p)) => Route::Session(p.receiver_idx >> 8),
+            Ok(Packet::PacketCookieReply(p)) => Route::Session(p.receiver_idx >> 8),
+            Ok(Packet::PacketData(p)) => Route::Session(p.receiver_idx >> 8),
+            Err(TunnResult::WriteToNetwork(cookie)) => Route::Cookie(cookie),
+            Err(TunnResult::Err(e)) => Route::Invalid(e),
+            Err(_) => Route::Invalid(WireGuardError::InvalidPacket),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client session and a server responder complete a handshake and carry a packet.
+    #[test]
+    fn handshake_and_data_through_responder() {
+        let client_key = PrivateKey::generate();
+        let server = Responder::new(PrivateKey::generate());
+        let mut client = Session::new(&client_key, server.private_key().public(), None, 1, None);
+        let mut srv_session: Option<Session> = None;
+        let from: IpAddr = [10, 0, 0, 1].into();
+        let mut b1 = vec![0u8; 2048];
+        let mut b2 = vec![0u8; 2048];
+        let mut cookie = vec![0u8; 256];
+
+        let Output::Network(init) = client.initiate(&mut b1, false) else {
+            panic!()
+        };
+        let init = init.to_vec();
+        let Route::Initiation(peer) = server.route(from, &init, &mut cookie) else {
+            panic!()
+        };
+        assert_eq!(peer, client_key.public());
+        let s = srv_session.insert(Session::new(
+            server.private_key(),
+            peer,
+            None,
+            7,
+            Some(server.limiter()),
+        ));
+        let Output::Network(resp) = s.decapsulate(Some(from), &init, &mut b2) else {
+            panic!()
+        };
+        let resp = resp.to_vec();
+        assert!(matches!(
+            client.decapsulate(Some(from), &resp, &mut b1),
+            Output::Network(_) | Output::Done
+        ));
+
+        let packet = crate::packet::testpkt::udp4([100, 118, 0, 2], 1, [10, 20, 0, 10], 2, b"hi");
+        let Output::Network(data) = client.encapsulate(&packet, &mut b1) else {
+            panic!()
+        };
+        let data = data.to_vec();
+        let Route::Session(idx) = server.route(from, &data, &mut cookie) else {
+            panic!()
+        };
+        assert_eq!(idx, 7);
+        let s = srv_session.as_mut().unwrap();
+        match s.decapsulate(Some(from), &data, &mut b2) {
+            Output::Tunnel(p) => assert_eq!(p, &packet[..]),
+            other => panic!("{other:?}"),
+        }
+        // Garbage is refused, not a panic.
+        assert!(matches!(
+            server.route(from, &[1, 0, 0, 0, 9], &mut cookie),
+            Route::Invalid(_)
+        ));
+        assert!(matches!(
+            server.route(from, &[], &mut cookie),
+            Route::Invalid(_)
+        ));
+    }
+}
