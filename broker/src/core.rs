@@ -296,14 +296,15 @@ impl BrokerCore {
         io: &mut impl Io,
     ) -> Result<Option<Arc<str>>, ()> {
         let generation = self.generation;
-        if let Some(flow) = self.flows.touch(key, now) {
-            if flow.generation == generation && flow.peer == slot {
-                return Ok(if flow.allowed {
-                    flow.site.clone()
-                } else {
-                    None
-                });
-            }
+        if let Some(flow) = self.flows.touch(key, now)
+            && flow.generation == generation
+            && flow.peer == slot
+        {
+            return Ok(if flow.allowed {
+                flow.site.clone()
+            } else {
+                None
+            });
         }
         let Some(peer) = self.peers.get(slot as usize).and_then(Option::as_ref) else {
             return Err(());
@@ -464,10 +465,10 @@ impl BrokerCore {
     /// Call every 100–250 ms.
     pub fn tick(&mut self, now: Instant, io: &mut impl Io) {
         for peer in self.peers.iter_mut().flatten() {
-            if let Output::Network(data) = peer.session.tick(&mut self.send_buf) {
-                if let Some(ep) = peer.endpoint {
-                    io.send_udp(ep, data);
-                }
+            if let Output::Network(data) = peer.session.tick(&mut self.send_buf)
+                && let Some(ep) = peer.endpoint
+            {
+                io.send_udp(ep, data);
             }
         }
         let second_passed = self
@@ -621,7 +622,7 @@ applications = ["db"]
             panic!()
         };
         let mut io = Recorder::default();
-        core.handle_wg(from, &init.to_vec(), now, &mut io);
+        core.handle_wg(from, init, now, &mut io);
         assert_eq!(io.udp.len(), 1, "handshake response");
         let resp = io.udp[0].1.clone();
         let _ = client.decapsulate(Some(from.ip()), &resp, &mut buf);

@@ -50,8 +50,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the broker with a config file (see deploy/demo/broker.toml).
+    /// Run the broker with a config file (documented example: deploy/examples/broker.toml).
     Run {
+        /// Config file (TOML).
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
@@ -410,7 +411,7 @@ fn check_connector(
         .map_err(|_| "bad site name".to_string())?;
     cert.verify_is_valid_for_subject_name(&name)
         .map_err(|_| format!("certificate is not valid for site {:?}", hello.site))?;
-    if !policy.sites.iter().any(|s| *s == hello.site) {
+    if !policy.sites.contains(&hello.site) {
         return Err(format!("site {:?} is not in the policy", hello.site));
     }
     Ok(())

@@ -34,8 +34,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Bring the tunnel up and keep it up (see deploy/demo/client-alice.toml).
+    /// Bring the tunnel up and keep it up (documented example: deploy/examples/client.toml).
     Run {
+        /// Config file (TOML).
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },

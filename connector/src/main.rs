@@ -35,7 +35,7 @@ applications. Replies take the same way back. When the broker goes away it recon
 backoff.\n\nSignals: SIGTERM/SIGINT remove the nftables table and the interface, then exit."
 )]
 struct Cli {
-    /// Config file (see deploy/demo/connector.toml).
+    /// Config file (documented example: deploy/examples/connector.toml).
     #[arg(short, long, value_name = "FILE")]
     config: PathBuf,
 }
