@@ -57,6 +57,8 @@ pub struct FlowConfig {
     pub denied_idle_secs: u64,
     #[serde(default = "d_max")]
     pub max_flows: usize,
+    #[serde(default = "d_max_device")]
+    pub max_flows_per_device: usize,
 }
 
 impl Default for FlowConfig {
@@ -67,6 +69,7 @@ impl Default for FlowConfig {
             other_idle_secs: d_other(),
             denied_idle_secs: d_denied(),
             max_flows: d_max(),
+            max_flows_per_device: d_max_device(),
         }
     }
 }
@@ -96,6 +99,9 @@ fn d_denied() -> u64 {
 }
 fn d_max() -> usize {
     1_000_000
+}
+fn d_max_device() -> usize {
+    20_000
 }
 fn default_wg_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 51820))

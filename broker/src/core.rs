@@ -28,8 +28,9 @@ pub trait Io {
     fn send_udp(&mut self, to: SocketAddr, data: &[u8]);
     /// Hand an IP packet to the connector of `site`; false when the site has no live link.
     fn send_to_site(&mut self, site: &str, packet: &[u8]) -> bool;
-    /// Record a flow decision (one JSON line in the decision log).
-    fn decision(&mut self, record: DecisionRecord);
+    /// Record a flow decision (one JSON line in the decision log); false when the log cannot
+    /// take it (its writer is behind), so the core can count what was lost.
+    fn decision(&mut self, record: DecisionRecord) -> bool;
 }
 
 /// One flow decision, as written to the decision log.
@@ -70,6 +71,7 @@ pub struct Stats {
     pub dropped_denied: u64,
     pub dropped_flow_table_full: u64,
     pub dropped_no_endpoint: u64,
+    pub decisions_not_logged: u64,
     pub cookie_replies: u64,
     pub policy_generation: u64,
 }
@@ -93,6 +95,9 @@ pub struct Flow {
 impl FlowEntry for Flow {
     fn allowed(&self) -> bool {
         self.allowed
+    }
+    fn owner(&self) -> u32 {
+        self.peer
     }
 }
 
@@ -128,7 +133,13 @@ pub struct BrokerCore {
 }
 
 impl BrokerCore {
-    pub fn new(key: PrivateKey, policy: Policy, timeouts: IdleTimeouts, max_flows: usize) -> Self {
+    pub fn new(
+        key: PrivateKey,
+        policy: Policy,
+        timeouts: IdleTimeouts,
+        max_flows: usize,
+        max_flows_per_device: usize,
+    ) -> Self {
         let mut core = BrokerCore {
             responder: Responder::new(key),
             policy: Arc::new(policy.clone()),
@@ -137,7 +148,7 @@ impl BrokerCore {
             peers: Vec::new(),
             by_key: HashMap::new(),
             by_addr: HashMap::new(),
-            flows: FlowTable::new(timeouts, max_flows),
+            flows: FlowTable::new(timeouts, max_flows, max_flows_per_device),
             stats: Stats::default(),
             buf: vec![0; BUF_SIZE],
             reply: vec![0; BUF_SIZE],
@@ -224,7 +235,7 @@ impl BrokerCore {
             .collect();
         let peers = &self.peers;
         self.flows
-            .retain(|_, f| peers.get(f.peer as usize).is_some_and(Option::is_some));
+            .retain(|_, f, _| peers.get(f.peer as usize).is_some_and(Option::is_some));
         self.site_names = policy.sites.iter().map(|s| Arc::from(s.as_str())).collect();
         self.policy = policy;
         self.generation += 1;
@@ -255,6 +266,7 @@ impl BrokerCore {
             Route::Session(index) => index.wrapping_sub(1),
         };
         let mut buf = std::mem::take(&mut self.buf);
+        let base = buf.as_ptr().addr();
         let Some(peer) = self.peers.get_mut(slot as usize).and_then(Option::as_mut) else {
             self.stats.dropped_unknown_peer += 1;
             self.buf = buf;
@@ -275,8 +287,10 @@ impl BrokerCore {
             Output::Tunnel(inner) => {
                 peer.endpoint = Some(from);
                 self.stats.packets_from_clients += 1;
-                let inner_len = inner.len();
-                self.handle_client_packet(slot, &buf[..inner_len], now, io);
+                // `inner` borrows `buf`; find it by position so `self` can be borrowed again.
+                let start = inner.as_ptr().addr() - base;
+                let range = start..start + inner.len();
+                self.handle_client_packet(slot, &buf[range], now, io);
             }
             Output::Done => peer.endpoint = Some(from),
             Output::Error(e) => {
@@ -538,8 +552,9 @@ mod tests {
             self.site.push((site.to_string(), packet.to_vec()));
             self.site_up
         }
-        fn decision(&mut self, record: DecisionRecord) {
+        fn decision(&mut self, record: DecisionRecord) -> bool {
             self.decisions.push(record);
+            true
         }
     }
 
@@ -613,7 +628,13 @@ applications = ["db"]
         let client_key = PrivateKey::generate();
         let broker_key = PrivateKey::generate();
         let policy = Policy::parse(Path::new("p.toml"), &policy_text(&client_key)).unwrap();
-        let mut core = BrokerCore::new(broker_key.clone(), policy, IdleTimeouts::default(), 1000);
+        let mut core = BrokerCore::new(
+            broker_key.clone(),
+            policy,
+            IdleTimeouts::default(),
+            1000,
+            100,
+        );
         let mut client = Session::new(&client_key, broker_key.public(), None, 1, None);
         let from: SocketAddr = "10.99.1.2:40000".parse().unwrap();
         let now = Instant::now();

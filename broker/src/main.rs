@@ -164,6 +164,9 @@ fn run_blocking(config: &Path) -> Result<()> {
     rt.block_on(run(config))
 }
 
+/// Decision records waiting for the log writer.
+const DECISION_QUEUE: usize = 65536;
+
 /// Everything the data path touches, behind one lock. Packets are processed under it in
 /// batches; nothing awaits while it is held.
 struct Shared {
@@ -188,7 +191,7 @@ enum LogLine {
 struct ShellIo<'a> {
     udp: &'a UdpSocket,
     links: &'a HashMap<String, quinn::Connection>,
-    log: &'a mpsc::UnboundedSender<LogLine>,
+    log: &'a mpsc::Sender<LogLine>,
 }
 
 impl Io for ShellIo<'_> {
@@ -205,16 +208,16 @@ impl Io for ShellIo<'_> {
         }
     }
 
-    fn decision(&mut self, record: DecisionRecord) {
+    fn decision(&mut self, record: DecisionRecord) -> bool {
         debug!(?record, "flow decision");
-        let _ = self.log.send(LogLine::Decision(record));
+        self.log.try_send(LogLine::Decision(record)).is_ok()
     }
 }
 
 fn with_core(
     shared: &SharedRef,
     udp: &UdpSocket,
-    log: &mpsc::UnboundedSender<LogLine>,
+    log: &mpsc::Sender<LogLine>,
     f: impl FnOnce(&mut BrokerCore, &mut ShellIo),
 ) {
     let mut g = lock(shared);
@@ -227,7 +230,13 @@ async fn run(config_path: &Path) -> Result<()> {
     let config = BrokerConfig::load(config_path)?;
     let key = PrivateKey::read_file(&config.private_key_file)?;
     let policy = Policy::load(&config.policy)?;
-    let core = BrokerCore::new(key, policy, config.flows.timeouts(), config.flows.max_flows);
+    let core = BrokerCore::new(
+        key,
+        policy,
+        config.flows.timeouts(),
+        config.flows.max_flows,
+        config.flows.max_flows_per_device,
+    );
     info!(public_key = %core.public_key(), "broker identity");
     core.log_policy_summary();
     let shared: SharedRef = Arc::new(Mutex::new(Shared {
@@ -244,7 +253,9 @@ async fn run(config_path: &Path) -> Result<()> {
     let endpoint = quic_endpoint(&config)?;
     info!(addr = %config.listen_connectors, "connector QUIC listening");
 
-    let (log_tx, log_rx) = mpsc::unbounded_channel();
+    // Bounded: a flood of new flows must not grow memory without end; what the writer cannot
+    // take is counted (decisions_not_logged).
+    let (log_tx, log_rx) = mpsc::channel(DECISION_QUEUE);
     tokio::spawn(decision_writer(config.decision_log.clone(), log_rx));
 
     tokio::spawn(wg_loop(shared.clone(), udp.clone(), log_tx.clone()));
@@ -273,21 +284,21 @@ async fn run(config_path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn reload_policy(path: &Path, shared: &SharedRef, log: &mpsc::UnboundedSender<LogLine>) {
+fn reload_policy(path: &Path, shared: &SharedRef, log: &mpsc::Sender<LogLine>) {
     match Policy::load(path) {
         Ok(policy) => {
             let mut g = lock(shared);
             g.core.set_policy(policy);
             g.core.log_policy_summary();
             let generation = g.core.stats().policy_generation;
-            let _ = log.send(LogLine::Policy {
+            let _ = log.try_send(LogLine::Policy {
                 result: "applied",
                 detail: format!("generation {generation}"),
             });
         }
         Err(e) => {
             error!("policy reload rejected, the running policy stays in force: {e}");
-            let _ = log.send(LogLine::Policy {
+            let _ = log.try_send(LogLine::Policy {
                 result: "rejected",
                 detail: e.to_string(),
             });
@@ -295,7 +306,7 @@ fn reload_policy(path: &Path, shared: &SharedRef, log: &mpsc::UnboundedSender<Lo
     }
 }
 
-async fn wg_loop(shared: SharedRef, udp: Arc<UdpSocket>, log: mpsc::UnboundedSender<LogLine>) {
+async fn wg_loop(shared: SharedRef, udp: Arc<UdpSocket>, log: mpsc::Sender<LogLine>) {
     let mut buf = vec![0u8; BUF_SIZE];
     loop {
         let (n, from) = match udp.recv_from(&mut buf).await {
@@ -320,7 +331,7 @@ async fn wg_loop(shared: SharedRef, udp: Arc<UdpSocket>, log: mpsc::UnboundedSen
     }
 }
 
-async fn timer_loop(shared: SharedRef, udp: Arc<UdpSocket>, log: mpsc::UnboundedSender<LogLine>) {
+async fn timer_loop(shared: SharedRef, udp: Arc<UdpSocket>, log: mpsc::Sender<LogLine>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tick.tick().await;
@@ -380,7 +391,7 @@ async fn accept_connectors(
     endpoint: quinn::Endpoint,
     shared: SharedRef,
     udp: Arc<UdpSocket>,
-    log: mpsc::UnboundedSender<LogLine>,
+    log: mpsc::Sender<LogLine>,
 ) {
     while let Some(incoming) = endpoint.accept().await {
         let (shared, udp, log) = (shared.clone(), udp.clone(), log.clone());
@@ -421,7 +432,7 @@ async fn serve_connector(
     incoming: quinn::Incoming,
     shared: SharedRef,
     udp: Arc<UdpSocket>,
-    log: mpsc::UnboundedSender<LogLine>,
+    log: mpsc::Sender<LogLine>,
 ) -> Result<()> {
     let conn = incoming.await.context("handshake failed")?;
     let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
@@ -536,7 +547,7 @@ struct PolicyEvent<'a> {
     detail: &'a str,
 }
 
-async fn decision_writer(path: PathBuf, mut rx: mpsc::UnboundedReceiver<LogLine>) {
+async fn decision_writer(path: PathBuf, mut rx: mpsc::Receiver<LogLine>) {
     let mut out: Box<dyn std::io::Write + Send> = if path == Path::new("-") {
         Box::new(std::io::stdout())
     } else {

@@ -43,6 +43,8 @@ impl IdleTimeouts {
 /// What the table needs to know of a cached entry.
 pub trait FlowEntry {
     fn allowed(&self) -> bool;
+    /// Who opened the flow (a peer); each owner may hold at most `per_owner` flows.
+    fn owner(&self) -> u32;
 }
 
 #[derive(Debug)]
@@ -51,25 +53,48 @@ struct Slot<V> {
     last_seen: Instant,
 }
 
-/// Flows keyed by their client-side 5-tuple, with a cap on their number.
+/// Flows keyed by their client-side 5-tuple, with a cap on their number in all and per owner,
+/// so that one misbehaving client cannot fill the table for everyone.
 #[derive(Debug)]
 pub struct FlowTable<V> {
     flows: HashMap<FlowKey, Slot<V>>,
     timeouts: IdleTimeouts,
     capacity: usize,
+    per_owner: usize,
+    owned: HashMap<u32, usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("flow table is full")]
-pub struct TableFull;
+pub enum TableFull {
+    #[error("flow table is full")]
+    Total,
+    #[error("this peer has too many flows")]
+    Owner,
+}
+
+fn release(owned: &mut HashMap<u32, usize>, owner: u32) {
+    if let Some(n) = owned.get_mut(&owner) {
+        *n -= 1;
+        if *n == 0 {
+            owned.remove(&owner);
+        }
+    }
+}
 
 impl<V: FlowEntry> FlowTable<V> {
-    pub fn new(timeouts: IdleTimeouts, capacity: usize) -> Self {
+    pub fn new(timeouts: IdleTimeouts, capacity: usize, per_owner: usize) -> Self {
         FlowTable {
             flows: HashMap::new(),
             timeouts,
             capacity,
+            per_owner,
+            owned: HashMap::new(),
         }
+    }
+
+    /// Flows currently held by `owner`.
+    pub fn owned_by(&self, owner: u32) -> usize {
+        self.owned.get(&owner).copied().unwrap_or(0)
     }
 
     pub fn len(&self) -> usize {
@@ -90,7 +115,7 @@ impl<V: FlowEntry> FlowTable<V> {
             }
         };
         if expired {
-            self.flows.remove(key);
+            self.remove(key);
             return None;
         }
         let slot = self.flows.get_mut(key)?;
@@ -100,46 +125,75 @@ impl<V: FlowEntry> FlowTable<V> {
 
     /// Inserts or replaces the entry for `key`.
     pub fn insert(&mut self, key: FlowKey, value: V, now: Instant) -> Result<&mut V, TableFull> {
-        if self.flows.len() >= self.capacity && !self.flows.contains_key(&key) {
+        let owner = value.owner();
+        let same_owner = self
+            .flows
+            .get(&key)
+            .is_some_and(|s| s.value.owner() == owner);
+        if !same_owner && self.full(&key, owner).is_some() {
             self.expire(now);
-            if self.flows.len() >= self.capacity {
-                return Err(TableFull);
+            if let Some(e) = self.full(&key, owner) {
+                return Err(e);
             }
         }
         let slot = Slot {
             value,
             last_seen: now,
         };
+        let owned = &mut self.owned;
         let slot = match self.flows.entry(key) {
             Entry::Occupied(mut o) => {
-                *o.get_mut() = slot;
+                let old = std::mem::replace(o.get_mut(), slot);
+                if old.value.owner() != owner {
+                    release(owned, old.value.owner());
+                    *owned.entry(owner).or_insert(0) += 1;
+                }
                 o.into_mut()
             }
-            Entry::Vacant(v) => v.insert(slot),
+            Entry::Vacant(v) => {
+                *owned.entry(owner).or_insert(0) += 1;
+                v.insert(slot)
+            }
         };
         Ok(&mut slot.value)
     }
 
+    fn full(&self, key: &FlowKey, owner: u32) -> Option<TableFull> {
+        if self.flows.len() >= self.capacity && !self.flows.contains_key(key) {
+            Some(TableFull::Total)
+        } else if self.owned_by(owner) >= self.per_owner {
+            Some(TableFull::Owner)
+        } else {
+            None
+        }
+    }
+
     pub fn remove(&mut self, key: &FlowKey) -> Option<V> {
-        self.flows.remove(key).map(|s| s.value)
+        let slot = self.flows.remove(key)?;
+        release(&mut self.owned, slot.value.owner());
+        Some(slot.value)
     }
 
     /// Drops idle flows; returns how many.
     pub fn expire(&mut self, now: Instant) -> usize {
-        let before = self.flows.len();
         let t = self.timeouts;
+        self.retain(|k, v, last_seen| {
+            now.saturating_duration_since(last_seen) <= t.limit(k, v.allowed())
+        })
+    }
+
+    /// Keeps the flows for which `keep(key, value, last_seen)` is true; returns how many went.
+    pub fn retain(&mut self, mut keep: impl FnMut(&FlowKey, &mut V, Instant) -> bool) -> usize {
+        let before = self.flows.len();
+        let owned = &mut self.owned;
         self.flows.retain(|k, s| {
-            now.saturating_duration_since(s.last_seen) <= t.limit(k, s.value.allowed())
+            let kept = keep(k, &mut s.value, s.last_seen);
+            if !kept {
+                release(owned, s.value.owner());
+            }
+            kept
         });
         before - self.flows.len()
-    }
-
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&FlowKey, &mut V)> {
-        self.flows.iter_mut().map(|(k, s)| (k, &mut s.value))
-    }
-
-    pub fn retain(&mut self, mut keep: impl FnMut(&FlowKey, &mut V) -> bool) {
-        self.flows.retain(|k, s| keep(k, &mut s.value));
     }
 }
 
@@ -149,10 +203,13 @@ mod tests {
     use crate::packet::PROTO_UDP;
     use std::net::IpAddr;
 
-    struct E(bool);
+    struct E(bool, u32);
     impl FlowEntry for E {
         fn allowed(&self) -> bool {
             self.0
+        }
+        fn owner(&self) -> u32 {
+            self.1
         }
     }
 
@@ -169,10 +226,10 @@ mod tests {
     #[test]
     fn idle_expiry_per_kind() {
         let t0 = Instant::now();
-        let mut t = FlowTable::new(IdleTimeouts::default(), 10);
-        t.insert(key(1, PROTO_UDP), E(true), t0).unwrap();
-        t.insert(key(2, PROTO_TCP), E(true), t0).unwrap();
-        t.insert(key(3, PROTO_TCP), E(false), t0).unwrap();
+        let mut t = FlowTable::new(IdleTimeouts::default(), 10, 10);
+        t.insert(key(1, PROTO_UDP), E(true, 0), t0).unwrap();
+        t.insert(key(2, PROTO_TCP), E(true, 0), t0).unwrap();
+        t.insert(key(3, PROTO_TCP), E(false, 0), t0).unwrap();
         // Traffic keeps a flow alive.
         assert!(
             t.touch(&key(1, PROTO_UDP), t0 + Duration::from_secs(100))
@@ -198,18 +255,40 @@ mod tests {
     #[test]
     fn capacity_is_enforced_after_expiring() {
         let t0 = Instant::now();
-        let mut t = FlowTable::new(IdleTimeouts::default(), 2);
-        t.insert(key(1, PROTO_UDP), E(true), t0).unwrap();
-        t.insert(key(2, PROTO_UDP), E(true), t0).unwrap();
+        let mut t = FlowTable::new(IdleTimeouts::default(), 2, 2);
+        t.insert(key(1, PROTO_UDP), E(true, 0), t0).unwrap();
+        t.insert(key(2, PROTO_UDP), E(true, 0), t0).unwrap();
         assert_eq!(
-            t.insert(key(3, PROTO_UDP), E(true), t0).err(),
-            Some(TableFull)
+            t.insert(key(3, PROTO_UDP), E(true, 0), t0).err(),
+            Some(TableFull::Total)
         );
         // Once the old ones are idle long enough, room is made.
         assert!(
-            t.insert(key(3, PROTO_UDP), E(true), t0 + Duration::from_secs(121))
+            t.insert(key(3, PROTO_UDP), E(true, 0), t0 + Duration::from_secs(121))
                 .is_ok()
         );
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn one_owner_cannot_take_the_whole_table() {
+        let t0 = Instant::now();
+        let mut t = FlowTable::new(IdleTimeouts::default(), 100, 3);
+        for p in 0..3 {
+            t.insert(key(p, PROTO_UDP), E(true, 7), t0).unwrap();
+        }
+        assert_eq!(
+            t.insert(key(9, PROTO_UDP), E(true, 7), t0).err(),
+            Some(TableFull::Owner)
+        );
+        // Another owner is unaffected; replacing an own entry is not a new flow.
+        t.insert(key(10, PROTO_UDP), E(true, 8), t0).unwrap();
+        t.insert(key(0, PROTO_UDP), E(false, 7), t0).unwrap();
+        assert_eq!((t.owned_by(7), t.owned_by(8)), (3, 1));
+        // Counts follow removal and expiry.
+        t.remove(&key(1, PROTO_UDP));
+        assert_eq!(t.owned_by(7), 2);
+        assert_eq!(t.expire(t0 + Duration::from_secs(200)), 3);
+        assert_eq!((t.owned_by(7), t.owned_by(8), t.len()), (0, 0, 0));
     }
 }

@@ -331,6 +331,8 @@ fn write_ip_header(
 /// or `None` when no reply is due (the packet is itself an RST or an ICMP error, or unparsable).
 /// `out` should hold at least 1280 bytes.
 pub fn deny_reply(pkt: &[u8], out: &mut [u8]) -> Option<usize> {
+    // Answer only what we can read whole: a reply must never quote a malformed packet.
+    classify(pkt).ok()?;
     let h = ip_header(pkt).ok()?;
     if h.later_fragment {
         return None;
@@ -543,6 +545,18 @@ mod tests {
     }
 
     #[test]
+    fn truncated_icmp_gets_no_reply() {
+        // Found by the packet fuzz target: ICMP with a 5-byte header behind IP options.
+        let pkt = [
+            0x48, 0x16, 0x16, 0x16, 0x16, 0x16, 0x20, 0x00, 0x01, 0x01, 0xe9, 0x00, 0x5f, 0x29,
+            0x29, 0x29, 0x16, 0x16, 0x16, 0x5d, 0x16, 0x16, 0x16, 0x48, 0x16, 0x16, 0x30, 0x16,
+            0x16, 0x16, 0x16, 0x30, 0x16, 0x16, 0x16, 0x03, 0x16,
+        ];
+        assert!(classify(&pkt).is_err());
+        assert_eq!(deny_reply(&pkt, &mut [0u8; 1500]), None);
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
         assert!(classify(&[]).is_err());
         assert!(classify(&[0x45]).is_err());
@@ -560,6 +574,7 @@ mod tests {
             let mut out = [0u8; 1500];
             if let Some(n) = deny_reply(&data, &mut out) {
                 prop_assert!(n <= out.len());
+                prop_assert!(classify(&out[..n]).is_ok(), "a reply is a well-formed packet");
             }
         }
     }
