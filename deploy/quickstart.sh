@@ -222,14 +222,19 @@ up() {
     cat <<EOF
 Sekisho is up. Things to try:
 
-  ip netns exec $(ns laptop) curl http://10.20.0.10/                 # alice: allowed
-  ip netns exec $(ns laptop) ping -c 2 10.20.0.10                    # alice: allowed
-  ip netns exec $(ns laptop) curl http://10.20.0.10:5432/            # refused: rule no-database-from-laptops
-  ip netns exec $(ns laptop2) curl http://10.20.0.10/                # bob: refused (default deny)
-  ip netns exec $(ns inet) curl -m 3 http://10.20.0.10/              # the internet cannot reach the app
-  tail -f $STATE/decisions.jsonl                                # every decision, one JSON line
-  $BIN/sekisho-broker stats --socket $STATE/broker.sock         # counters, peers, links
-  $0 down                                                       # remove everything
+  # alice (engineering) reaches the app; a denied port is refused at once
+  ip netns exec $(ns laptop) curl http://10.20.0.10/
+  ip netns exec $(ns laptop) ping -c 2 10.20.0.10
+  ip netns exec $(ns laptop) curl http://10.20.0.10:5432/
+  # bob (finance) gets a different answer from the same app
+  ip netns exec $(ns laptop2) curl http://10.20.0.10/
+  # the app is private: the internet namespace cannot reach it
+  ip netns exec $(ns inet) curl -m 3 http://10.20.0.10/
+  # every decision, with the rule that made it; counters, peers and links
+  tail -f $STATE/decisions.jsonl
+  $BIN/sekisho-broker stats --socket $STATE/broker.sock
+  # remove everything
+  $0 down
 EOF
 }
 
