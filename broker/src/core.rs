@@ -17,6 +17,9 @@ use sekisho_proto::flow::{FlowEntry, FlowTable, IdleTimeouts};
 use sekisho_proto::keys::{PrivateKey, PublicKeyBytes};
 use sekisho_proto::packet::{self, FlowKey, PacketKind};
 use sekisho_proto::policy::{Action, DeviceId, Policy, Reason};
+use sekisho_proto::posture::{
+    POSTURE_PORT, PostureClaims, TokenAnswer, TokenError, TokenVerifier, service_address,
+};
 use sekisho_proto::wg::{Output, Responder, Route, Session};
 
 /// Largest datagram or packet handled (a jumbo-frame IP packet plus WireGuard overhead).
@@ -31,6 +34,23 @@ pub trait Io {
     /// Record a flow decision (one JSON line in the decision log); false when the log cannot
     /// take it (its writer is behind), so the core can count what was lost.
     fn decision(&mut self, record: DecisionRecord) -> bool;
+    /// Record a posture event (token accepted, refused or expired) in the same log.
+    fn posture(&mut self, record: PostureRecord) -> bool;
+}
+
+/// A posture token presented, refused or expired, as written to the decision log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PostureRecord {
+    pub event: &'static str,
+    pub result: &'static str,
+    /// The device whose tunnel it came on.
+    pub device: String,
+    pub user: String,
+    /// For refusals: the error kind (bad-signature, expired, wrong-device, ...) and text.
+    pub reason: Option<String>,
+    /// Checks that fail according to an accepted token.
+    pub failing_checks: Vec<String>,
+    pub exp: Option<u64>,
 }
 
 /// One flow decision, as written to the decision log.
@@ -44,6 +64,8 @@ pub struct DecisionRecord {
     pub site: Option<String>,
     pub rule: Option<String>,
     pub reason: &'static str,
+    /// The posture check that failed, when that decided.
+    pub check: Option<String>,
     pub proto: &'static str,
     pub src: IpAddr,
     pub sport: u16,
@@ -74,13 +96,21 @@ pub struct Stats {
     pub decisions_not_logged: u64,
     pub cookie_replies: u64,
     pub policy_generation: u64,
+    pub posture_tokens_accepted: u64,
+    pub posture_tokens_refused: u64,
+    pub posture_tokens_expired: u64,
 }
 
 struct Peer {
     device: DeviceId,
+    key: PublicKeyBytes,
     address: IpAddr,
     session: Session,
     endpoint: Option<SocketAddr>,
+    /// The verified posture of the device, from its latest accepted token.
+    posture: Option<PostureClaims>,
+    /// Bumped when `posture` changes: the peer's cached flows are then decided anew.
+    generation: u64,
 }
 
 /// A cached decision for one flow.
@@ -90,6 +120,7 @@ pub struct Flow {
     peer: u32,
     site: Option<Arc<str>>,
     generation: u64,
+    peer_generation: u64,
 }
 
 impl FlowEntry for Flow {
@@ -111,6 +142,9 @@ pub struct PeerInfo {
     pub seconds_since_handshake: Option<u64>,
     pub tx_bytes: usize,
     pub rx_bytes: usize,
+    /// Expiry of the accepted posture token (Unix seconds), if any.
+    pub posture_expires: Option<u64>,
+    pub failing_checks: Vec<String>,
 }
 
 pub struct BrokerCore {
@@ -118,6 +152,10 @@ pub struct BrokerCore {
     policy: Arc<Policy>,
     site_names: Vec<Arc<str>>,
     generation: u64,
+    tokens: TokenVerifier,
+    /// Wall-clock Unix seconds, as of the last tick (token expiry is wall-clock time).
+    unix_now: u64,
+    service: IpAddr,
     peers: Vec<Option<Peer>>,
     by_key: HashMap<PublicKeyBytes, u32>,
     by_addr: HashMap<IpAddr, u32>,
@@ -145,6 +183,9 @@ impl BrokerCore {
             policy: Arc::new(policy.clone()),
             site_names: Vec::new(),
             generation: 0,
+            tokens: TokenVerifier::new(),
+            unix_now: 0,
+            service: service_address(&policy.device_range),
             peers: Vec::new(),
             by_key: HashMap::new(),
             by_addr: HashMap::new(),
@@ -206,9 +247,12 @@ impl BrokerCore {
                     );
                     let peer = Peer {
                         device: id,
+                        key: dev.public_key,
                         address: dev.address,
                         session,
                         endpoint: None,
+                        posture: None,
+                        generation: 0,
                     };
                     if slot == self.peers.len() {
                         self.peers.push(Some(peer));
@@ -237,9 +281,17 @@ impl BrokerCore {
         self.flows
             .retain(|_, f, _| peers.get(f.peer as usize).is_some_and(Option::is_some));
         self.site_names = policy.sites.iter().map(|s| Arc::from(s.as_str())).collect();
+        self.service = service_address(&policy.device_range);
         self.policy = policy;
         self.generation += 1;
         self.stats.policy_generation = self.generation;
+    }
+
+    /// The keys posture tokens may be signed with (several during a rotation). The control
+    /// plane that issues tokens calls this; until then no token is accepted.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn set_token_keys(&mut self, verifier: TokenVerifier) {
+        self.tokens = verifier;
     }
 
     /// A datagram arrived on the WireGuard socket.
@@ -310,8 +362,13 @@ impl BrokerCore {
         io: &mut impl Io,
     ) -> Result<Option<Arc<str>>, ()> {
         let generation = self.generation;
+        let Some(peer) = self.peers.get(slot as usize).and_then(Option::as_ref) else {
+            return Err(());
+        };
+        let peer_generation = peer.generation;
         if let Some(flow) = self.flows.touch(key, now)
             && flow.generation == generation
+            && flow.peer_generation == peer_generation
             && flow.peer == slot
         {
             return Ok(if flow.allowed {
@@ -320,11 +377,10 @@ impl BrokerCore {
                 None
             });
         }
-        let Some(peer) = self.peers.get(slot as usize).and_then(Option::as_ref) else {
-            return Err(());
-        };
         let previous = self.flows.touch(key, now).map(|f| f.allowed);
-        let decision = self.policy.evaluate(peer.device, key);
+        let decision = self
+            .policy
+            .evaluate(peer.device, key, peer.posture.as_ref());
         let site = decision
             .application
             .map(|a| self.site_names[self.policy.applications[a as usize].site as usize].clone());
@@ -336,19 +392,23 @@ impl BrokerCore {
             } else {
                 self.stats.flows_denied += 1;
             }
-            io.decision(self.record(
+            let record = self.record(
                 peer.device,
                 key,
                 decision.action,
                 decision.application,
                 decision.reason,
-            ));
+            );
+            if !io.decision(record) {
+                self.stats.decisions_not_logged += 1;
+            }
         }
         let flow = Flow {
             allowed,
             peer: slot,
             site: if allowed { site } else { None },
             generation,
+            peer_generation,
         };
         match self.flows.insert(*key, flow, now) {
             Ok(f) => Ok(if f.allowed { f.site.clone() } else { None }),
@@ -377,6 +437,7 @@ impl BrokerCore {
             site: app.map(|a| p.sites[p.applications[a as usize].site as usize].clone()),
             rule: p.rule_name(reason).map(str::to_string),
             reason: p.reason_text(reason),
+            check: p.check_name(reason).map(str::to_string),
             proto: key.proto_name(),
             src: key.src,
             sport: key.sport,
@@ -408,6 +469,12 @@ impl BrokerCore {
             );
             return;
         }
+        if key.dst == self.service {
+            if key.proto == packet::PROTO_UDP && key.dport == POSTURE_PORT {
+                self.handle_token(slot, &key, pkt, io);
+            }
+            return;
+        }
         match self.authorize(slot, &key, now, io) {
             Ok(Some(site)) => {
                 if io.send_to_site(&site, pkt) {
@@ -427,6 +494,84 @@ impl BrokerCore {
             }
             Err(()) => {}
         }
+    }
+
+    /// A posture token arrived inside the tunnel of peer `slot`: verify it against this tunnel's
+    /// key and the wall clock, keep it if good, and answer either way.
+    fn handle_token(&mut self, slot: u32, key: &FlowKey, pkt: &[u8], io: &mut impl Io) {
+        let Some(peer) = self.peers.get_mut(slot as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let policy = &self.policy;
+        let device = policy.device(peer.device);
+        let token = packet::udp_payload(pkt)
+            .and_then(|p| std::str::from_utf8(p).ok())
+            .unwrap_or("");
+        let verified = self
+            .tokens
+            .verify(token, self.unix_now, &peer.key)
+            .and_then(|c| {
+                // The token must also name the device and user the policy has for this key.
+                if c.device != device.name || c.user != policy.user_of(peer.device).name {
+                    Err(TokenError::WrongDevice(c.device.clone()))
+                } else {
+                    Ok(c)
+                }
+            });
+        let mut record = PostureRecord {
+            event: "posture",
+            result: "accepted",
+            device: device.name.clone(),
+            user: policy.user_of(peer.device).name.clone(),
+            reason: None,
+            failing_checks: Vec::new(),
+            exp: None,
+        };
+        let answer = match verified {
+            Ok(claims) => {
+                self.stats.posture_tokens_accepted += 1;
+                record.failing_checks = claims
+                    .checks
+                    .iter()
+                    .filter(|(_, ok)| !**ok)
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                record.exp = Some(claims.exp);
+                let changed = peer
+                    .posture
+                    .as_ref()
+                    .is_none_or(|old| old.checks != claims.checks);
+                let answer = TokenAnswer {
+                    accepted: true,
+                    exp: claims.exp,
+                    error: String::new(),
+                };
+                peer.posture = Some(claims);
+                if changed {
+                    peer.generation += 1;
+                }
+                answer
+            }
+            Err(e) => {
+                self.stats.posture_tokens_refused += 1;
+                record.result = "refused";
+                record.reason = Some(format!("{}: {e}", e.kind()));
+                TokenAnswer {
+                    accepted: false,
+                    exp: 0,
+                    error: e.to_string(),
+                }
+            }
+        };
+        io.posture(record);
+        let body = serde_json::to_vec(&answer).unwrap_or_default();
+        let mut reply = std::mem::take(&mut self.reply);
+        if let Some(n) =
+            packet::build_udp(key.dst, key.dport, key.src, key.sport, &body, &mut reply)
+        {
+            self.send_to_peer(slot, &reply[..n], io);
+        }
+        self.reply = reply;
     }
 
     /// Encrypts `pkt` for peer `slot` and sends it to the peer's last known endpoint.
@@ -475,9 +620,27 @@ impl BrokerCore {
         }
     }
 
-    /// Runs timers: WireGuard keepalives and rekeys, flow expiry, rate-limit windows.
-    /// Call every 100–250 ms.
-    pub fn tick(&mut self, now: Instant, io: &mut impl Io) {
+    /// Runs timers: WireGuard keepalives and rekeys, flow expiry, rate-limit windows, posture
+    /// token expiry (against `unix_now`, wall-clock seconds). Call every 100–250 ms.
+    pub fn tick(&mut self, now: Instant, unix_now: u64, io: &mut impl Io) {
+        self.unix_now = unix_now;
+        for peer in self.peers.iter_mut().flatten() {
+            if peer.posture.as_ref().is_some_and(|c| c.exp <= unix_now) {
+                peer.posture = None;
+                peer.generation += 1;
+                self.stats.posture_tokens_expired += 1;
+                let p = &self.policy;
+                io.posture(PostureRecord {
+                    event: "posture",
+                    result: "expired",
+                    device: p.device(peer.device).name.clone(),
+                    user: p.user_of(peer.device).name.clone(),
+                    reason: Some("token expired".into()),
+                    failing_checks: Vec::new(),
+                    exp: None,
+                });
+            }
+        }
         for peer in self.peers.iter_mut().flatten() {
             if let Output::Network(data) = peer.session.tick(&mut self.send_buf)
                 && let Some(ep) = peer.endpoint
@@ -512,6 +675,18 @@ impl BrokerCore {
                     seconds_since_handshake: p.session.time_since_handshake().map(|d| d.as_secs()),
                     tx_bytes: tx,
                     rx_bytes: rx,
+                    posture_expires: p.posture.as_ref().map(|c| c.exp),
+                    failing_checks: p
+                        .posture
+                        .as_ref()
+                        .map(|c| {
+                            c.checks
+                                .iter()
+                                .filter(|(_, ok)| !**ok)
+                                .map(|(n, _)| n.clone())
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                 }
             })
             .collect()
@@ -534,6 +709,7 @@ impl BrokerCore {
 mod tests {
     use super::*;
     use sekisho_proto::packet::{PROTO_TCP, deny_reply};
+    use sekisho_proto::posture::TokenSigner;
     use std::path::Path;
 
     #[derive(Default)]
@@ -541,6 +717,7 @@ mod tests {
         udp: Vec<(SocketAddr, Vec<u8>)>,
         site: Vec<(String, Vec<u8>)>,
         decisions: Vec<DecisionRecord>,
+        postures: Vec<PostureRecord>,
         site_up: bool,
     }
 
@@ -554,6 +731,10 @@ mod tests {
         }
         fn decision(&mut self, record: DecisionRecord) -> bool {
             self.decisions.push(record);
+            true
+        }
+        fn posture(&mut self, record: PostureRecord) -> bool {
+            self.postures.push(record);
             true
         }
     }
@@ -792,6 +973,165 @@ applications = ["db"]
         assert_eq!(io.decisions[0].decision, Action::Deny);
         // The WireGuard session survived the reload: the RST arrived.
         assert_eq!(f.receive(&io).len(), 1);
+    }
+
+    /// POLICY with posture: web (port 80) is sensitivity 3 and needs the edr check; a new
+    /// level-1 app "wiki" (port 8080) needs only the client check.
+    fn posture_policy(key: &PublicKeyBytes) -> Policy {
+        let text = POLICY
+            .replace("@KEY@", &key.to_string())
+            .replace("ports = [80]\n", "ports = [80]\nsensitivity = 3\n")
+            + r#"
+[[applications]]
+name = "wiki"
+site = "dc1"
+addresses = ["10.20.0.10"]
+protocols = ["tcp"]
+ports = [8080]
+[[rules]]
+name = "eng-wiki"
+action = "allow"
+groups = ["eng"]
+applications = ["wiki"]
+[[posture_checks]]
+name = "client"
+kind = "min_client_version"
+version = "0.1"
+[[posture_checks]]
+name = "edr"
+kind = "process_running"
+process = "edr-agent"
+[sensitivity]
+level1 = ["client"]
+level3 = ["client", "edr"]
+"#;
+        Policy::parse(Path::new("p.toml"), &text).unwrap()
+    }
+
+    fn claims_for(key: &PublicKeyBytes, edr: bool, iat: u64) -> PostureClaims {
+        PostureClaims {
+            device: "alice-laptop".into(),
+            device_key: key.to_string(),
+            user: "alice".into(),
+            groups: vec!["eng".into()],
+            checks: [("client".to_string(), true), ("edr".to_string(), edr)].into(),
+            iat,
+            exp: iat + 300,
+            kid: String::new(),
+        }
+    }
+
+    impl Fixture {
+        /// Presents a token inside the tunnel; returns the broker's answer.
+        fn present(&mut self, token: &str) -> TokenAnswer {
+            let mut pkt = vec![0u8; 5000];
+            let n = packet::build_udp(
+                IpAddr::from([100, 118, 0, 2]),
+                40999,
+                IpAddr::from([100, 118, 0, 1]),
+                POSTURE_PORT,
+                token.as_bytes(),
+                &mut pkt,
+            )
+            .unwrap();
+            let mut io = Recorder::default();
+            self.send(&pkt[..n], &mut io);
+            let replies = self.receive(&io);
+            assert_eq!(replies.len(), 1, "one answer per token");
+            serde_json::from_slice(packet::udp_payload(&replies[0]).unwrap()).unwrap()
+        }
+
+        /// Sends a SYN to port `dport`; true when it went to the site.
+        fn reaches(&mut self, sport: u16, dport: u16) -> bool {
+            let mut io = Recorder {
+                site_up: true,
+                ..Default::default()
+            };
+            self.send(
+                &tcp_syn([100, 118, 0, 2], sport, [10, 20, 0, 10], dport),
+                &mut io,
+            );
+            !io.site.is_empty()
+        }
+    }
+
+    #[test]
+    fn posture_tokens_gate_sensitive_apps_and_a_failing_check_cuts_them() {
+        let mut f = fixture();
+        let key = f.core.policy().devices[0].public_key;
+        f.core.set_policy(posture_policy(&key));
+        let signer = TokenSigner::generate();
+        f.core.set_token_keys(TokenVerifier::from_signer(&signer));
+        let t0 = 1_000_000;
+        f.core.tick(f.now, t0, &mut Recorder::default());
+
+        // No token yet: both apps need checks.
+        assert!(!f.reaches(50000, 80));
+        assert!(!f.reaches(50001, 8080));
+        let answer = f.present(&signer.issue(claims_for(&key, true, t0)));
+        assert!(answer.accepted, "{answer:?}");
+        // Same 5-tuples again: decided anew after the posture change, now allowed.
+        assert!(f.reaches(50000, 80));
+        assert!(f.reaches(50001, 8080));
+
+        // The EDR check starts failing: the level-3 flow is cut, the level-1 flow continues.
+        assert!(
+            f.present(&signer.issue(claims_for(&key, false, t0 + 1)))
+                .accepted
+        );
+        let mut io = Recorder {
+            site_up: true,
+            ..Default::default()
+        };
+        f.send(
+            &tcp_syn([100, 118, 0, 2], 50000, [10, 20, 0, 10], 80),
+            &mut io,
+        );
+        assert!(io.site.is_empty());
+        assert_eq!(io.decisions[0].check.as_deref(), Some("edr"));
+        assert_eq!(f.receive(&io).len(), 1, "the cut flow gets an RST");
+        assert!(f.reaches(50001, 8080));
+
+        // Fixed again: access returns by itself.
+        assert!(
+            f.present(&signer.issue(claims_for(&key, true, t0 + 2)))
+                .accepted
+        );
+        assert!(f.reaches(50000, 80));
+
+        // Expiry: the tick past exp drops the posture and the flows need a new token.
+        let mut io = Recorder::default();
+        f.core.tick(f.now, t0 + 2 + 300, &mut io);
+        assert_eq!(io.postures[0].result, "expired");
+        assert!(!f.reaches(50000, 80));
+        assert!(!f.reaches(50001, 8080));
+    }
+
+    #[test]
+    fn bad_tokens_are_refused_with_the_reason() {
+        let mut f = fixture();
+        let key = f.core.policy().devices[0].public_key;
+        f.core.set_policy(posture_policy(&key));
+        let signer = TokenSigner::generate();
+        f.core.set_token_keys(TokenVerifier::from_signer(&signer));
+        let t0 = 1_000_000;
+        f.core.tick(f.now, t0, &mut Recorder::default());
+
+        let forged = TokenSigner::generate().issue(claims_for(&key, true, t0));
+        assert!(f.present(&forged).error.contains("unknown key"));
+        let expired = signer.issue(claims_for(&key, true, t0 - 400));
+        assert!(f.present(&expired).error.contains("expired"));
+        let other = PrivateKey::generate().public();
+        let stolen = signer.issue(claims_for(&other, true, t0));
+        assert!(f.present(&stolen).error.contains("another device"));
+        let good = signer.issue(claims_for(&key, false, t0));
+        let (body, sig) = good.split_once('.').unwrap();
+        let edited = format!("{}x.{sig}", &body[..body.len() - 1]);
+        assert!(!f.present(&edited).accepted);
+        assert!(!f.present("not a token").accepted);
+        assert_eq!(f.core.stats().posture_tokens_refused, 5);
+        assert_eq!(f.core.stats().posture_tokens_accepted, 0);
+        assert!(!f.reaches(50000, 8080), "nothing was let in");
     }
 
     #[test]

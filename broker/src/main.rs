@@ -29,7 +29,7 @@ use sekisho_proto::link::{
 use sekisho_proto::policy::Policy;
 
 use crate::config::BrokerConfig;
-use crate::core::{BUF_SIZE, BrokerCore, DecisionRecord, Io};
+use crate::core::{BUF_SIZE, BrokerCore, DecisionRecord, Io, PostureRecord};
 
 #[derive(Parser)]
 #[command(
@@ -182,6 +182,7 @@ fn lock(s: &SharedRef) -> MutexGuard<'_, Shared> {
 
 enum LogLine {
     Decision(DecisionRecord),
+    Posture(PostureRecord),
     Policy {
         result: &'static str,
         detail: String,
@@ -211,6 +212,11 @@ impl Io for ShellIo<'_> {
     fn decision(&mut self, record: DecisionRecord) -> bool {
         debug!(?record, "flow decision");
         self.log.try_send(LogLine::Decision(record)).is_ok()
+    }
+
+    fn posture(&mut self, record: PostureRecord) -> bool {
+        debug!(?record, "posture event");
+        self.log.try_send(LogLine::Posture(record)).is_ok()
     }
 }
 
@@ -336,7 +342,11 @@ async fn timer_loop(shared: SharedRef, udp: Arc<UdpSocket>, log: mpsc::Sender<Lo
     loop {
         tick.tick().await;
         let now = Instant::now();
-        with_core(&shared, &udp, &log, |core, io| core.tick(now, io));
+        let unix = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        with_core(&shared, &udp, &log, |core, io| core.tick(now, unix, io));
     }
 }
 
@@ -570,6 +580,7 @@ async fn decision_writer(path: PathBuf, mut rx: mpsc::Receiver<LogLine>) {
         let ts = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
         let text = match &line {
             LogLine::Decision(r) => serde_json::to_string(&Stamped { ts, record: r }),
+            LogLine::Posture(r) => serde_json::to_string(&Stamped { ts, record: r }),
             LogLine::Policy { result, detail } => serde_json::to_string(&Stamped {
                 ts,
                 record: &PolicyEvent {

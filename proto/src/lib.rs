@@ -8,6 +8,7 @@ pub mod keys;
 pub mod link;
 pub mod packet;
 pub mod policy;
+pub mod posture;
 pub mod wg;
 
 /// OS glue for the client and the connector: TUN devices, addresses and routes (netlink).

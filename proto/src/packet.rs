@@ -326,6 +326,49 @@ fn write_ip_header(
     }
 }
 
+/// The payload of a UDP packet (checked against the UDP length field).
+pub fn udp_payload(pkt: &[u8]) -> Option<&[u8]> {
+    let h = ip_header(pkt).ok()?;
+    if h.proto != PROTO_UDP || h.later_fragment {
+        return None;
+    }
+    let t = pkt.get(h.header_len..)?;
+    let len = usize::from(be16(t.get(..8)?, 4));
+    t.get(8..len.max(8))
+}
+
+/// Writes a UDP packet from `src`:`sport` to `dst`:`dport` into `out`; returns its length, or
+/// None when `out` is too small or the families differ.
+pub fn build_udp(
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+    payload: &[u8],
+    out: &mut [u8],
+) -> Option<usize> {
+    let hl = if src.is_ipv4() { 20 } else { 40 };
+    let udp_len = 8 + payload.len();
+    if src.is_ipv4() != dst.is_ipv4()
+        || out.len() < hl + udp_len
+        || udp_len > usize::from(u16::MAX) - hl
+    {
+        return None;
+    }
+    write_ip_header(out, src, dst, PROTO_UDP, udp_len);
+    let u = &mut out[hl..hl + udp_len];
+    u[0..2].copy_from_slice(&sport.to_be_bytes());
+    u[2..4].copy_from_slice(&dport.to_be_bytes());
+    u[4..6].copy_from_slice(&(udp_len as u16).to_be_bytes());
+    u[6..8].fill(0);
+    u[8..].copy_from_slice(payload);
+    let c = fold(sum16(pseudo_sum(src, dst, PROTO_UDP, udp_len), u));
+    // A computed zero is sent as all ones (zero means "no checksum" in IPv4).
+    let c = if c == 0 { 0xffff } else { c };
+    u[6..8].copy_from_slice(&c.to_be_bytes());
+    Some(hl + udp_len)
+}
+
 /// Builds the answer to the first packet of a denied flow into `out`: a TCP RST for TCP, an ICMP
 /// "communication administratively prohibited" for anything else. Returns the reply's length,
 /// or `None` when no reply is due (the packet is itself an RST or an ICMP error, or unparsable).
@@ -542,6 +585,30 @@ mod tests {
         }
         // ICMP errors are not answered.
         assert_eq!(deny_reply(r, &mut [0u8; 1500]), None);
+    }
+
+    #[test]
+    fn udp_build_and_payload_round_trip() {
+        let mut out = [0u8; 200];
+        let src = IpAddr::from([100, 118, 0, 1]);
+        let dst = IpAddr::from([100, 118, 0, 2]);
+        let n = build_udp(src, 7443, dst, 40000, b"token-reply", &mut out).unwrap();
+        let p = &out[..n];
+        assert!(checksum_ok(&p[..20]));
+        assert_eq!(
+            fold(sum16(pseudo_sum(src, dst, PROTO_UDP, n - 20), &p[20..])),
+            0
+        );
+        assert_eq!(udp_payload(p), Some(&b"token-reply"[..]));
+        let PacketKind::Flow(k) = classify(p).unwrap() else {
+            panic!()
+        };
+        assert_eq!((k.sport, k.dport), (7443, 40000));
+        assert!(build_udp(src, 1, dst, 2, &[0u8; 300], &mut out).is_none());
+        assert_eq!(
+            udp_payload(&echo4([1, 1, 1, 1], [2, 2, 2, 2], 1, true)),
+            None
+        );
     }
 
     #[test]

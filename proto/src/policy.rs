@@ -10,12 +10,13 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::config::{ConfigError, Source, parse_toml};
 use crate::keys::PublicKeyBytes;
 use crate::packet::{FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+use crate::posture::PostureClaims;
 
 /// Device addresses come from here unless the policy says otherwise. Chosen inside the shared
 /// address space 100.64.0.0/10 but away from the ranges other overlays are known to use
@@ -40,6 +41,69 @@ struct RawPolicy {
     applications: Vec<RawApp>,
     #[serde(default)]
     rules: Vec<RawRule>,
+    #[serde(default)]
+    posture_checks: Vec<RawCheck>,
+    #[serde(default)]
+    sensitivity: RawSensitivity,
+}
+
+/// A device check the client evaluates; only its pass/fail result leaves the device.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    name: Spanned<String>,
+    kind: CheckKind,
+    #[serde(default)]
+    version: Option<Spanned<String>>,
+    #[serde(default)]
+    process: Option<Spanned<String>>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    description: String,
+}
+
+/// Which checks each application sensitivity level requires.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSensitivity {
+    #[serde(default)]
+    level1: Vec<Spanned<String>>,
+    #[serde(default)]
+    level2: Vec<Spanned<String>>,
+    #[serde(default)]
+    level3: Vec<Spanned<String>>,
+}
+
+/// Kinds of device posture checks.
+#[derive(Debug, Deserialize, Serialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckKind {
+    /// `version`: the OS release (os-release VERSION_ID) is at least this.
+    MinOsVersion,
+    /// `version`: the kernel release is at least this.
+    MinKernelVersion,
+    /// The root file system is on an encrypted device.
+    DiskEncryption,
+    /// A host firewall ruleset is loaded.
+    FirewallActive,
+    /// The session locks itself when idle.
+    ScreenLock,
+    /// `process`: a process of this name runs (an EDR agent, say).
+    ProcessRunning,
+    /// `version`: the Sekisho client is at least this version.
+    MinClientVersion,
+}
+
+impl CheckKind {
+    fn parameter(self) -> Option<&'static str> {
+        match self {
+            CheckKind::MinOsVersion | CheckKind::MinKernelVersion | CheckKind::MinClientVersion => {
+                Some("version")
+            }
+            CheckKind::ProcessRunning => Some("process"),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -92,6 +156,9 @@ struct RawApp {
     protocols: Spanned<Vec<Spanned<Protocol>>>,
     #[serde(default)]
     ports: Vec<Spanned<RawPort>>,
+    /// 1 (low) to 3 (high): which posture checks a flow to it needs (see `[sensitivity]`).
+    #[serde(default)]
+    sensitivity: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +221,19 @@ pub struct Application {
     pub protocols: Vec<Protocol>,
     /// Inclusive port ranges; empty means every port.
     pub ports: Vec<(u16, u16)>,
+    /// 1 to 3.
+    pub sensitivity: u8,
+}
+
+pub type CheckId = u32;
+
+/// A posture check as the policy declares it; the client evaluates it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PostureCheck {
+    pub name: String,
+    pub kind: CheckKind,
+    pub version: Option<String>,
+    pub process: Option<String>,
 }
 
 impl Application {
@@ -198,6 +278,9 @@ pub struct Policy {
     pub sites: Vec<String>,
     pub applications: Vec<Application>,
     pub rules: Vec<Rule>,
+    pub posture_checks: Vec<PostureCheck>,
+    /// Checks required by sensitivity level 1, 2, 3.
+    pub levels: [Vec<CheckId>; 3],
     device_by_key: HashMap<PublicKeyBytes, DeviceId>,
 }
 
@@ -212,6 +295,11 @@ pub enum Reason {
     UserDisabled,
     /// The device is not (or no longer) in the policy.
     UnknownDevice,
+    /// A rule allows it, but the application's sensitivity needs posture checks and the device
+    /// has no valid posture token.
+    NoPosture,
+    /// A rule allows it, but this required posture check fails.
+    PostureCheck(CheckId),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -279,7 +367,25 @@ impl Policy {
             Reason::DefaultDeny => "default deny: no allow rule covers this user and application",
             Reason::UserDisabled => "user disabled",
             Reason::UnknownDevice => "device not in policy",
+            Reason::NoPosture => {
+                "no valid posture token for an application that requires posture checks"
+            }
+            Reason::PostureCheck(_) => "posture check failed",
         }
+    }
+
+    /// The failing posture check a decision names, if any.
+    pub fn check_name(&self, reason: Reason) -> Option<&str> {
+        match reason {
+            Reason::PostureCheck(c) => Some(self.posture_checks[c as usize].name.as_str()),
+            _ => None,
+        }
+    }
+
+    /// The checks a flow to `app` needs.
+    pub fn required_checks(&self, app: AppId) -> &[CheckId] {
+        let level = self.applications[app as usize].sensitivity.clamp(1, 3);
+        &self.levels[usize::from(level - 1)]
     }
 
     fn subject_matches(&self, rule: &Rule, user_id: UserId) -> bool {
@@ -294,8 +400,14 @@ impl Policy {
             .find(|&a| self.applications[a as usize].matches(key))
     }
 
-    /// Decides a new flow from `device`. Pure: same policy, same answer.
-    pub fn evaluate(&self, device: DeviceId, key: &FlowKey) -> Decision {
+    /// Decides a new flow from `device`, whose verified posture is `posture` (None when it has
+    /// no valid token). Pure: same policy and inputs, same answer.
+    pub fn evaluate(
+        &self,
+        device: DeviceId,
+        key: &FlowKey,
+        posture: Option<&PostureClaims>,
+    ) -> Decision {
         let Some(dev) = self.devices.get(device as usize) else {
             return Decision {
                 action: Action::Deny,
@@ -333,11 +445,29 @@ impl Policy {
             }
         }
         match allow {
-            Some((rule, app)) => Decision {
-                action: Action::Allow,
-                application: Some(app),
-                reason: Reason::Rule(rule),
-            },
+            Some((rule, app)) => {
+                let required = self.required_checks(app);
+                let failing = match posture {
+                    None if !required.is_empty() => Some(Reason::NoPosture),
+                    None => None,
+                    Some(p) => required
+                        .iter()
+                        .find(|&&c| !p.passes(&self.posture_checks[c as usize].name))
+                        .map(|&c| Reason::PostureCheck(c)),
+                };
+                match failing {
+                    Some(reason) => Decision {
+                        action: Action::Deny,
+                        application: Some(app),
+                        reason,
+                    },
+                    None => Decision {
+                        action: Action::Allow,
+                        application: Some(app),
+                        reason: Reason::Rule(rule),
+                    },
+                }
+            }
             None => Decision {
                 action: Action::Deny,
                 application: self
@@ -488,6 +618,13 @@ fn compile(src: &Source, raw: RawPolicy) -> Result<Policy, ConfigError> {
                 format!("address {address} is outside the device range {device_range}"),
             ));
         }
+        if address == crate::posture::service_address(&device_range) {
+            return Err(src.error(
+                Some(d.address.span()),
+                addr_field,
+                format!("address {address} is reserved for the broker (the device range's first address)"),
+            ));
+        }
         if let Some(other) = addresses.insert(address, i) {
             return Err(src.error(
                 Some(d.address.span()),
@@ -567,12 +704,22 @@ fn compile(src: &Source, raw: RawPolicy) -> Result<Policy, ConfigError> {
                 )
             })?);
         }
+        let sensitivity = match &a.sensitivity {
+            None => 1,
+            Some(v) => u8::try_from(*v.get_ref())
+                .ok()
+                .filter(|l| (1..=3).contains(l))
+                .ok_or_else(|| {
+                    src.error(Some(v.span()), f("sensitivity"), "sensitivity is 1, 2 or 3")
+                })?,
+        };
         applications.push(Application {
             name: a.name.get_ref().clone(),
             site,
             networks,
             protocols: a.protocols.get_ref().iter().map(|p| *p.get_ref()).collect(),
             ports,
+            sensitivity,
         });
     }
 
@@ -605,8 +752,61 @@ fn compile(src: &Source, raw: RawPolicy) -> Result<Policy, ConfigError> {
         });
     }
 
+    let checks_n = Names::build(
+        src,
+        "posture check",
+        "posture_checks",
+        raw.posture_checks.iter().map(|c| &c.name),
+    )?;
+    let mut posture_checks = Vec::new();
+    for (i, c) in raw.posture_checks.iter().enumerate() {
+        let field = |n: &str| format!("posture_checks[{i}].{n}");
+        let (version, process) = (c.version.as_ref(), c.process.as_ref());
+        match c.kind.parameter() {
+            Some("version") => match version {
+                Some(v) if crate::posture::parse_version(v.get_ref()).is_some() => {}
+                Some(v) => {
+                    return Err(src.error(
+                        Some(v.span()),
+                        field("version"),
+                        "a version is dotted numbers, like \"5.10\"",
+                    ));
+                }
+                None => {
+                    return Err(src.error(
+                        Some(c.name.span()),
+                        field("version"),
+                        "this kind of check needs `version`",
+                    ));
+                }
+            },
+            Some(_) if process.is_none_or(|p| p.get_ref().trim().is_empty()) => {
+                return Err(src.error(
+                    Some(c.name.span()),
+                    field("process"),
+                    "this kind of check needs `process`",
+                ));
+            }
+            _ => {}
+        }
+        posture_checks.push(PostureCheck {
+            name: c.name.get_ref().clone(),
+            kind: c.kind,
+            version: version.map(|v| v.get_ref().clone()),
+            process: process.map(|p| p.get_ref().clone()),
+        });
+    }
+    let s = &raw.sensitivity;
+    let levels = [
+        checks_n.get_all(src, "sensitivity.level1", &s.level1)?,
+        checks_n.get_all(src, "sensitivity.level2", &s.level2)?,
+        checks_n.get_all(src, "sensitivity.level3", &s.level3)?,
+    ];
+
     Ok(Policy {
         device_range,
+        posture_checks,
+        levels,
         groups: raw
             .groups
             .iter()
@@ -713,21 +913,21 @@ applications = ["intranet"]
         let p = Policy::parse(Path::new("p.toml"), &demo_text(&a, &b)).unwrap();
         let alice = 0;
         let bob = 1;
-        let d = p.evaluate(alice, &tcp([10, 20, 0, 10], 80));
+        let d = p.evaluate(alice, &tcp([10, 20, 0, 10], 80), None);
         assert_eq!(d.action, Action::Allow);
         assert_eq!(p.rule_name(d.reason), Some("eng-intranet"));
         // Bob: the deny rule on intranet wins over the allow on the whole host.
-        let d = p.evaluate(bob, &tcp([10, 20, 0, 10], 80));
+        let d = p.evaluate(bob, &tcp([10, 20, 0, 10], 80), None);
         assert_eq!(d.action, Action::Deny);
         assert_eq!(p.rule_name(d.reason), Some("no-db-for-finance"));
         // Outside every application: default deny, no application.
-        let d = p.evaluate(alice, &tcp([10, 30, 0, 1], 80));
+        let d = p.evaluate(alice, &tcp([10, 30, 0, 1], 80), None);
         assert_eq!(
             (d.action, d.reason, d.application),
             (Action::Deny, Reason::DefaultDeny, None)
         );
         assert_eq!(
-            p.evaluate(7, &tcp([10, 20, 0, 10], 80)).reason,
+            p.evaluate(7, &tcp([10, 20, 0, 10], 80), None).reason,
             Reason::UnknownDevice
         );
     }
@@ -740,6 +940,90 @@ applications = ["intranet"]
         assert!(intranet.matches(&tcp([10, 20, 0, 10], 8050)));
         assert!(!intranet.matches(&tcp([10, 20, 0, 10], 8101)));
         assert!(!intranet.matches(&tcp([10, 20, 0, 11], 80)));
+    }
+
+    fn posture_policy(a: &str, b: &str) -> Policy {
+        let text = demo_text(a, b).replace(
+            "protocols = [\"tcp\"]\nports = [80, \"8000-8100\"]",
+            "protocols = [\"tcp\"]\nports = [80, \"8000-8100\"]\nsensitivity = 3",
+        ) + r#"
+[[posture_checks]]
+name = "client"
+kind = "min_client_version"
+version = "0.1"
+[[posture_checks]]
+name = "edr"
+kind = "process_running"
+process = "edr-agent"
+[sensitivity]
+level1 = ["client"]
+level3 = ["client", "edr"]
+"#;
+        Policy::parse(Path::new("p.toml"), &text).unwrap()
+    }
+
+    fn claims(checks: &[(&str, bool)]) -> PostureClaims {
+        PostureClaims {
+            device: "alice-laptop".into(),
+            device_key: String::new(),
+            user: "alice".into(),
+            groups: vec![],
+            checks: checks.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
+            iat: 0,
+            exp: 1,
+            kid: String::new(),
+        }
+    }
+
+    #[test]
+    fn sensitivity_levels_require_their_checks() {
+        let (a, b) = keys();
+        let p = posture_policy(&a, &b);
+        let web = tcp([10, 20, 0, 10], 80); // intranet, level 3
+        let host = tcp([10, 20, 0, 11], 22); // app-host, level 1
+        let ok = claims(&[("client", true), ("edr", true)]);
+        let no_edr = claims(&[("client", true), ("edr", false)]);
+        assert_eq!(p.evaluate(0, &web, Some(&ok)).action, Action::Allow);
+        let d = p.evaluate(0, &web, Some(&no_edr));
+        assert_eq!(
+            (d.action, p.check_name(d.reason)),
+            (Action::Deny, Some("edr"))
+        );
+        assert_eq!(p.reason_text(d.reason), "posture check failed");
+        // The level-1 app needs only the client check.
+        assert_eq!(p.evaluate(0, &host, Some(&no_edr)).action, Action::Allow);
+        // No token at all: denied where checks are required.
+        assert_eq!(p.evaluate(0, &host, None).reason, Reason::NoPosture);
+        // A check missing from the token counts as failing.
+        assert_eq!(
+            p.evaluate(0, &host, Some(&claims(&[]))).reason,
+            Reason::PostureCheck(0)
+        );
+    }
+
+    #[test]
+    fn posture_declarations_are_checked() {
+        let (a, b) = keys();
+        let base = demo_text(&a, &b);
+        let e = err_of(
+            &(base.clone() + "[[posture_checks]]\nname = \"k\"\nkind = \"min_kernel_version\"\n"),
+        );
+        assert_eq!(e.field, "posture_checks[0].version", "{e}");
+        let e = err_of(
+            &(base.clone()
+                + "[[posture_checks]]\nname = \"k\"\nkind = \"min_kernel_version\"\nversion = \"new\"\n"),
+        );
+        assert_eq!(e.field, "posture_checks[0].version", "{e}");
+        let e =
+            err_of(&(base.clone() + "[[posture_checks]]\nname = \"k\"\nkind = \"blood_type\"\n"));
+        assert_eq!(e.field, "posture_checks[0].kind", "{e}");
+        let e = err_of(&(base.clone() + "[sensitivity]\nlevel2 = [\"nope\"]\n"));
+        assert_eq!(e.field, "sensitivity.level2[0]", "{e}");
+        let e = err_of(&base.replace(
+            "ports = [80, \"8000-8100\"]",
+            "ports = [80]\nsensitivity = 4",
+        ));
+        assert_eq!(e.field, "applications[0].sensitivity", "{e}");
     }
 
     fn err_of(text: &str) -> ConfigError {
