@@ -301,10 +301,16 @@ pub fn tcp_probe(addr: &str, port: u16) -> String {
 
 /// Python that sends one UDP datagram and prints the answer or the error, then the seconds.
 pub fn udp_probe(addr: &str, port: u16, payload: &str) -> String {
+    udp_probe_from(0, addr, port, payload)
+}
+
+/// As [`udp_probe`], from a fixed local port (0: any), so that probes share one 5-tuple.
+pub fn udp_probe_from(local_port: u16, addr: &str, port: u16, payload: &str) -> String {
     format!(
         "import socket,time\n\
          t=time.time()\n\
-         s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5); s.connect(('{addr}',{port}))\n\
+         s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0',{local_port})); s.connect(('{addr}',{port}))\n\
          try:\n  s.send(b'{payload}'); r='reply:'+s.recv(2000).decode()\n\
          except Exception as e: r=type(e).__name__+':'+str(e)\n\
          print(r, round(time.time()-t,3))"

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use sekisho_tests::{Deployment, tcp_probe, udp_probe, wait_until};
+use sekisho_tests::{Deployment, tcp_probe, udp_probe, udp_probe_from, wait_until};
 use serde_json::Value;
 
 const APP: &str = "10.20.0.10";
@@ -213,13 +213,9 @@ fn sighup_reloads_policy_and_a_broken_file_changes_nothing() {
     };
 
     // An allowed UDP flow, open across the reload.
-    let keep = d.sh(
-        "laptop",
-        &format!(
-            "python3 - <<'EOF'\nimport socket\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)\ns.bind(('0.0.0.0', 40777)); s.connect(('{APP}',7))\ns.send(b'one'); print(s.recv(100).decode())\nEOF"
-        ),
-    );
-    assert_eq!(keep.1.trim(), "one");
+    // (Same source port each time: the same 5-tuple, so the same cached flow.)
+    let r = d.py("laptop", &udp_probe_from(40777, APP, 7, "one"));
+    assert_eq!(outcome(&r).0, "reply:one", "{r}");
     let (ok, _, _) = d.sh("laptop", &format!("curl -sS -m 5 http://{APP}/"));
     assert!(ok);
 
@@ -240,13 +236,8 @@ fn sighup_reloads_policy_and_a_broken_file_changes_nothing() {
     let rec = find(&d.decisions(), "alice", 80).cloned().unwrap();
     assert_eq!(rec["rule"], "web-maintenance");
     // The UDP flow the new policy still allows keeps working (same 5-tuple).
-    let again = d.sh(
-        "laptop",
-        &format!(
-            "python3 - <<'EOF'\nimport socket\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)\ns.bind(('0.0.0.0', 40777)); s.connect(('{APP}',7))\ns.send(b'two'); print(s.recv(100).decode())\nEOF"
-        ),
-    );
-    assert_eq!(again.1.trim(), "two", "{again:?}");
+    let r = d.py("laptop", &udp_probe_from(40777, APP, 7, "two"));
+    assert_eq!(outcome(&r).0, "reply:two", "{r}");
 
     // A broken file: rejected with file:line, the running policy stays.
     let broken = format!(
