@@ -16,7 +16,7 @@ use tracing::{debug, info, trace};
 use sekisho_proto::flow::{FlowEntry, FlowTable, IdleTimeouts};
 use sekisho_proto::keys::{PrivateKey, PublicKeyBytes};
 use sekisho_proto::packet::{self, FlowKey, PacketKind};
-use sekisho_proto::policy::{Action, DeviceId, Policy, Reason};
+use sekisho_proto::policy::{Action, DeviceId, Policy, Reason, SiteId};
 use sekisho_proto::posture::{
     POSTURE_PORT, PostureClaims, TokenAnswer, TokenError, TokenVerifier, service_address,
 };
@@ -118,7 +118,9 @@ struct Peer {
 pub struct Flow {
     allowed: bool,
     peer: u32,
-    site: Option<Arc<str>>,
+    /// The application's site (index into the policy's sites), when allowed. Valid as long as
+    /// `generation` is current: a policy change re-decides the flow before its next use.
+    site: SiteId,
     generation: u64,
     peer_generation: u64,
 }
@@ -130,6 +132,17 @@ impl FlowEntry for Flow {
     fn owner(&self) -> u32 {
         self.peer
     }
+}
+
+/// What to do with a packet of a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Forward: the flow is allowed, to this site.
+    Allow(SiteId),
+    /// Answer with a deny reply.
+    Deny,
+    /// Drop silently (no such peer, connector-initiated, or no room in the flow table).
+    Drop,
 }
 
 /// Summary of a peer for the control socket.
@@ -150,7 +163,6 @@ pub struct PeerInfo {
 pub struct BrokerCore {
     responder: Responder,
     policy: Arc<Policy>,
-    site_names: Vec<Arc<str>>,
     generation: u64,
     tokens: TokenVerifier,
     /// Wall-clock Unix seconds, as of the last tick (token expiry is wall-clock time).
@@ -181,7 +193,6 @@ impl BrokerCore {
         let mut core = BrokerCore {
             responder: Responder::new(key),
             policy: Arc::new(policy.clone()),
-            site_names: Vec::new(),
             generation: 0,
             tokens: TokenVerifier::new(),
             unix_now: 0,
@@ -280,7 +291,6 @@ impl BrokerCore {
         let peers = &self.peers;
         self.flows
             .retain(|_, f, _| peers.get(f.peer as usize).is_some_and(Option::is_some));
-        self.site_names = policy.sites.iter().map(|s| Arc::from(s.as_str())).collect();
         self.service = service_address(&policy.device_range);
         self.policy = policy;
         self.generation += 1;
@@ -353,37 +363,41 @@ impl BrokerCore {
         self.buf = buf;
     }
 
-    /// Looks up (or decides) the flow `key` of peer `slot`. Returns the flow's site when allowed.
+    /// Looks up the flow `key` of peer `slot`, or decides it when it is new or its decision is
+    /// stale (policy or posture changed). A flow that does not exist is only created when
+    /// `may_create`: connectors cannot open flows. One table lookup when the decision is current.
     fn authorize(
         &mut self,
         slot: u32,
         key: &FlowKey,
         now: Instant,
         io: &mut impl Io,
-    ) -> Result<Option<Arc<str>>, ()> {
+        may_create: bool,
+    ) -> Verdict {
         let generation = self.generation;
         let Some(peer) = self.peers.get(slot as usize).and_then(Option::as_ref) else {
-            return Err(());
+            return Verdict::Drop;
         };
         let peer_generation = peer.generation;
-        if let Some(flow) = self.flows.touch(key, now)
-            && flow.generation == generation
-            && flow.peer_generation == peer_generation
-            && flow.peer == slot
-        {
-            return Ok(if flow.allowed {
-                flow.site.clone()
-            } else {
-                None
-            });
-        }
-        let previous = self.flows.touch(key, now).map(|f| f.allowed);
+        let previous = match self.flows.touch(key, now) {
+            Some(flow)
+                if flow.generation == generation
+                    && flow.peer_generation == peer_generation
+                    && flow.peer == slot =>
+            {
+                return if flow.allowed {
+                    Verdict::Allow(flow.site)
+                } else {
+                    Verdict::Deny
+                };
+            }
+            Some(flow) => Some(flow.allowed),
+            None if may_create => None,
+            None => return Verdict::Drop,
+        };
         let decision = self
             .policy
             .evaluate(peer.device, key, peer.posture.as_ref());
-        let site = decision
-            .application
-            .map(|a| self.site_names[self.policy.applications[a as usize].site as usize].clone());
         let allowed = decision.allowed();
         // A flow re-checked after a policy change is logged only when its answer changed.
         if previous != Some(allowed) {
@@ -403,18 +417,23 @@ impl BrokerCore {
                 self.stats.decisions_not_logged += 1;
             }
         }
+        let site = decision
+            .application
+            .map(|a| self.policy.applications[a as usize].site)
+            .unwrap_or(0);
         let flow = Flow {
             allowed,
             peer: slot,
-            site: if allowed { site } else { None },
+            site,
             generation,
             peer_generation,
         };
         match self.flows.insert(*key, flow, now) {
-            Ok(f) => Ok(if f.allowed { f.site.clone() } else { None }),
+            Ok(_) if allowed => Verdict::Allow(site),
+            Ok(_) => Verdict::Deny,
             Err(_) => {
                 self.stats.dropped_flow_table_full += 1;
-                Err(())
+                Verdict::Drop
             }
         }
     }
@@ -475,15 +494,15 @@ impl BrokerCore {
             }
             return;
         }
-        match self.authorize(slot, &key, now, io) {
-            Ok(Some(site)) => {
-                if io.send_to_site(&site, pkt) {
+        match self.authorize(slot, &key, now, io, true) {
+            Verdict::Allow(site) => {
+                if io.send_to_site(&self.policy.sites[site as usize], pkt) {
                     self.stats.packets_to_sites += 1;
                 } else {
                     self.stats.dropped_no_connector += 1;
                 }
             }
-            Ok(None) => {
+            Verdict::Deny => {
                 self.stats.dropped_denied += 1;
                 let mut reply = std::mem::take(&mut self.reply);
                 if let Some(n) = packet::deny_reply(pkt, &mut reply) {
@@ -492,7 +511,7 @@ impl BrokerCore {
                 }
                 self.reply = reply;
             }
-            Err(()) => {}
+            Verdict::Drop => {}
         }
     }
 
@@ -609,13 +628,10 @@ impl BrokerCore {
             self.stats.dropped_unsolicited_from_site += 1;
             return;
         };
-        let known = self.flows.touch(&key, now).is_some();
-        if !known {
-            self.stats.dropped_unsolicited_from_site += 1;
-            return;
-        }
-        match self.authorize(slot, &key, now, io) {
-            Ok(Some(flow_site)) if &*flow_site == site => self.send_to_peer(slot, pkt, io),
+        match self.authorize(slot, &key, now, io, false) {
+            Verdict::Allow(s) if self.policy.sites[s as usize] == site => {
+                self.send_to_peer(slot, pkt, io)
+            }
             _ => self.stats.dropped_unsolicited_from_site += 1,
         }
     }

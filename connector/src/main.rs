@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use bytes::Bytes;
+use bytes::BytesMut;
 use clap::Parser;
 use ipnet::IpNet;
 use rand::Rng;
@@ -341,9 +341,14 @@ async fn connect(
     }
 }
 
+/// Packets read from the TUN device are carved out of blocks this large: each becomes a
+/// `Bytes` for QUIC without a copy, and a new block is allocated only when one is used up.
+const TUN_READ_BLOCK: usize = 256 * 1024;
+
 /// Moves packets between the link and the TUN device until the link ends.
 async fn forward(conn: &quinn::Connection, tun: &AsyncDevice) -> String {
-    let mut buf = vec![0u8; 65536];
+    let max = usize::from(TUN_MTU);
+    let mut block = BytesMut::with_capacity(TUN_READ_BLOCK);
     let mut too_large = 0u64;
     loop {
         tokio::select! {
@@ -355,8 +360,14 @@ async fn forward(conn: &quinn::Connection, tun: &AsyncDevice) -> String {
                 }
                 Err(e) => return e.to_string(),
             },
-            r = tun.recv(&mut buf) => match r {
-                Ok(n) => match conn.send_datagram(Bytes::copy_from_slice(&buf[..n])) {
+            r = async {
+                if block.capacity() < max {
+                    block = BytesMut::with_capacity(TUN_READ_BLOCK);
+                }
+                block.resize(max, 0);
+                tun.recv(&mut block).await
+            } => match r {
+                Ok(n) => match conn.send_datagram(block.split_to(n).freeze()) {
                     Ok(()) => {}
                     Err(quinn::SendDatagramError::TooLarge) => {
                         too_large += 1;

@@ -77,7 +77,7 @@ impl Netlink {
             .await
         {
             Ok(()) => Ok(()),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc_eexist() => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -EEXIST => Ok(()),
             Err(e) => Err(nl(e)),
         }
     }
@@ -116,7 +116,5 @@ impl Netlink {
     }
 }
 
-/// EEXIST; netlink reports errors as negative errno values.
-fn libc_eexist() -> i32 {
-    17
-}
+/// errno EEXIST; netlink reports errors as negative errno values.
+const EEXIST: i32 = 17;
