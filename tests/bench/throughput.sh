@@ -8,15 +8,18 @@
 #   2. wireguard-go a plain WireGuard tunnel over that veth (Debian's wireguard-go)
 #   3. sekisho      the real path: laptop -> internet router -> broker -> router -> connector
 #                   -> app, every flow authorized, WireGuard then QUIC
-# with iperf3 (one TCP stream, BENCH_SECONDS each) and ping RTT (BENCH_PINGS pings), and prints
-# the figures and the ratios. Figures are only comparable within one run on one machine.
-# Settings: BENCH_SECONDS (default 10), BENCH_PINGS (default 50), SK_BIN (prebuilt binaries).
+# with iperf3 (one TCP stream, BENCH_SECONDS each, BENCH_RUNS times per path: the median is
+# reported with the range, because a lossy path gives bimodal results) and ping RTT (BENCH_PINGS
+# pings), and prints the figures and the ratios. Figures are only comparable within one run on
+# one machine. Settings: BENCH_SECONDS (default 10), BENCH_RUNS (default 3), BENCH_PINGS
+# (default 50), SK_BIN (prebuilt binaries).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 SECS=${BENCH_SECONDS:-10}
 PINGS=${BENCH_PINGS:-50}
+RUNS=${BENCH_RUNS:-3}
 export SK_PREFIX=${SK_PREFIX:-skb$$-}
 export SK_STATE=${SK_STATE:-/tmp/sekisho-bench-$$}
 P=$SK_PREFIX
@@ -87,15 +90,18 @@ inns app ip addr add 10.251.0.2/30 dev "$WA"
 inns laptop ip link set "$WL" mtu 1420 up
 inns app ip link set "$WA" mtu 1420 up
 
-measure() { # name address
-    local name=$1 addr=$2 gbps rtt
+measure() { # name address -> "name rtt gbps gbps ..."
+    local name=$1 addr=$2 all="" gbps rtt
     inns app pkill -f "iperf3 -s" >/dev/null 2>&1 || true
     inns app iperf3 -s -D >/dev/null
     sleep 0.3
-    gbps=$(inns laptop iperf3 -c "$addr" -t "$SECS" -J 2>/dev/null |
-        python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.3f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))' || echo "nan")
+    for _ in $(seq "$RUNS"); do
+        gbps=$(inns laptop iperf3 -c "$addr" -t "$SECS" -J 2>/dev/null |
+            python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.3f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))' || echo "nan")
+        all="$all $gbps"
+    done
     rtt=$(inns laptop ping -c "$PINGS" -i 0.02 -q "$addr" 2>/dev/null | awk -F/ '/^rtt/ {print $5}')
-    printf '%s %s %s\n' "$name" "$gbps" "${rtt:-nan}"
+    printf '%s %s%s\n' "$name" "${rtt:-nan}" "$all"
 }
 
 results=$(
@@ -105,15 +111,20 @@ results=$(
 )
 inns app pkill -f "iperf3 -s" >/dev/null 2>&1 || true
 
-python3 - "$results" "$SECS" "$PINGS" <<'EOF'
-import sys
+python3 - "$results" "$SECS" "$PINGS" "$RUNS" <<'EOF'
+import statistics, sys
 rows = [l.split() for l in sys.argv[1].strip().splitlines()]
-secs, pings = sys.argv[2], sys.argv[3]
-d = {r[0]: (float(r[1]), float(r[2])) for r in rows}
-print(f"iperf3 one TCP stream laptop -> app, {secs} s each; ping RTT average of {pings}")
-print(f"{'path':<14}{'Gbit/s':>10}{'RTT ms':>10}")
+secs, pings, runs = sys.argv[2], sys.argv[3], sys.argv[4]
+d, spread = {}, {}
+for r in rows:
+    g = [float(x) for x in r[2:]]
+    d[r[0]] = (statistics.median(g), float(r[1]))
+    spread[r[0]] = (min(g), max(g))
+print(f"iperf3 one TCP stream laptop -> app, {runs} runs of {secs} s per path (median, min-max); ping RTT average of {pings}")
+print(f"{'path':<14}{'Gbit/s':>10}{'min-max':>18}{'RTT ms':>10}")
 for name, (g, r) in d.items():
-    print(f"{name:<14}{g:>10.3f}{r:>10.3f}")
+    lo, hi = spread[name]
+    print(f"{name:<14}{g:>10.3f}{f'{lo:.3f}-{hi:.3f}':>18}{r:>10.3f}")
 s, w, v = d["sekisho"], d["wireguard-go"], d["raw-veth"]
 print(f"sekisho / wireguard-go throughput: {s[0]/w[0]:.2f}x   RTT: {s[1]/w[1]:.2f}x")
 print(f"sekisho / raw veth     throughput: {s[0]/v[0]:.3f}x   RTT: {s[1]/v[1]:.2f}x")
