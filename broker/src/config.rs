@@ -31,6 +31,80 @@ pub struct BrokerConfig {
     pub tls: TlsConfig,
     #[serde(default)]
     pub flows: FlowConfig,
+    /// The control plane (enrollment, posture tokens, admin API). Without this section the
+    /// broker runs from the policy file alone.
+    #[serde(default)]
+    pub control: Option<ControlConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// TCP address of the HTTPS control API.
+    #[serde(default = "default_api_listen")]
+    pub listen: SocketAddr,
+    /// The API's URL as devices, connectors and the admin CLI reach it. The broker certificate
+    /// must be valid for its host (name or address).
+    pub url: String,
+    /// `sqlite://PATH` (created and migrated on first start) or `postgres://…`.
+    #[serde(default = "default_database")]
+    pub database: String,
+    /// The CA's private key, to sign connector certificates.
+    pub ca_key: PathBuf,
+    /// WireGuard endpoint (`host:port`) given to devices.
+    pub wireguard_endpoint: String,
+    /// QUIC endpoint (`host:port`) given to connectors.
+    pub connector_endpoint: String,
+    /// The name in the broker's certificate that connectors check.
+    #[serde(default = "default_broker_name")]
+    pub broker_name: String,
+    /// Lifetime of posture tokens; devices refresh them at half-life.
+    #[serde(default = "default_token_lifetime", with = "humantime_serde_secs")]
+    pub posture_token_lifetime: Duration,
+    /// Lifetime of connector certificates; connectors renew them after two thirds.
+    #[serde(default = "default_cert_lifetime", with = "humantime_serde_secs")]
+    pub connector_cert_lifetime: Duration,
+    /// Where `admin init` writes the first admin token and the admin CLI reads it by default.
+    #[serde(default = "default_admin_token_file")]
+    pub admin_token_file: PathBuf,
+    /// Audit log of admin changes, enrollments and posture refreshes (JSON lines; "-" = stdout).
+    #[serde(default = "default_audit_log")]
+    pub audit_log: PathBuf,
+}
+
+/// Durations written like "5m", "30d", "90s".
+mod humantime_serde_secs {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!("{text:?} is not a duration like \"5m\": {e}"))
+        })
+    }
+}
+
+fn default_api_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8443))
+}
+fn default_database() -> String {
+    "sqlite:///var/lib/sekisho/broker.db".into()
+}
+fn default_broker_name() -> String {
+    "broker.sekisho.internal".into()
+}
+fn default_token_lifetime() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_cert_lifetime() -> Duration {
+    Duration::from_secs(30 * 86400)
+}
+fn default_admin_token_file() -> PathBuf {
+    PathBuf::from("/etc/sekisho/admin.token")
+}
+fn default_audit_log() -> PathBuf {
+    PathBuf::from("/var/log/sekisho/audit.log")
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -133,6 +207,19 @@ impl BrokerConfig {
         }
         if c.decision_log != Path::new("-") {
             c.decision_log = base.join(&c.decision_log);
+        }
+        if let Some(ctl) = c.control.as_mut() {
+            ctl.ca_key = base.join(&ctl.ca_key);
+            ctl.admin_token_file = base.join(&ctl.admin_token_file);
+            if ctl.audit_log != Path::new("-") {
+                ctl.audit_log = base.join(&ctl.audit_log);
+            }
+            // A relative SQLite path is relative to the config file, like every other path.
+            if let Some(p) = ctl.database.strip_prefix("sqlite://")
+                && !p.starts_with('/')
+            {
+                ctl.database = format!("sqlite://{}", base.join(p).display());
+            }
         }
         Ok(c)
     }

@@ -297,9 +297,14 @@ impl BrokerCore {
         self.stats.policy_generation = self.generation;
     }
 
+    /// The accepted posture claims of the peer with this key, if it has a valid token.
+    pub fn posture_of(&self, key: &PublicKeyBytes) -> Option<PostureClaims> {
+        let slot = *self.by_key.get(key)?;
+        self.peers[slot as usize].as_ref()?.posture.clone()
+    }
+
     /// The keys posture tokens may be signed with (several during a rotation). The control
     /// plane that issues tokens calls this; until then no token is accepted.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn set_token_keys(&mut self, verifier: TokenVerifier) {
         self.tokens = verifier;
     }

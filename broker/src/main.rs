@@ -1,9 +1,14 @@
 //! `sekisho-broker`: terminates clients' WireGuard tunnels, authorizes every new flow against
 //! the policy, and forwards allowed packets to the connector of the application's site.
 
+mod admin;
 mod config;
+mod control;
+#[cfg(test)]
+mod control_tests;
 mod core;
 mod pki;
+mod store;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -71,6 +76,9 @@ enum Command {
     /// The certificate authority for connector links.
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// Administer the control plane: users, groups, enrollment tokens, devices, connectors,
+    /// policy, and "explain" a decision (talks to the control API with an admin token).
+    Admin(admin::AdminArgs),
 }
 
 #[derive(Subcommand)]
@@ -105,6 +113,7 @@ fn main() {
         Command::Pubkey => pubkey(),
         Command::Pki(PkiCommand::Init { dir, names }) => pki::init(&dir, &names),
         Command::Pki(PkiCommand::IssueConnector { dir, site }) => pki::issue_connector(&dir, &site),
+        Command::Admin(args) => admin::run(args),
     };
     if let Err(e) = result {
         eprintln!("sekisho-broker: {e:#}");
@@ -169,14 +178,14 @@ const DECISION_QUEUE: usize = 65536;
 
 /// Everything the data path touches, behind one lock. Packets are processed under it in
 /// batches; nothing awaits while it is held.
-struct Shared {
-    core: BrokerCore,
-    links: HashMap<String, quinn::Connection>,
+pub(crate) struct Shared {
+    pub(crate) core: BrokerCore,
+    pub(crate) links: HashMap<String, quinn::Connection>,
 }
 
-type SharedRef = Arc<Mutex<Shared>>;
+pub(crate) type SharedRef = Arc<Mutex<Shared>>;
 
-fn lock(s: &SharedRef) -> MutexGuard<'_, Shared> {
+pub(crate) fn lock(s: &SharedRef) -> MutexGuard<'_, Shared> {
     s.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -235,7 +244,16 @@ fn with_core(
 async fn run(config_path: &Path) -> Result<()> {
     let config = BrokerConfig::load(config_path)?;
     let key = PrivateKey::read_file(&config.private_key_file)?;
-    let policy = Policy::load(&config.policy)?;
+    let mut opened = None;
+    let policy = match &config.control {
+        Some(ctl) => {
+            let (store, policy, text, ca, signer) =
+                control::Control::open(ctl, &config.policy, &config.tls.ca).await?;
+            opened = Some((store, text, ca, signer));
+            policy
+        }
+        None => Policy::load(&config.policy)?,
+    };
     let core = BrokerCore::new(
         key,
         policy,
@@ -245,10 +263,33 @@ async fn run(config_path: &Path) -> Result<()> {
     );
     info!(public_key = %core.public_key(), "broker identity");
     core.log_policy_summary();
+    let broker_key = core.public_key().to_string();
     let shared: SharedRef = Arc::new(Mutex::new(Shared {
         core,
         links: HashMap::new(),
     }));
+    let control = match (opened, &config.control) {
+        (Some((store, text, ca, signer)), Some(ctl)) => {
+            let control = control::Control::new(
+                store,
+                shared.clone(),
+                ctl.clone(),
+                ca,
+                signer,
+                broker_key,
+                text,
+            )?;
+            let mut chain = load_certs(&config.tls.cert)?;
+            for ca in load_certs(&config.tls.ca)? {
+                if !chain.contains(&ca) {
+                    chain.push(ca);
+                }
+            }
+            control::serve(control.clone(), ctl.listen, chain, &config.tls.key).await?;
+            Some(control)
+        }
+        _ => None,
+    };
 
     let udp = Arc::new(
         UdpSocket::bind(config.listen_wireguard)
@@ -271,21 +312,25 @@ async fn run(config_path: &Path) -> Result<()> {
         shared.clone(),
         udp.clone(),
         log_tx.clone(),
+        control.clone(),
     ));
-    let control = control_server(&config.control_socket, shared.clone())?;
+    let control_socket = control_server(&config.control_socket, shared.clone())?;
 
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
-            _ = hup.recv() => reload_policy(&config.policy, &shared, &log_tx),
+            _ = hup.recv() => match &control {
+                Some(c) => apply_policy_file(c, &config.policy, &log_tx).await,
+                None => reload_policy(&config.policy, &shared, &log_tx),
+            },
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
     }
     info!("stopping");
     endpoint.close(0u32.into(), b"broker stopping");
-    control.abort();
+    control_socket.abort();
     let _ = std::fs::remove_file(&config.control_socket);
     Ok(())
 }
@@ -307,6 +352,43 @@ fn reload_policy(path: &Path, shared: &SharedRef, log: &mpsc::Sender<LogLine>) {
             let _ = log.try_send(LogLine::Policy {
                 result: "rejected",
                 detail: e.to_string(),
+            });
+        }
+    }
+}
+
+/// SIGHUP with a control plane: the policy file goes through the same checks and tests as
+/// `admin policy apply` and becomes the stored policy.
+async fn apply_policy_file(c: &control::Control, path: &Path, log: &mpsc::Sender<LogLine>) {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            error!("policy reload: cannot read {}: {e}", path.display());
+            return;
+        }
+    };
+    match c.apply_policy(path, &text, "sighup").await {
+        Ok(applied) => {
+            let _ = log.try_send(LogLine::Policy {
+                result: "applied",
+                detail: format!("version {}", applied.version),
+            });
+        }
+        Err((_, rejected)) => {
+            let failed: Vec<String> = rejected
+                .tests
+                .iter()
+                .filter(|t| !t.passed)
+                .map(|t| format!("{}: {}", t.name, t.detail))
+                .collect();
+            error!(
+                "policy reload rejected, the running policy stays in force: {} {}",
+                rejected.error,
+                failed.join("; ")
+            );
+            let _ = log.try_send(LogLine::Policy {
+                result: "rejected",
+                detail: format!("{} {}", rejected.error, failed.join("; ")),
             });
         }
     }
@@ -350,7 +432,7 @@ async fn timer_loop(shared: SharedRef, udp: Arc<UdpSocket>, log: mpsc::Sender<Lo
     }
 }
 
-fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_file_iter(path)
         .with_context(|| format!("cannot read certificates from {}", path.display()))?
         .collect::<Result<Vec<_>, _>>()
@@ -402,12 +484,14 @@ async fn accept_connectors(
     shared: SharedRef,
     udp: Arc<UdpSocket>,
     log: mpsc::Sender<LogLine>,
+    control: Option<Arc<control::Control>>,
 ) {
     while let Some(incoming) = endpoint.accept().await {
-        let (shared, udp, log) = (shared.clone(), udp.clone(), log.clone());
+        let (shared, udp, log, control) =
+            (shared.clone(), udp.clone(), log.clone(), control.clone());
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            if let Err(e) = serve_connector(incoming, shared, udp, log).await {
+            if let Err(e) = serve_connector(incoming, shared, udp, log, control).await {
                 warn!(%remote, "connector link ended: {e:#}");
             }
         });
@@ -421,13 +505,10 @@ fn check_connector(
     hello: &ConnectorHello,
     policy: &Policy,
 ) -> Result<(), String> {
-    let certs = conn
-        .peer_identity()
-        .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .ok_or("no client certificate")?;
-    let leaf = certs.first().ok_or("empty certificate chain")?;
+    let leaf = peer_leaf(conn).ok_or("no client certificate")?;
+    let leaf = CertificateDer::from(leaf);
     let cert =
-        webpki::EndEntityCert::try_from(leaf).map_err(|e| format!("bad certificate: {e}"))?;
+        webpki::EndEntityCert::try_from(&leaf).map_err(|e| format!("bad certificate: {e}"))?;
     let name = ServerName::try_from(connector_cert_name(&hello.site))
         .map_err(|_| "bad site name".to_string())?;
     cert.verify_is_valid_for_subject_name(&name)
@@ -438,11 +519,37 @@ fn check_connector(
     Ok(())
 }
 
+/// The DER leaf certificate a connector presented.
+pub(crate) fn peer_leaf(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    certs.first().map(|c| c.to_vec())
+}
+
+/// With a control plane, a connector's certificate must belong to an enrolled, unrevoked
+/// connector of the site it claims.
+async fn check_enrolled(conn: &quinn::Connection, site: &str, control: &control::Control) -> Result<(), String> {
+    let serial = peer_leaf(conn)
+        .and_then(|der| pki::cert_serial(&der))
+        .ok_or("cannot read the certificate serial")?;
+    match control.store.connector_by_serial(&serial).await {
+        Ok(Some((_, enrolled_site))) if enrolled_site == site => Ok(()),
+        Ok(Some((name, other))) => Err(format!(
+            "certificate of connector {name} is for site {other:?}, not {site:?}"
+        )),
+        Ok(None) => Err("certificate is not of an enrolled connector, or it was revoked".into()),
+        Err(e) => Err(format!("store unavailable: {e:#}")),
+    }
+}
+
 async fn serve_connector(
     incoming: quinn::Incoming,
     shared: SharedRef,
     udp: Arc<UdpSocket>,
     log: mpsc::Sender<LogLine>,
+    control: Option<Arc<control::Control>>,
 ) -> Result<()> {
     let conn = incoming.await.context("handshake failed")?;
     let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
@@ -453,13 +560,16 @@ async fn serve_connector(
         .await
         .context("reading hello")?;
     let hello: ConnectorHello = serde_json::from_slice(&hello_bytes).context("malformed hello")?;
-    let (check, ranges) = {
+    let (mut check, ranges) = {
         let g = lock(&shared);
         (
             check_connector(&conn, &hello, g.core.policy()),
             vec![g.core.policy().device_range],
         )
     };
+    if let (Ok(()), Some(c)) = (&check, &control) {
+        check = check_enrolled(&conn, &hello.site, c).await;
+    }
     let welcome = match &check {
         Ok(()) => BrokerWelcome::Accepted {
             site: hello.site.clone(),
@@ -480,6 +590,7 @@ async fn serve_connector(
     let site = hello.site;
     info!(site = %site, version = %hello.version, remote = %conn.remote_address(), "connector linked");
     lock(&shared).links.insert(site.clone(), conn.clone());
+    let requests = control.map(|c| tokio::spawn(serve_link_requests(conn.clone(), site.clone(), c)));
     let result = loop {
         match conn.read_datagram().await {
             Ok(pkt) => {
@@ -491,6 +602,9 @@ async fn serve_connector(
             Err(e) => break e,
         }
     };
+    if let Some(r) = requests {
+        r.abort();
+    }
     let mut g = lock(&shared);
     if g.links
         .get(&site)
@@ -501,6 +615,37 @@ async fn serve_connector(
     drop(g);
     info!(site = %site, "connector link closed: {result}");
     Ok(())
+}
+
+/// Requests a linked connector sends on its own streams (certificate renewal).
+async fn serve_link_requests(conn: quinn::Connection, site: String, control: Arc<control::Control>) {
+    use sekisho_proto::link::{LinkAnswer, LinkRequest};
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        let Ok(bytes) = recv.read_to_end(MAX_CONTROL_MESSAGE).await else {
+            continue;
+        };
+        let answer = match serde_json::from_slice::<LinkRequest>(&bytes) {
+            Ok(LinkRequest::Renew { csr_pem }) => {
+                let serial = peer_leaf(&conn).and_then(|der| pki::cert_serial(&der));
+                match serial {
+                    Some(serial) => control.renew_connector(&serial, &site, &csr_pem).await,
+                    None => Err("cannot read the link's certificate".to_string()),
+                }
+            }
+            Err(e) => Err(format!("malformed request: {e}")),
+        };
+        let answer = match answer {
+            Ok(certificate_pem) => LinkAnswer::Renewed { certificate_pem },
+            Err(reason) => {
+                warn!(site = %site, "connector renewal refused: {reason}");
+                LinkAnswer::Refused { reason }
+            }
+        };
+        if let Ok(bytes) = serde_json::to_vec(&answer) {
+            let _ = send.write_all(&bytes).await;
+            let _ = send.finish();
+        }
+    }
 }
 
 #[derive(Serialize)]

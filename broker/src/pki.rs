@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
+use rustls_pki_types::pem::PemObject;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -27,7 +28,7 @@ fn validity(params: &mut CertificateParams, days: u64) {
     params.not_after = (now + Duration::from_secs(days * 86400)).into();
 }
 
-fn write_private(path: &Path, text: &str) -> Result<()> {
+pub fn write_private(path: &Path, text: &str) -> Result<()> {
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -112,4 +113,77 @@ pub fn issue_connector(dir: &Path, site: &str) -> Result<()> {
         &[connector_cert_name(site)],
         ExtendedKeyUsagePurpose::ClientAuth,
     )
+}
+
+/// The cluster CA, loaded to sign connector certificates at enrollment and renewal.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    /// The CA certificate, PEM.
+    pub cert_pem: String,
+    /// SHA-256 of the CA certificate (DER), which enrollment tokens carry.
+    pub sha256: [u8; 32],
+}
+
+impl Ca {
+    pub fn load(cert: &Path, key: &Path) -> Result<Ca> {
+        let cert_pem = fs::read_to_string(cert)
+            .with_context(|| format!("cannot read the CA certificate {}", cert.display()))?;
+        let key_pem = fs::read_to_string(key)
+            .with_context(|| format!("cannot read the CA key {}", key.display()))?;
+        let der = rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .next()
+            .context("no certificate in the CA file")?
+            .context("bad PEM in the CA file")?;
+        Ok(Ca {
+            issuer: Issuer::new(ca_params()?, KeyPair::from_pem(&key_pem)?),
+            sha256: sekisho_proto::http::cert_sha256(&der),
+            cert_pem,
+        })
+    }
+
+    /// Signs a connector's certificate request for `site`: the subject and names come from
+    /// here, only the public key from the request. Returns (PEM, serial hex, not_after).
+    pub fn sign_connector(
+        &self,
+        csr_pem: &str,
+        site: &str,
+        lifetime: Duration,
+    ) -> Result<(String, String, u64)> {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .context("bad certificate request (PKCS#10 PEM expected)")?;
+        let name = connector_cert_name(site);
+        let mut params = CertificateParams::new(vec![name.clone()])?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let mut serial = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut serial);
+        serial[0] &= 0x7f;
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        let now = SystemTime::now();
+        params.not_before = (now - Duration::from_secs(300)).into();
+        let not_after = now + lifetime;
+        params.not_after = not_after.into();
+        csr.params = params;
+        let cert = csr.signed_by(&self.issuer)?;
+        let not_after = not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        Ok((cert.pem(), serial_hex(&serial), not_after))
+    }
+}
+
+pub fn serial_hex(bytes: &[u8]) -> String {
+    let trimmed = match bytes.iter().position(|&b| b != 0) {
+        Some(i) => &bytes[i..],
+        None => &[0],
+    };
+    trimmed.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The serial number of a DER certificate, hex, as [`Ca::sign_connector`] reports it.
+pub fn cert_serial(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(serial_hex(cert.raw_serial()))
 }

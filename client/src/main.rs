@@ -5,10 +5,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+mod posture;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 
@@ -50,16 +52,59 @@ enum Command {
         #[arg(value_name = "FILE")]
         key: PathBuf,
     },
+    /// Enroll this device with a one-time token from an admin: creates the WireGuard key here
+    /// (never sent anywhere), registers its public key and writes DIR/client.toml.
+    Enroll {
+        /// Control API URL, like https://broker.example.com:8443.
+        #[arg(long)]
+        server: String,
+        /// The enrollment token (SKE1.…); `-` reads it from standard input.
+        #[arg(long)]
+        token: String,
+        /// Device name (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Where the key, credential, CA certificate and client.toml go.
+        #[arg(long, default_value = "/etc/sekisho")]
+        dir: PathBuf,
+        /// TUN interface name written into the config.
+        #[arg(long, default_value = "sekisho0")]
+        interface: String,
+    },
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct ClientConfig {
     interface: InterfaceConfig,
     broker: BrokerPeer,
+    /// The control plane this device enrolled with (posture refresh). Absent for devices
+    /// configured by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    control: Option<ControlConfig>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct ControlConfig {
+    /// Control API URL.
+    url: String,
+    /// The cluster CA certificate (PEM), received at enrollment.
+    ca_file: PathBuf,
+    /// This device's credential (mode 0600), received at enrollment.
+    credential_file: PathBuf,
+    /// The overlay's device range; the broker's posture service is at its first address.
+    device_range: IpNet,
+    /// How often the posture checks run; a change is reported at once.
+    #[serde(default = "default_check_interval")]
+    check_interval: String,
+}
+
+fn default_check_interval() -> String {
+    "10s".into()
+}
+
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct InterfaceConfig {
     /// TUN interface name.
@@ -78,7 +123,7 @@ struct InterfaceConfig {
     routes: Vec<IpNet>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct BrokerPeer {
     /// host:port of the broker's WireGuard socket.
@@ -108,6 +153,13 @@ fn main() {
         Command::Pubkey { key } => PrivateKey::read_file(&key)
             .map(|k| println!("{}", k.public()))
             .map_err(Into::into),
+        Command::Enroll {
+            server,
+            token,
+            name,
+            dir,
+            interface,
+        } => enroll(&server, &token, name, &dir, &interface),
     };
     if let Err(e) = result {
         eprintln!("sekisho-client: {e:#}");
@@ -115,18 +167,112 @@ fn main() {
     }
 }
 
-fn genkey(out: &Path) -> Result<()> {
+/// Creates `path` with mode 0600; it must not exist yet.
+fn write_secret(path: &Path, text: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let key = PrivateKey::generate();
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(out)
-        .with_context(|| format!("cannot create {} (it must not exist yet)", out.display()))?;
-    writeln!(f, "{}", key.to_base64())?;
+        .open(path)
+        .with_context(|| format!("cannot create {} (it must not exist yet)", path.display()))?;
+    writeln!(f, "{text}")?;
+    Ok(())
+}
+
+fn genkey(out: &Path) -> Result<()> {
+    let key = PrivateKey::generate();
+    write_secret(out, &key.to_base64())?;
     println!("{}", key.public());
+    Ok(())
+}
+
+fn enroll(server: &str, token: &str, name: Option<String>, dir: &Path, ifname: &str) -> Result<()> {
+    use sekisho_proto::api::{Credential, ENROLL_PREFIX, EnrollDeviceRequest, EnrollDeviceResponse};
+    let token = if token == "-" {
+        let mut t = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)?;
+        t.trim().to_string()
+    } else {
+        token.trim().to_string()
+    };
+    let cred = Credential::parse(ENROLL_PREFIX, &token).context("bad enrollment token")?;
+    let name = match name {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .context("cannot read the host name; pass --name")?,
+    };
+    let config_path = dir.join("client.toml");
+    if config_path.exists() {
+        anyhow::bail!(
+            "{} exists: this device is already enrolled (remove the folder to enroll again)",
+            config_path.display()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let key = PrivateKey::generate();
+    let request = EnrollDeviceRequest {
+        token,
+        public_key: key.public().to_string(),
+        name,
+    };
+    let ca_sha256 = cred.ca_sha256.context("the token carries no CA fingerprint")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let resp: EnrollDeviceResponse = rt.block_on(async {
+        let client = sekisho_proto::http::ApiClient::new(
+            server,
+            sekisho_proto::http::pinned_tls(ca_sha256)?,
+            None,
+        )?;
+        client.post("/v1/enroll/device", &request).await
+    })?;
+    // Written only after the control plane accepted the key: a refused enrollment leaves
+    // nothing behind.
+    let key_file = dir.join("private.key");
+    write_secret(&key_file, &key.to_base64())?;
+    write_secret(&dir.join("credential"), &resp.credential)?;
+    std::fs::write(dir.join("ca.pem"), &resp.ca_pem)?;
+    let c = &resp.config;
+    let broker = c.brokers.first().context("the control plane named no broker")?;
+    let config = ClientConfig {
+        interface: InterfaceConfig {
+            name: ifname.to_string(),
+            private_key_file: PathBuf::from("private.key"),
+            address: c.address,
+            mtu: default_mtu(),
+            routes: c.routes.clone(),
+        },
+        broker: BrokerPeer {
+            endpoint: broker.endpoint.clone(),
+            public_key: broker.public_key.clone(),
+            keepalive_secs: default_keepalive(),
+        },
+        control: Some(ControlConfig {
+            url: server.to_string(),
+            ca_file: PathBuf::from("ca.pem"),
+            credential_file: PathBuf::from("credential"),
+            device_range: c.device_range,
+            check_interval: default_check_interval(),
+        }),
+    };
+    let text = format!(
+        "# Written by `sekisho-client enroll` for device {:?} of user {:?}.\n{}",
+        c.device,
+        c.user,
+        toml::to_string(&config)?
+    );
+    std::fs::write(&config_path, text)?;
+    println!(
+        "enrolled {:?} (user {:?}) with address {}; run: sekisho-client run -c {}",
+        c.device,
+        c.user,
+        c.address,
+        config_path.display()
+    );
     Ok(())
 }
 
@@ -134,6 +280,10 @@ fn load_config(path: &Path) -> Result<(ClientConfig, PublicKeyBytes), ConfigErro
     let (mut c, text): (ClientConfig, String) = load_toml(path)?;
     let base = path.parent().unwrap_or(Path::new("."));
     c.interface.private_key_file = base.join(&c.interface.private_key_file);
+    if let Some(ctl) = c.control.as_mut() {
+        ctl.ca_file = base.join(&ctl.ca_file);
+        ctl.credential_file = base.join(&ctl.credential_file);
+    }
     let src = sekisho_proto::config::Source {
         file: path,
         text: &text,
@@ -144,6 +294,16 @@ fn load_config(path: &Path) -> Result<(ClientConfig, PublicKeyBytes), ConfigErro
     })?;
     if c.interface.mtu < 576 {
         return Err(src.error(None, "interface.mtu", "MTU must be at least 576"));
+    }
+    if let Some(ctl) = &c.control
+        && humantime::parse_duration(&ctl.check_interval).is_err()
+    {
+        let at = text.find(&ctl.check_interval);
+        return Err(src.error(
+            at.map(|a| a..a),
+            "control.check_interval",
+            "a duration like \"10s\" or \"500ms\"",
+        ));
     }
     Ok((c, key))
 }
@@ -179,7 +339,13 @@ async fn run(config: ClientConfig, broker_key: PublicKeyBytes) -> Result<()> {
     let index = netlink.link_index(&iface.name).await?;
     let prefix = if iface.address.is_ipv4() { 32 } else { 128 };
     netlink.add_address(index, iface.address, prefix).await?;
-    for net in &iface.routes {
+    let mut routes = iface.routes.clone();
+    if let Some(ctl) = &config.control {
+        // The broker's posture service lives at the device range's first address.
+        let service = sekisho_proto::posture::service_address(&ctl.device_range);
+        routes.push(IpNet::from(service));
+    }
+    for net in &routes {
         netlink
             .add_route(index, *net)
             .await
@@ -208,19 +374,138 @@ async fn run(config: ClientConfig, broker_key: PublicKeyBytes) -> Result<()> {
     );
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let posture_task = match &config.control {
+        Some(ctl) => Some(tokio::spawn(posture_loop(
+            PostureSetup::load(ctl)?,
+            ctl.device_range,
+        ))),
+        None => None,
+    };
     let result = tokio::select! {
         r = data_loop(&tun, &udp, &mut session, &config.broker.endpoint) => r,
         _ = term.recv() => Ok(()),
         _ = tokio::signal::ctrl_c() => Ok(()),
     };
+    if let Some(t) = posture_task {
+        t.abort();
+    }
     info!("stopping: removing routes and interface");
-    for net in &iface.routes {
+    for net in &routes {
         if let Err(e) = netlink.del_route(index, *net).await {
             debug!("route {net} already gone: {e}");
         }
     }
     drop(tun);
     result
+}
+
+/// What the posture loop needs: an API client with this device's credential.
+struct PostureSetup {
+    api: sekisho_proto::http::ApiClient,
+    interval: Duration,
+}
+
+impl PostureSetup {
+    fn load(ctl: &ControlConfig) -> Result<PostureSetup> {
+        let ca = std::fs::read_to_string(&ctl.ca_file)
+            .with_context(|| format!("cannot read {}", ctl.ca_file.display()))?;
+        let credential = std::fs::read_to_string(&ctl.credential_file)
+            .with_context(|| format!("cannot read {}", ctl.credential_file.display()))?;
+        Ok(PostureSetup {
+            api: sekisho_proto::http::ApiClient::new(
+                &ctl.url,
+                sekisho_proto::http::ca_tls(&ca)?,
+                Some(credential.trim().to_string()),
+            )?,
+            interval: humantime::parse_duration(&ctl.check_interval)?,
+        })
+    }
+}
+
+/// Runs the posture checks every interval; when a result changes, or the token is due for
+/// refresh, asks the control plane for a new token and presents it to the broker inside the
+/// tunnel. Only pass/fail per check is sent.
+async fn posture_loop(setup: PostureSetup, range: IpNet) {
+    use sekisho_proto::api::{PostureRequest, PostureResponse};
+    use sekisho_proto::posture::{POSTURE_PORT, TokenAnswer};
+    let service = SocketAddr::new(
+        sekisho_proto::posture::service_address(&range),
+        POSTURE_PORT,
+    );
+    let mut checks = Vec::new();
+    let mut last: Option<std::collections::BTreeMap<String, bool>> = None;
+    let mut refresh_at = Instant::now();
+    let mut presented = false;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let specs = checks.clone();
+        let results = tokio::task::spawn_blocking(move || {
+            posture::evaluate(&specs, &posture::gather(&specs))
+        })
+        .await
+        .unwrap_or_default();
+        let changed = last.as_ref() != Some(&results);
+        if changed || !presented || Instant::now() >= refresh_at {
+            let request = PostureRequest {
+                checks: results.clone(),
+            };
+            match setup
+                .api
+                .post::<_, PostureResponse>("/v1/posture", &request)
+                .await
+            {
+                Ok(resp) => {
+                    let new_checks = resp.config.checks.clone();
+                    if new_checks != checks {
+                        // The policy's checks changed (or this is the first answer): evaluate
+                        // them before presenting a token built on an older list.
+                        checks = new_checks;
+                        last = None;
+                        continue;
+                    }
+                    let failing: Vec<&String> =
+                        results.iter().filter(|(_, ok)| !**ok).map(|(n, _)| n).collect();
+                    refresh_at = Instant::now() + Duration::from_secs(resp.refresh_after.max(5));
+                    presented = present_token(&resp.token, service, &mut buf).await;
+                    if presented {
+                        info!(?failing, "posture token presented to the broker");
+                    }
+                    last = Some(results);
+                }
+                Err(e) => warn!("posture refresh failed: {e}"),
+            }
+        }
+        tokio::time::sleep(setup.interval).await;
+    }
+
+    async fn present_token(token: &str, service: SocketAddr, buf: &mut [u8]) -> bool {
+        let sock = match UdpSocket::bind("0.0.0.0:0").await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("posture: cannot open a UDP socket: {e}");
+                return false;
+            }
+        };
+        for _ in 0..3 {
+            if sock.send_to(token.as_bytes(), service).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                continue;
+            }
+            match tokio::time::timeout(Duration::from_secs(1), sock.recv_from(buf)).await {
+                Ok(Ok((n, _))) => match serde_json::from_slice::<TokenAnswer>(&buf[..n]) {
+                    Ok(a) if a.accepted => return true,
+                    Ok(a) => {
+                        warn!(error = %a.error, "the broker refused the posture token");
+                        return false;
+                    }
+                    Err(_) => return false,
+                },
+                _ => continue,
+            }
+        }
+        warn!("the broker's posture service did not answer (tunnel down?)");
+        false
+    }
 }
 
 /// Session index: it only tells this client's sessions apart, and it has one.

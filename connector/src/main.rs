@@ -37,10 +37,35 @@ backoff.\n\nSignals: SIGTERM/SIGINT remove the nftables table and the interface,
 struct Cli {
     /// Config file (documented example: deploy/examples/connector.toml).
     #[arg(short, long, value_name = "FILE")]
-    config: PathBuf,
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Run with a config file (the same as `-c FILE` alone).
+    Run {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Enroll this connector with a one-time site token from an admin: makes its key here,
+    /// sends only a certificate request, and writes DIR/connector.toml with the certificate
+    /// the cluster CA issued. The certificate renews itself over the link before it expires.
+    Enroll {
+        /// Control API URL, like https://broker.example.com:8443.
+        #[arg(long)]
+        server: String,
+        /// The enrollment token (SKE1.…); `-` reads it from standard input.
+        #[arg(long)]
+        token: String,
+        /// Where the key, certificates and connector.toml go.
+        #[arg(long, default_value = "/etc/sekisho")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 struct ConnectorConfig {
     /// The site this connector serves (as named in the policy and in its certificate).
@@ -62,7 +87,7 @@ struct ConnectorConfig {
     tls: TlsConfig,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 struct TlsConfig {
     /// CA certificate that signed the broker's certificate.
@@ -90,9 +115,181 @@ const TUN_MTU: u16 = 1500;
 
 fn main() {
     let cli = Cli::parse();
-    if let Err(e) = run_blocking(&cli.config) {
+    let result = match (cli.command, cli.config) {
+        (Some(Command::Run { config }), _) | (None, Some(config)) => run_blocking(&config),
+        (Some(Command::Enroll { server, token, dir }), _) => enroll(&server, &token, &dir),
+        (None, None) => Err(anyhow::anyhow!(
+            "nothing to do: pass -c FILE to run, or `enroll` (see --help)"
+        )),
+    };
+    if let Err(e) = result {
         eprintln!("sekisho-connector: {e:#}");
         std::process::exit(2);
+    }
+}
+
+/// Writes `path` through a temporary file and a rename, so a reader never sees half of it.
+fn write_atomic(path: &Path, text: &str, mode: u32) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
+}
+
+/// A fresh key and a certificate request for it; the CA decides the names.
+fn new_key_and_csr() -> Result<(String, String)> {
+    let key = rcgen::KeyPair::generate()?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())?.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
+}
+
+fn enroll(server: &str, token: &str, dir: &Path) -> Result<()> {
+    use sekisho_proto::api::{
+        Credential, ENROLL_PREFIX, EnrollConnectorRequest, EnrollConnectorResponse,
+    };
+    let token = if token == "-" {
+        let mut t = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)?;
+        t.trim().to_string()
+    } else {
+        token.trim().to_string()
+    };
+    let cred = Credential::parse(ENROLL_PREFIX, &token).context("bad enrollment token")?;
+    let config_path = dir.join("connector.toml");
+    if config_path.exists() {
+        bail!(
+            "{} exists: this connector is already enrolled (remove the folder to enroll again)",
+            config_path.display()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let (key_pem, csr_pem) = new_key_and_csr()?;
+    let request = EnrollConnectorRequest { token, csr_pem };
+    let ca_sha256 = cred.ca_sha256.context("the token carries no CA fingerprint")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let resp: EnrollConnectorResponse = rt.block_on(async {
+        let client = sekisho_proto::http::ApiClient::new(
+            server,
+            sekisho_proto::http::pinned_tls(ca_sha256)?,
+            None,
+        )?;
+        client.post("/v1/enroll/connector", &request).await
+    })?;
+    write_atomic(&dir.join("connector.key"), &key_pem, 0o600)?;
+    write_atomic(&dir.join("connector.pem"), &resp.certificate_pem, 0o644)?;
+    write_atomic(&dir.join("ca.pem"), &resp.ca_pem, 0o644)?;
+    let config = ConnectorConfig {
+        site: resp.site.clone(),
+        broker: resp.brokers.first().context("the control plane named no broker")?.clone(),
+        broker_name: resp.broker_name.clone(),
+        tun_name: default_tun(),
+        enable_forwarding: true,
+        max_backoff_secs: default_backoff_max(),
+        tls: TlsConfig {
+            ca: PathBuf::from("ca.pem"),
+            cert: PathBuf::from("connector.pem"),
+            key: PathBuf::from("connector.key"),
+        },
+    };
+    let text = format!(
+        "# Written by `sekisho-connector enroll` for {} of site {:?}.\n{}",
+        resp.connector,
+        resp.site,
+        toml::to_string(&config)?
+    );
+    write_atomic(&config_path, &text, 0o644)?;
+    println!(
+        "enrolled {} for site {:?}; run: sekisho-connector run -c {}",
+        resp.connector,
+        resp.site,
+        config_path.display()
+    );
+    Ok(())
+}
+
+/// Validity of the certificate in `path` (Unix seconds).
+fn cert_validity(path: &Path) -> Result<(i64, i64)> {
+    let der = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .next()
+        .context("no certificate")??;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| anyhow::anyhow!("bad certificate {}: {e}", path.display()))?;
+    let v = cert.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
+/// When the certificate should be renewed: two thirds into its lifetime.
+fn renew_at(not_before: i64, not_after: i64) -> i64 {
+    not_before + (not_after - not_before) * 2 / 3
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Renews the certificate over the live link when it is due; the new key and certificate are
+/// used from the next connection on (the running one stays).
+async fn renew_loop(conn: quinn::Connection, tls: &TlsConfig) {
+    use sekisho_proto::link::{LinkAnswer, LinkRequest};
+    loop {
+        let (nb, na) = match cert_validity(&tls.cert) {
+            Ok(v) => v,
+            Err(e) => {
+                warn!("certificate renewal disabled: {e:#}");
+                return std::future::pending().await;
+            }
+        };
+        let wait = (renew_at(nb, na) - unix_now()).max(0) as u64;
+        if wait > 0 {
+            tokio::time::sleep(Duration::from_secs(wait.min(3600))).await;
+            continue;
+        }
+        let attempt = async {
+            let (key_pem, csr_pem) = new_key_and_csr()?;
+            let (mut send, mut recv) = conn.open_bi().await?;
+            send.write_all(&serde_json::to_vec(&LinkRequest::Renew { csr_pem })?)
+                .await?;
+            send.finish()?;
+            let answer = tokio::time::timeout(
+                Duration::from_secs(10),
+                recv.read_to_end(MAX_CONTROL_MESSAGE),
+            )
+            .await
+            .context("no answer")??;
+            match serde_json::from_slice::<LinkAnswer>(&answer)? {
+                LinkAnswer::Renewed { certificate_pem } => {
+                    write_atomic(&tls.key, &key_pem, 0o600)?;
+                    write_atomic(&tls.cert, &certificate_pem, 0o644)?;
+                    let (_, na) = cert_validity(&tls.cert)?;
+                    info!(
+                        valid_until = %humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + Duration::from_secs(na.max(0) as u64)),
+                        "connector certificate renewed"
+                    );
+                    anyhow::Ok(())
+                }
+                LinkAnswer::Refused { reason } => bail!("the broker refused: {reason}"),
+            }
+        };
+        if let Err(e) = attempt.await {
+            warn!("certificate renewal failed, retrying in 30 s: {e:#}");
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
     }
 }
 
@@ -228,7 +425,8 @@ fn enable_forwarding() -> Result<()> {
 }
 
 async fn run(config: ConnectorConfig) -> Result<()> {
-    let client_config = tls_client_config(&config.tls)?;
+    // Fails early on bad files; rebuilt on every connection attempt to pick up renewals.
+    tls_client_config(&config.tls)?;
     if config.enable_forwarding {
         enable_forwarding()?;
     }
@@ -240,7 +438,7 @@ async fn run(config: ConnectorConfig) -> Result<()> {
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = link_loop(&config, &client_config, &tun, &netlink, index) => {}
+        _ = link_loop(&config, &tun, &netlink, index) => {}
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
@@ -253,7 +451,6 @@ async fn run(config: ConnectorConfig) -> Result<()> {
 /// Connects, serves, and reconnects with jittered exponential backoff, forever.
 async fn link_loop(
     config: &ConnectorConfig,
-    client_config: &quinn::ClientConfig,
     tun: &AsyncDevice,
     netlink: &Netlink,
     index: u32,
@@ -263,7 +460,11 @@ async fn link_loop(
     let mut routes: Vec<IpNet> = Vec::new();
     loop {
         let started = Instant::now();
-        match connect(config, client_config).await {
+        let attempt = async {
+            let client_config = tls_client_config(&config.tls)?;
+            connect(config, &client_config).await
+        };
+        match attempt.await {
             Ok((conn, ranges)) => {
                 backoff = Duration::from_millis(250);
                 for net in &ranges {
@@ -276,7 +477,10 @@ async fn link_loop(
                 }
                 routes = ranges;
                 info!(site = %config.site, broker = %conn.remote_address(), "linked to broker");
-                let reason = forward(&conn, tun).await;
+                let reason = tokio::select! {
+                    r = forward(&conn, tun) => r,
+                    _ = renew_loop(conn.clone(), &config.tls) => "renewal stopped".into(),
+                };
                 warn!(site = %config.site, "link to broker lost: {reason}");
             }
             Err(e) => warn!("cannot link to broker {}: {e:#}", config.broker),

@@ -2,6 +2,7 @@
 //! table, keys, the connector link messages and the WireGuard engine wrapper. Everything here
 //! is pure: no sockets, no threads, no clocks (time comes in as an argument).
 
+pub mod api;
 pub mod config;
 pub mod flow;
 pub mod keys;
@@ -14,3 +15,7 @@ pub mod wg;
 /// OS glue for the client and the connector: TUN devices, addresses and routes (netlink).
 #[cfg(feature = "sys")]
 pub mod sys;
+
+/// HTTPS client of the control API (enrollment, posture refresh, admin CLI).
+#[cfg(feature = "http")]
+pub mod http;

@@ -35,3 +35,19 @@ pub enum BrokerWelcome {
 pub fn connector_cert_name(site: &str) -> String {
     format!("{site}.site.sekisho.internal")
 }
+
+/// A request a linked connector sends on a new bidirectional stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "lowercase")]
+pub enum LinkRequest {
+    /// Renew this connector's certificate: a PKCS#10 request for a fresh key.
+    Renew { csr_pem: String },
+}
+
+/// The broker's answer to a [`LinkRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "lowercase")]
+pub enum LinkAnswer {
+    Renewed { certificate_pem: String },
+    Refused { reason: String },
+}

@@ -45,6 +45,76 @@ struct RawPolicy {
     posture_checks: Vec<RawCheck>,
     #[serde(default)]
     sensitivity: RawSensitivity,
+    #[serde(default)]
+    tests: Vec<RawTest>,
+}
+
+/// A policy test: a scenario and the decision the admin expects. A policy whose tests fail is
+/// not accepted by `admin policy apply`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTest {
+    #[serde(default)]
+    name: Option<String>,
+    user: Spanned<String>,
+    /// `ADDRESS:PORT` or, for ICMP, `ADDRESS`.
+    destination: Spanned<String>,
+    #[serde(default)]
+    protocol: Option<Protocol>,
+    expect: Action,
+    /// Rule expected to decide (optional).
+    #[serde(default)]
+    rule: Option<String>,
+    /// Posture checks that fail in this scenario (the others pass).
+    #[serde(default)]
+    failing_checks: Vec<Spanned<String>>,
+}
+
+/// One policy test, checked for syntax; users are resolved when it runs, since they may live in
+/// the control plane's directory rather than the file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyTest {
+    pub name: String,
+    pub user: String,
+    pub destination: String,
+    #[serde(skip)]
+    pub key: FlowKey,
+    pub expect: Action,
+    pub rule: Option<String>,
+    pub failing_checks: Vec<String>,
+}
+
+/// The result of one policy test.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestOutcome {
+    pub name: String,
+    pub passed: bool,
+    pub detail: String,
+}
+
+/// Users, groups and devices kept by the control plane (enrolled devices, users created with the
+/// admin CLI). They are merged with the policy file's own before it is checked, so rules may
+/// name them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Directory {
+    pub groups: Vec<String>,
+    pub users: Vec<DirectoryUser>,
+    pub devices: Vec<DirectoryDevice>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectoryUser {
+    pub name: String,
+    pub groups: Vec<String>,
+    pub disabled: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectoryDevice {
+    pub name: String,
+    pub user: String,
+    pub public_key: String,
+    pub address: IpAddr,
 }
 
 /// A device check the client evaluates; only its pass/fail result leaves the device.
@@ -161,7 +231,7 @@ struct RawApp {
     sensitivity: Option<Spanned<i64>>,
 }
 
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Deserialize, Serialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -281,6 +351,7 @@ pub struct Policy {
     pub posture_checks: Vec<PostureCheck>,
     /// Checks required by sensitivity level 1, 2, 3.
     pub levels: [Vec<CheckId>; 3],
+    pub tests: Vec<PolicyTest>,
     device_by_key: HashMap<PublicKeyBytes, DeviceId>,
 }
 
@@ -331,8 +402,160 @@ impl Policy {
 
     /// Parses and checks policy text; `path` is only used in error messages.
     pub fn parse(path: &Path, text: &str) -> Result<Policy, ConfigError> {
-        let raw: RawPolicy = parse_toml(path, text)?;
-        compile(&Source { file: path, text }, raw)
+        Policy::parse_with(path, text, &Directory::default())
+    }
+
+    /// Parses policy text merged with the control plane's directory. A user or device defined
+    /// both in the file and in the directory is an error naming both places.
+    pub fn parse_with(path: &Path, text: &str, dir: &Directory) -> Result<Policy, ConfigError> {
+        let mut raw: RawPolicy = parse_toml(path, text)?;
+        let src = Source { file: path, text };
+        let here = |name: &str| Spanned::new(0..0, name.to_string());
+        for g in &dir.groups {
+            if !raw.groups.iter().any(|r| r.name.get_ref() == g) {
+                raw.groups.push(RawGroup {
+                    name: here(g),
+                    description: String::new(),
+                });
+            }
+        }
+        for u in &dir.users {
+            if let Some(r) = raw.users.iter().find(|r| r.name.get_ref() == &u.name) {
+                return Err(src.error(
+                    Some(r.name.span()),
+                    "users",
+                    format!(
+                        "user {:?} is defined in this file and in the control plane's directory; keep one",
+                        u.name
+                    ),
+                ));
+            }
+            raw.users.push(RawUser {
+                name: here(&u.name),
+                groups: u.groups.iter().map(|g| here(g)).collect(),
+                disabled: u.disabled,
+            });
+        }
+        for d in &dir.devices {
+            if let Some(r) = raw.devices.iter().find(|r| r.name.get_ref() == &d.name) {
+                return Err(src.error(
+                    Some(r.name.span()),
+                    "devices",
+                    format!(
+                        "device {:?} is defined in this file and enrolled in the control plane; keep one",
+                        d.name
+                    ),
+                ));
+            }
+            raw.devices.push(RawDevice {
+                name: here(&d.name),
+                user: here(&d.user),
+                public_key: here(&d.public_key),
+                address: Spanned::new(0..0, d.address),
+            });
+        }
+        compile(&src, raw)
+    }
+
+    pub fn user_by_name(&self, name: &str) -> Option<UserId> {
+        self.users
+            .iter()
+            .position(|u| u.name == name)
+            .map(|u| u as UserId)
+    }
+
+    pub fn check_by_name(&self, name: &str) -> Option<CheckId> {
+        self.posture_checks
+            .iter()
+            .position(|c| c.name == name)
+            .map(|c| c as CheckId)
+    }
+
+    /// The networks of the applications some allow rule opens to `user`: the split-tunnel
+    /// routes of the user's devices.
+    pub fn networks_for_user(&self, user: UserId) -> Vec<IpNet> {
+        let mut nets: Vec<IpNet> = self
+            .rules
+            .iter()
+            .filter(|r| r.action == Action::Allow && self.subject_matches(r, user))
+            .flat_map(|r| r.applications.iter())
+            .flat_map(|&a| self.applications[a as usize].networks.iter().copied())
+            .collect();
+        nets.sort();
+        nets.dedup();
+        nets
+    }
+
+    /// Claims of a device of `user` whose checks all pass except `failing` (for policy tests and
+    /// `explain`).
+    pub fn assumed_posture(&self, user: UserId, failing: &[String]) -> PostureClaims {
+        let u = &self.users[user as usize];
+        PostureClaims {
+            device: String::new(),
+            device_key: String::new(),
+            user: u.name.clone(),
+            groups: u
+                .groups
+                .iter()
+                .map(|&g| self.groups[g as usize].clone())
+                .collect(),
+            checks: self
+                .posture_checks
+                .iter()
+                .map(|c| (c.name.clone(), !failing.contains(&c.name)))
+                .collect(),
+            iat: 0,
+            exp: u64::MAX,
+            kid: String::new(),
+        }
+    }
+
+    /// Runs the policy's tests.
+    pub fn run_tests(&self) -> Vec<TestOutcome> {
+        self.tests
+            .iter()
+            .map(|t| {
+                let Some(user) = self.user_by_name(&t.user) else {
+                    return TestOutcome {
+                        name: t.name.clone(),
+                        passed: false,
+                        detail: format!("unknown user {:?}", t.user),
+                    };
+                };
+                let claims = self.assumed_posture(user, &t.failing_checks);
+                let d = self.evaluate_user(user, &t.key, Some(&claims));
+                let rule = self.rule_name(d.reason);
+                let mut passed = d.action == t.expect;
+                if let Some(want) = &t.rule {
+                    passed &= rule == Some(want.as_str());
+                }
+                let got = match d.action {
+                    Action::Allow => "allow",
+                    Action::Deny => "deny",
+                };
+                let detail = format!(
+                    "{} -> {} {}: {got} ({}{})",
+                    t.user,
+                    t.destination,
+                    match t.key.proto {
+                        PROTO_TCP => "tcp",
+                        PROTO_UDP => "udp",
+                        _ => "icmp",
+                    },
+                    self.reason_text(d.reason),
+                    match (rule, self.check_name(d.reason)) {
+                        (Some(r), _) => format!(" {r:?}"),
+                        (None, Some(c)) => format!(" {c:?}"),
+                        _ => String::new(),
+                    }
+                );
+                TestOutcome {
+                    name: t.name.clone(),
+                    passed,
+                    detail,
+                }
+            })
+            .collect()
     }
 
     pub fn device_by_key(&self, key: &PublicKeyBytes) -> Option<DeviceId> {
@@ -415,7 +638,16 @@ impl Policy {
                 reason: Reason::UnknownDevice,
             };
         };
-        let user_id = dev.user;
+        self.evaluate_user(dev.user, key, posture)
+    }
+
+    /// Decides a flow of `user_id` (see [`Policy::evaluate`]).
+    pub fn evaluate_user(
+        &self,
+        user_id: UserId,
+        key: &FlowKey,
+        posture: Option<&PostureClaims>,
+    ) -> Decision {
         if self.users[user_id as usize].disabled {
             return Decision {
                 action: Action::Deny,
@@ -803,7 +1035,61 @@ fn compile(src: &Source, raw: RawPolicy) -> Result<Policy, ConfigError> {
         checks_n.get_all(src, "sensitivity.level3", &s.level3)?,
     ];
 
+    let mut tests = Vec::new();
+    for (i, t) in raw.tests.iter().enumerate() {
+        let field = |n: &str| format!("tests[{i}].{n}");
+        let protocol = t.protocol.unwrap_or(Protocol::Tcp);
+        let text = t.destination.get_ref().trim();
+        let parsed = match protocol {
+            Protocol::Icmp => text.parse::<IpAddr>().ok().map(|a| (a, 0)),
+            _ => text
+                .parse::<std::net::SocketAddr>()
+                .ok()
+                .map(|s| (s.ip(), s.port())),
+        };
+        let Some((addr, port)) = parsed else {
+            return Err(src.error(
+                Some(t.destination.span()),
+                field("destination"),
+                "a destination is \"ADDRESS:PORT\" (or an address for ICMP)",
+            ));
+        };
+        for (j, c) in t.failing_checks.iter().enumerate() {
+            checks_n.get(src, format!("tests[{i}].failing_checks[{j}]"), c)?;
+        }
+        let key = FlowKey {
+            src: if addr.is_ipv4() {
+                IpAddr::from([0, 0, 0, 0])
+            } else {
+                IpAddr::from([0u16; 8])
+            },
+            dst: addr,
+            proto: match (protocol, addr.is_ipv4()) {
+                (Protocol::Tcp, _) => PROTO_TCP,
+                (Protocol::Udp, _) => PROTO_UDP,
+                (Protocol::Icmp, true) => PROTO_ICMP,
+                (Protocol::Icmp, false) => PROTO_ICMPV6,
+            },
+            sport: 40000,
+            dport: port,
+        };
+        tests.push(PolicyTest {
+            name: t.name.clone().unwrap_or_else(|| format!("tests[{i}]")),
+            user: t.user.get_ref().clone(),
+            destination: text.to_string(),
+            key,
+            expect: t.expect,
+            rule: t.rule.clone(),
+            failing_checks: t
+                .failing_checks
+                .iter()
+                .map(|c| c.get_ref().clone())
+                .collect(),
+        });
+    }
+
     Ok(Policy {
+        tests,
         device_range,
         posture_checks,
         levels,

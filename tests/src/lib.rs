@@ -15,6 +15,8 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 /// The workspace root.
+pub mod pg;
+
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

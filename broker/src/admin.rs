@@ -1,0 +1,447 @@
+//! `sekisho-broker admin …`: the admin CLI. `admin init` works on the database directly (it
+//! creates the first admin token); every other command calls the control API over HTTPS with
+//! an admin token, so it works from any machine that has the CA certificate and the token.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use sekisho_proto::api;
+use sekisho_proto::http::{ApiClient, ca_tls};
+use sekisho_proto::policy::{Action, Protocol};
+
+use crate::config::BrokerConfig;
+use crate::store::{Store, now_unix};
+
+#[derive(Args)]
+pub struct AdminArgs {
+    /// Broker config: the API URL, CA certificate and admin token file are taken from it.
+    #[arg(short, long, value_name = "FILE", env = "SEKISHO_BROKER_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Control API URL (overrides the config's `control.url`).
+    #[arg(long, env = "SEKISHO_SERVER", global = true)]
+    server: Option<String>,
+    /// CA certificate (PEM) the API's certificate chains to (overrides the config's `tls.ca`).
+    #[arg(long, env = "SEKISHO_CA", global = true)]
+    ca: Option<PathBuf>,
+    /// File with the admin token (overrides the config's `control.admin_token_file`).
+    #[arg(long, env = "SEKISHO_ADMIN_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
+    /// Print answers as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: AdminCommand,
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create the first admin token (on the broker host; opens the database directly) and
+    /// write it to the config's `control.admin_token_file` (mode 0600).
+    Init {
+        /// Name recorded with the token in the audit log.
+        #[arg(long, default_value = "admin")]
+        name: String,
+        /// Replace an existing token file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Users of the directory.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Groups of the directory.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// One-time enrollment tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Enrolled devices.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Enrolled connectors.
+    #[command(subcommand)]
+    Connector(ConnectorCommand),
+    /// The policy in force.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Explain a decision: can USER's (or DEVICE's) traffic reach ADDRESS:PORT, and which
+    /// rule says so? Exit code 0 when allowed, 1 when denied.
+    Explain {
+        #[arg(long, conflicts_with = "device", required_unless_present = "device")]
+        user: Option<String>,
+        #[arg(long)]
+        device: Option<String>,
+        /// Destination, ADDRESS:PORT (or ADDRESS for ICMP).
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value = "tcp")]
+        protocol: String,
+        /// With --user: assume this posture check fails (repeatable).
+        #[arg(long = "failing-check")]
+        failing_checks: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Create a user, optionally in groups (created as needed).
+    Add {
+        name: String,
+        #[arg(long = "group")]
+        groups: Vec<String>,
+    },
+    List,
+    /// Disable a user: their flows are cut and new ones denied.
+    Disable { name: String },
+    Enable { name: String },
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    Add { name: String },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a one-time enrollment token for a user's device (--user) or a site's connector
+    /// (--site). Prints the token.
+    Create {
+        #[arg(long, conflicts_with = "site", required_unless_present = "site")]
+        user: Option<String>,
+        #[arg(long)]
+        site: Option<String>,
+        /// How long the token stays valid.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    List,
+    /// Revoke a device: its tunnel and flows are cut at once and its key cannot come back.
+    Revoke { name: String },
+}
+
+#[derive(Subcommand)]
+enum ConnectorCommand {
+    List,
+    /// Revoke a connector: its link is closed and its certificate refused.
+    Revoke { name: String },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Check a policy file against the directory, run its tests and, if all pass, put it in
+    /// force.
+    Apply { file: PathBuf },
+    /// Print the policy in force.
+    Show,
+}
+
+struct Conn {
+    config: Option<BrokerConfig>,
+    server: Option<String>,
+    ca: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+}
+
+impl Conn {
+    fn client(&self) -> Result<ApiClient> {
+        let ctl = self.config.as_ref().and_then(|c| c.control.as_ref());
+        let server = self
+            .server
+            .clone()
+            .or_else(|| ctl.map(|c| c.url.clone()))
+            .context("no API URL: pass --server or --config")?;
+        let ca = self
+            .ca
+            .clone()
+            .or_else(|| self.config.as_ref().map(|c| c.tls.ca.clone()))
+            .context("no CA certificate: pass --ca or --config")?;
+        let token_file = self
+            .token_file
+            .clone()
+            .or_else(|| ctl.map(|c| c.admin_token_file.clone()))
+            .context("no admin token: pass --token-file or --config")?;
+        let ca_pem = std::fs::read_to_string(&ca)
+            .with_context(|| format!("cannot read the CA certificate {}", ca.display()))?;
+        let token = std::fs::read_to_string(&token_file)
+            .with_context(|| format!("cannot read the admin token {}", token_file.display()))?;
+        Ok(ApiClient::new(
+            &server,
+            ca_tls(&ca_pem)?,
+            Some(token.trim().to_string()),
+        )?)
+    }
+}
+
+pub fn run(args: AdminArgs) -> Result<()> {
+    let config = args
+        .config
+        .as_deref()
+        .map(BrokerConfig::load)
+        .transpose()?;
+    let conn = Conn {
+        config,
+        server: args.server,
+        ca: args.ca,
+        token_file: args.token_file,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(dispatch(conn, args.command, args.json))
+}
+
+fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce(&T) -> String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        println!("{}", text(value));
+    }
+    Ok(())
+}
+
+async fn post<Req: Serialize, Resp: DeserializeOwned>(
+    conn: &Conn,
+    path: &str,
+    body: &Req,
+) -> Result<Resp> {
+    Ok(conn.client()?.post(path, body).await?)
+}
+
+async fn get<Resp: DeserializeOwned>(conn: &Conn, path: &str) -> Result<Resp> {
+    Ok(conn.client()?.get(path).await?)
+}
+
+fn when(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(unix))
+        .to_string()
+}
+
+async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
+    match command {
+        AdminCommand::Init { name, force } => init(&conn, &name, force).await,
+        AdminCommand::User(UserCommand::Add { name, groups }) => {
+            let u: api::UserInfo =
+                post(&conn, "/v1/admin/users", &api::CreateUser { name, groups }).await?;
+            print(json, &u, |u| {
+                format!("user {} created (groups: {})", u.name, u.groups.join(", "))
+            })
+        }
+        AdminCommand::User(UserCommand::List) => {
+            let users: Vec<api::UserInfo> = get(&conn, "/v1/admin/users").await?;
+            print(json, &users, |us| {
+                us.iter()
+                    .map(|u| {
+                        format!(
+                            "{:<20} {:<30} {}",
+                            u.name,
+                            u.groups.join(","),
+                            if u.disabled { "disabled" } else { "active" }
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        }
+        AdminCommand::User(UserCommand::Disable { name }) => {
+            let u: api::UserInfo =
+                post(&conn, &format!("/v1/admin/users/{name}/disable"), &()).await?;
+            print(json, &u, |u| format!("user {} disabled", u.name))
+        }
+        AdminCommand::User(UserCommand::Enable { name }) => {
+            let u: api::UserInfo =
+                post(&conn, &format!("/v1/admin/users/{name}/enable"), &()).await?;
+            print(json, &u, |u| format!("user {} enabled", u.name))
+        }
+        AdminCommand::Group(GroupCommand::Add { name }) => {
+            let g: api::CreateGroup =
+                post(&conn, "/v1/admin/groups", &api::CreateGroup { name }).await?;
+            print(json, &g, |g| format!("group {} created", g.name))
+        }
+        AdminCommand::Token(TokenCommand::Create { user, site, ttl }) => {
+            let t: api::EnrollmentTokenInfo = post(
+                &conn,
+                "/v1/admin/enrollment-tokens",
+                &api::CreateEnrollmentToken {
+                    user,
+                    site,
+                    ttl_secs: ttl.as_secs().max(1),
+                },
+            )
+            .await?;
+            // The bare token on stdout, so scripts can capture it.
+            print(json, &t, |t| t.token.clone())
+        }
+        AdminCommand::Device(DeviceCommand::List) => {
+            let ds: Vec<api::DeviceInfo> = get(&conn, "/v1/admin/devices").await?;
+            print(json, &ds, |ds| {
+                ds.iter()
+                    .map(|d| {
+                        format!(
+                            "{:<20} {:<12} {:<16} {} {}",
+                            d.name,
+                            d.user,
+                            d.address,
+                            d.public_key,
+                            match d.revoked_at {
+                                Some(t) => format!("revoked {}", when(t)),
+                                None => format!("enrolled {}", when(d.created_at)),
+                            }
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        }
+        AdminCommand::Device(DeviceCommand::Revoke { name }) => {
+            let d: serde_json::Value =
+                post(&conn, &format!("/v1/admin/devices/{name}/revoke"), &()).await?;
+            print(json, &d, |d| d["done"].as_str().unwrap_or_default().to_string())
+        }
+        AdminCommand::Connector(ConnectorCommand::List) => {
+            let cs: Vec<api::ConnectorInfo> = get(&conn, "/v1/admin/connectors").await?;
+            print(json, &cs, |cs| {
+                cs.iter()
+                    .map(|c| {
+                        format!(
+                            "{:<22} site {:<12} cert {} until {} {}",
+                            c.name,
+                            c.site,
+                            c.serial,
+                            when(c.not_after),
+                            if c.revoked_at.is_some() { "revoked" } else { "active" }
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        }
+        AdminCommand::Connector(ConnectorCommand::Revoke { name }) => {
+            let d: serde_json::Value =
+                post(&conn, &format!("/v1/admin/connectors/{name}/revoke"), &()).await?;
+            print(json, &d, |d| d["done"].as_str().unwrap_or_default().to_string())
+        }
+        AdminCommand::Policy(PolicyCommand::Apply { file }) => apply(&conn, &file, json).await,
+        AdminCommand::Policy(PolicyCommand::Show) => {
+            let p: api::ApplyPolicy = get(&conn, "/v1/admin/policy").await?;
+            print!("{}", p.text);
+            Ok(())
+        }
+        AdminCommand::Explain {
+            user,
+            device,
+            to,
+            protocol,
+            failing_checks,
+        } => {
+            let protocol: Protocol = serde_json::from_value(serde_json::Value::String(
+                protocol.to_lowercase(),
+            ))
+            .context("--protocol is tcp, udp or icmp")?;
+            let (address, port) = match to.parse::<std::net::SocketAddr>() {
+                Ok(s) => (s.ip(), s.port()),
+                Err(_) => (
+                    to.parse::<IpAddr>()
+                        .context("--to is ADDRESS:PORT (or ADDRESS for ICMP)")?,
+                    0,
+                ),
+            };
+            let e: api::Explanation = post(
+                &conn,
+                "/v1/admin/explain",
+                &api::ExplainRequest {
+                    user,
+                    device,
+                    address,
+                    port,
+                    protocol,
+                    failing_checks,
+                },
+            )
+            .await?;
+            let allowed = e.decision == Action::Allow;
+            print(json, &e, |e| {
+                let mut s = format!(
+                    "{}: {}",
+                    if allowed { "ALLOW" } else { "DENY" },
+                    e.reason
+                );
+                if let Some(r) = &e.rule {
+                    s += &format!(" (rule {r:?})");
+                }
+                if let Some(c) = &e.check {
+                    s += &format!(" (check {c:?})");
+                }
+                if let Some(a) = &e.application {
+                    s += &format!("\napplication: {a}");
+                }
+                if !e.required_checks.is_empty() {
+                    s += &format!("\nrequired posture checks: {}", e.required_checks.join(", "));
+                }
+                s += &format!("\nposture: {}", e.posture);
+                s
+            })?;
+            if !allowed {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn apply(conn: &Conn, file: &Path, json: bool) -> Result<()> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    // Check syntax locally first, so errors name the admin's own file and line.
+    sekisho_proto::policy::Policy::parse(file, &text).map_err(anyhow::Error::from)?;
+    match post::<_, api::PolicyApplied>(conn, "/v1/admin/policy", &api::ApplyPolicy { text })
+        .await
+    {
+        Ok(applied) => print(json, &applied, |a| {
+            let mut s = format!("policy version {} in force", a.version);
+            for t in &a.tests {
+                s += &format!("\n  ok    {}: {}", t.name, t.detail);
+            }
+            s
+        }),
+        Err(e) => {
+            // Failing tests come back in the refusal; show them.
+            bail!("policy not applied: {e:#}")
+        }
+    }
+}
+
+async fn init(conn: &Conn, name: &str, force: bool) -> Result<()> {
+    let config = conn
+        .config
+        .as_ref()
+        .context("admin init needs --config (the broker's config file)")?;
+    let ctl = config
+        .control
+        .as_ref()
+        .context("the broker config has no [control] section")?;
+    let out = conn.token_file.clone().unwrap_or(ctl.admin_token_file.clone());
+    if out.exists() && !force {
+        bail!(
+            "{} already exists (pass --force to create another token and replace it)",
+            out.display()
+        );
+    }
+    let store = Store::open(&ctl.database).await?;
+    let (id, secret) = store.create_admin_token(name, now_unix()).await?;
+    let token = api::Credential::format(api::ADMIN_PREFIX, &id, &secret, None);
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).ok();
+    }
+    crate::pki::write_private(&out, &format!("{token}\n"))?;
+    println!("admin token for {name:?} written to {}", out.display());
+    Ok(())
+}

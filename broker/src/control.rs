@@ -1,0 +1,1030 @@
+//! The control plane inside the broker: the HTTPS + JSON API (axum on rustls) for enrollment,
+//! posture tokens and administration, over the store.
+//!
+//! Every change to users, groups, devices or the policy rebuilds the effective policy (policy
+//! text merged with the store's directory) and hands it to the data path, which re-decides
+//! cached flows on their next packet; a revoked device's peer and flows are removed at once.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use rustls_pki_types::PrivateKeyDer;
+use rustls_pki_types::pem::PemObject;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+use tracing::{error, info, warn};
+
+use sekisho_proto::api::{self, ADMIN_PREFIX, Credential, DEVICE_PREFIX, ENROLL_PREFIX};
+use sekisho_proto::keys::PublicKeyBytes;
+use sekisho_proto::packet::{FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+use sekisho_proto::policy::{Policy, Protocol};
+use sekisho_proto::posture::{PostureClaims, TokenSigner, TokenVerifier};
+
+use crate::config::ControlConfig;
+use crate::pki::{Ca, cert_serial};
+use crate::store::{DeviceRecord, EnrollError, Store, TokenKind, now_unix};
+use crate::{SharedRef, lock};
+
+/// Largest request body accepted (policy files included).
+const MAX_BODY: usize = 4 << 20;
+
+pub struct Control {
+    pub store: Store,
+    shared: SharedRef,
+    config: ControlConfig,
+    ca: Ca,
+    signer: TokenSigner,
+    broker_key: String,
+    /// The policy text in force and the name it is reported under in errors.
+    policy_text: Mutex<(PathBuf, String)>,
+    /// Serializes changes, so rebuilds see them in order.
+    change: tokio::sync::Mutex<()>,
+    audit: Mutex<Option<std::fs::File>>,
+}
+
+/// An API error: status and message, as `{"error": "..."}`.
+pub struct ApiErr(StatusCode, String);
+
+impl IntoResponse for ApiErr {
+    fn into_response(self) -> Response {
+        (self.0, Json(api::ApiError { error: self.1 })).into_response()
+    }
+}
+
+impl From<anyhow::Error> for ApiErr {
+    fn from(e: anyhow::Error) -> Self {
+        error!("control API internal error: {e:#}");
+        ApiErr(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())
+    }
+}
+
+fn bad(status: StatusCode, msg: impl Into<String>) -> ApiErr {
+    ApiErr(status, msg.into())
+}
+
+type ApiResult<T> = std::result::Result<Json<T>, ApiErr>;
+type Ctl = State<Arc<Control>>;
+
+impl Control {
+    /// Opens the store, imports the policy file when the store has none, and builds the
+    /// effective policy. Returns the control plane and the policy to start the data path with.
+    pub async fn open(
+        config: &ControlConfig,
+        policy_file: &Path,
+        ca_cert: &Path,
+    ) -> Result<(Store, Policy, (PathBuf, String), Ca, TokenSigner)> {
+        let store = Store::open(&config.database).await?;
+        info!(backend = store.backend(), "control plane store open");
+        let text = match store.latest_policy().await? {
+            Some((version, text)) => {
+                info!(version, "policy from the store");
+                text
+            }
+            None => {
+                let text = std::fs::read_to_string(policy_file).with_context(|| {
+                    format!("cannot read the policy {}", policy_file.display())
+                })?;
+                let dir = store.directory().await?;
+                Policy::parse_with(policy_file, &text, &dir)?;
+                let v = store.save_policy(&text, now_unix(), "import").await?;
+                info!(version = v, file = %policy_file.display(), "policy file imported into the store");
+                text
+            }
+        };
+        let label = PathBuf::from("policy.toml (stored)");
+        let dir = store.directory().await?;
+        let policy = Policy::parse_with(&label, &text, &dir)?;
+        let ca = Ca::load(ca_cert, &config.ca_key)?;
+        let signer = store.signing_key(now_unix()).await?;
+        Ok((store, policy, (label, text), ca, signer))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Store,
+        shared: SharedRef,
+        config: ControlConfig,
+        ca: Ca,
+        signer: TokenSigner,
+        broker_key: String,
+        policy_text: (PathBuf, String),
+    ) -> Result<Arc<Control>> {
+        let audit = if config.audit_log == Path::new("-") {
+            None
+        } else {
+            if let Some(dir) = config.audit_log.parent() {
+                std::fs::create_dir_all(dir).ok();
+            }
+            Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&config.audit_log)
+                    .with_context(|| {
+                        format!("cannot open the audit log {}", config.audit_log.display())
+                    })?,
+            )
+        };
+        lock(&shared)
+            .core
+            .set_token_keys(TokenVerifier::from_signer(&signer));
+        Ok(Arc::new(Control {
+            store,
+            shared,
+            config,
+            ca,
+            signer,
+            broker_key,
+            policy_text: Mutex::new(policy_text),
+            change: tokio::sync::Mutex::new(()),
+            audit: Mutex::new(audit),
+        }))
+    }
+
+    /// Appends one audit record (JSON line).
+    fn audit(&self, event: &str, actor: &str, detail: serde_json::Value) {
+        let line = serde_json::json!({
+            "ts": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            "event": event,
+            "actor": actor,
+            "detail": detail,
+        });
+        let mut g = self.audit.lock().unwrap_or_else(|e| e.into_inner());
+        match g.as_mut() {
+            Some(f) => {
+                if let Err(e) = writeln!(f, "{line}") {
+                    warn!(%e, "cannot write the audit log");
+                }
+            }
+            None => println!("{line}"),
+        }
+    }
+
+    fn policy(&self) -> Arc<Policy> {
+        lock(&self.shared).core.policy().clone()
+    }
+
+    /// Rebuilds the effective policy from the policy text and the directory, and installs it.
+    async fn rebuild(&self) -> Result<(), ApiErr> {
+        let dir = self.store.directory().await?;
+        let (label, text) = self
+            .policy_text
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let policy = Policy::parse_with(&label, &text, &dir).map_err(|e| {
+            error!("the directory change cannot be merged with the policy: {e}");
+            bad(
+                StatusCode::CONFLICT,
+                format!("stored, but the policy cannot be rebuilt: {e}"),
+            )
+        })?;
+        let mut g = lock(&self.shared);
+        g.core.set_policy(policy);
+        info!(
+            generation = g.core.stats().policy_generation,
+            "policy rebuilt"
+        );
+        Ok(())
+    }
+
+    /// Validates `text` against the directory, runs its tests and installs it.
+    pub async fn apply_policy(
+        &self,
+        label: &Path,
+        text: &str,
+        by: &str,
+    ) -> std::result::Result<api::PolicyApplied, (StatusCode, api::PolicyRejected)> {
+        let _g = self.change.lock().await;
+        let internal = |e: anyhow::Error| {
+            error!("policy apply: {e:#}");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                api::PolicyRejected {
+                    error: "internal error".into(),
+                    tests: vec![],
+                },
+            )
+        };
+        let dir = self.store.directory().await.map_err(internal)?;
+        let policy = Policy::parse_with(label, text, &dir).map_err(|e| {
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                api::PolicyRejected {
+                    error: e.to_string(),
+                    tests: vec![],
+                },
+            )
+        })?;
+        let tests = policy.run_tests();
+        let failed = tests.iter().filter(|t| !t.passed).count();
+        if failed > 0 {
+            self.audit(
+                "policy",
+                by,
+                serde_json::json!({"result": "rejected", "failed_tests": failed}),
+            );
+            return Err((
+                StatusCode::UNPROCESSABLE_ENTITY,
+                api::PolicyRejected {
+                    error: format!("{failed} of {} policy tests failed", tests.len()),
+                    tests,
+                },
+            ));
+        }
+        let version = self
+            .store
+            .save_policy(text, now_unix(), by)
+            .await
+            .map_err(internal)?;
+        *self.policy_text.lock().unwrap_or_else(|e| e.into_inner()) =
+            (PathBuf::from("policy.toml (stored)"), text.to_string());
+        lock(&self.shared).core.set_policy(policy);
+        info!(version, by, "policy applied");
+        self.audit(
+            "policy",
+            by,
+            serde_json::json!({"result": "applied", "version": version, "tests": tests.len()}),
+        );
+        Ok(api::PolicyApplied {
+            version: version as u64,
+            tests,
+        })
+    }
+
+    /// What a device needs to run, from the current policy.
+    fn device_config(&self, dev: &DeviceRecord) -> api::DeviceConfig {
+        let policy = self.policy();
+        let routes = policy
+            .user_by_name(&dev.user)
+            .map(|u| policy.networks_for_user(u))
+            .unwrap_or_default();
+        api::DeviceConfig {
+            device: dev.name.clone(),
+            user: dev.user.clone(),
+            address: dev.address,
+            device_range: policy.device_range,
+            brokers: vec![api::BrokerInfo {
+                endpoint: self.config.wireguard_endpoint.clone(),
+                public_key: self.broker_key.clone(),
+            }],
+            routes,
+            checks: api::check_specs(&policy),
+        }
+    }
+
+    /// Issues a new certificate to the connector that holds the certificate `serial` (the
+    /// one its live link was authenticated with). Returns the certificate PEM.
+    pub async fn renew_connector(
+        &self,
+        serial: &str,
+        site: &str,
+        csr_pem: &str,
+    ) -> std::result::Result<String, String> {
+        let internal = |e: anyhow::Error| format!("{e:#}");
+        let (name, enrolled_site) = self
+            .store
+            .connector_by_serial(serial)
+            .await
+            .map_err(internal)?
+            .ok_or("this connector is not enrolled or was revoked")?;
+        if enrolled_site != site {
+            return Err("site mismatch".into());
+        }
+        let (pem, new_serial, not_after) = self
+            .ca
+            .sign_connector(csr_pem, site, self.config.connector_cert_lifetime)
+            .map_err(internal)?;
+        if !self
+            .store
+            .renew_connector(&name, &new_serial, not_after)
+            .await
+            .map_err(internal)?
+        {
+            return Err("this connector was revoked".into());
+        }
+        info!(connector = %name, site, serial = %new_serial, "connector certificate renewed");
+        self.audit(
+            "connector_renewed",
+            &name,
+            serde_json::json!({"site": site, "serial": new_serial, "not_after": not_after}),
+        );
+        Ok(pem)
+    }
+
+    /// Closes the live links of connectors whose certificates are no longer active.
+    async fn drop_revoked_links(&self) {
+        let links: Vec<(String, quinn::Connection)> = lock(&self.shared)
+            .links
+            .iter()
+            .map(|(s, c)| (s.clone(), c.clone()))
+            .collect();
+        for (site, conn) in links {
+            let serial = crate::peer_leaf(&conn).and_then(|der| cert_serial(&der));
+            let active = match &serial {
+                Some(s) => self.store.connector_by_serial(s).await.ok().flatten(),
+                None => None,
+            };
+            if active.is_none() {
+                info!(site = %site, "closing the link of a revoked connector");
+                conn.close(2u32.into(), b"connector revoked");
+            }
+        }
+    }
+}
+
+/// Serves the API on `listen` with the broker's certificate (and the CA, so devices that pin
+/// the CA find it in the chain).
+pub async fn serve(
+    control: Arc<Control>,
+    listen: SocketAddr,
+    cert_chain: Vec<rustls_pki_types::CertificateDer<'static>>,
+    key_file: &Path,
+) -> Result<(tokio::task::JoinHandle<()>, SocketAddr)> {
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .with_context(|| format!("cannot read private key {}", key_file.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(cert_chain, key)
+        .context("API certificate and key do not match")?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot bind the control API on {listen}"))?;
+    let bound = listener.local_addr()?;
+    info!(addr = %bound, "control API listening (HTTPS)");
+    let app = router(control);
+    let task = tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(%e, "control API accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        info!(%remote, "control API TLS handshake failed: {e}");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let service = TowerToHyperService::new(app);
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await
+                {
+                    tracing::debug!(%remote, "control API connection: {e}");
+                }
+            });
+        }
+    });
+    Ok((task, bound))
+}
+
+pub fn router(control: Arc<Control>) -> Router {
+    Router::new()
+        .route("/v1/enroll/device", post(enroll_device))
+        .route("/v1/enroll/connector", post(enroll_connector))
+        .route("/v1/posture", post(posture))
+        .route("/v1/admin/users", get(list_users).post(create_user))
+        .route("/v1/admin/users/{name}/disable", post(disable_user))
+        .route("/v1/admin/users/{name}/enable", post(enable_user))
+        .route("/v1/admin/groups", post(create_group))
+        .route("/v1/admin/enrollment-tokens", post(create_token))
+        .route("/v1/admin/devices", get(list_devices))
+        .route("/v1/admin/devices/{name}/revoke", post(revoke_device))
+        .route("/v1/admin/connectors", get(list_connectors))
+        .route("/v1/admin/connectors/{name}/revoke", post(revoke_connector))
+        .route("/v1/admin/policy", get(get_policy).put(put_policy))
+        .route("/v1/admin/explain", post(explain))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(control)
+}
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+/// An authenticated admin (by admin token).
+pub struct Admin(String);
+
+impl FromRequestParts<Arc<Control>> for Admin {
+    type Rejection = ApiErr;
+
+    async fn from_request_parts(parts: &mut Parts, ctl: &Arc<Control>) -> Result<Self, ApiErr> {
+        let Some(text) = bearer(parts) else {
+            return Err(bad(
+                StatusCode::UNAUTHORIZED,
+                "authentication required: an admin token (Authorization: Bearer SKA1.…)",
+            ));
+        };
+        if text.starts_with(DEVICE_PREFIX) {
+            return Err(bad(
+                StatusCode::FORBIDDEN,
+                "device credentials cannot call admin endpoints",
+            ));
+        }
+        let cred = Credential::parse(ADMIN_PREFIX, text)
+            .map_err(|e| bad(StatusCode::UNAUTHORIZED, e.to_string()))?;
+        match ctl.store.admin_by_token(&cred.id, &cred.secret).await? {
+            Some(name) => Ok(Admin(name)),
+            None => Err(bad(StatusCode::UNAUTHORIZED, "unknown or revoked admin token")),
+        }
+    }
+}
+
+/// An authenticated, active device (by device credential).
+pub struct DeviceAuth(DeviceRecord);
+
+impl FromRequestParts<Arc<Control>> for DeviceAuth {
+    type Rejection = ApiErr;
+
+    async fn from_request_parts(parts: &mut Parts, ctl: &Arc<Control>) -> Result<Self, ApiErr> {
+        let Some(text) = bearer(parts) else {
+            return Err(bad(
+                StatusCode::UNAUTHORIZED,
+                "authentication required: a device credential",
+            ));
+        };
+        let cred = Credential::parse(DEVICE_PREFIX, text)
+            .map_err(|e| bad(StatusCode::UNAUTHORIZED, e.to_string()))?;
+        match ctl.store.device_by_credential(&cred.id, &cred.secret).await? {
+            Some(d) => Ok(DeviceAuth(d)),
+            None => Err(bad(
+                StatusCode::UNAUTHORIZED,
+                "unknown or revoked device credential",
+            )),
+        }
+    }
+}
+
+/// Parses a JSON body, keeping the raw bytes for the audit log.
+fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<(T, serde_json::Value), ApiErr> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}")))?;
+    let parsed = serde_path_to_error::deserialize(value.clone())
+        .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("bad request: {e}")))?;
+    Ok((parsed, value))
+}
+
+/// The request as received, for the audit log, with its one-time token blanked.
+fn redacted(mut value: serde_json::Value) -> serde_json::Value {
+    if let Some(t) = value.get_mut("token") {
+        *t = serde_json::Value::String("[redacted]".into());
+    }
+    value
+}
+
+fn enroll_refusal(e: EnrollError) -> ApiErr {
+    let status = match e {
+        EnrollError::Unknown | EnrollError::Used | EnrollError::Expired => StatusCode::UNAUTHORIZED,
+        EnrollError::WrongKind(_) => StatusCode::BAD_REQUEST,
+        EnrollError::Conflict(_) | EnrollError::NoAddress(_) => StatusCode::CONFLICT,
+    };
+    bad(status, e.to_string())
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn check_name(kind: &str, name: &str) -> Result<(), ApiErr> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(bad(
+            StatusCode::BAD_REQUEST,
+            format!("bad {kind} name {name:?}: use 1-63 letters, digits, '-', '_' or '.'"),
+        ))
+    }
+}
+
+async fn enroll_device(State(ctl): Ctl, body: Bytes) -> ApiResult<api::EnrollDeviceResponse> {
+    let (req, raw): (api::EnrollDeviceRequest, _) = parse_body(&body)?;
+    let remote_audit = redacted(raw);
+    let refuse = |e: ApiErr| {
+        ctl.audit(
+            "enroll_device",
+            "-",
+            serde_json::json!({"result": "refused", "reason": e.1, "request": remote_audit}),
+        );
+        e
+    };
+    let cred = Credential::parse(ENROLL_PREFIX, &req.token)
+        .map_err(|e| refuse(bad(StatusCode::UNAUTHORIZED, e.to_string())))?;
+    PublicKeyBytes::parse(&req.public_key).map_err(|e| {
+        refuse(bad(
+            StatusCode::BAD_REQUEST,
+            format!("bad public key: {e}"),
+        ))
+    })?;
+    check_name("device", &req.name).map_err(refuse)?;
+    let _g = ctl.change.lock().await;
+    let range = ctl.policy().device_range;
+    let (dev, cred_id, cred_secret) = ctl
+        .store
+        .enroll_device(
+            &cred.id,
+            &cred.secret,
+            now_unix(),
+            &req.name,
+            &req.public_key,
+            range,
+        )
+        .await?
+        .map_err(|e| refuse(enroll_refusal(e)))?;
+    ctl.rebuild().await?;
+    info!(device = %dev.name, user = %dev.user, address = %dev.address, "device enrolled");
+    ctl.audit(
+        "enroll_device",
+        &dev.user,
+        serde_json::json!({"result": "enrolled", "device": dev.name, "address": dev.address,
+            "request": remote_audit}),
+    );
+    Ok(Json(api::EnrollDeviceResponse {
+        config: ctl.device_config(&dev),
+        credential: Credential::format(DEVICE_PREFIX, &cred_id, &cred_secret, None),
+        ca_pem: ctl.ca.cert_pem.clone(),
+    }))
+}
+
+async fn enroll_connector(
+    State(ctl): Ctl,
+    body: Bytes,
+) -> ApiResult<api::EnrollConnectorResponse> {
+    let (req, raw): (api::EnrollConnectorRequest, _) = parse_body(&body)?;
+    let remote_audit = redacted(raw);
+    let refuse = |e: ApiErr| {
+        ctl.audit(
+            "enroll_connector",
+            "-",
+            serde_json::json!({"result": "refused", "reason": e.1}),
+        );
+        e
+    };
+    let cred = Credential::parse(ENROLL_PREFIX, &req.token)
+        .map_err(|e| refuse(bad(StatusCode::UNAUTHORIZED, e.to_string())))?;
+    // A bad request must not use up the token: check it before the transaction.
+    rcgen::CertificateSigningRequestParams::from_pem(&req.csr_pem).map_err(|e| {
+        refuse(bad(
+            StatusCode::BAD_REQUEST,
+            format!("bad certificate request: {e}"),
+        ))
+    })?;
+    let lifetime = ctl.config.connector_cert_lifetime;
+    let (site, name, pem) = ctl
+        .store
+        .enroll_connector(&cred.id, &cred.secret, now_unix(), |site, _| {
+            ctl.ca.sign_connector(&req.csr_pem, site, lifetime)
+        })
+        .await?
+        .map_err(|e| refuse(enroll_refusal(e)))?;
+    info!(site = %site, connector = %name, "connector enrolled");
+    let mut audit_req = remote_audit;
+    if let Some(obj) = audit_req.as_object_mut() {
+        obj.remove("csr_pem");
+        obj.insert("csr".into(), "[PKCS#10 request]".into());
+    }
+    ctl.audit(
+        "enroll_connector",
+        &site,
+        serde_json::json!({"result": "enrolled", "connector": name, "request": audit_req}),
+    );
+    Ok(Json(api::EnrollConnectorResponse {
+        site,
+        connector: name,
+        certificate_pem: pem,
+        ca_pem: ctl.ca.cert_pem.clone(),
+        brokers: vec![ctl.config.connector_endpoint.clone()],
+        broker_name: ctl.config.broker_name.clone(),
+    }))
+}
+
+async fn posture(
+    State(ctl): Ctl,
+    DeviceAuth(dev): DeviceAuth,
+    body: Bytes,
+) -> ApiResult<api::PostureResponse> {
+    let (req, raw): (api::PostureRequest, _) = parse_body(&body)?;
+    let policy = ctl.policy();
+    let Some(user) = policy.user_by_name(&dev.user) else {
+        return Err(bad(StatusCode::CONFLICT, "the device's user is unknown"));
+    };
+    // Only results of checks the policy declares are attested.
+    let checks = policy
+        .posture_checks
+        .iter()
+        .map(|c| (c.name.clone(), req.checks.get(&c.name).copied().unwrap_or(false)))
+        .collect();
+    let u = &policy.users[user as usize];
+    let now = now_unix();
+    let lifetime = ctl.config.posture_token_lifetime.as_secs().max(10);
+    let claims = PostureClaims {
+        device: dev.name.clone(),
+        device_key: dev.public_key.clone(),
+        user: dev.user.clone(),
+        groups: u
+            .groups
+            .iter()
+            .map(|&g| policy.groups[g as usize].clone())
+            .collect(),
+        checks,
+        iat: now,
+        exp: now + lifetime,
+        kid: String::new(),
+    };
+    let token = ctl.signer.issue(claims.clone());
+    let failing: Vec<&String> = claims
+        .checks
+        .iter()
+        .filter(|(_, ok)| !**ok)
+        .map(|(n, _)| n)
+        .collect();
+    ctl.audit(
+        "posture",
+        &dev.user,
+        serde_json::json!({"device": dev.name, "failing_checks": failing, "request": raw}),
+    );
+    Ok(Json(api::PostureResponse {
+        token,
+        expires_at: now + lifetime,
+        refresh_after: lifetime / 2,
+        config: ctl.device_config(&dev),
+    }))
+}
+
+async fn list_users(State(ctl): Ctl, _: Admin) -> ApiResult<Vec<api::UserInfo>> {
+    Ok(Json(
+        ctl.store
+            .users()
+            .await?
+            .into_iter()
+            .map(|u| api::UserInfo {
+                name: u.name,
+                groups: u.groups,
+                disabled: u.disabled,
+            })
+            .collect(),
+    ))
+}
+
+async fn create_user(
+    State(ctl): Ctl,
+    Admin(admin): Admin,
+    body: Bytes,
+) -> ApiResult<api::UserInfo> {
+    let (req, _): (api::CreateUser, _) = parse_body(&body)?;
+    check_name("user", &req.name)?;
+    for g in &req.groups {
+        check_name("group", g)?;
+    }
+    let _g = ctl.change.lock().await;
+    if ctl.policy().user_by_name(&req.name).is_some() {
+        return Err(bad(
+            StatusCode::CONFLICT,
+            format!("user {:?} already exists", req.name),
+        ));
+    }
+    if !ctl
+        .store
+        .create_user(&req.name, &req.groups, now_unix())
+        .await?
+    {
+        return Err(bad(
+            StatusCode::CONFLICT,
+            format!("user {:?} already exists", req.name),
+        ));
+    }
+    ctl.rebuild().await?;
+    ctl.audit(
+        "user_created",
+        &admin,
+        serde_json::json!({"user": req.name, "groups": req.groups}),
+    );
+    Ok(Json(api::UserInfo {
+        name: req.name,
+        groups: req.groups,
+        disabled: false,
+    }))
+}
+
+async fn set_disabled(ctl: &Control, admin: &str, name: &str, disabled: bool) -> ApiResult<api::UserInfo> {
+    let _g = ctl.change.lock().await;
+    if !ctl.store.set_user_disabled(name, disabled).await? {
+        return Err(bad(StatusCode::NOT_FOUND, format!("no user {name:?} in the directory")));
+    }
+    ctl.rebuild().await?;
+    ctl.audit(
+        if disabled { "user_disabled" } else { "user_enabled" },
+        admin,
+        serde_json::json!({"user": name}),
+    );
+    let user = ctl
+        .store
+        .users()
+        .await?
+        .into_iter()
+        .find(|u| u.name == name)
+        .ok_or_else(|| bad(StatusCode::NOT_FOUND, "user vanished"))?;
+    Ok(Json(api::UserInfo {
+        name: user.name,
+        groups: user.groups,
+        disabled: user.disabled,
+    }))
+}
+
+async fn disable_user(
+    State(ctl): Ctl,
+    Admin(admin): Admin,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<api::UserInfo> {
+    set_disabled(&ctl, &admin, &name, true).await
+}
+
+async fn enable_user(
+    State(ctl): Ctl,
+    Admin(admin): Admin,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<api::UserInfo> {
+    set_disabled(&ctl, &admin, &name, false).await
+}
+
+async fn create_group(
+    State(ctl): Ctl,
+    Admin(admin): Admin,
+    body: Bytes,
+) -> ApiResult<api::CreateGroup> {
+    let (req, _): (api::CreateGroup, _) = parse_body(&body)?;
+    check_name("group", &req.name)?;
+    let _g = ctl.change.lock().await;
+    if !ctl.store.create_group(&req.name, now_unix()).await? {
+        return Err(bad(
+            StatusCode::CONFLICT,
+            format!("group {:?} already exists", req.name),
+        ));
+    }
+    ctl.rebuild().await?;
+    ctl.audit("group_created", &admin, serde_json::json!({"group": req.name}));
+    Ok(Json(req))
+}
+
+async fn create_token(
+    State(ctl): Ctl,
+    Admin(admin): Admin,
+    body: Bytes,
+) -> ApiResult<api::EnrollmentTokenInfo> {
+    let (req, _): (api::CreateEnrollmentToken, _) = parse_body(&body)?;
+    if req.ttl_secs == 0 || req.ttl_secs > 30 * 86400 {
+        return Err(bad(
+            StatusCode::BAD_REQUEST,
+            "ttl_secs must be between 1 second and 30 days",
+        ));
+    }
+    let (kind, subject) = match (&req.user, &req.site) {
+        (Some(user), None) => {
+            if !ctl.store.users().await?.iter().any(|u| &u.name == user) {
+                return Err(bad(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "no user {user:?} in the directory (create it with `sekisho-broker admin user add`)"
+                    ),
+                ));
+            }
+            (TokenKind::Device, user.clone())
+        }
+        (None, Some(site)) => {
+            if !ctl.policy().sites.contains(site) {
+                return Err(bad(
+                    StatusCode::NOT_FOUND,
+                    format!("no site {site:?} in the policy"),
+                ));
+            }
+            (TokenKind::Connector, site.clone())
+        }
+        _ => {
+            return Err(bad(
+                StatusCode::BAD_REQUEST,
+                "give exactly one of `user` (a device token) or `site` (a connector token)",
+            ));
+        }
+    };
+    let now = now_unix();
+    let (id, secret) = ctl
+        .store
+        .create_enrollment_token(kind, &subject, now, req.ttl_secs)
+        .await?;
+    ctl.audit(
+        "enrollment_token_created",
+        &admin,
+        serde_json::json!({"id": id, "for": subject, "kind": format!("{kind:?}").to_lowercase(),
+            "expires_at": now + req.ttl_secs}),
+    );
+    Ok(Json(api::EnrollmentTokenInfo {
+        token: Credential::format(ENROLL_PREFIX, &id, &secret, Some(&ctl.ca.sha256)),
+        expires_at: now + req.ttl_secs,
+    }))
+}
+
+async fn list_devices(State(ctl): Ctl, _: Admin) -> ApiResult<Vec<api::DeviceInfo>> {
+    Ok(Json(
+        ctl.store
+            .devices()
+            .await?
+            .into_iter()
+            .map(|d| api::DeviceInfo {
+                name: d.name,
+                user: d.user,
+                address: d.address,
+                public_key: d.public_key,
+                created_at: d.created_at,
+                revoked_at: d.revoked_at,
+            })
+            .collect(),
+    ))
+}
+
+#[derive(Serialize)]
+pub struct Done {
+    pub done: String,
+}
+
+async fn revoke_device(
+    State(ctl): Ctl,
+    Admin(admin): Admin,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Done> {
+    let _g = ctl.change.lock().await;
+    if !ctl.store.revoke_device(&name, now_unix()).await? {
+        return Err(bad(
+            StatusCode::NOT_FOUND,
+            format!("no active device {name:?}"),
+        ));
+    }
+    ctl.rebuild().await?;
+    info!(device = %name, by = %admin, "device revoked");
+    ctl.audit("device_revoked", &admin, serde_json::json!({"device": name}));
+    Ok(Json(Done {
+        done: format!("device {name} revoked; its tunnel and flows are cut"),
+    }))
+}
+
+async fn list_connectors(State(ctl): Ctl, _: Admin) -> ApiResult<Vec<api::ConnectorInfo>> {
+    Ok(Json(
+        ctl.store
+            .connectors()
+            .await?
+            .into_iter()
+            .map(|c| api::ConnectorInfo {
+                name: c.name,
+                site: c.site,
+                serial: c.serial,
+                not_after: c.not_after,
+                created_at: c.created_at,
+                revoked_at: c.revoked_at,
+            })
+            .collect(),
+    ))
+}
+
+async fn revoke_connector(
+    State(ctl): Ctl,
+    Admin(admin): Admin,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Done> {
+    if !ctl.store.revoke_connector(&name, now_unix()).await? {
+        return Err(bad(
+            StatusCode::NOT_FOUND,
+            format!("no active connector {name:?}"),
+        ));
+    }
+    ctl.drop_revoked_links().await;
+    ctl.audit("connector_revoked", &admin, serde_json::json!({"connector": name}));
+    Ok(Json(Done {
+        done: format!("connector {name} revoked; its link is closed"),
+    }))
+}
+
+async fn get_policy(State(ctl): Ctl, _: Admin) -> ApiResult<api::ApplyPolicy> {
+    let text = ctl
+        .policy_text
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .1
+        .clone();
+    Ok(Json(api::ApplyPolicy { text }))
+}
+
+async fn put_policy(State(ctl): Ctl, Admin(admin): Admin, body: Bytes) -> Response {
+    let req: api::ApplyPolicy = match parse_body(&body) {
+        Ok((r, _)) => r,
+        Err(e) => return e.into_response(),
+    };
+    match ctl
+        .apply_policy(Path::new("policy.toml"), &req.text, &admin)
+        .await
+    {
+        Ok(applied) => Json(applied).into_response(),
+        Err((status, rejected)) => (status, Json(rejected)).into_response(),
+    }
+}
+
+async fn explain(State(ctl): Ctl, _: Admin, body: Bytes) -> ApiResult<api::Explanation> {
+    let (req, _): (api::ExplainRequest, _) = parse_body(&body)?;
+    let policy = ctl.policy();
+    let key = FlowKey {
+        proto: match (req.protocol, req.address.is_ipv4()) {
+            (Protocol::Tcp, _) => PROTO_TCP,
+            (Protocol::Udp, _) => PROTO_UDP,
+            (Protocol::Icmp, true) => PROTO_ICMP,
+            (Protocol::Icmp, false) => PROTO_ICMPV6,
+        },
+        src: policy.device_range.network(),
+        dst: req.address,
+        sport: 40000,
+        dport: req.port,
+    };
+    let (decision, posture) = match (&req.user, &req.device) {
+        (Some(user), None) => {
+            let id = policy
+                .user_by_name(user)
+                .ok_or_else(|| bad(StatusCode::NOT_FOUND, format!("no user {user:?}")))?;
+            for c in &req.failing_checks {
+                if policy.check_by_name(c).is_none() {
+                    return Err(bad(StatusCode::BAD_REQUEST, format!("no posture check {c:?}")));
+                }
+            }
+            let claims = policy.assumed_posture(id, &req.failing_checks);
+            (policy.evaluate_user(id, &key, Some(&claims)), "assumed")
+        }
+        (None, Some(device)) => {
+            let id = policy
+                .devices
+                .iter()
+                .position(|d| &d.name == device)
+                .ok_or_else(|| bad(StatusCode::NOT_FOUND, format!("no active device {device:?}")))?;
+            let claims = lock(&ctl.shared).core.posture_of(&policy.devices[id].public_key);
+            let d = policy.evaluate(id as u32, &key, claims.as_ref());
+            (d, if claims.is_some() { "token" } else { "none" })
+        }
+        _ => {
+            return Err(bad(
+                StatusCode::BAD_REQUEST,
+                "give exactly one of `user` or `device`",
+            ));
+        }
+    };
+    let required = decision
+        .application
+        .map(|a| {
+            policy
+                .required_checks(a)
+                .iter()
+                .map(|&c| policy.posture_checks[c as usize].name.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Json(api::Explanation {
+        decision: decision.action,
+        application: policy.app_name(decision.application).map(str::to_string),
+        rule: policy.rule_name(decision.reason).map(str::to_string),
+        reason: policy.reason_text(decision.reason).to_string(),
+        check: policy.check_name(decision.reason).map(str::to_string),
+        required_checks: required,
+        posture: posture.to_string(),
+    }))
+}

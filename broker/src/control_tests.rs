@@ -1,0 +1,476 @@
+//! Control-plane tests over real HTTPS (axum + rustls on loopback), against SQLite and against
+//! a PostgreSQL server started for the test (see `sekisho_tests::pg`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sekisho_proto::api::{self, Credential, ENROLL_PREFIX};
+use sekisho_proto::flow::IdleTimeouts;
+use sekisho_proto::http::{ApiClient, CallError, ca_tls, pinned_tls};
+use sekisho_proto::keys::{PrivateKey, PublicKeyBytes};
+use sekisho_proto::posture::TokenVerifier;
+
+use crate::config::ControlConfig;
+use crate::control::{Control, serve};
+use crate::core::BrokerCore;
+use crate::store::{Store, TokenKind, now_unix};
+use crate::{Shared, SharedRef, lock, pki};
+
+const POLICY: &str = r#"
+[[groups]]
+name = "engineering"
+
+[[sites]]
+name = "hq"
+
+[[applications]]
+name = "web"
+site = "hq"
+addresses = ["10.20.0.10"]
+protocols = ["tcp"]
+ports = [80]
+
+[[applications]]
+name = "db"
+site = "hq"
+addresses = ["10.20.0.10"]
+protocols = ["tcp"]
+ports = [5432]
+sensitivity = 3
+
+[[posture_checks]]
+name = "edr"
+kind = "process_running"
+process = "edr-agent"
+
+[sensitivity]
+level3 = ["edr"]
+
+[[rules]]
+name = "engineering-apps"
+action = "allow"
+groups = ["engineering"]
+applications = ["web", "db"]
+"#;
+
+const TESTS: &str = r#"
+[[tests]]
+name = "alice reaches the web"
+user = "alice"
+destination = "10.20.0.10:80"
+expect = "allow"
+rule = "engineering-apps"
+
+[[tests]]
+name = "no db without edr"
+user = "alice"
+destination = "10.20.0.10:5432"
+expect = "deny"
+failing_checks = ["edr"]
+"#;
+
+struct Harness {
+    dir: PathBuf,
+    db: String,
+    control: Arc<Control>,
+    shared: SharedRef,
+    base: String,
+    ca_pem: String,
+    ca_sha256: [u8; 32],
+    admin: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "sekisho-ctl-{tag}-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn start(dir: &Path, db: &str) -> Harness {
+    if !dir.join("ca.key").exists() {
+        pki::init(dir, &["127.0.0.1".to_string()]).unwrap();
+        std::fs::write(dir.join("policy.toml"), POLICY).unwrap();
+    }
+    let config = ControlConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        url: String::new(),
+        database: db.to_string(),
+        ca_key: dir.join("ca.key"),
+        wireguard_endpoint: "192.0.2.1:51820".into(),
+        connector_endpoint: "192.0.2.1:4433".into(),
+        broker_name: "broker.sekisho.internal".into(),
+        posture_token_lifetime: Duration::from_secs(300),
+        connector_cert_lifetime: Duration::from_secs(3600),
+        admin_token_file: dir.join("admin.token"),
+        audit_log: dir.join("audit.log"),
+    };
+    let (store, policy, text, ca, signer) =
+        Control::open(&config, &dir.join("policy.toml"), &dir.join("ca.pem"))
+            .await
+            .unwrap();
+    let core = BrokerCore::new(
+        PrivateKey::generate(),
+        policy,
+        IdleTimeouts::default(),
+        1000,
+        100,
+    );
+    let broker_key = core.public_key().to_string();
+    let shared: SharedRef = Arc::new(Mutex::new(Shared {
+        core,
+        links: HashMap::new(),
+    }));
+    let (ca_pem, ca_sha256) = (ca.cert_pem.clone(), ca.sha256);
+    let admin = {
+        let (id, secret) = store.create_admin_token("tester", now_unix()).await.unwrap();
+        Credential::format(api::ADMIN_PREFIX, &id, &secret, None)
+    };
+    let control = Control::new(store, shared.clone(), config, ca, signer, broker_key, text).unwrap();
+    let mut chain = crate::load_certs(&dir.join("broker.pem")).unwrap();
+    chain.extend(crate::load_certs(&dir.join("ca.pem")).unwrap());
+    let (task, bound) = serve(control.clone(), "127.0.0.1:0".parse().unwrap(), chain, &dir.join("broker.key"))
+        .await
+        .unwrap();
+    Harness {
+        dir: dir.to_path_buf(),
+        db: db.to_string(),
+        control,
+        shared,
+        base: format!("https://{bound}"),
+        ca_pem,
+        ca_sha256,
+        admin,
+        task,
+    }
+}
+
+impl Harness {
+    fn client(&self, bearer: Option<&str>) -> ApiClient {
+        ApiClient::new(&self.base, ca_tls(&self.ca_pem).unwrap(), bearer.map(str::to_string)).unwrap()
+    }
+
+    fn admin(&self) -> ApiClient {
+        self.client(Some(&self.admin))
+    }
+
+    fn enrollee(&self) -> ApiClient {
+        ApiClient::new(&self.base, pinned_tls(self.ca_sha256).unwrap(), None).unwrap()
+    }
+
+    async fn token(&self, user: Option<&str>, site: Option<&str>) -> String {
+        let t: api::EnrollmentTokenInfo = self
+            .admin()
+            .post(
+                "/v1/admin/enrollment-tokens",
+                &api::CreateEnrollmentToken {
+                    user: user.map(Into::into),
+                    site: site.map(Into::into),
+                    ttl_secs: 600,
+                },
+            )
+            .await
+            .unwrap();
+        t.token
+    }
+
+    async fn enroll(
+        &self,
+        token: &str,
+        name: &str,
+        key: &PrivateKey,
+    ) -> Result<api::EnrollDeviceResponse, CallError> {
+        self.enrollee()
+            .post(
+                "/v1/enroll/device",
+                &api::EnrollDeviceRequest {
+                    token: token.into(),
+                    public_key: key.public().to_string(),
+                    name: name.into(),
+                },
+            )
+            .await
+    }
+
+    async fn device_count(&self) -> usize {
+        self.control.store.devices().await.unwrap().len()
+    }
+}
+
+fn refused(r: Result<impl std::fmt::Debug, CallError>) -> (u16, String) {
+    match r {
+        Err(CallError::Refused { status, message }) => (status, message),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// The whole control-plane scenario; run against each backend.
+async fn suite(db: &str) {
+    let dir = scratch("suite");
+    let h = start(&dir, db).await;
+    let backend = if db.starts_with("postgres") { "postgres" } else { "sqlite" };
+    assert_eq!(h.control.store.backend(), backend);
+    eprintln!("control-plane suite on {backend}");
+
+    // Unauthenticated, malformed and unknown admin credentials are refused.
+    let (s, m) = refused(h.client(None).get::<Vec<api::UserInfo>>("/v1/admin/users").await);
+    assert_eq!(s, 401, "{m}");
+    let (s, _) = refused(h.client(Some("nonsense")).get::<Vec<api::UserInfo>>("/v1/admin/users").await);
+    assert_eq!(s, 401);
+    let forged = Credential::format(api::ADMIN_PREFIX, "AAAAAAAAAAAA", "BBBBBBBBBBBBBBBBBBBBBBBB", None);
+    let (s, _) = refused(h.client(Some(&forged)).get::<Vec<api::UserInfo>>("/v1/admin/users").await);
+    assert_eq!(s, 401);
+
+    // Users and groups.
+    let u: api::UserInfo = h
+        .admin()
+        .post("/v1/admin/users", &api::CreateUser { name: "alice".into(), groups: vec!["engineering".into()] })
+        .await
+        .unwrap();
+    assert_eq!(u.groups, vec!["engineering"]);
+    let (s, m) = refused(
+        h.admin()
+            .post::<_, api::UserInfo>("/v1/admin/users", &api::CreateUser { name: "alice".into(), groups: vec![] })
+            .await,
+    );
+    assert_eq!((s, m.contains("already exists")), (409, true), "{m}");
+
+    // Enrollment: a device from nothing.
+    let token = h.token(Some("alice"), None).await;
+    let key = PrivateKey::generate();
+    let r = h.enroll(&token, "alice-laptop", &key).await.unwrap();
+    assert_eq!(r.config.address.to_string(), "100.118.0.2");
+    assert_eq!(r.config.user, "alice");
+    assert_eq!(r.config.routes.len(), 1, "{:?}", r.config.routes);
+    assert_eq!(r.config.checks.len(), 1);
+    assert!(lock(&h.shared).core.policy().device_by_key(&key.public()).is_some());
+
+    // Reused, expired, made-up and malformed tokens: clear errors, nothing created.
+    let (s, m) = refused(h.enroll(&token, "second", &PrivateKey::generate()).await);
+    assert_eq!((s, m.as_str()), (401, "enrollment token was already used"));
+    let (id, secret) = h
+        .control
+        .store
+        .create_enrollment_token(TokenKind::Device, "alice", now_unix() - 100, 10)
+        .await
+        .unwrap();
+    let expired = Credential::format(ENROLL_PREFIX, &id, &secret, Some(&h.ca_sha256));
+    let (s, m) = refused(h.enroll(&expired, "third", &PrivateKey::generate()).await);
+    assert_eq!((s, m.as_str()), (401, "enrollment token has expired"));
+    let made_up = Credential::format(ENROLL_PREFIX, "madeup", "0123456789abcdefghijklmn", Some(&h.ca_sha256));
+    let (s, m) = refused(h.enroll(&made_up, "fourth", &PrivateKey::generate()).await);
+    assert_eq!((s, m.as_str()), (401, "unknown enrollment token"));
+    let wrong_secret = format!("{}.{}.{}x", ENROLL_PREFIX, id, secret);
+    assert!(h.enroll(&wrong_secret, "fifth", &PrivateKey::generate()).await.is_err());
+    assert_eq!(h.device_count().await, 1, "refused enrollments created nothing");
+    // A token for a device cannot enroll a connector.
+    let t2 = h.token(Some("alice"), None).await;
+    let (s, _) = refused(
+        h.enrollee()
+            .post::<_, api::EnrollConnectorResponse>(
+                "/v1/enroll/connector",
+                &api::EnrollConnectorRequest { token: t2.clone(), csr_pem: csr() },
+            )
+            .await,
+    );
+    assert_eq!(s, 400);
+    // ...and that refusal did not use it up.
+    h.enroll(&t2, "alice-desktop", &PrivateKey::generate()).await.unwrap();
+    assert_eq!(h.device_count().await, 2);
+
+    // A token pinned to another CA fails at TLS, before anything is sent.
+    let other = ApiClient::new(&h.base, pinned_tls([9; 32]).unwrap(), None).unwrap();
+    let e = other
+        .post::<_, api::EnrollDeviceResponse>(
+            "/v1/enroll/device",
+            &api::EnrollDeviceRequest { token: token.clone(), public_key: key.public().to_string(), name: "x".into() },
+        )
+        .await;
+    assert!(matches!(e, Err(CallError::Unreachable { .. })), "{e:?}");
+
+    // Device credentials: posture refresh yes, admin no.
+    let device = h.client(Some(&r.credential));
+    let (s, m) = refused(device.get::<Vec<api::UserInfo>>("/v1/admin/users").await);
+    assert_eq!(s, 403, "{m}");
+    let p: api::PostureResponse = device
+        .post("/v1/posture", &api::PostureRequest { checks: [("edr".to_string(), true)].into() })
+        .await
+        .unwrap();
+    let verifier = TokenVerifier::from_signer(&h.control.store.signing_key(now_unix()).await.unwrap());
+    let claims = verifier.verify(&p.token, now_unix(), &key.public()).unwrap();
+    assert_eq!((claims.user.as_str(), claims.device.as_str()), ("alice", "alice-laptop"));
+    assert!(claims.passes("edr"));
+    assert!(verifier.verify(&p.token, now_unix(), &PublicKeyBytes([1; 32])).is_err());
+    let (s, _) = refused(h.client(None).post::<_, api::PostureResponse>("/v1/posture", &api::PostureRequest { checks: Default::default() }).await);
+    assert_eq!(s, 401);
+
+    // Policy apply: failing tests refuse it; passing tests put it in force.
+    let bad_tests = format!("{POLICY}{}", TESTS.replace("expect = \"deny\"", "expect = \"allow\""));
+    let (s, m) = refused(
+        h.admin()
+            .call::<_, api::PolicyApplied>(sekisho_proto::http::Method::PUT, "/v1/admin/policy", Some(&api::ApplyPolicy { text: bad_tests }))
+            .await,
+    );
+    assert_eq!(s, 422, "{m}");
+    assert!(m.contains("1 of 2 policy tests failed"), "{m}");
+    let (s, m) = refused(
+        h.admin()
+            .call::<_, api::PolicyApplied>(sekisho_proto::http::Method::PUT, "/v1/admin/policy", Some(&api::ApplyPolicy { text: "[[rules]]\nname = 1".into() }))
+            .await,
+    );
+    assert_eq!(s, 422);
+    assert!(m.contains("policy.toml:2:"), "{m}");
+    let applied: api::PolicyApplied = h
+        .admin()
+        .call(sekisho_proto::http::Method::PUT, "/v1/admin/policy", Some(&api::ApplyPolicy { text: format!("{POLICY}{TESTS}") }))
+        .await
+        .unwrap();
+    assert_eq!(applied.version, 2);
+    assert!(applied.tests.iter().all(|t| t.passed));
+
+    // Explain.
+    let explain = |failing: Vec<String>, port: u16| api::ExplainRequest {
+        user: Some("alice".into()),
+        device: None,
+        address: "10.20.0.10".parse().unwrap(),
+        port,
+        protocol: sekisho_proto::policy::Protocol::Tcp,
+        failing_checks: failing,
+    };
+    let e: api::Explanation = h.admin().post("/v1/admin/explain", &explain(vec![], 80)).await.unwrap();
+    assert_eq!((e.rule.as_deref(), e.application.as_deref()), (Some("engineering-apps"), Some("web")));
+    let e: api::Explanation = h.admin().post("/v1/admin/explain", &explain(vec!["edr".into()], 5432)).await.unwrap();
+    assert_eq!(e.decision, sekisho_proto::policy::Action::Deny);
+    assert_eq!(e.check.as_deref(), Some("edr"));
+
+    // Connector enrollment: a certificate for the token's site, recorded by serial.
+    let ct = h.token(None, Some("hq")).await;
+    let c: api::EnrollConnectorResponse = h
+        .enrollee()
+        .post("/v1/enroll/connector", &api::EnrollConnectorRequest { token: ct.clone(), csr_pem: csr() })
+        .await
+        .unwrap();
+    assert_eq!(c.site, "hq");
+    let der = rustls_pki_types::pem::PemObject::from_pem_slice(c.certificate_pem.as_bytes())
+        .map(|d: rustls_pki_types::CertificateDer| d.to_vec())
+        .unwrap();
+    let serial = pki::cert_serial(&der).unwrap();
+    assert_eq!(
+        h.control.store.connector_by_serial(&serial).await.unwrap(),
+        Some((c.connector.clone(), "hq".to_string()))
+    );
+    let (s, _) = refused(
+        h.enrollee()
+            .post::<_, api::EnrollConnectorResponse>("/v1/enroll/connector", &api::EnrollConnectorRequest { token: ct, csr_pem: csr() })
+            .await,
+    );
+    assert_eq!(s, 401);
+    // Renewal over the link records the new serial; the old one stays valid until it expires.
+    let renewed = h.control.renew_connector(&serial, "hq", &csr()).await.unwrap();
+    let der2: rustls_pki_types::CertificateDer = rustls_pki_types::pem::PemObject::from_pem_slice(renewed.as_bytes()).unwrap();
+    let serial2 = pki::cert_serial(&der2).unwrap();
+    assert_ne!(serial, serial2);
+    assert!(h.control.store.connector_by_serial(&serial2).await.unwrap().is_some());
+    let _: serde_json::Value = h
+        .admin()
+        .post(&format!("/v1/admin/connectors/{}/revoke", c.connector), &())
+        .await
+        .unwrap();
+    assert_eq!(h.control.store.connector_by_serial(&serial2).await.unwrap(), None);
+    assert!(h.control.renew_connector(&serial2, "hq", &csr()).await.is_err());
+
+    // Revocation: the device leaves the data path and its credential stops working.
+    let _: serde_json::Value = h.admin().post("/v1/admin/devices/alice-laptop/revoke", &()).await.unwrap();
+    assert!(lock(&h.shared).core.policy().device_by_key(&key.public()).is_none());
+    let (s, _) = refused(device.post::<_, api::PostureResponse>("/v1/posture", &api::PostureRequest { checks: Default::default() }).await);
+    assert_eq!(s, 401);
+    // A revoked key cannot come back.
+    let t3 = h.token(Some("alice"), None).await;
+    let (s, m) = refused(h.enroll(&t3, "alice-laptop-2", &key).await);
+    assert_eq!(s, 409, "{m}");
+
+    // Disabling a user denies their flows.
+    let _: api::UserInfo = h.admin().post("/v1/admin/users/alice/disable", &()).await.unwrap();
+    let e: api::Explanation = h.admin().post("/v1/admin/explain", &explain(vec![], 80)).await.unwrap();
+    assert_eq!(e.reason, "user disabled");
+
+    // Restart: everything survives in the database.
+    let kid = h.control.store.signing_key(now_unix()).await.unwrap().kid().to_string();
+    let (dir2, db2) = (h.dir.clone(), h.db.clone());
+    h.task.abort();
+    drop(h.control.clone());
+    let store = Store::open(&db2).await.unwrap();
+    assert_eq!(store.schema_version().await.unwrap(), 1);
+    let devices = store.devices().await.unwrap();
+    assert_eq!(devices.len(), 2);
+    assert!(devices.iter().any(|d| d.name == "alice-laptop" && d.revoked_at.is_some()));
+    assert_eq!(store.latest_policy().await.unwrap().unwrap().0, 2);
+    assert_eq!(store.signing_key(now_unix()).await.unwrap().kid(), kid);
+    assert!(store.users().await.unwrap()[0].disabled);
+    drop(store);
+    let h2 = start(&dir2, &db2).await;
+    let desk = h2.control.store.devices().await.unwrap().into_iter().find(|d| d.name == "alice-desktop").unwrap();
+    assert!(lock(&h2.shared).core.policy().device_by_key(&PublicKeyBytes::parse(&desk.public_key).unwrap()).is_some());
+    assert_eq!(lock(&h2.shared).core.policy().tests.len(), 2, "the applied policy, not the file, is in force");
+    // Audit trail of the whole scenario.
+    let audit = std::fs::read_to_string(dir2.join("audit.log")).unwrap();
+    for event in ["user_created", "enroll_device", "posture", "policy", "device_revoked", "connector_revoked"] {
+        assert!(audit.contains(&format!("\"event\":\"{event}\"")), "no {event} in the audit log");
+    }
+    assert!(!audit.contains(&token), "the enrollment token is redacted in the audit log");
+    drop(h);
+}
+
+fn csr() -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_on_sqlite() {
+    let dir = scratch("sqlite");
+    suite(&format!("sqlite://{}/state/broker.db", dir.display())).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_on_postgres() {
+    if std::env::var_os("SEKISHO_SKIP_POSTGRES").is_some() {
+        eprintln!("SEKISHO_SKIP_POSTGRES set: PostgreSQL test skipped");
+        return;
+    }
+    let pg = sekisho_tests::pg::Postgres::start()
+        .expect("cannot start a local PostgreSQL (install the postgresql package or set SEKISHO_SKIP_POSTGRES=1)");
+    suite(&pg.url()).await;
+}
+
+#[tokio::test]
+async fn migrations_are_applied_once() {
+    let dir = scratch("migrate");
+    let url = format!("sqlite://{}/m.db", dir.display());
+    let a = Store::open(&url).await.unwrap();
+    assert_eq!(a.schema_version().await.unwrap(), 1);
+    drop(a);
+    let b = Store::open(&url).await.unwrap();
+    assert_eq!(b.schema_version().await.unwrap(), 1);
+    assert!(Store::open("mysql://nope").await.is_err());
+    let _ = std::fs::remove_dir_all(dir);
+}

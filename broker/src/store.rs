@@ -1,0 +1,782 @@
+//! The control plane's state: users, groups, devices, connectors, enrollment and admin tokens,
+//! policy versions and the posture signing key.
+//!
+//! One schema for SQLite (default: a file created and migrated on first start) and PostgreSQL
+//! (clusters), through sqlx's `Any` driver. The SQL sticks to what both accept: `TEXT` and
+//! `BIGINT` columns, `$n` placeholders in ascending order, `ON CONFLICT DO NOTHING`. Secrets are
+//! stored as SHA-256 hashes; the posture signing key is stored as is (every broker of a cluster
+//! needs it) and the database must be protected accordingly.
+
+use std::net::IpAddr;
+
+use anyhow::{Context, Result};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use ipnet::IpNet;
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::{AnyPool, Row};
+
+use sekisho_proto::policy::{Directory, DirectoryDevice, DirectoryUser};
+use sekisho_proto::posture::TokenSigner;
+
+/// Schema migrations, applied in order, each once, in a transaction.
+const MIGRATIONS: &[(i64, &str, &[&str])] = &[(
+    1,
+    "initial schema",
+    &[
+        "CREATE TABLE groups (name TEXT PRIMARY KEY, created_at BIGINT NOT NULL)",
+        "CREATE TABLE users (name TEXT PRIMARY KEY, disabled BIGINT NOT NULL DEFAULT 0, \
+         created_at BIGINT NOT NULL)",
+        "CREATE TABLE user_groups (user_name TEXT NOT NULL REFERENCES users(name), \
+         group_name TEXT NOT NULL REFERENCES groups(name), PRIMARY KEY (user_name, group_name))",
+        "CREATE TABLE enrollment_tokens (id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL, \
+         kind TEXT NOT NULL, subject TEXT NOT NULL, created_at BIGINT NOT NULL, \
+         expires_at BIGINT NOT NULL, used_at BIGINT, used_by TEXT)",
+        "CREATE TABLE devices (name TEXT PRIMARY KEY, user_name TEXT NOT NULL REFERENCES users(name), \
+         public_key TEXT NOT NULL UNIQUE, address TEXT NOT NULL UNIQUE, \
+         credential_id TEXT NOT NULL UNIQUE, credential_hash TEXT NOT NULL, \
+         created_at BIGINT NOT NULL, revoked_at BIGINT)",
+        "CREATE TABLE connectors (name TEXT PRIMARY KEY, site TEXT NOT NULL, serial TEXT NOT NULL, \
+         not_after BIGINT NOT NULL, created_at BIGINT NOT NULL, revoked_at BIGINT)",
+        "CREATE TABLE connector_certs (serial TEXT PRIMARY KEY, connector TEXT NOT NULL \
+         REFERENCES connectors(name), not_after BIGINT NOT NULL)",
+        "CREATE TABLE admin_tokens (id TEXT PRIMARY KEY, name TEXT NOT NULL, \
+         secret_hash TEXT NOT NULL, created_at BIGINT NOT NULL, revoked_at BIGINT)",
+        "CREATE TABLE policies (version BIGINT PRIMARY KEY, text TEXT NOT NULL, \
+         applied_at BIGINT NOT NULL, applied_by TEXT NOT NULL)",
+        "CREATE TABLE signing_keys (kid TEXT PRIMARY KEY, seed TEXT NOT NULL, \
+         created_at BIGINT NOT NULL)",
+    ],
+)];
+
+/// Why an enrollment was refused. Nothing is created in any of these cases.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnrollError {
+    #[error("unknown enrollment token")]
+    Unknown,
+    #[error("enrollment token was already used")]
+    Used,
+    #[error("enrollment token has expired")]
+    Expired,
+    #[error("this enrollment token is for a {0}, not for this kind of enrollment")]
+    WrongKind(&'static str),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("no free address left in the device range {0}")]
+    NoAddress(IpNet),
+}
+
+/// What an enrollment token is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    Device,
+    Connector,
+}
+
+impl TokenKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            TokenKind::Device => "device",
+            TokenKind::Connector => "connector",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    pub name: String,
+    pub user: String,
+    pub public_key: String,
+    pub address: IpAddr,
+    pub created_at: u64,
+    pub revoked_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectorRecord {
+    pub name: String,
+    pub site: String,
+    pub serial: String,
+    pub not_after: u64,
+    pub created_at: u64,
+    pub revoked_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    pub name: String,
+    pub groups: Vec<String>,
+    pub disabled: bool,
+}
+
+/// SHA-256 of a secret, hex.
+pub fn hash_secret(secret: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn same_hash(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `n` random bytes from the OS, base64url.
+pub fn random_text(n: usize) -> String {
+    let mut bytes = vec![0u8; n];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn opt_u64(v: Option<i64>) -> Option<u64> {
+    v.map(|v| v.max(0) as u64)
+}
+
+fn ts(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: &'static str,
+}
+
+impl Store {
+    /// Connects to `url` (`sqlite://PATH` or `postgres://…`), creating an SQLite file if
+    /// needed, and applies pending migrations.
+    pub async fn open(url: &str) -> Result<Store> {
+        install_default_drivers();
+        let (url, backend, max) = if let Some(path) = url.strip_prefix("sqlite://") {
+            if let Some(dir) = std::path::Path::new(path.split('?').next().unwrap_or(path)).parent()
+                && !dir.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            let sep = if path.contains('?') { '&' } else { '?' };
+            // One connection: SQLite serializes writers anyway, and a single connection never
+            // meets "database is locked".
+            (format!("sqlite://{path}{sep}mode=rwc"), "sqlite", 1)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            (url.to_string(), "postgres", 8)
+        } else {
+            anyhow::bail!("database URL must start with sqlite:// or postgres:// (got {url:?})");
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max)
+            .connect(&url)
+            .await
+            .with_context(|| format!("cannot open the {backend} database"))?;
+        let store = Store { pool, backend };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, \
+             description TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+        )
+        .execute(&self.pool)
+        .await
+        .context("cannot create the migrations table")?;
+        for (version, description, statements) in MIGRATIONS {
+            let mut tx = self.pool.begin().await?;
+            let done = sqlx::query("SELECT version FROM schema_migrations WHERE version = $1")
+                .bind(*version)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if done.is_some() {
+                continue;
+            }
+            for sql in *statements {
+                sqlx::query(sql)
+                    .execute(&mut *tx)
+                    .await
+                    .with_context(|| format!("migration {version} ({description}) failed"))?;
+            }
+            sqlx::query(
+                "INSERT INTO schema_migrations (version, description, applied_at) VALUES ($1, $2, $3)",
+            )
+            .bind(*version)
+            .bind(*description)
+            .bind(ts(now_unix()))
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            tracing::info!(version, description, backend = self.backend, "database migrated");
+        }
+        Ok(())
+    }
+
+    pub async fn schema_version(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT MAX(version) FROM schema_migrations")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<Option<i64>, _>(0)?.unwrap_or(0))
+    }
+
+    // ---- users and groups ----
+
+    pub async fn create_group(&self, name: &str, now: u64) -> Result<bool> {
+        let r = sqlx::query(
+            "INSERT INTO groups (name, created_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(name)
+        .bind(ts(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Creates a user in `groups` (groups are created as needed). False if the user exists.
+    pub async fn create_user(&self, name: &str, groups: &[String], now: u64) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let r = sqlx::query(
+            "INSERT INTO users (name, disabled, created_at) VALUES ($1, 0, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(name)
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() == 0 {
+            return Ok(false);
+        }
+        for g in groups {
+            sqlx::query(
+                "INSERT INTO groups (name, created_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
+            .bind(g.as_str())
+            .bind(ts(now))
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO user_groups (user_name, group_name) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
+            .bind(name)
+            .bind(g.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Disables or enables a user. False if there is no such user.
+    pub async fn set_user_disabled(&self, name: &str, disabled: bool) -> Result<bool> {
+        let r = sqlx::query("UPDATE users SET disabled = $1 WHERE name = $2")
+            .bind(i64::from(disabled))
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    pub async fn users(&self) -> Result<Vec<UserRecord>> {
+        let rows = sqlx::query("SELECT name, disabled FROM users ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        let members = sqlx::query(
+            "SELECT user_name, group_name FROM user_groups ORDER BY user_name, group_name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut users = Vec::new();
+        for r in rows {
+            let name: String = r.try_get(0)?;
+            let groups = members
+                .iter()
+                .filter(|m| m.try_get::<String, _>(0).ok().as_deref() == Some(name.as_str()))
+                .filter_map(|m| m.try_get::<String, _>(1).ok())
+                .collect();
+            users.push(UserRecord {
+                name,
+                groups,
+                disabled: r.try_get::<i64, _>(1)? != 0,
+            });
+        }
+        Ok(users)
+    }
+
+    /// Users, groups and active devices, to merge with the policy file.
+    pub async fn directory(&self) -> Result<Directory> {
+        let groups = sqlx::query("SELECT name FROM groups ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<Vec<String>, _>>()?;
+        let users = self
+            .users()
+            .await?
+            .into_iter()
+            .map(|u| DirectoryUser {
+                name: u.name,
+                groups: u.groups,
+                disabled: u.disabled,
+            })
+            .collect();
+        let devices = self
+            .devices()
+            .await?
+            .into_iter()
+            .filter(|d| d.revoked_at.is_none())
+            .map(|d| DirectoryDevice {
+                name: d.name,
+                user: d.user,
+                public_key: d.public_key,
+                address: d.address,
+            })
+            .collect();
+        Ok(Directory {
+            groups,
+            users,
+            devices,
+        })
+    }
+
+    // ---- enrollment tokens ----
+
+    /// Creates a one-time enrollment token; returns (id, secret).
+    pub async fn create_enrollment_token(
+        &self,
+        kind: TokenKind,
+        subject: &str,
+        now: u64,
+        ttl_secs: u64,
+    ) -> Result<(String, String)> {
+        let id = random_text(9);
+        let secret = random_text(24);
+        sqlx::query(
+            "INSERT INTO enrollment_tokens (id, secret_hash, kind, subject, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(id.as_str())
+        .bind(hash_secret(&secret))
+        .bind(kind.as_str())
+        .bind(subject)
+        .bind(ts(now))
+        .bind(ts(now.saturating_add(ttl_secs)))
+        .execute(&self.pool)
+        .await?;
+        Ok((id, secret))
+    }
+
+    /// Marks the token used inside `tx`, if it is valid for `kind`; returns its subject.
+    async fn consume(
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        kind: TokenKind,
+        id: &str,
+        secret: &str,
+        now: u64,
+        used_by: &str,
+    ) -> Result<std::result::Result<String, EnrollError>> {
+        let Some(row) = sqlx::query(
+            "SELECT secret_hash, kind, subject, expires_at, used_at FROM enrollment_tokens WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?
+        else {
+            return Ok(Err(EnrollError::Unknown));
+        };
+        let hash: String = row.try_get(0)?;
+        if !same_hash(&hash, &hash_secret(secret)) {
+            return Ok(Err(EnrollError::Unknown));
+        }
+        let token_kind: String = row.try_get(1)?;
+        if token_kind != kind.as_str() {
+            return Ok(Err(EnrollError::WrongKind(if token_kind == "device" {
+                "device"
+            } else {
+                "connector"
+            })));
+        }
+        if row.try_get::<Option<i64>, _>(4)?.is_some() {
+            return Ok(Err(EnrollError::Used));
+        }
+        if opt_u64(Some(row.try_get(3)?)).unwrap_or(0) <= now {
+            return Ok(Err(EnrollError::Expired));
+        }
+        // The condition makes two concurrent uses impossible: only one update matches.
+        let r = sqlx::query(
+            "UPDATE enrollment_tokens SET used_at = $1, used_by = $2 WHERE id = $3 AND used_at IS NULL",
+        )
+        .bind(ts(now))
+        .bind(used_by)
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+        if r.rows_affected() != 1 {
+            return Ok(Err(EnrollError::Used));
+        }
+        Ok(Ok(row.try_get(2)?))
+    }
+
+    // ---- devices ----
+
+    /// Enrolls a device with a one-time token: picks the first free address of `range` (the
+    /// range's first address is the broker's), records the device and its credential hash.
+    /// Returns the record and the device credential (id, secret). All or nothing.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn enroll_device(
+        &self,
+        token_id: &str,
+        token_secret: &str,
+        now: u64,
+        name: &str,
+        public_key: &str,
+        range: IpNet,
+    ) -> Result<std::result::Result<(DeviceRecord, String, String), EnrollError>> {
+        let mut tx = self.pool.begin().await?;
+        let user = match Self::consume(
+            &mut tx,
+            TokenKind::Device,
+            token_id,
+            token_secret,
+            now,
+            name,
+        )
+        .await?
+        {
+            Ok(u) => u,
+            Err(e) => return Ok(Err(e)),
+        };
+        let taken = sqlx::query("SELECT name FROM devices WHERE name = $1 OR public_key = $2")
+            .bind(name)
+            .bind(public_key)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(row) = taken {
+            let other: String = row.try_get(0)?;
+            return Ok(Err(EnrollError::Conflict(if other == name {
+                format!("a device named {name:?} is already enrolled; choose another name")
+            } else {
+                "this public key is already enrolled".to_string()
+            })));
+        }
+        let used: Vec<IpAddr> = sqlx::query("SELECT address FROM devices")
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .filter_map(|r| r.try_get::<String, _>(0).ok()?.parse().ok())
+            .collect();
+        let service = sekisho_proto::posture::service_address(&range);
+        let Some(address) = range
+            .hosts()
+            .find(|a| *a != service && !used.contains(a))
+        else {
+            return Ok(Err(EnrollError::NoAddress(range)));
+        };
+        let cred_id = random_text(9);
+        let cred_secret = random_text(24);
+        let exists = sqlx::query("SELECT name FROM users WHERE name = $1")
+            .bind(user.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_none() {
+            return Ok(Err(EnrollError::Conflict(format!(
+                "the token's user {user:?} no longer exists"
+            ))));
+        }
+        sqlx::query(
+            "INSERT INTO devices (name, user_name, public_key, address, credential_id, \
+             credential_hash, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(name)
+        .bind(user.as_str())
+        .bind(public_key)
+        .bind(address.to_string())
+        .bind(cred_id.as_str())
+        .bind(hash_secret(&cred_secret))
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Ok((
+            DeviceRecord {
+                name: name.to_string(),
+                user,
+                public_key: public_key.to_string(),
+                address,
+                created_at: now,
+                revoked_at: None,
+            },
+            cred_id,
+            cred_secret,
+        )))
+    }
+
+    fn device_row(r: &sqlx::any::AnyRow) -> Result<DeviceRecord> {
+        let address: String = r.try_get(3)?;
+        Ok(DeviceRecord {
+            name: r.try_get(0)?,
+            user: r.try_get(1)?,
+            public_key: r.try_get(2)?,
+            address: address.parse().context("bad address in the database")?,
+            created_at: opt_u64(Some(r.try_get(4)?)).unwrap_or(0),
+            revoked_at: opt_u64(r.try_get(5)?),
+        })
+    }
+
+    pub async fn devices(&self) -> Result<Vec<DeviceRecord>> {
+        sqlx::query(
+            "SELECT name, user_name, public_key, address, created_at, revoked_at FROM devices \
+             ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(Self::device_row)
+        .collect()
+    }
+
+    /// The active device a credential belongs to.
+    pub async fn device_by_credential(&self, id: &str, secret: &str) -> Result<Option<DeviceRecord>> {
+        let row = sqlx::query(
+            "SELECT name, user_name, public_key, address, created_at, revoked_at, credential_hash \
+             FROM devices WHERE credential_id = $1 AND revoked_at IS NULL",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(r) if same_hash(&r.try_get::<String, _>(6)?, &hash_secret(secret)) => {
+                Ok(Some(Self::device_row(&r)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Revokes a device. False if there is no such active device.
+    pub async fn revoke_device(&self, name: &str, now: u64) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE devices SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL",
+        )
+        .bind(ts(now))
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    // ---- connectors ----
+
+    /// Enrolls a connector with a one-time token. `issue(site, name)` signs its certificate
+    /// and returns (certificate PEM, serial, not_after); it runs inside the transaction, so a
+    /// failure creates nothing. Returns (site, name, certificate PEM).
+    pub async fn enroll_connector(
+        &self,
+        token_id: &str,
+        token_secret: &str,
+        now: u64,
+        issue: impl FnOnce(&str, &str) -> Result<(String, String, u64)>,
+    ) -> Result<std::result::Result<(String, String, String), EnrollError>> {
+        let mut tx = self.pool.begin().await?;
+        let name = format!("connector-{}", random_text(6).to_lowercase().replace(['-', '_'], "x"));
+        let site = match Self::consume(
+            &mut tx,
+            TokenKind::Connector,
+            token_id,
+            token_secret,
+            now,
+            &name,
+        )
+        .await?
+        {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e)),
+        };
+        let (pem, serial, not_after) = issue(&site, &name)?;
+        sqlx::query(
+            "INSERT INTO connectors (name, site, serial, not_after, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(name.as_str())
+        .bind(site.as_str())
+        .bind(serial.as_str())
+        .bind(ts(not_after))
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("INSERT INTO connector_certs (serial, connector, not_after) VALUES ($1, $2, $3)")
+            .bind(serial.as_str())
+            .bind(name.as_str())
+            .bind(ts(not_after))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Ok((site, name, pem)))
+    }
+
+    /// Records a renewed certificate of an active connector. False if the connector is unknown
+    /// or revoked.
+    pub async fn renew_connector(&self, name: &str, serial: &str, not_after: u64) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let r = sqlx::query(
+            "UPDATE connectors SET serial = $1, not_after = $2 WHERE name = $3 AND revoked_at IS NULL",
+        )
+        .bind(serial)
+        .bind(ts(not_after))
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() != 1 {
+            return Ok(false);
+        }
+        sqlx::query("INSERT INTO connector_certs (serial, connector, not_after) VALUES ($1, $2, $3)")
+            .bind(serial)
+            .bind(name)
+            .bind(ts(not_after))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub async fn connectors(&self) -> Result<Vec<ConnectorRecord>> {
+        sqlx::query(
+            "SELECT name, site, serial, not_after, created_at, revoked_at FROM connectors ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(ConnectorRecord {
+                name: r.try_get(0)?,
+                site: r.try_get(1)?,
+                serial: r.try_get(2)?,
+                not_after: opt_u64(Some(r.try_get(3)?)).unwrap_or(0),
+                created_at: opt_u64(Some(r.try_get(4)?)).unwrap_or(0),
+                revoked_at: opt_u64(r.try_get(5)?),
+            })
+        })
+        .collect()
+    }
+
+    /// The connector a certificate serial was issued to, if that connector is active.
+    pub async fn connector_by_serial(&self, serial: &str) -> Result<Option<(String, String)>> {
+        let row = sqlx::query(
+            "SELECT c.name, c.site FROM connector_certs s JOIN connectors c ON c.name = s.connector \
+             WHERE s.serial = $1 AND c.revoked_at IS NULL",
+        )
+        .bind(serial)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some(r) => Some((r.try_get(0)?, r.try_get(1)?)),
+            None => None,
+        })
+    }
+
+    pub async fn revoke_connector(&self, name: &str, now: u64) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE connectors SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL",
+        )
+        .bind(ts(now))
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    // ---- policy ----
+
+    pub async fn latest_policy(&self) -> Result<Option<(u64, String)>> {
+        let row = sqlx::query("SELECT version, text FROM policies ORDER BY version DESC LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => Some((opt_u64(Some(r.try_get(0)?)).unwrap_or(0), r.try_get(1)?)),
+            None => None,
+        })
+    }
+
+    /// Stores a new policy version; returns its number.
+    pub async fn save_policy(&self, text: &str, now: u64, by: &str) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT MAX(version) FROM policies")
+            .fetch_one(&mut *tx)
+            .await?;
+        let version = row.try_get::<Option<i64>, _>(0)?.unwrap_or(0) + 1;
+        sqlx::query("INSERT INTO policies (version, text, applied_at, applied_by) VALUES ($1, $2, $3, $4)")
+            .bind(version)
+            .bind(text)
+            .bind(ts(now))
+            .bind(by)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(version as u64)
+    }
+
+    // ---- admin tokens ----
+
+    /// Creates an admin token; returns (id, secret).
+    pub async fn create_admin_token(&self, name: &str, now: u64) -> Result<(String, String)> {
+        let id = random_text(9);
+        let secret = random_text(32);
+        sqlx::query(
+            "INSERT INTO admin_tokens (id, name, secret_hash, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id.as_str())
+        .bind(name)
+        .bind(hash_secret(&secret))
+        .bind(ts(now))
+        .execute(&self.pool)
+        .await?;
+        Ok((id, secret))
+    }
+
+    /// The name of the admin a token belongs to.
+    pub async fn admin_by_token(&self, id: &str, secret: &str) -> Result<Option<String>> {
+        let row = sqlx::query(
+            "SELECT name, secret_hash FROM admin_tokens WHERE id = $1 AND revoked_at IS NULL",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(r) if same_hash(&r.try_get::<String, _>(1)?, &hash_secret(secret)) => {
+                Ok(Some(r.try_get(0)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    // ---- posture signing key ----
+
+    /// The cluster's posture signing key, created on first use. Every broker sharing the
+    /// database signs and verifies with the same key.
+    pub async fn signing_key(&self, now: u64) -> Result<TokenSigner> {
+        let fresh = TokenSigner::generate();
+        sqlx::query(
+            "INSERT INTO signing_keys (kid, seed, created_at) \
+             SELECT $1, $2, $3 WHERE NOT EXISTS (SELECT 1 FROM signing_keys)",
+        )
+        .bind(fresh.kid())
+        .bind(URL_SAFE_NO_PAD.encode(fresh.seed()))
+        .bind(ts(now))
+        .execute(&self.pool)
+        .await?;
+        let row = sqlx::query("SELECT seed FROM signing_keys ORDER BY created_at, kid LIMIT 1")
+            .fetch_one(&self.pool)
+            .await?;
+        let seed: String = row.try_get(0)?;
+        let seed: [u8; 32] = URL_SAFE_NO_PAD
+            .decode(seed)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .context("bad signing key in the database")?;
+        Ok(TokenSigner::from_seed(seed))
+    }
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

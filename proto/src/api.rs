@@ -1,0 +1,333 @@
+//! The control API's messages (HTTPS + JSON) and its credentials.
+//!
+//! Three kinds of secrets travel here, each `PREFIX.ID.SECRET` so the server finds the record by
+//! its id and compares a SHA-256 of the secret:
+//! - enrollment tokens `SKE1.<id>.<secret>.<ca>`: one-time, expiring, bound to a user or a site;
+//!   `<ca>` is the SHA-256 of the cluster CA certificate, so a device that has nothing else can
+//!   still check that it talks to the right control plane (certificate pinning);
+//! - device credentials `SKD1.<id>.<secret>`: given to a device at enrollment, used for posture
+//!   refresh; they authorize nothing else;
+//! - admin tokens `SKA1.<id>.<secret>`: for the admin CLI.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{Action, CheckKind, Protocol, TestOutcome};
+
+pub const ENROLL_PREFIX: &str = "SKE1";
+pub const DEVICE_PREFIX: &str = "SKD1";
+pub const ADMIN_PREFIX: &str = "SKA1";
+
+/// Why a credential string could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct CredentialError(pub &'static str);
+
+/// A parsed `PREFIX.ID.SECRET[.CA]` credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub id: String,
+    pub secret: String,
+    /// Only enrollment tokens: SHA-256 of the CA certificate (DER).
+    pub ca_sha256: Option<[u8; 32]>,
+}
+
+fn is_token_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '-' || c == '_'
+}
+
+impl Credential {
+    /// Reads a credential with the given prefix. Enrollment tokens carry the CA hash.
+    pub fn parse(prefix: &str, text: &str) -> Result<Credential, CredentialError> {
+        let text = text.trim();
+        let mut parts = text.split('.');
+        if parts.next() != Some(prefix) {
+            return Err(CredentialError(match prefix {
+                ENROLL_PREFIX => "not an enrollment token (they start with \"SKE1.\")",
+                DEVICE_PREFIX => "not a device credential (they start with \"SKD1.\")",
+                _ => "not an admin token (they start with \"SKA1.\")",
+            }));
+        }
+        let id = parts.next().unwrap_or_default();
+        let secret = parts.next().unwrap_or_default();
+        if id.is_empty()
+            || secret.len() < 16
+            || !id.chars().all(is_token_char)
+            || !secret.chars().all(is_token_char)
+        {
+            return Err(CredentialError("malformed token: bad id or secret"));
+        }
+        let ca_sha256 = if prefix == ENROLL_PREFIX {
+            let ca = parts.next().unwrap_or_default();
+            let bytes = URL_SAFE_NO_PAD
+                .decode(ca)
+                .map_err(|_| CredentialError("malformed token: bad CA fingerprint"))?;
+            Some(
+                bytes
+                    .try_into()
+                    .map_err(|_| CredentialError("malformed token: bad CA fingerprint"))?,
+            )
+        } else {
+            None
+        };
+        if parts.next().is_some() {
+            return Err(CredentialError("malformed token: too many parts"));
+        }
+        Ok(Credential {
+            id: id.to_string(),
+            secret: secret.to_string(),
+            ca_sha256,
+        })
+    }
+
+    pub fn format(prefix: &str, id: &str, secret: &str, ca_sha256: Option<&[u8; 32]>) -> String {
+        match ca_sha256 {
+            Some(ca) => format!("{prefix}.{id}.{secret}.{}", URL_SAFE_NO_PAD.encode(ca)),
+            None => format!("{prefix}.{id}.{secret}"),
+        }
+    }
+}
+
+/// An error answer: `{"error": "..."}` with a 4xx/5xx status.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}
+
+/// A device check as the client receives it: what to evaluate, never how it came out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckSpec {
+    pub name: String,
+    pub kind: CheckKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<String>,
+}
+
+/// A broker a device may connect to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerInfo {
+    /// WireGuard endpoint, `host:port`.
+    pub endpoint: String,
+    /// The broker's WireGuard public key (base64).
+    pub public_key: String,
+}
+
+/// `POST /v1/enroll/device`. Holds the public key only: the private key never leaves the device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollDeviceRequest {
+    pub token: String,
+    pub public_key: String,
+    pub name: String,
+}
+
+/// What a device needs to run: its address, its brokers, its routes and checks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceConfig {
+    pub device: String,
+    pub user: String,
+    pub address: IpAddr,
+    pub device_range: IpNet,
+    pub brokers: Vec<BrokerInfo>,
+    /// Split-tunnel routes: the networks of the applications the user may reach.
+    pub routes: Vec<IpNet>,
+    pub checks: Vec<CheckSpec>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollDeviceResponse {
+    pub config: DeviceConfig,
+    /// The device's credential for posture refresh (`SKD1.…`).
+    pub credential: String,
+    /// The cluster CA certificate (PEM), for later calls.
+    pub ca_pem: String,
+}
+
+/// `POST /v1/posture` (device credential): pass/fail per check, nothing else.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostureRequest {
+    pub checks: BTreeMap<String, bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PostureResponse {
+    /// The signed token to present to the broker (in the tunnel, UDP 7443).
+    pub token: String,
+    pub expires_at: u64,
+    /// Seconds after which the device should ask for a new one.
+    pub refresh_after: u64,
+    /// The current device configuration (routes and checks follow policy changes).
+    pub config: DeviceConfig,
+}
+
+/// `POST /v1/enroll/connector`: a PKCS#10 request; the key stays on the connector.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollConnectorRequest {
+    pub token: String,
+    pub csr_pem: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollConnectorResponse {
+    pub site: String,
+    pub connector: String,
+    pub certificate_pem: String,
+    pub ca_pem: String,
+    /// Broker QUIC endpoints `host:port`.
+    pub brokers: Vec<String>,
+    /// The name the brokers' certificates carry.
+    pub broker_name: String,
+}
+
+/// `POST /v1/admin/users`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUser {
+    pub name: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserInfo {
+    pub name: String,
+    pub groups: Vec<String>,
+    pub disabled: bool,
+}
+
+/// `POST /v1/admin/groups`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateGroup {
+    pub name: String,
+}
+
+/// `POST /v1/admin/enrollment-tokens`: exactly one of `user` or `site`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateEnrollmentToken {
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub site: Option<String>,
+    pub ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollmentTokenInfo {
+    pub token: String,
+    pub expires_at: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub user: String,
+    pub address: IpAddr,
+    pub public_key: String,
+    pub created_at: u64,
+    pub revoked_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectorInfo {
+    pub name: String,
+    pub site: String,
+    pub serial: String,
+    pub not_after: u64,
+    pub created_at: u64,
+    pub revoked_at: Option<u64>,
+}
+
+/// `PUT /v1/admin/policy`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyPolicy {
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PolicyApplied {
+    pub version: u64,
+    pub tests: Vec<TestOutcome>,
+}
+
+/// Refused policy: the error (file:line:column field: message) or the failing tests.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PolicyRejected {
+    pub error: String,
+    #[serde(default)]
+    pub tests: Vec<TestOutcome>,
+}
+
+/// `POST /v1/admin/explain`: "can this user's (or device's) traffic reach this destination?"
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExplainRequest {
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub device: Option<String>,
+    pub address: IpAddr,
+    #[serde(default)]
+    pub port: u16,
+    pub protocol: Protocol,
+    /// Checks assumed failing (with `user`; a device's own last posture is used otherwise).
+    #[serde(default)]
+    pub failing_checks: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Explanation {
+    pub decision: Action,
+    pub application: Option<String>,
+    pub rule: Option<String>,
+    pub reason: String,
+    pub check: Option<String>,
+    pub required_checks: Vec<String>,
+    /// Where the posture came from: "assumed", "token" or "none".
+    pub posture: String,
+}
+
+/// The checks a policy asks devices to evaluate.
+pub fn check_specs(policy: &crate::policy::Policy) -> Vec<CheckSpec> {
+    policy
+        .posture_checks
+        .iter()
+        .map(|c| CheckSpec {
+            name: c.name.clone(),
+            kind: c.kind,
+            version: c.version.clone(),
+            process: c.process.clone(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_round_trip_and_reject_garbage() {
+        let ca = [7u8; 32];
+        let t = Credential::format(ENROLL_PREFIX, "ab12", "s3cr3t-s3cr3t-s3cr3t", Some(&ca));
+        let c = Credential::parse(ENROLL_PREFIX, &t).unwrap();
+        assert_eq!(c.id, "ab12");
+        assert_eq!(c.ca_sha256, Some(ca));
+        assert!(Credential::parse(DEVICE_PREFIX, &t).is_err());
+        assert!(Credential::parse(ENROLL_PREFIX, "SKE1.ab12.short.AAAA").is_err());
+        assert!(Credential::parse(ENROLL_PREFIX, "made-up-token").is_err());
+        let d = Credential::format(DEVICE_PREFIX, "d1", "0123456789abcdefXYZ", None);
+        assert_eq!(Credential::parse(DEVICE_PREFIX, &d).unwrap().secret, "0123456789abcdefXYZ");
+        assert!(Credential::parse(DEVICE_PREFIX, &format!("{d}.x")).is_err());
+    }
+}

@@ -1,0 +1,230 @@
+//! HTTPS client of the control API, shared by the client (enrollment, posture refresh), the
+//! connector (enrollment) and the admin CLI.
+//!
+//! Trust: before enrollment a device has only its enrollment token, which carries the SHA-256
+//! of the cluster CA certificate. [`pinned_tls`] accepts a server whose chain contains a CA
+//! certificate with that hash and whose leaf that CA signed for the URL's host name or address.
+//! After enrollment the CA certificate is on disk and [`ca_tls`] trusts exactly it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::api::ApiError;
+
+pub use reqwest::Method;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("cannot reach the control API at {url}: {source}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("the control API refused the request (HTTP {status}): {message}")]
+    Refused { status: u16, message: String },
+    #[error("unexpected answer from the control API: {0}")]
+    BadAnswer(String),
+    #[error("TLS set-up: {0}")]
+    Tls(String),
+}
+
+/// SHA-256 of a DER certificate.
+pub fn cert_sha256(der: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, der);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn client_config(verifier: Arc<dyn ServerCertVerifier>) -> Result<rustls::ClientConfig, CallError> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| CallError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth())
+}
+
+/// Trusts exactly the CA certificate(s) in `ca_pem`.
+pub fn ca_tls(ca_pem: &str) -> Result<rustls::ClientConfig, CallError> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let cert = cert.map_err(|e| CallError::Tls(format!("bad CA PEM: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| CallError::Tls(format!("bad CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(CallError::Tls("no CA certificate found".into()));
+    }
+    let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| CallError::Tls(e.to_string()))?;
+    client_config(verifier)
+}
+
+/// Trusts a server whose chain includes the CA certificate with this SHA-256.
+pub fn pinned_tls(ca_sha256: [u8; 32]) -> Result<rustls::ClientConfig, CallError> {
+    client_config(Arc::new(PinnedCa {
+        ca_sha256,
+        provider: provider(),
+    }))
+}
+
+#[derive(Debug)]
+struct PinnedCa {
+    ca_sha256: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| cert_sha256(c) == self.ca_sha256)
+            .ok_or_else(|| {
+                rustls::Error::General(
+                    "the server's certificate chain does not contain the CA named by the enrollment token"
+                        .into(),
+                )
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(ca.clone().into_owned())
+            .map_err(|e| rustls::Error::General(format!("bad CA certificate: {e}")))?;
+        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A control API client: base URL, TLS trust and an optional bearer credential.
+#[derive(Clone)]
+pub struct ApiClient {
+    base: String,
+    http: reqwest::Client,
+    bearer: Option<String>,
+}
+
+impl ApiClient {
+    pub fn new(
+        base: &str,
+        tls: rustls::ClientConfig,
+        bearer: Option<String>,
+    ) -> Result<ApiClient, CallError> {
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(Duration::from_secs(15))
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| CallError::Tls(e.to_string()))?;
+        Ok(ApiClient {
+            base: base.trim_end_matches('/').to_string(),
+            http,
+            bearer,
+        })
+    }
+
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Req>,
+    ) -> Result<Resp, CallError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url);
+        if let Some(b) = &self.bearer {
+            req = req.bearer_auth(b);
+        }
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = req.send().await.map_err(|source| CallError::Unreachable {
+            url: url.clone(),
+            source,
+        })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|source| CallError::Unreachable {
+            url: url.clone(),
+            source,
+        })?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ApiError>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).chars().take(300).collect());
+            return Err(CallError::Refused {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| CallError::BadAnswer(e.to_string()))
+    }
+
+    pub async fn post<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &Req,
+    ) -> Result<Resp, CallError> {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    pub async fn get<Resp: DeserializeOwned>(&self, path: &str) -> Result<Resp, CallError> {
+        self.call::<(), Resp>(reqwest::Method::GET, path, None).await
+    }
+}
