@@ -5,7 +5,14 @@
 #   deploy/quickstart.sh down     stop everything this script started and remove the namespaces
 #   deploy/quickstart.sh status   show processes and the broker's counters
 #   deploy/quickstart.sh start|stop|kill NAME
-#                                 one daemon: broker, connector, client-alice, client-bob, app
+#                                 one daemon: broker, connector, client-alice, client-bob, app,
+#                                 edr (the stand-in EDR agent alice's posture check looks for)
+#   deploy/quickstart.sh admin ARGS...
+#                                 the admin CLI (`sekisho-broker admin`) on the broker host
+#
+# Nothing is keyed by hand: the broker's control plane (SQLite in the state folder) gets an
+# admin token, users alice and bob, the policy (with its tests), and one-time enrollment
+# tokens; each laptop and the connector enroll with theirs and make their own keys.
 #
 # Hosts (namespaces): sk-laptop (alice) and sk-laptop2 (bob) on the "internet" router sk-inet,
 # which also reaches sk-broker and the site's connector host sk-site; behind sk-site, on a
@@ -17,6 +24,10 @@
 #   SK_STATE    folder for keys, configs, logs and pid files (default /run/sekisho-quickstart)
 #   SK_BIN      folder with the three binaries; if unset, `cargo build --release` builds them
 #   SK_SKIP_PACKAGES=1  do not install Debian packages
+#   SK_CHECK_INTERVAL   how often clients run posture checks (default 2s)
+#   SK_TOKEN_LIFETIME   posture token lifetime (default 5m); SK_CERT_LIFETIME connector
+#                       certificate lifetime (default 30d)
+#   SK_EDR_NAME         process name of the stand-in EDR agent (default sk-edr-agent)
 set -euo pipefail
 
 P=${SK_PREFIX:-sk-}
@@ -87,19 +98,20 @@ topology() {
     # The app host has no default route: only its own network reaches it.
 }
 
+# Name of the stand-in "EDR agent" process the demo's posture check looks for. Processes are
+# machine-wide, so parallel deployments (tests) each use their own name (at most 15 characters).
+EDR=${SK_EDR_NAME:-sk-edr-agent}
+
 configure() {
     mkdir -p "$STATE"
     chmod 700 "$STATE"
     local pki="$STATE/pki"
     "$BIN/sekisho-broker" genkey >"$STATE/broker.key"
     chmod 600 "$STATE/broker.key"
-    local broker_pub alice_pub bob_pub
-    broker_pub=$("$BIN/sekisho-broker" pubkey <"$STATE/broker.key")
-    alice_pub=$("$BIN/sekisho-client" genkey "$STATE/alice.key")
-    bob_pub=$("$BIN/sekisho-client" genkey "$STATE/bob.key")
-    "$BIN/sekisho-broker" pki init --dir "$pki" --name broker.sekisho.internal
-    "$BIN/sekisho-broker" pki issue-connector --dir "$pki" --site dc1
-    sed -e "s|@ALICE_KEY@|$alice_pub|" -e "s|@BOB_KEY@|$bob_pub|" "$HERE/demo/policy.toml.in" >"$STATE/policy.toml"
+    # The CA signs the broker's certificate (for connectors and the HTTPS control API) and,
+    # at enrollment, the connectors' certificates.
+    "$BIN/sekisho-broker" pki init --dir "$pki" --name broker.sekisho.internal --name 10.99.2.2
+    sed -e "s|@EDR@|$EDR|" "$HERE/demo/policy.toml" >"$STATE/policy.toml"
     cat >"$STATE/broker.toml" <<EOF
 private_key_file = "broker.key"
 listen_wireguard = "0.0.0.0:51820"
@@ -112,37 +124,50 @@ control_socket = "broker.sock"
 ca = "pki/ca.pem"
 cert = "pki/broker.pem"
 key = "pki/broker.key"
-EOF
-    cat >"$STATE/connector.toml" <<EOF
-site = "dc1"
-broker = "10.99.2.2:4433"
-broker_name = "broker.sekisho.internal"
-tun_name = "sekisho-c0"
 
-[tls]
-ca = "pki/ca.pem"
-cert = "pki/connector-dc1.pem"
-key = "pki/connector-dc1.key"
+[control]
+listen = "10.99.2.2:8443"
+url = "https://10.99.2.2:8443"
+database = "sqlite://broker.db"
+ca_key = "pki/ca.key"
+wireguard_endpoint = "10.99.2.2:51820"
+connector_endpoint = "10.99.2.2:4433"
+posture_token_lifetime = "${SK_TOKEN_LIFETIME:-5m}"
+connector_cert_lifetime = "${SK_CERT_LIFETIME:-30d}"
+admin_token_file = "admin.token"
+audit_log = "audit.jsonl"
 EOF
-    for who in alice:100.118.0.2 bob:100.118.0.3; do
-        cat >"$STATE/client-${who%%:*}.toml" <<EOF
-[interface]
-name = "sekisho0"
-private_key_file = "${who%%:*}.key"
-address = "${who##*:}"
-routes = ["10.20.0.0/24"]
-
-[broker]
-endpoint = "10.99.2.2:51820"
-public_key = "$broker_pub"
-EOF
-    done
-    mkdir -p "$STATE/www"
+    mkdir -p "$STATE/www" "$STATE/edr" "$STATE/tokens"
     echo "Hello from the private app behind Sekisho" >"$STATE/www/index.html"
     head -c 10485760 /dev/urandom >"$STATE/www/10mb.bin"
+    cp "$(command -v sleep)" "$STATE/edr/$EDR"
 }
 
-# daemon NAME: the namespace and command of each daemon.
+# The admin CLI, on the broker host (the API listens on the broker's address).
+admin() { inns broker "$BIN/sekisho-broker" admin --config "$STATE/broker.toml" "$@"; }
+
+# Enrollment as an admin and the devices' owners would do it: users, one-time tokens, and
+# `enroll` on each machine, which makes its own key. No key is written by hand.
+enroll_all() {
+    admin init >/dev/null
+    admin user add alice --group engineering >/dev/null
+    admin user add bob --group finance >/dev/null
+    # Now that its users exist, apply the policy with its tests.
+    admin policy apply "$STATE/policy.toml" >/dev/null
+    local who t
+    for who in alice:laptop bob:laptop2; do
+        t=$(admin token create --user "${who%%:*}" --ttl 10m)
+        echo "$t" >"$STATE/tokens/${who%%:*}.token"
+        inns "${who##*:}" "$BIN/sekisho-client" enroll --server https://10.99.2.2:8443 \
+            --token "$t" --name "${who%%:*}-laptop" --dir "$STATE/${who%%:*}" \
+            --check-interval "${SK_CHECK_INTERVAL:-2s}" >/dev/null
+    done
+    t=$(admin token create --site dc1 --ttl 10m)
+    echo "$t" >"$STATE/tokens/dc1.token"
+    inns site "$BIN/sekisho-connector" enroll --server https://10.99.2.2:8443 --token "$t" \
+        --dir "$STATE/connector" >/dev/null
+}
+
 daemon_ns() {
     case $1 in
         broker) echo broker ;;
@@ -150,6 +175,7 @@ daemon_ns() {
         client-alice) echo laptop ;;
         client-bob) echo laptop2 ;;
         app) echo app ;;
+        edr) echo laptop ;;
         *) die "unknown daemon $1" ;;
     esac
 }
@@ -157,10 +183,11 @@ daemon_ns() {
 daemon_cmd() {
     case $1 in
         broker) echo "$BIN/sekisho-broker run --config $STATE/broker.toml" ;;
-        connector) echo "$BIN/sekisho-connector --config $STATE/connector.toml" ;;
-        client-alice) echo "$BIN/sekisho-client run --config $STATE/client-alice.toml" ;;
-        client-bob) echo "$BIN/sekisho-client run --config $STATE/client-bob.toml" ;;
+        connector) echo "$BIN/sekisho-connector run --config $STATE/connector/connector.toml" ;;
+        client-alice) echo "$BIN/sekisho-client run --config $STATE/alice/client.toml" ;;
+        client-bob) echo "$BIN/sekisho-client run --config $STATE/bob/client.toml" ;;
         app) echo "python3 $HERE/demo/app-services.py $STATE/www" ;;
+        edr) echo "$STATE/edr/$EDR infinity" ;;
     esac
 }
 
@@ -197,6 +224,10 @@ wait_for() {
 }
 
 linked() { broker_stats | python3 -c 'import json,sys; sys.exit(0 if "dc1" in json.load(sys.stdin)["connector_links"] else 1)'; }
+admin_ready() { inns broker python3 -c 'import socket; socket.create_connection(("10.99.2.2", 8443), 1)'; }
+postured() {
+    broker_stats | python3 -c 'import json,sys; p=json.load(sys.stdin)["peers"]; sys.exit(0 if len(p) == 2 and all(x["posture_expires"] for x in p) else 1)'
+}
 handshaken() {
     broker_stats | python3 -c 'import json,sys; p=json.load(sys.stdin)["peers"]; sys.exit(0 if all(x["seconds_since_handshake"] is not None for x in p) else 1)'
 }
@@ -212,13 +243,17 @@ up() {
     configure
     topology
     start app
+    start edr
     start broker
     wait_for "the broker" 20 test -S "$STATE/broker.sock"
+    wait_for "the control API" 20 admin_ready
+    enroll_all
     start connector
     start client-alice
     start client-bob
     wait_for "the connector link" 30 linked
     wait_for "the clients' handshakes" 30 handshaken
+    wait_for "the devices' posture tokens" 30 postured
     cat <<EOF
 Sekisho is up. Things to try:
 
@@ -230,6 +265,12 @@ Sekisho is up. Things to try:
   ip netns exec $(ns laptop2) curl http://10.20.0.10/
   # the app is private: the internet namespace cannot reach it
   ip netns exec $(ns inet) curl -m 3 http://10.20.0.10/
+  # device posture: stop the stand-in EDR agent and alice's UDP echo (sensitivity 3) is cut,
+  # while the web app (sensitivity 1) keeps working; start it again and echo comes back
+  $0 stop edr; $0 start edr
+  # the admin CLI (users, tokens, devices, connectors, policy, explain)
+  $0 admin device list
+  $0 admin explain --user alice --to 10.20.0.10:7 --protocol udp --failing-check edr-running
   # every decision, with the rule that made it; counters, peers and links
   tail -f $STATE/decisions.jsonl
   $BIN/sekisho-broker stats --socket $STATE/broker.sock
@@ -240,7 +281,7 @@ EOF
 
 down() {
     need_root
-    for d in client-alice client-bob connector broker app; do stop "$d"; done
+    for d in client-alice client-bob connector broker app edr; do stop "$d"; done
     for h in $HOSTS; do
         local n
         n=$(ns "$h")
@@ -256,7 +297,7 @@ down() {
 status() {
     SK_BIN=${SK_BIN:-$ROOT/target/release}
     binaries
-    for d in broker connector client-alice client-bob app; do
+    for d in broker connector client-alice client-bob app edr; do
         if [ -f "$STATE/$d.pid" ] && kill -0 "$(cat "$STATE/$d.pid")" 2>/dev/null; then
             say "$d: running (pid $(cat "$STATE/$d.pid"))"
         else
@@ -273,5 +314,6 @@ case ${1:-} in
     start) need_root; SK_BIN=${SK_BIN:-$ROOT/target/release}; binaries; start "${2:?daemon name}" ;;
     stop) need_root; stop "${2:?daemon name}" TERM ;;
     kill) need_root; stop "${2:?daemon name}" KILL ;;
+    admin) need_root; SK_BIN=${SK_BIN:-$ROOT/target/release}; binaries; shift; admin "$@" ;;
     *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -402,9 +402,15 @@ async fn apply(conn: &Conn, file: &Path, json: bool) -> Result<()> {
         .with_context(|| format!("cannot read {}", file.display()))?;
     // Check syntax locally first, so errors name the admin's own file and line.
     sekisho_proto::policy::Policy::parse(file, &text).map_err(anyhow::Error::from)?;
-    match post::<_, api::PolicyApplied>(conn, "/v1/admin/policy", &api::ApplyPolicy { text })
-        .await
-    {
+    let answer: Result<api::PolicyApplied, _> = conn
+        .client()?
+        .call(
+            sekisho_proto::http::Method::PUT,
+            "/v1/admin/policy",
+            Some(&api::ApplyPolicy { text }),
+        )
+        .await;
+    match answer {
         Ok(applied) => print(json, &applied, |a| {
             let mut s = format!("policy version {} in force", a.version);
             for t in &a.tests {
@@ -412,10 +418,7 @@ async fn apply(conn: &Conn, file: &Path, json: bool) -> Result<()> {
             }
             s
         }),
-        Err(e) => {
-            // Failing tests come back in the refusal; show them.
-            bail!("policy not applied: {e:#}")
-        }
+        Err(e) => bail!("policy not applied: {e}"),
     }
 }
 

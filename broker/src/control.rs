@@ -89,7 +89,11 @@ impl Control {
         ca_cert: &Path,
     ) -> Result<(Store, Policy, (PathBuf, String), Ca, TokenSigner)> {
         let store = Store::open(&config.database).await?;
-        info!(backend = store.backend(), "control plane store open");
+        info!(
+            backend = store.backend(),
+            schema = store.schema_version().await?,
+            "control plane store open"
+        );
         let text = match store.latest_policy().await? {
             Some((version, text)) => {
                 info!(version, "policy from the store");

@@ -3,6 +3,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 mod posture;
@@ -70,6 +72,9 @@ enum Command {
         /// TUN interface name written into the config.
         #[arg(long, default_value = "sekisho0")]
         interface: String,
+        /// How often the posture checks run (written into the config).
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        check_interval: Duration,
     },
 }
 
@@ -159,7 +164,8 @@ fn main() {
             name,
             dir,
             interface,
-        } => enroll(&server, &token, name, &dir, &interface),
+            check_interval,
+        } => enroll(&server, &token, name, &dir, &interface, check_interval),
     };
     if let Err(e) = result {
         eprintln!("sekisho-client: {e:#}");
@@ -188,7 +194,14 @@ fn genkey(out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn enroll(server: &str, token: &str, name: Option<String>, dir: &Path, ifname: &str) -> Result<()> {
+fn enroll(
+    server: &str,
+    token: &str,
+    name: Option<String>,
+    dir: &Path,
+    ifname: &str,
+    check_interval: Duration,
+) -> Result<()> {
     use sekisho_proto::api::{Credential, ENROLL_PREFIX, EnrollDeviceRequest, EnrollDeviceResponse};
     let token = if token == "-" {
         let mut t = String::new();
@@ -256,7 +269,7 @@ fn enroll(server: &str, token: &str, name: Option<String>, dir: &Path, ifname: &
             ca_file: PathBuf::from("ca.pem"),
             credential_file: PathBuf::from("credential"),
             device_range: c.device_range,
-            check_interval: default_check_interval(),
+            check_interval: humantime::format_duration(check_interval).to_string(),
         }),
     };
     let text = format!(
@@ -374,15 +387,17 @@ async fn run(config: ClientConfig, broker_key: PublicKeyBytes) -> Result<()> {
     );
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let handshakes = Arc::new(AtomicU64::new(0));
     let posture_task = match &config.control {
         Some(ctl) => Some(tokio::spawn(posture_loop(
             PostureSetup::load(ctl)?,
             ctl.device_range,
+            handshakes.clone(),
         ))),
         None => None,
     };
     let result = tokio::select! {
-        r = data_loop(&tun, &udp, &mut session, &config.broker.endpoint) => r,
+        r = data_loop(&tun, &udp, &mut session, &config.broker.endpoint, &handshakes) => r,
         _ = term.recv() => Ok(()),
         _ = tokio::signal::ctrl_c() => Ok(()),
     };
@@ -425,7 +440,7 @@ impl PostureSetup {
 /// Runs the posture checks every interval; when a result changes, or the token is due for
 /// refresh, asks the control plane for a new token and presents it to the broker inside the
 /// tunnel. Only pass/fail per check is sent.
-async fn posture_loop(setup: PostureSetup, range: IpNet) {
+async fn posture_loop(setup: PostureSetup, range: IpNet, handshakes: Arc<AtomicU64>) {
     use sekisho_proto::api::{PostureRequest, PostureResponse};
     use sekisho_proto::posture::{POSTURE_PORT, TokenAnswer};
     let service = SocketAddr::new(
@@ -437,7 +452,15 @@ async fn posture_loop(setup: PostureSetup, range: IpNet) {
     let mut refresh_at = Instant::now();
     let mut presented = false;
     let mut buf = vec![0u8; 4096];
+    let mut seen_handshakes = 0;
     loop {
+        // A new WireGuard session may be with a broker that never saw this device's token
+        // (a restarted one, say): present it again.
+        let hs = handshakes.load(Ordering::Relaxed);
+        if hs != seen_handshakes {
+            seen_handshakes = hs;
+            presented = false;
+        }
         let specs = checks.clone();
         let results = tokio::task::spawn_blocking(move || {
             posture::evaluate(&specs, &posture::gather(&specs))
@@ -527,7 +550,9 @@ async fn data_loop(
     udp: &UdpSocket,
     session: &mut Session,
     endpoint_name: &str,
+    handshakes: &AtomicU64,
 ) -> Result<()> {
+    let mut last_handshake: Option<Duration> = None;
     let mut broker = resolve(endpoint_name).await?;
     let mut tun_buf = vec![0u8; 65536];
     let mut net_buf = vec![0u8; 65536];
@@ -578,6 +603,11 @@ async fn data_loop(
                         let _ = udp.send_to(data, broker).await;
                     }
                 }
+                let since = session.time_since_handshake();
+                if since.is_some_and(|t| last_handshake.is_none_or(|l| t < l)) {
+                    handshakes.fetch_add(1, Ordering::Relaxed);
+                }
+                last_handshake = since;
                 if !connected && session.time_since_handshake().is_some() {
                     connected = true;
                     info!(broker = %broker, "connected to broker");

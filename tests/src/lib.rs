@@ -101,6 +101,8 @@ fn sweep_stale() {
 
 pub struct Deployment {
     prefix: String,
+    /// Process name of this deployment's stand-in EDR agent (processes are machine-wide).
+    pub edr: String,
     state: PathBuf,
     bin: PathBuf,
 }
@@ -126,6 +128,7 @@ impl Deployment {
         let pid = std::process::id();
         let d = Deployment {
             prefix: format!("skt{pid}x{n}-"),
+            edr: format!("edr{}x{n}", pid % 1_000_000),
             state: std::env::temp_dir().join(format!("sekisho-e2e-{pid}-{n}")),
             bin,
         };
@@ -149,6 +152,8 @@ impl Deployment {
             .env("SK_STATE", &self.state)
             .env("SK_BIN", &self.bin)
             .env("SK_SKIP_PACKAGES", "1")
+            .env("SK_EDR_NAME", &self.edr)
+            .env("SK_CHECK_INTERVAL", "200ms")
             .output()
             .context("cannot run deploy/quickstart.sh")
     }
@@ -199,6 +204,18 @@ impl Deployment {
     pub fn py(&self, host: &str, code: &str) -> String {
         let out = self.exec(host, &["python3", "-c", code]);
         String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Runs the admin CLI on the broker host; returns (success, stdout, stderr).
+    pub fn admin(&self, args: &[&str]) -> (bool, String, String) {
+        let mut all = vec!["admin"];
+        all.extend_from_slice(args);
+        let out = self.script(&all).expect("quickstart.sh admin");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        )
     }
 
     /// The broker's counters, peers and links (from its control socket).

@@ -114,8 +114,13 @@ fn denied_flows_fail_fast_with_the_deciding_rule_logged() {
         "{rec}"
     );
 
-    // ICMP to an address outside every application: "administratively prohibited".
-    let (_, out, _) = d.sh("laptop", "ping -c 1 -W 5 10.20.0.200");
+    // ICMP to an address outside every application: "administratively prohibited". Enrolled
+    // devices only route their own applications into the tunnel, so route this one by hand,
+    // as a hand-configured or full-tunnel device would: the broker decides, not the routes.
+    let (_, out, _) = d.sh(
+        "laptop",
+        "ip route add 10.20.0.200/32 dev sekisho0 && ping -c 1 -W 5 10.20.0.200",
+    );
     assert!(
         out.contains("Packet filtered"),
         "ping to a denied host: {out}"
@@ -280,6 +285,9 @@ fn broker_restart_is_survived_without_touching_client_or_connector() {
     assert!(ok);
     let client_pid = d.pid("client-alice");
     let connector_pid = d.pid("connector");
+    let (_, devices_before, _) = d.admin(&["device", "list"]);
+    let (_, policy_before, _) = d.admin(&["policy", "show"]);
+    let (_, users_before, _) = d.admin(&["user", "list"]);
 
     d.daemon("kill", "broker");
     let (ok, _, _) = d.sh("laptop", &format!("curl -sS -m 2 http://{APP}/"));
@@ -308,4 +316,10 @@ fn broker_restart_is_survived_without_touching_client_or_connector() {
         d.log("connector").matches("linked to broker").count() >= 2,
         "the connector re-linked"
     );
+    // The control plane's state came back from its SQLite file: devices, users, the applied
+    // policy, and the signing key (the clients' new tokens verify, so traffic resumed).
+    assert_eq!(d.admin(&["device", "list"]).1, devices_before);
+    assert_eq!(d.admin(&["user", "list"]).1, users_before);
+    assert_eq!(d.admin(&["policy", "show"]).1, policy_before);
+    assert!(devices_before.contains("alice-laptop") && devices_before.contains("bob-laptop"));
 }
