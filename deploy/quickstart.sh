@@ -199,13 +199,16 @@ start() {
     echo $! >"$STATE/$name.pid"
 }
 
+# Whether a process still runs: an exited one waiting to be reaped by init (state Z) does not.
+alive() { [ -r "/proc/$1/stat" ] && ! sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | grep -q '^[ZXx]'; }
+
 stop() {
     local name=$1 sig=${2:-TERM} pid
     [ -f "$STATE/$name.pid" ] || return 0
     pid=$(cat "$STATE/$name.pid")
-    if kill -0 "$pid" 2>/dev/null; then
+    if alive "$pid"; then
         kill -"$sig" "$pid" 2>/dev/null || true
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        for _ in $(seq 50); do alive "$pid" || break; sleep 0.05; done
         kill -KILL "$pid" 2>/dev/null || true
     fi
     rm -f "$STATE/$name.pid"

@@ -21,7 +21,13 @@ use crate::store::{Store, now_unix};
 #[derive(Args)]
 pub struct AdminArgs {
     /// Broker config: the API URL, CA certificate and admin token file are taken from it.
-    #[arg(short, long, value_name = "FILE", env = "SEKISHO_BROKER_CONFIG", global = true)]
+    #[arg(
+        short,
+        long,
+        value_name = "FILE",
+        env = "SEKISHO_BROKER_CONFIG",
+        global = true
+    )]
     config: Option<PathBuf>,
     /// Control API URL (overrides the config's `control.url`).
     #[arg(long, env = "SEKISHO_SERVER", global = true)]
@@ -97,8 +103,12 @@ enum UserCommand {
     },
     List,
     /// Disable a user: their flows are cut and new ones denied.
-    Disable { name: String },
-    Enable { name: String },
+    Disable {
+        name: String,
+    },
+    Enable {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -125,14 +135,18 @@ enum TokenCommand {
 enum DeviceCommand {
     List,
     /// Revoke a device: its tunnel and flows are cut at once and its key cannot come back.
-    Revoke { name: String },
+    Revoke {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum ConnectorCommand {
     List,
     /// Revoke a connector: its link is closed and its certificate refused.
-    Revoke { name: String },
+    Revoke {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -182,11 +196,7 @@ impl Conn {
 }
 
 pub fn run(args: AdminArgs) -> Result<()> {
-    let config = args
-        .config
-        .as_deref()
-        .map(BrokerConfig::load)
-        .transpose()?;
+    let config = args.config.as_deref().map(BrokerConfig::load).transpose()?;
     let conn = Conn {
         config,
         server: args.server,
@@ -221,8 +231,7 @@ async fn get<Resp: DeserializeOwned>(conn: &Conn, path: &str) -> Result<Resp> {
 }
 
 fn when(unix: u64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(unix))
-        .to_string()
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(unix)).to_string()
 }
 
 async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
@@ -304,7 +313,9 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
         AdminCommand::Device(DeviceCommand::Revoke { name }) => {
             let d: serde_json::Value =
                 post(&conn, &format!("/v1/admin/devices/{name}/revoke"), &()).await?;
-            print(json, &d, |d| d["done"].as_str().unwrap_or_default().to_string())
+            print(json, &d, |d| {
+                d["done"].as_str().unwrap_or_default().to_string()
+            })
         }
         AdminCommand::Connector(ConnectorCommand::List) => {
             let cs: Vec<api::ConnectorInfo> = get(&conn, "/v1/admin/connectors").await?;
@@ -317,7 +328,11 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
                             c.site,
                             c.serial,
                             when(c.not_after),
-                            if c.revoked_at.is_some() { "revoked" } else { "active" }
+                            if c.revoked_at.is_some() {
+                                "revoked"
+                            } else {
+                                "active"
+                            }
                         )
                     })
                     .collect::<Vec<_>>()
@@ -327,7 +342,9 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
         AdminCommand::Connector(ConnectorCommand::Revoke { name }) => {
             let d: serde_json::Value =
                 post(&conn, &format!("/v1/admin/connectors/{name}/revoke"), &()).await?;
-            print(json, &d, |d| d["done"].as_str().unwrap_or_default().to_string())
+            print(json, &d, |d| {
+                d["done"].as_str().unwrap_or_default().to_string()
+            })
         }
         AdminCommand::Policy(PolicyCommand::Apply { file }) => apply(&conn, &file, json).await,
         AdminCommand::Policy(PolicyCommand::Show) => {
@@ -342,10 +359,9 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
             protocol,
             failing_checks,
         } => {
-            let protocol: Protocol = serde_json::from_value(serde_json::Value::String(
-                protocol.to_lowercase(),
-            ))
-            .context("--protocol is tcp, udp or icmp")?;
+            let protocol: Protocol =
+                serde_json::from_value(serde_json::Value::String(protocol.to_lowercase()))
+                    .context("--protocol is tcp, udp or icmp")?;
             let (address, port) = match to.parse::<std::net::SocketAddr>() {
                 Ok(s) => (s.ip(), s.port()),
                 Err(_) => (
@@ -369,11 +385,7 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
             .await?;
             let allowed = e.decision == Action::Allow;
             print(json, &e, |e| {
-                let mut s = format!(
-                    "{}: {}",
-                    if allowed { "ALLOW" } else { "DENY" },
-                    e.reason
-                );
+                let mut s = format!("{}: {}", if allowed { "ALLOW" } else { "DENY" }, e.reason);
                 if let Some(r) = &e.rule {
                     s += &format!(" (rule {r:?})");
                 }
@@ -384,7 +396,10 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
                     s += &format!("\napplication: {a}");
                 }
                 if !e.required_checks.is_empty() {
-                    s += &format!("\nrequired posture checks: {}", e.required_checks.join(", "));
+                    s += &format!(
+                        "\nrequired posture checks: {}",
+                        e.required_checks.join(", ")
+                    );
                 }
                 s += &format!("\nposture: {}", e.posture);
                 s
@@ -398,8 +413,8 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
 }
 
 async fn apply(conn: &Conn, file: &Path, json: bool) -> Result<()> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("cannot read {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     // Check syntax locally first, so errors name the admin's own file and line.
     sekisho_proto::policy::Policy::parse(file, &text).map_err(anyhow::Error::from)?;
     let answer: Result<api::PolicyApplied, _> = conn
@@ -431,7 +446,10 @@ async fn init(conn: &Conn, name: &str, force: bool) -> Result<()> {
         .control
         .as_ref()
         .context("the broker config has no [control] section")?;
-    let out = conn.token_file.clone().unwrap_or(ctl.admin_token_file.clone());
+    let out = conn
+        .token_file
+        .clone()
+        .unwrap_or(ctl.admin_token_file.clone());
     if out.exists() && !force {
         bail!(
             "{} already exists (pass --force to create another token and replace it)",

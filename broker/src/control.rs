@@ -100,9 +100,8 @@ impl Control {
                 text
             }
             None => {
-                let text = std::fs::read_to_string(policy_file).with_context(|| {
-                    format!("cannot read the policy {}", policy_file.display())
-                })?;
+                let text = std::fs::read_to_string(policy_file)
+                    .with_context(|| format!("cannot read the policy {}", policy_file.display()))?;
                 let dir = store.directory().await?;
                 Policy::parse_with(policy_file, &text, &dir)?;
                 let v = store.save_policy(&text, now_unix(), "import").await?;
@@ -463,7 +462,10 @@ impl FromRequestParts<Arc<Control>> for Admin {
             .map_err(|e| bad(StatusCode::UNAUTHORIZED, e.to_string()))?;
         match ctl.store.admin_by_token(&cred.id, &cred.secret).await? {
             Some(name) => Ok(Admin(name)),
-            None => Err(bad(StatusCode::UNAUTHORIZED, "unknown or revoked admin token")),
+            None => Err(bad(
+                StatusCode::UNAUTHORIZED,
+                "unknown or revoked admin token",
+            )),
         }
     }
 }
@@ -483,7 +485,11 @@ impl FromRequestParts<Arc<Control>> for DeviceAuth {
         };
         let cred = Credential::parse(DEVICE_PREFIX, text)
             .map_err(|e| bad(StatusCode::UNAUTHORIZED, e.to_string()))?;
-        match ctl.store.device_by_credential(&cred.id, &cred.secret).await? {
+        match ctl
+            .store
+            .device_by_credential(&cred.id, &cred.secret)
+            .await?
+        {
             Some(d) => Ok(DeviceAuth(d)),
             None => Err(bad(
                 StatusCode::UNAUTHORIZED,
@@ -551,12 +557,8 @@ async fn enroll_device(State(ctl): Ctl, body: Bytes) -> ApiResult<api::EnrollDev
     };
     let cred = Credential::parse(ENROLL_PREFIX, &req.token)
         .map_err(|e| refuse(bad(StatusCode::UNAUTHORIZED, e.to_string())))?;
-    PublicKeyBytes::parse(&req.public_key).map_err(|e| {
-        refuse(bad(
-            StatusCode::BAD_REQUEST,
-            format!("bad public key: {e}"),
-        ))
-    })?;
+    PublicKeyBytes::parse(&req.public_key)
+        .map_err(|e| refuse(bad(StatusCode::BAD_REQUEST, format!("bad public key: {e}"))))?;
     check_name("device", &req.name).map_err(refuse)?;
     let _g = ctl.change.lock().await;
     let range = ctl.policy().device_range;
@@ -587,10 +589,7 @@ async fn enroll_device(State(ctl): Ctl, body: Bytes) -> ApiResult<api::EnrollDev
     }))
 }
 
-async fn enroll_connector(
-    State(ctl): Ctl,
-    body: Bytes,
-) -> ApiResult<api::EnrollConnectorResponse> {
+async fn enroll_connector(State(ctl): Ctl, body: Bytes) -> ApiResult<api::EnrollConnectorResponse> {
     let (req, raw): (api::EnrollConnectorRequest, _) = parse_body(&body)?;
     let remote_audit = redacted(raw);
     let refuse = |e: ApiErr| {
@@ -653,7 +652,12 @@ async fn posture(
     let checks = policy
         .posture_checks
         .iter()
-        .map(|c| (c.name.clone(), req.checks.get(&c.name).copied().unwrap_or(false)))
+        .map(|c| {
+            (
+                c.name.clone(),
+                req.checks.get(&c.name).copied().unwrap_or(false),
+            )
+        })
         .collect();
     let u = &policy.users[user as usize];
     let now = now_unix();
@@ -747,14 +751,26 @@ async fn create_user(
     }))
 }
 
-async fn set_disabled(ctl: &Control, admin: &str, name: &str, disabled: bool) -> ApiResult<api::UserInfo> {
+async fn set_disabled(
+    ctl: &Control,
+    admin: &str,
+    name: &str,
+    disabled: bool,
+) -> ApiResult<api::UserInfo> {
     let _g = ctl.change.lock().await;
     if !ctl.store.set_user_disabled(name, disabled).await? {
-        return Err(bad(StatusCode::NOT_FOUND, format!("no user {name:?} in the directory")));
+        return Err(bad(
+            StatusCode::NOT_FOUND,
+            format!("no user {name:?} in the directory"),
+        ));
     }
     ctl.rebuild().await?;
     ctl.audit(
-        if disabled { "user_disabled" } else { "user_enabled" },
+        if disabled {
+            "user_disabled"
+        } else {
+            "user_enabled"
+        },
         admin,
         serde_json::json!({"user": name}),
     );
@@ -803,7 +819,11 @@ async fn create_group(
         ));
     }
     ctl.rebuild().await?;
-    ctl.audit("group_created", &admin, serde_json::json!({"group": req.name}));
+    ctl.audit(
+        "group_created",
+        &admin,
+        serde_json::json!({"group": req.name}),
+    );
     Ok(Json(req))
 }
 
@@ -901,7 +921,11 @@ async fn revoke_device(
     }
     ctl.rebuild().await?;
     info!(device = %name, by = %admin, "device revoked");
-    ctl.audit("device_revoked", &admin, serde_json::json!({"device": name}));
+    ctl.audit(
+        "device_revoked",
+        &admin,
+        serde_json::json!({"device": name}),
+    );
     Ok(Json(Done {
         done: format!("device {name} revoked; its tunnel and flows are cut"),
     }))
@@ -937,7 +961,11 @@ async fn revoke_connector(
         ));
     }
     ctl.drop_revoked_links().await;
-    ctl.audit("connector_revoked", &admin, serde_json::json!({"connector": name}));
+    ctl.audit(
+        "connector_revoked",
+        &admin,
+        serde_json::json!({"connector": name}),
+    );
     Ok(Json(Done {
         done: format!("connector {name} revoked; its link is closed"),
     }))
@@ -989,7 +1017,10 @@ async fn explain(State(ctl): Ctl, _: Admin, body: Bytes) -> ApiResult<api::Expla
                 .ok_or_else(|| bad(StatusCode::NOT_FOUND, format!("no user {user:?}")))?;
             for c in &req.failing_checks {
                 if policy.check_by_name(c).is_none() {
-                    return Err(bad(StatusCode::BAD_REQUEST, format!("no posture check {c:?}")));
+                    return Err(bad(
+                        StatusCode::BAD_REQUEST,
+                        format!("no posture check {c:?}"),
+                    ));
                 }
             }
             let claims = policy.assumed_posture(id, &req.failing_checks);
@@ -1000,8 +1031,15 @@ async fn explain(State(ctl): Ctl, _: Admin, body: Bytes) -> ApiResult<api::Expla
                 .devices
                 .iter()
                 .position(|d| &d.name == device)
-                .ok_or_else(|| bad(StatusCode::NOT_FOUND, format!("no active device {device:?}")))?;
-            let claims = lock(&ctl.shared).core.posture_of(&policy.devices[id].public_key);
+                .ok_or_else(|| {
+                    bad(
+                        StatusCode::NOT_FOUND,
+                        format!("no active device {device:?}"),
+                    )
+                })?;
+            let claims = lock(&ctl.shared)
+                .core
+                .posture_of(&policy.devices[id].public_key);
             let d = policy.evaluate(id as u32, &key, claims.as_ref());
             (d, if claims.is_some() { "token" } else { "none" })
         }

@@ -136,15 +136,24 @@ async fn start(dir: &Path, db: &str) -> Harness {
     }));
     let (ca_pem, ca_sha256) = (ca.cert_pem.clone(), ca.sha256);
     let admin = {
-        let (id, secret) = store.create_admin_token("tester", now_unix()).await.unwrap();
+        let (id, secret) = store
+            .create_admin_token("tester", now_unix())
+            .await
+            .unwrap();
         Credential::format(api::ADMIN_PREFIX, &id, &secret, None)
     };
-    let control = Control::new(store, shared.clone(), config, ca, signer, broker_key, text).unwrap();
+    let control =
+        Control::new(store, shared.clone(), config, ca, signer, broker_key, text).unwrap();
     let mut chain = crate::load_certs(&dir.join("broker.pem")).unwrap();
     chain.extend(crate::load_certs(&dir.join("ca.pem")).unwrap());
-    let (task, bound) = serve(control.clone(), "127.0.0.1:0".parse().unwrap(), chain, &dir.join("broker.key"))
-        .await
-        .unwrap();
+    let (task, bound) = serve(
+        control.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+        chain,
+        &dir.join("broker.key"),
+    )
+    .await
+    .unwrap();
     Harness {
         dir: dir.to_path_buf(),
         db: db.to_string(),
@@ -160,7 +169,12 @@ async fn start(dir: &Path, db: &str) -> Harness {
 
 impl Harness {
     fn client(&self, bearer: Option<&str>) -> ApiClient {
-        ApiClient::new(&self.base, ca_tls(&self.ca_pem).unwrap(), bearer.map(str::to_string)).unwrap()
+        ApiClient::new(
+            &self.base,
+            ca_tls(&self.ca_pem).unwrap(),
+            bearer.map(str::to_string),
+        )
+        .unwrap()
     }
 
     fn admin(&self) -> ApiClient {
@@ -221,29 +235,62 @@ fn refused(r: Result<impl std::fmt::Debug, CallError>) -> (u16, String) {
 async fn suite(db: &str) {
     let dir = scratch("suite");
     let h = start(&dir, db).await;
-    let backend = if db.starts_with("postgres") { "postgres" } else { "sqlite" };
+    let backend = if db.starts_with("postgres") {
+        "postgres"
+    } else {
+        "sqlite"
+    };
     assert_eq!(h.control.store.backend(), backend);
     eprintln!("control-plane suite on {backend}");
 
     // Unauthenticated, malformed and unknown admin credentials are refused.
-    let (s, m) = refused(h.client(None).get::<Vec<api::UserInfo>>("/v1/admin/users").await);
+    let (s, m) = refused(
+        h.client(None)
+            .get::<Vec<api::UserInfo>>("/v1/admin/users")
+            .await,
+    );
     assert_eq!(s, 401, "{m}");
-    let (s, _) = refused(h.client(Some("nonsense")).get::<Vec<api::UserInfo>>("/v1/admin/users").await);
+    let (s, _) = refused(
+        h.client(Some("nonsense"))
+            .get::<Vec<api::UserInfo>>("/v1/admin/users")
+            .await,
+    );
     assert_eq!(s, 401);
-    let forged = Credential::format(api::ADMIN_PREFIX, "AAAAAAAAAAAA", "BBBBBBBBBBBBBBBBBBBBBBBB", None);
-    let (s, _) = refused(h.client(Some(&forged)).get::<Vec<api::UserInfo>>("/v1/admin/users").await);
+    let forged = Credential::format(
+        api::ADMIN_PREFIX,
+        "AAAAAAAAAAAA",
+        "BBBBBBBBBBBBBBBBBBBBBBBB",
+        None,
+    );
+    let (s, _) = refused(
+        h.client(Some(&forged))
+            .get::<Vec<api::UserInfo>>("/v1/admin/users")
+            .await,
+    );
     assert_eq!(s, 401);
 
     // Users and groups.
     let u: api::UserInfo = h
         .admin()
-        .post("/v1/admin/users", &api::CreateUser { name: "alice".into(), groups: vec!["engineering".into()] })
+        .post(
+            "/v1/admin/users",
+            &api::CreateUser {
+                name: "alice".into(),
+                groups: vec!["engineering".into()],
+            },
+        )
         .await
         .unwrap();
     assert_eq!(u.groups, vec!["engineering"]);
     let (s, m) = refused(
         h.admin()
-            .post::<_, api::UserInfo>("/v1/admin/users", &api::CreateUser { name: "alice".into(), groups: vec![] })
+            .post::<_, api::UserInfo>(
+                "/v1/admin/users",
+                &api::CreateUser {
+                    name: "alice".into(),
+                    groups: vec![],
+                },
+            )
             .await,
     );
     assert_eq!((s, m.contains("already exists")), (409, true), "{m}");
@@ -256,7 +303,13 @@ async fn suite(db: &str) {
     assert_eq!(r.config.user, "alice");
     assert_eq!(r.config.routes.len(), 1, "{:?}", r.config.routes);
     assert_eq!(r.config.checks.len(), 1);
-    assert!(lock(&h.shared).core.policy().device_by_key(&key.public()).is_some());
+    assert!(
+        lock(&h.shared)
+            .core
+            .policy()
+            .device_by_key(&key.public())
+            .is_some()
+    );
 
     // Reused, expired, made-up and malformed tokens: clear errors, nothing created.
     let (s, m) = refused(h.enroll(&token, "second", &PrivateKey::generate()).await);
@@ -270,25 +323,43 @@ async fn suite(db: &str) {
     let expired = Credential::format(ENROLL_PREFIX, &id, &secret, Some(&h.ca_sha256));
     let (s, m) = refused(h.enroll(&expired, "third", &PrivateKey::generate()).await);
     assert_eq!((s, m.as_str()), (401, "enrollment token has expired"));
-    let made_up = Credential::format(ENROLL_PREFIX, "madeup", "0123456789abcdefghijklmn", Some(&h.ca_sha256));
+    let made_up = Credential::format(
+        ENROLL_PREFIX,
+        "madeup",
+        "0123456789abcdefghijklmn",
+        Some(&h.ca_sha256),
+    );
     let (s, m) = refused(h.enroll(&made_up, "fourth", &PrivateKey::generate()).await);
     assert_eq!((s, m.as_str()), (401, "unknown enrollment token"));
     let wrong_secret = format!("{}.{}.{}x", ENROLL_PREFIX, id, secret);
-    assert!(h.enroll(&wrong_secret, "fifth", &PrivateKey::generate()).await.is_err());
-    assert_eq!(h.device_count().await, 1, "refused enrollments created nothing");
+    assert!(
+        h.enroll(&wrong_secret, "fifth", &PrivateKey::generate())
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        h.device_count().await,
+        1,
+        "refused enrollments created nothing"
+    );
     // A token for a device cannot enroll a connector.
     let t2 = h.token(Some("alice"), None).await;
     let (s, _) = refused(
         h.enrollee()
             .post::<_, api::EnrollConnectorResponse>(
                 "/v1/enroll/connector",
-                &api::EnrollConnectorRequest { token: t2.clone(), csr_pem: csr() },
+                &api::EnrollConnectorRequest {
+                    token: t2.clone(),
+                    csr_pem: csr(),
+                },
             )
             .await,
     );
     assert_eq!(s, 400);
     // ...and that refusal did not use it up.
-    h.enroll(&t2, "alice-desktop", &PrivateKey::generate()).await.unwrap();
+    h.enroll(&t2, "alice-desktop", &PrivateKey::generate())
+        .await
+        .unwrap();
     assert_eq!(h.device_count().await, 2);
 
     // A token pinned to another CA fails at TLS, before anything is sent.
@@ -296,7 +367,11 @@ async fn suite(db: &str) {
     let e = other
         .post::<_, api::EnrollDeviceResponse>(
             "/v1/enroll/device",
-            &api::EnrollDeviceRequest { token: token.clone(), public_key: key.public().to_string(), name: "x".into() },
+            &api::EnrollDeviceRequest {
+                token: token.clone(),
+                public_key: key.public().to_string(),
+                name: "x".into(),
+            },
         )
         .await;
     assert!(matches!(e, Err(CallError::Unreachable { .. })), "{e:?}");
@@ -306,36 +381,79 @@ async fn suite(db: &str) {
     let (s, m) = refused(device.get::<Vec<api::UserInfo>>("/v1/admin/users").await);
     assert_eq!(s, 403, "{m}");
     let p: api::PostureResponse = device
-        .post("/v1/posture", &api::PostureRequest { checks: [("edr".to_string(), true)].into() })
+        .post(
+            "/v1/posture",
+            &api::PostureRequest {
+                checks: [("edr".to_string(), true)].into(),
+            },
+        )
         .await
         .unwrap();
-    let verifier = TokenVerifier::from_signer(&h.control.store.signing_key(now_unix()).await.unwrap());
-    let claims = verifier.verify(&p.token, now_unix(), &key.public()).unwrap();
-    assert_eq!((claims.user.as_str(), claims.device.as_str()), ("alice", "alice-laptop"));
+    let verifier =
+        TokenVerifier::from_signer(&h.control.store.signing_key(now_unix()).await.unwrap());
+    let claims = verifier
+        .verify(&p.token, now_unix(), &key.public())
+        .unwrap();
+    assert_eq!(
+        (claims.user.as_str(), claims.device.as_str()),
+        ("alice", "alice-laptop")
+    );
     assert!(claims.passes("edr"));
-    assert!(verifier.verify(&p.token, now_unix(), &PublicKeyBytes([1; 32])).is_err());
-    let (s, _) = refused(h.client(None).post::<_, api::PostureResponse>("/v1/posture", &api::PostureRequest { checks: Default::default() }).await);
+    assert!(
+        verifier
+            .verify(&p.token, now_unix(), &PublicKeyBytes([1; 32]))
+            .is_err()
+    );
+    let (s, _) = refused(
+        h.client(None)
+            .post::<_, api::PostureResponse>(
+                "/v1/posture",
+                &api::PostureRequest {
+                    checks: Default::default(),
+                },
+            )
+            .await,
+    );
     assert_eq!(s, 401);
 
     // Policy apply: failing tests refuse it; passing tests put it in force.
-    let bad_tests = format!("{POLICY}{}", TESTS.replace("expect = \"deny\"", "expect = \"allow\""));
+    let bad_tests = format!(
+        "{POLICY}{}",
+        TESTS.replace("expect = \"deny\"", "expect = \"allow\"")
+    );
     let (s, m) = refused(
         h.admin()
-            .call::<_, api::PolicyApplied>(sekisho_proto::http::Method::PUT, "/v1/admin/policy", Some(&api::ApplyPolicy { text: bad_tests }))
+            .call::<_, api::PolicyApplied>(
+                sekisho_proto::http::Method::PUT,
+                "/v1/admin/policy",
+                Some(&api::ApplyPolicy { text: bad_tests }),
+            )
             .await,
     );
     assert_eq!(s, 422, "{m}");
     assert!(m.contains("1 of 2 policy tests failed"), "{m}");
     let (s, m) = refused(
         h.admin()
-            .call::<_, api::PolicyApplied>(sekisho_proto::http::Method::PUT, "/v1/admin/policy", Some(&api::ApplyPolicy { text: "[[rules]]\nname = 1".into() }))
+            .call::<_, api::PolicyApplied>(
+                sekisho_proto::http::Method::PUT,
+                "/v1/admin/policy",
+                Some(&api::ApplyPolicy {
+                    text: "[[rules]]\nname = 1".into(),
+                }),
+            )
             .await,
     );
     assert_eq!(s, 422);
     assert!(m.contains("policy.toml:2:"), "{m}");
     let applied: api::PolicyApplied = h
         .admin()
-        .call(sekisho_proto::http::Method::PUT, "/v1/admin/policy", Some(&api::ApplyPolicy { text: format!("{POLICY}{TESTS}") }))
+        .call(
+            sekisho_proto::http::Method::PUT,
+            "/v1/admin/policy",
+            Some(&api::ApplyPolicy {
+                text: format!("{POLICY}{TESTS}"),
+            }),
+        )
         .await
         .unwrap();
     assert_eq!(applied.version, 2);
@@ -350,9 +468,20 @@ async fn suite(db: &str) {
         protocol: sekisho_proto::policy::Protocol::Tcp,
         failing_checks: failing,
     };
-    let e: api::Explanation = h.admin().post("/v1/admin/explain", &explain(vec![], 80)).await.unwrap();
-    assert_eq!((e.rule.as_deref(), e.application.as_deref()), (Some("engineering-apps"), Some("web")));
-    let e: api::Explanation = h.admin().post("/v1/admin/explain", &explain(vec!["edr".into()], 5432)).await.unwrap();
+    let e: api::Explanation = h
+        .admin()
+        .post("/v1/admin/explain", &explain(vec![], 80))
+        .await
+        .unwrap();
+    assert_eq!(
+        (e.rule.as_deref(), e.application.as_deref()),
+        (Some("engineering-apps"), Some("web"))
+    );
+    let e: api::Explanation = h
+        .admin()
+        .post("/v1/admin/explain", &explain(vec!["edr".into()], 5432))
+        .await
+        .unwrap();
     assert_eq!(e.decision, sekisho_proto::policy::Action::Deny);
     assert_eq!(e.check.as_deref(), Some("edr"));
 
@@ -360,7 +489,13 @@ async fn suite(db: &str) {
     let ct = h.token(None, Some("hq")).await;
     let c: api::EnrollConnectorResponse = h
         .enrollee()
-        .post("/v1/enroll/connector", &api::EnrollConnectorRequest { token: ct.clone(), csr_pem: csr() })
+        .post(
+            "/v1/enroll/connector",
+            &api::EnrollConnectorRequest {
+                token: ct.clone(),
+                csr_pem: csr(),
+            },
+        )
         .await
         .unwrap();
     assert_eq!(c.site, "hq");
@@ -374,28 +509,73 @@ async fn suite(db: &str) {
     );
     let (s, _) = refused(
         h.enrollee()
-            .post::<_, api::EnrollConnectorResponse>("/v1/enroll/connector", &api::EnrollConnectorRequest { token: ct, csr_pem: csr() })
+            .post::<_, api::EnrollConnectorResponse>(
+                "/v1/enroll/connector",
+                &api::EnrollConnectorRequest {
+                    token: ct,
+                    csr_pem: csr(),
+                },
+            )
             .await,
     );
     assert_eq!(s, 401);
     // Renewal over the link records the new serial; the old one stays valid until it expires.
-    let renewed = h.control.renew_connector(&serial, "hq", &csr()).await.unwrap();
-    let der2: rustls_pki_types::CertificateDer = rustls_pki_types::pem::PemObject::from_pem_slice(renewed.as_bytes()).unwrap();
+    let renewed = h
+        .control
+        .renew_connector(&serial, "hq", &csr())
+        .await
+        .unwrap();
+    let der2: rustls_pki_types::CertificateDer =
+        rustls_pki_types::pem::PemObject::from_pem_slice(renewed.as_bytes()).unwrap();
     let serial2 = pki::cert_serial(&der2).unwrap();
     assert_ne!(serial, serial2);
-    assert!(h.control.store.connector_by_serial(&serial2).await.unwrap().is_some());
+    assert!(
+        h.control
+            .store
+            .connector_by_serial(&serial2)
+            .await
+            .unwrap()
+            .is_some()
+    );
     let _: serde_json::Value = h
         .admin()
         .post(&format!("/v1/admin/connectors/{}/revoke", c.connector), &())
         .await
         .unwrap();
-    assert_eq!(h.control.store.connector_by_serial(&serial2).await.unwrap(), None);
-    assert!(h.control.renew_connector(&serial2, "hq", &csr()).await.is_err());
+    assert_eq!(
+        h.control.store.connector_by_serial(&serial2).await.unwrap(),
+        None
+    );
+    assert!(
+        h.control
+            .renew_connector(&serial2, "hq", &csr())
+            .await
+            .is_err()
+    );
 
     // Revocation: the device leaves the data path and its credential stops working.
-    let _: serde_json::Value = h.admin().post("/v1/admin/devices/alice-laptop/revoke", &()).await.unwrap();
-    assert!(lock(&h.shared).core.policy().device_by_key(&key.public()).is_none());
-    let (s, _) = refused(device.post::<_, api::PostureResponse>("/v1/posture", &api::PostureRequest { checks: Default::default() }).await);
+    let _: serde_json::Value = h
+        .admin()
+        .post("/v1/admin/devices/alice-laptop/revoke", &())
+        .await
+        .unwrap();
+    assert!(
+        lock(&h.shared)
+            .core
+            .policy()
+            .device_by_key(&key.public())
+            .is_none()
+    );
+    let (s, _) = refused(
+        device
+            .post::<_, api::PostureResponse>(
+                "/v1/posture",
+                &api::PostureRequest {
+                    checks: Default::default(),
+                },
+            )
+            .await,
+    );
     assert_eq!(s, 401);
     // A revoked key cannot come back.
     let t3 = h.token(Some("alice"), None).await;
@@ -403,12 +583,27 @@ async fn suite(db: &str) {
     assert_eq!(s, 409, "{m}");
 
     // Disabling a user denies their flows.
-    let _: api::UserInfo = h.admin().post("/v1/admin/users/alice/disable", &()).await.unwrap();
-    let e: api::Explanation = h.admin().post("/v1/admin/explain", &explain(vec![], 80)).await.unwrap();
+    let _: api::UserInfo = h
+        .admin()
+        .post("/v1/admin/users/alice/disable", &())
+        .await
+        .unwrap();
+    let e: api::Explanation = h
+        .admin()
+        .post("/v1/admin/explain", &explain(vec![], 80))
+        .await
+        .unwrap();
     assert_eq!(e.reason, "user disabled");
 
     // Restart: everything survives in the database.
-    let kid = h.control.store.signing_key(now_unix()).await.unwrap().kid().to_string();
+    let kid = h
+        .control
+        .store
+        .signing_key(now_unix())
+        .await
+        .unwrap()
+        .kid()
+        .to_string();
     let (dir2, db2) = (h.dir.clone(), h.db.clone());
     h.task.abort();
     drop(h.control.clone());
@@ -416,21 +611,56 @@ async fn suite(db: &str) {
     assert_eq!(store.schema_version().await.unwrap(), 1);
     let devices = store.devices().await.unwrap();
     assert_eq!(devices.len(), 2);
-    assert!(devices.iter().any(|d| d.name == "alice-laptop" && d.revoked_at.is_some()));
+    assert!(
+        devices
+            .iter()
+            .any(|d| d.name == "alice-laptop" && d.revoked_at.is_some())
+    );
     assert_eq!(store.latest_policy().await.unwrap().unwrap().0, 2);
     assert_eq!(store.signing_key(now_unix()).await.unwrap().kid(), kid);
     assert!(store.users().await.unwrap()[0].disabled);
     drop(store);
     let h2 = start(&dir2, &db2).await;
-    let desk = h2.control.store.devices().await.unwrap().into_iter().find(|d| d.name == "alice-desktop").unwrap();
-    assert!(lock(&h2.shared).core.policy().device_by_key(&PublicKeyBytes::parse(&desk.public_key).unwrap()).is_some());
-    assert_eq!(lock(&h2.shared).core.policy().tests.len(), 2, "the applied policy, not the file, is in force");
+    let desk = h2
+        .control
+        .store
+        .devices()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|d| d.name == "alice-desktop")
+        .unwrap();
+    assert!(
+        lock(&h2.shared)
+            .core
+            .policy()
+            .device_by_key(&PublicKeyBytes::parse(&desk.public_key).unwrap())
+            .is_some()
+    );
+    assert_eq!(
+        lock(&h2.shared).core.policy().tests.len(),
+        2,
+        "the applied policy, not the file, is in force"
+    );
     // Audit trail of the whole scenario.
     let audit = std::fs::read_to_string(dir2.join("audit.log")).unwrap();
-    for event in ["user_created", "enroll_device", "posture", "policy", "device_revoked", "connector_revoked"] {
-        assert!(audit.contains(&format!("\"event\":\"{event}\"")), "no {event} in the audit log");
+    for event in [
+        "user_created",
+        "enroll_device",
+        "posture",
+        "policy",
+        "device_revoked",
+        "connector_revoked",
+    ] {
+        assert!(
+            audit.contains(&format!("\"event\":\"{event}\"")),
+            "no {event} in the audit log"
+        );
     }
-    assert!(!audit.contains(&token), "the enrollment token is redacted in the audit log");
+    assert!(
+        !audit.contains(&token),
+        "the enrollment token is redacted in the audit log"
+    );
     drop(h);
 }
 

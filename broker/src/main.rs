@@ -530,7 +530,11 @@ pub(crate) fn peer_leaf(conn: &quinn::Connection) -> Option<Vec<u8>> {
 
 /// With a control plane, a connector's certificate must belong to an enrolled, unrevoked
 /// connector of the site it claims.
-async fn check_enrolled(conn: &quinn::Connection, site: &str, control: &control::Control) -> Result<(), String> {
+async fn check_enrolled(
+    conn: &quinn::Connection,
+    site: &str,
+    control: &control::Control,
+) -> Result<(), String> {
     let serial = peer_leaf(conn)
         .and_then(|der| pki::cert_serial(&der))
         .ok_or("cannot read the certificate serial")?;
@@ -590,7 +594,8 @@ async fn serve_connector(
     let site = hello.site;
     info!(site = %site, version = %hello.version, remote = %conn.remote_address(), "connector linked");
     lock(&shared).links.insert(site.clone(), conn.clone());
-    let requests = control.map(|c| tokio::spawn(serve_link_requests(conn.clone(), site.clone(), c)));
+    let requests =
+        control.map(|c| tokio::spawn(serve_link_requests(conn.clone(), site.clone(), c)));
     let result = loop {
         match conn.read_datagram().await {
             Ok(pkt) => {
@@ -618,7 +623,11 @@ async fn serve_connector(
 }
 
 /// Requests a linked connector sends on its own streams (certificate renewal).
-async fn serve_link_requests(conn: quinn::Connection, site: String, control: Arc<control::Control>) {
+async fn serve_link_requests(
+    conn: quinn::Connection,
+    site: String,
+    control: Arc<control::Control>,
+) {
     use sekisho_proto::link::{LinkAnswer, LinkRequest};
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         let Ok(bytes) = recv.read_to_end(MAX_CONTROL_MESSAGE).await else {

@@ -116,7 +116,11 @@ pub fn hash_secret(secret: &str) -> String {
 }
 
 fn same_hash(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 /// `n` random bytes from the OS, base64url.
@@ -207,7 +211,12 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
-            tracing::info!(version, description, backend = self.backend, "database migrated");
+            tracing::info!(
+                version,
+                description,
+                backend = self.backend,
+                "database migrated"
+            );
         }
         Ok(())
     }
@@ -465,10 +474,7 @@ impl Store {
             .filter_map(|r| r.try_get::<String, _>(0).ok()?.parse().ok())
             .collect();
         let service = sekisho_proto::posture::service_address(&range);
-        let Some(address) = range
-            .hosts()
-            .find(|a| *a != service && !used.contains(a))
-        else {
+        let Some(address) = range.hosts().find(|a| *a != service && !used.contains(a)) else {
             return Ok(Err(EnrollError::NoAddress(range)));
         };
         let cred_id = random_text(9);
@@ -535,7 +541,11 @@ impl Store {
     }
 
     /// The active device a credential belongs to.
-    pub async fn device_by_credential(&self, id: &str, secret: &str) -> Result<Option<DeviceRecord>> {
+    pub async fn device_by_credential(
+        &self,
+        id: &str,
+        secret: &str,
+    ) -> Result<Option<DeviceRecord>> {
         let row = sqlx::query(
             "SELECT name, user_name, public_key, address, created_at, revoked_at, credential_hash \
              FROM devices WHERE credential_id = $1 AND revoked_at IS NULL",
@@ -576,7 +586,10 @@ impl Store {
         issue: impl FnOnce(&str, &str) -> Result<(String, String, u64)>,
     ) -> Result<std::result::Result<(String, String, String), EnrollError>> {
         let mut tx = self.pool.begin().await?;
-        let name = format!("connector-{}", random_text(6).to_lowercase().replace(['-', '_'], "x"));
+        let name = format!(
+            "connector-{}",
+            random_text(6).to_lowercase().replace(['-', '_'], "x")
+        );
         let site = match Self::consume(
             &mut tx,
             TokenKind::Connector,
@@ -601,12 +614,14 @@ impl Store {
         .bind(ts(now))
         .execute(&mut *tx)
         .await?;
-        sqlx::query("INSERT INTO connector_certs (serial, connector, not_after) VALUES ($1, $2, $3)")
-            .bind(serial.as_str())
-            .bind(name.as_str())
-            .bind(ts(not_after))
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO connector_certs (serial, connector, not_after) VALUES ($1, $2, $3)",
+        )
+        .bind(serial.as_str())
+        .bind(name.as_str())
+        .bind(ts(not_after))
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(Ok((site, name, pem)))
     }
@@ -626,12 +641,14 @@ impl Store {
         if r.rows_affected() != 1 {
             return Ok(false);
         }
-        sqlx::query("INSERT INTO connector_certs (serial, connector, not_after) VALUES ($1, $2, $3)")
-            .bind(serial)
-            .bind(name)
-            .bind(ts(not_after))
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO connector_certs (serial, connector, not_after) VALUES ($1, $2, $3)",
+        )
+        .bind(serial)
+        .bind(name)
+        .bind(ts(not_after))
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -701,13 +718,15 @@ impl Store {
             .fetch_one(&mut *tx)
             .await?;
         let version = row.try_get::<Option<i64>, _>(0)?.unwrap_or(0) + 1;
-        sqlx::query("INSERT INTO policies (version, text, applied_at, applied_by) VALUES ($1, $2, $3, $4)")
-            .bind(version)
-            .bind(text)
-            .bind(ts(now))
-            .bind(by)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO policies (version, text, applied_at, applied_by) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(version)
+        .bind(text)
+        .bind(ts(now))
+        .bind(by)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(version as u64)
     }

@@ -202,7 +202,9 @@ fn enroll(
     ifname: &str,
     check_interval: Duration,
 ) -> Result<()> {
-    use sekisho_proto::api::{Credential, ENROLL_PREFIX, EnrollDeviceRequest, EnrollDeviceResponse};
+    use sekisho_proto::api::{
+        Credential, ENROLL_PREFIX, EnrollDeviceRequest, EnrollDeviceResponse,
+    };
     let token = if token == "-" {
         let mut t = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)?;
@@ -231,7 +233,9 @@ fn enroll(
         public_key: key.public().to_string(),
         name,
     };
-    let ca_sha256 = cred.ca_sha256.context("the token carries no CA fingerprint")?;
+    let ca_sha256 = cred
+        .ca_sha256
+        .context("the token carries no CA fingerprint")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -250,7 +254,10 @@ fn enroll(
     write_secret(&dir.join("credential"), &resp.credential)?;
     std::fs::write(dir.join("ca.pem"), &resp.ca_pem)?;
     let c = &resp.config;
-    let broker = c.brokers.first().context("the control plane named no broker")?;
+    let broker = c
+        .brokers
+        .first()
+        .context("the control plane named no broker")?;
     let config = ClientConfig {
         interface: InterfaceConfig {
             name: ifname.to_string(),
@@ -486,8 +493,11 @@ async fn posture_loop(setup: PostureSetup, range: IpNet, handshakes: Arc<AtomicU
                         last = None;
                         continue;
                     }
-                    let failing: Vec<&String> =
-                        results.iter().filter(|(_, ok)| !**ok).map(|(n, _)| n).collect();
+                    let failing: Vec<&String> = results
+                        .iter()
+                        .filter(|(_, ok)| !**ok)
+                        .map(|(n, _)| n)
+                        .collect();
                     refresh_at = Instant::now() + Duration::from_secs(resp.refresh_after.max(5));
                     presented = present_token(&resp.token, service, &mut buf).await;
                     if presented {

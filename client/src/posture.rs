@@ -114,14 +114,28 @@ fn screen_lock() -> bool {
         .is_some_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "true")
 }
 
+/// The name of a process from its `/proc/PID/stat` line, unless it has exited (a zombie, or
+/// dead, waiting for its parent): such a process no longer runs.
+pub fn live_process_name(stat: &str) -> Option<&str> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let state = stat.get(close + 1..)?.trim_start().chars().next()?;
+    (!matches!(state, 'Z' | 'X' | 'x')).then(|| stat.get(open + 1..close))?
+}
+
 fn processes() -> BTreeSet<String> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return BTreeSet::new();
     };
     dir.filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
-        .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
-        .map(|c| c.trim().to_string())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter_map(|stat| live_process_name(&stat).map(str::to_string))
         .collect()
 }
 
@@ -147,7 +161,12 @@ pub fn gather(checks: &[CheckSpec]) -> Facts {
 mod tests {
     use super::*;
 
-    fn spec(name: &str, kind: CheckKind, version: Option<&str>, process: Option<&str>) -> CheckSpec {
+    fn spec(
+        name: &str,
+        kind: CheckKind,
+        version: Option<&str>,
+        process: Option<&str>,
+    ) -> CheckSpec {
         CheckSpec {
             name: name.into(),
             kind,
@@ -164,7 +183,12 @@ mod tests {
             spec("disk", CheckKind::DiskEncryption, None, None),
             spec("edr", CheckKind::ProcessRunning, None, Some("edr-agent")),
             spec("client", CheckKind::MinClientVersion, Some("0.1"), None),
-            spec("future-client", CheckKind::MinClientVersion, Some("99"), None),
+            spec(
+                "future-client",
+                CheckKind::MinClientVersion,
+                Some("99"),
+                None,
+            ),
         ];
         let mut facts = Facts {
             os_version: Some("12".into()),
@@ -175,19 +199,30 @@ mod tests {
             ..Facts::default()
         };
         let r = evaluate(&checks, &facts);
-        assert_eq!(r["os"], true);
-        assert_eq!(r["kernel"], true);
-        assert_eq!(r["disk"], false);
-        assert_eq!(r["edr"], false);
-        assert_eq!(r["client"], true);
-        assert_eq!(r["future-client"], false);
+        assert!(r["os"]);
+        assert!(r["kernel"]);
+        assert!(!r["disk"]);
+        assert!(!r["edr"]);
+        assert!(r["client"]);
+        assert!(!r["future-client"]);
         facts.processes.insert("edr-agent".into());
         facts.os_version = Some("11".into());
         facts.kernel = None;
         let r = evaluate(&checks, &facts);
-        assert_eq!(r["edr"], true);
-        assert_eq!(r["os"], false);
-        assert_eq!(r["kernel"], false, "an unknown version never passes");
+        assert!(r["edr"]);
+        assert!(!r["os"]);
+        assert!(!r["kernel"], "an unknown version never passes");
+    }
+
+    #[test]
+    fn exited_processes_do_not_count() {
+        assert_eq!(
+            live_process_name("4242 (edr agent) S 1 4242 4242 0 -1"),
+            Some("edr agent")
+        );
+        assert_eq!(live_process_name("4242 (a) b) R 1"), Some("a) b"));
+        assert_eq!(live_process_name("4242 (edr-agent) Z 1 4242"), None);
+        assert_eq!(live_process_name("garbage"), None);
     }
 
     #[test]

@@ -174,7 +174,9 @@ fn enroll(server: &str, token: &str, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let (key_pem, csr_pem) = new_key_and_csr()?;
     let request = EnrollConnectorRequest { token, csr_pem };
-    let ca_sha256 = cred.ca_sha256.context("the token carries no CA fingerprint")?;
+    let ca_sha256 = cred
+        .ca_sha256
+        .context("the token carries no CA fingerprint")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -191,7 +193,11 @@ fn enroll(server: &str, token: &str, dir: &Path) -> Result<()> {
     write_atomic(&dir.join("ca.pem"), &resp.ca_pem, 0o644)?;
     let config = ConnectorConfig {
         site: resp.site.clone(),
-        broker: resp.brokers.first().context("the control plane named no broker")?.clone(),
+        broker: resp
+            .brokers
+            .first()
+            .context("the control plane named no broker")?
+            .clone(),
         broker_name: resp.broker_name.clone(),
         tun_name: default_tun(),
         enable_forwarding: true,
@@ -449,12 +455,7 @@ async fn run(config: ConnectorConfig) -> Result<()> {
 }
 
 /// Connects, serves, and reconnects with jittered exponential backoff, forever.
-async fn link_loop(
-    config: &ConnectorConfig,
-    tun: &AsyncDevice,
-    netlink: &Netlink,
-    index: u32,
-) {
+async fn link_loop(config: &ConnectorConfig, tun: &AsyncDevice, netlink: &Netlink, index: u32) {
     let max = Duration::from_secs(config.max_backoff_secs.max(1));
     let mut backoff = Duration::from_millis(250);
     let mut routes: Vec<IpNet> = Vec::new();

@@ -327,7 +327,10 @@ mod tests {
         assert!(Credential::parse(ENROLL_PREFIX, "SKE1.ab12.short.AAAA").is_err());
         assert!(Credential::parse(ENROLL_PREFIX, "made-up-token").is_err());
         let d = Credential::format(DEVICE_PREFIX, "d1", "0123456789abcdefXYZ", None);
-        assert_eq!(Credential::parse(DEVICE_PREFIX, &d).unwrap().secret, "0123456789abcdefXYZ");
+        assert_eq!(
+            Credential::parse(DEVICE_PREFIX, &d).unwrap().secret,
+            "0123456789abcdefXYZ"
+        );
         assert!(Credential::parse(DEVICE_PREFIX, &format!("{d}.x")).is_err());
     }
 }

@@ -113,9 +113,10 @@ impl ServerCertVerifier for PinnedCa {
         roots
             .add(ca.clone().into_owned())
             .map_err(|e| rustls::Error::General(format!("bad CA certificate: {e}")))?;
-        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let inner =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
         inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
     }
 
@@ -200,10 +201,13 @@ impl ApiClient {
             source,
         })?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|source| CallError::Unreachable {
-            url: url.clone(),
-            source,
-        })?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|source| CallError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
         if !status.is_success() {
             let message = serde_json::from_slice::<ApiError>(&bytes)
                 .map(|e| e.error)
@@ -225,6 +229,7 @@ impl ApiClient {
     }
 
     pub async fn get<Resp: DeserializeOwned>(&self, path: &str) -> Result<Resp, CallError> {
-        self.call::<(), Resp>(reqwest::Method::GET, path, None).await
+        self.call::<(), Resp>(reqwest::Method::GET, path, None)
+            .await
     }
 }

@@ -1348,4 +1348,91 @@ level3 = ["client", "edr"]
         let e = err_of(&demo_text(&a, &a));
         assert!(e.message.contains("already used"), "{e}");
     }
+
+    const DIR_POLICY: &str = r#"
+[[groups]]
+name = "engineering"
+[[sites]]
+name = "hq"
+[[applications]]
+name = "web"
+site = "hq"
+addresses = ["10.20.0.10"]
+protocols = ["tcp"]
+ports = [80]
+[[rules]]
+name = "eng-web"
+action = "allow"
+groups = ["engineering"]
+applications = ["web"]
+[[tests]]
+user = "carol"
+destination = "10.20.0.10:80"
+expect = "allow"
+rule = "eng-web"
+[[tests]]
+name = "no ssh"
+user = "carol"
+destination = "10.20.0.10:22"
+expect = "deny"
+"#;
+
+    fn directory() -> Directory {
+        Directory {
+            groups: vec!["engineering".into(), "ops".into()],
+            users: vec![DirectoryUser {
+                name: "carol".into(),
+                groups: vec!["engineering".into()],
+                disabled: false,
+            }],
+            devices: vec![DirectoryDevice {
+                name: "carol-laptop".into(),
+                user: "carol".into(),
+                public_key: PrivateKey::generate().public().to_string(),
+                address: "100.118.0.9".parse().unwrap(),
+            }],
+        }
+    }
+
+    #[test]
+    fn directory_users_and_devices_merge_and_tests_run() {
+        let p = Policy::parse_with(Path::new("p.toml"), DIR_POLICY, &directory()).unwrap();
+        assert_eq!(p.groups, vec!["engineering", "ops"]);
+        let carol = p.user_by_name("carol").unwrap();
+        assert_eq!(
+            p.networks_for_user(carol),
+            vec!["10.20.0.10/32".parse::<IpNet>().unwrap()]
+        );
+        let outcomes = p.run_tests();
+        assert!(outcomes.iter().all(|t| t.passed), "{outcomes:?}");
+        assert_eq!(outcomes[0].name, "tests[0]");
+        // Without the directory carol is unknown: the tests fail, naming her.
+        let alone = Policy::parse(Path::new("p.toml"), DIR_POLICY).unwrap();
+        let outcomes = alone.run_tests();
+        assert!(!outcomes[0].passed && outcomes[0].detail.contains("unknown user"));
+        // A wrong expectation fails with the actual decision in the detail.
+        let wrong = DIR_POLICY.replace("expect = \"deny\"", "expect = \"allow\"");
+        let p = Policy::parse_with(Path::new("p.toml"), &wrong, &directory()).unwrap();
+        let t = &p.run_tests()[1];
+        assert!(!t.passed && t.detail.contains("deny"), "{t:?}");
+    }
+
+    #[test]
+    fn directory_conflicts_and_bad_tests_are_errors() {
+        let mut dir = directory();
+        let text = format!("{DIR_POLICY}\n[[users]]\nname = \"carol\"\n");
+        let e = Policy::parse_with(Path::new("p.toml"), &text, &dir).unwrap_err();
+        assert!(
+            e.message
+                .contains("defined in this file and in the control plane"),
+            "{e}"
+        );
+        dir.devices[0].address = "100.118.0.1".parse().unwrap();
+        let e = Policy::parse_with(Path::new("p.toml"), DIR_POLICY, &dir).unwrap_err();
+        assert!(e.message.contains("reserved for the broker"), "{e}");
+        let e = err_of(&DIR_POLICY.replace("10.20.0.10:22", "nowhere"));
+        assert_eq!(e.field, "tests[1].destination", "{e}");
+        let e = err_of(&format!("{DIR_POLICY}failing_checks = [\"nope\"]\n"));
+        assert_eq!(e.field, "tests[1].failing_checks[0]", "{e}");
+    }
 }

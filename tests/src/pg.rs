@@ -60,16 +60,27 @@ impl Postgres {
             .context("cannot hand the data folder to user postgres")?;
         let data = dir.join("data");
         let d = data.to_string_lossy().to_string();
-        as_postgres(&bin, "initdb", &["-D", &d, "-A", "trust", "-U", "postgres", "-E", "UTF8"])?;
+        as_postgres(
+            &bin,
+            "initdb",
+            &["-D", &d, "-A", "trust", "-U", "postgres", "-E", "UTF8"],
+        )?;
         let opts = format!("-k {} -c listen_addresses= -c fsync=off", dir.display());
         let log = dir.join("server.log").to_string_lossy().to_string();
-        as_postgres(&bin, "pg_ctl", &["-D", &d, "-o", &opts, "-l", &log, "-w", "start"])?;
+        as_postgres(
+            &bin,
+            "pg_ctl",
+            &["-D", &d, "-o", &opts, "-l", &log, "-w", "start"],
+        )?;
         Ok(Postgres { dir, bin })
     }
 
     /// sqlx URL of the `postgres` database over the Unix socket.
     pub fn url(&self) -> String {
-        format!("postgres://postgres@localhost/postgres?host={}", self.dir.display())
+        format!(
+            "postgres://postgres@localhost/postgres?host={}",
+            self.dir.display()
+        )
     }
 }
 
@@ -84,7 +95,11 @@ fn nix_id(flag: &str) -> Result<u32> {
 impl Drop for Postgres {
     fn drop(&mut self) {
         let d = self.dir.join("data").to_string_lossy().to_string();
-        let _ = as_postgres(&self.bin, "pg_ctl", &["-D", &d, "-m", "immediate", "-w", "stop"]);
+        let _ = as_postgres(
+            &self.bin,
+            "pg_ctl",
+            &["-D", &d, "-m", "immediate", "-w", "stop"],
+        );
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -68,25 +68,43 @@ fn devices_and_connector_enroll_from_nothing_and_bad_tokens_create_nothing() {
         std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
         0o600
     );
-    let private = std::fs::read_to_string(&key_file).unwrap().trim().to_string();
+    let private = std::fs::read_to_string(&key_file)
+        .unwrap()
+        .trim()
+        .to_string();
     let connector_key = std::fs::read_to_string(d.state().join("connector/connector.key")).unwrap();
     let records = audit(&d);
     let requests: Vec<&Value> = records
         .iter()
-        .filter(|r| ["enroll_device", "posture", "enroll_connector"].contains(&r["event"].as_str().unwrap_or("")))
+        .filter(|r| {
+            ["enroll_device", "posture", "enroll_connector"]
+                .contains(&r["event"].as_str().unwrap_or(""))
+        })
         .filter_map(|r| r["detail"].get("request"))
         .collect();
     assert!(requests.len() >= 5, "{records:?}");
     let all = serde_json::to_string(&records).unwrap();
-    assert!(!all.contains(&private), "the device's private key reached the control plane");
-    let key_body: String = connector_key.lines().filter(|l| !l.starts_with("-----")).collect();
-    assert!(!all.contains(&key_body[..40]), "the connector's key reached the control plane");
+    assert!(
+        !all.contains(&private),
+        "the device's private key reached the control plane"
+    );
+    let key_body: String = connector_key
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    assert!(
+        !all.contains(&key_body[..40]),
+        "the connector's key reached the control plane"
+    );
     for r in &requests {
         let obj = r.as_object().unwrap();
         if let Some(checks) = obj.get("checks") {
             // Posture refresh: pass/fail per check and nothing else.
             assert_eq!(obj.len(), 1, "{r}");
-            assert!(checks.as_object().unwrap().values().all(Value::is_boolean), "{r}");
+            assert!(
+                checks.as_object().unwrap().values().all(Value::is_boolean),
+                "{r}"
+            );
         } else if obj.contains_key("public_key") {
             let mut keys: Vec<&String> = obj.keys().collect();
             keys.sort();
@@ -98,8 +116,14 @@ fn devices_and_connector_enroll_from_nothing_and_bad_tokens_create_nothing() {
     // A used token: clear error, nothing written, nothing enrolled.
     let used = std::fs::read_to_string(d.state().join("tokens/alice.token")).unwrap();
     let (ok, err) = enroll(&d, used.trim(), "reuse");
-    assert!(!ok && err.contains("enrollment token was already used"), "{err}");
-    assert!(!d.state().join("reuse/private.key").exists(), "a refused enrollment left a key");
+    assert!(
+        !ok && err.contains("enrollment token was already used"),
+        "{err}"
+    );
+    assert!(
+        !d.state().join("reuse/private.key").exists(),
+        "a refused enrollment left a key"
+    );
     // An expired one.
     let (ok, short, e) = d.admin(&["token", "create", "--user", "alice", "--ttl", "1s"]);
     assert!(ok, "{e}");
@@ -108,13 +132,21 @@ fn devices_and_connector_enroll_from_nothing_and_bad_tokens_create_nothing() {
     assert!(!ok && err.contains("enrollment token has expired"), "{err}");
     // A made-up one (right shape and CA, unknown id), and garbage.
     let ca = short.rsplit('.').next().unwrap();
-    let (ok, err) = enroll(&d, &format!("SKE1.madeup.0123456789abcdefghijklmnop.{ca}"), "madeup");
+    let (ok, err) = enroll(
+        &d,
+        &format!("SKE1.madeup.0123456789abcdefghijklmnop.{ca}"),
+        "madeup",
+    );
     assert!(!ok && err.contains("unknown enrollment token"), "{err}");
     let (ok, err) = enroll(&d, "let-me-in", "garbage");
     assert!(!ok && err.contains("bad enrollment token"), "{err}");
     let (_, after, _) = d.admin(&["device", "list", "--json"]);
     let after: Value = serde_json::from_str(&after).unwrap();
-    assert_eq!(after.as_array().unwrap().len(), 2, "bad tokens created a device: {after}");
+    assert_eq!(
+        after.as_array().unwrap().len(),
+        2,
+        "bad tokens created a device: {after}"
+    );
 
     // Admin calls without a token, or with a device's credential, are refused.
     let cred = std::fs::read_to_string(d.state().join("alice/credential")).unwrap();
@@ -130,7 +162,10 @@ fn devices_and_connector_enroll_from_nothing_and_bad_tokens_create_nothing() {
         .1
     };
     assert_eq!(curl(""), "401");
-    assert_eq!(curl(&format!("-H 'Authorization: Bearer {}'", cred.trim())), "403");
+    assert_eq!(
+        curl(&format!("-H 'Authorization: Bearer {}'", cred.trim())),
+        "403"
+    );
 }
 
 /// Presents a token to the broker's posture service from a laptop; returns the answer.
@@ -142,7 +177,8 @@ fn present(d: &Deployment, host: &str, token: &str) -> Value {
              s.sendto({token:?}.encode(), ('100.118.0.1', 7443))\nprint(s.recvfrom(4096)[0].decode())"
         ),
     );
-    serde_json::from_str(&out).unwrap_or_else(|_| panic!("no answer from the posture service: {out:?}"))
+    serde_json::from_str(&out)
+        .unwrap_or_else(|_| panic!("no answer from the posture service: {out:?}"))
 }
 
 /// A fresh token for alice's device from the control API, with her device credential.
@@ -197,10 +233,20 @@ fn forged_edited_expired_and_borrowed_posture_tokens_are_refused_and_logged() {
     let expired = TokenSigner::from_seed(seed).issue(old);
 
     for (name, token, host, kind) in [
-        ("forged signature", forged.as_str(), "laptop", "bad-signature"),
+        (
+            "forged signature",
+            forged.as_str(),
+            "laptop",
+            "bad-signature",
+        ),
         ("edited claims", edited.as_str(), "laptop", "bad-signature"),
         ("expired", expired.as_str(), "laptop", "expired"),
-        ("alice's token presented by bob's device", good.as_str(), "laptop2", "wrong-device"),
+        (
+            "alice's token presented by bob's device",
+            good.as_str(),
+            "laptop2",
+            "wrong-device",
+        ),
     ] {
         let a = present(&d, host, token);
         println!("{name}: {a}");
@@ -210,7 +256,10 @@ fn forged_edited_expired_and_borrowed_posture_tokens_are_refused_and_logged() {
                 && r["result"] == "refused"
                 && r["reason"].as_str().is_some_and(|s| s.starts_with(kind))
         });
-        assert!(logged.is_some(), "{name}: no refusal with reason {kind} in the decision log");
+        assert!(
+            logged.is_some(),
+            "{name}: no refusal with reason {kind} in the decision log"
+        );
     }
     // Alice's access was not disturbed by the refused tokens.
     let r = d.py("laptop", &udp_probe(APP, 7, "still"));
@@ -228,14 +277,40 @@ fn failing_check_cuts_level3_app_keeps_level1_and_recovery_restores_it() {
     assert!(r.starts_with("reply:ping"), "before: {r}");
 
     let start = Instant::now();
-    d.daemon("stop", "edr");
+    let stopped_at = std::time::SystemTime::now();
+    d.signal("edr", 15); // SIGTERM
     let cut = wait_until(Duration::from_secs(30), || {
-        !d.py("laptop", &udp_probe_from(40007, APP, 7, "ping").replace("settimeout(5)", "settimeout(0.3)"))
-            .starts_with("reply:")
+        !d.py(
+            "laptop",
+            &udp_probe_from(40007, APP, 7, "ping").replace("settimeout(5)", "settimeout(0.3)"),
+        )
+        .starts_with("reply:")
     })
     .map(|_| start.elapsed())
     .expect("the level-3 flow was not cut within 30 s of the check failing");
-    println!("level-3 flow cut {:.3} s after the EDR agent stopped", cut.as_secs_f64());
+    println!(
+        "level-3 flow cut {:.3} s after the EDR agent stopped (probe granularity included)",
+        cut.as_secs_f64()
+    );
+    // The broker's own record: when it accepted the token that says the check fails. From then
+    // on the flow's next packet is denied.
+    let accepted = d
+        .decisions()
+        .into_iter()
+        .find(|r| {
+            r["event"] == "posture"
+                && r["device"] == "alice-laptop"
+                && r["failing_checks"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|c| c == "edr-running"))
+        })
+        .expect("the broker accepted a token with the failing check");
+    let at = humantime::parse_rfc3339(accepted["ts"].as_str().unwrap()).unwrap();
+    let detect = at.duration_since(stopped_at).unwrap_or_default();
+    println!(
+        "broker had the failing check {:.3} s after the EDR agent stopped (checks every 200 ms)",
+        detect.as_secs_f64()
+    );
     assert!(cut < Duration::from_secs(15), "cut took {cut:?}");
     let rec = d
         .decisions()
@@ -247,16 +322,25 @@ fn failing_check_cuts_level3_app_keeps_level1_and_recovery_restores_it() {
     assert_eq!(rec["reason"], "posture check failed", "{rec}");
     // Level 1 keeps working, on a new connection.
     let (ok, body, _) = d.sh("laptop", "curl -s -m 5 http://10.20.0.10/");
-    assert!(ok && body.contains("Hello"), "web during the failing check: {body}");
+    assert!(
+        ok && body.contains("Hello"),
+        "web during the failing check: {body}"
+    );
 
     let start = Instant::now();
     d.daemon("start", "edr");
     let back = wait_until(Duration::from_secs(30), || {
-        d.py("laptop", &udp_probe(APP, 7, "back").replace("settimeout(5)", "settimeout(0.3)"))
-            .starts_with("reply:back")
+        d.py(
+            "laptop",
+            &udp_probe(APP, 7, "back").replace("settimeout(5)", "settimeout(0.3)"),
+        )
+        .starts_with("reply:back")
     })
     .expect("access did not come back after the check recovered");
-    println!("access restored {:.3} s after the EDR agent restarted", (start.elapsed()).as_secs_f64());
+    println!(
+        "access restored {:.3} s after the EDR agent restarted",
+        (start.elapsed()).as_secs_f64()
+    );
     let _ = back;
 }
 
@@ -272,14 +356,21 @@ fn revoking_a_device_cuts_its_flows_and_others_keep_theirs() {
     assert!(ok, "{err}");
     println!("{out}");
     let cut = wait_until(Duration::from_secs(30), || {
-        !d.py("laptop", &udp_probe(APP, 7, "x").replace("settimeout(5)", "settimeout(0.3)"))
-            .starts_with("reply:")
+        !d.py(
+            "laptop",
+            &udp_probe(APP, 7, "x").replace("settimeout(5)", "settimeout(0.3)"),
+        )
+        .starts_with("reply:")
     })
     .map(|_| start.elapsed())
     .expect("revocation did not cut alice's traffic");
     println!("revoked device cut after {:.3} s", cut.as_secs_f64());
     assert!(cut < Duration::from_secs(15));
-    assert_eq!(d.stats()["peers"].as_array().unwrap().len(), 1, "the peer is gone");
+    assert_eq!(
+        d.stats()["peers"].as_array().unwrap().len(),
+        1,
+        "the peer is gone"
+    );
     // Bob's device is untouched.
     let (ok, out, _) = d.sh("laptop2", "ping -c 1 -W 3 10.20.0.10");
     assert!(ok, "bob: {out}");
