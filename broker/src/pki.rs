@@ -161,7 +161,9 @@ impl Ca {
         serial[0] &= 0x7f;
         params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         let now = SystemTime::now();
-        params.not_before = (now - Duration::from_secs(300)).into();
+        // Back-dated a little for clock skew, but never by a large part of a short lifetime:
+        // the connector renews after two thirds of not_before..not_after.
+        params.not_before = (now - (lifetime / 10).min(Duration::from_secs(300))).into();
         let not_after = now + lifetime;
         params.not_after = not_after.into();
         csr.params = params;

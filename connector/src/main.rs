@@ -292,9 +292,13 @@ async fn renew_loop(conn: quinn::Connection, tls: &TlsConfig) {
                 LinkAnswer::Refused { reason } => bail!("the broker refused: {reason}"),
             }
         };
-        if let Err(e) = attempt.await {
-            warn!("certificate renewal failed, retrying in 30 s: {e:#}");
-            tokio::time::sleep(Duration::from_secs(30)).await;
+        match attempt.await {
+            // Never renew in a tight loop, whatever the certificate says.
+            Ok(()) => tokio::time::sleep(Duration::from_secs(5)).await,
+            Err(e) => {
+                warn!("certificate renewal failed, retrying in 30 s: {e:#}");
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
         }
     }
 }

@@ -103,6 +103,8 @@ pub struct Deployment {
     prefix: String,
     /// Process name of this deployment's stand-in EDR agent (processes are machine-wide).
     pub edr: String,
+    /// Extra settings for the quickstart (SK_* variables).
+    env: Vec<(String, String)>,
     state: PathBuf,
     bin: PathBuf,
 }
@@ -112,15 +114,27 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 impl Deployment {
     /// A deployment for one test, or None when namespace tests are explicitly skipped.
     pub fn for_test() -> Option<Deployment> {
+        Deployment::for_test_with(&[])
+    }
+
+    /// As [`Deployment::for_test`], with extra quickstart settings (like `SK_CERT_LIFETIME`).
+    pub fn for_test_with(env: &[(&str, &str)]) -> Option<Deployment> {
         if skip_netns() {
             return None;
         }
-        Some(Deployment::up().unwrap_or_else(|e| panic!("cannot bring the deployment up: {e:#}")))
+        Some(
+            Deployment::up_with(env)
+                .unwrap_or_else(|e| panic!("cannot bring the deployment up: {e:#}")),
+        )
     }
 
     /// Brings a whole deployment up (namespaces, keys, certificates, configs, daemons) and waits
     /// until the connector is linked and both clients completed their handshakes.
     pub fn up() -> Result<Deployment> {
+        Deployment::up_with(&[])
+    }
+
+    pub fn up_with(env: &[(&str, &str)]) -> Result<Deployment> {
         check_can_netns();
         let bin = binaries().to_path_buf();
         sweep_stale();
@@ -129,6 +143,10 @@ impl Deployment {
         let d = Deployment {
             prefix: format!("skt{pid}x{n}-"),
             edr: format!("edr{}x{n}", pid % 1_000_000),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             state: std::env::temp_dir().join(format!("sekisho-e2e-{pid}-{n}")),
             bin,
         };
@@ -154,6 +172,7 @@ impl Deployment {
             .env("SK_SKIP_PACKAGES", "1")
             .env("SK_EDR_NAME", &self.edr)
             .env("SK_CHECK_INTERVAL", "200ms")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .context("cannot run deploy/quickstart.sh")
     }

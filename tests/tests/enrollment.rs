@@ -385,3 +385,48 @@ fn revoking_a_device_cuts_its_flows_and_others_keep_theirs() {
     );
     assert_eq!(code, "401");
 }
+
+#[test]
+fn connector_certificate_renews_itself_over_the_link() {
+    // A 30 s certificate: renewal is due after about 20 s.
+    let Some(d) = Deployment::for_test_with(&[("SK_CERT_LIFETIME", "30s")]) else {
+        return;
+    };
+    let serial = |d: &Deployment| {
+        let (ok, out, err) = d.admin(&["connector", "list", "--json"]);
+        assert!(ok, "{err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v[0]["serial"].as_str().unwrap().to_string()
+    };
+    let before = serial(&d);
+    let pem_before = std::fs::read_to_string(d.state().join("connector/connector.pem")).unwrap();
+    let took = wait_until(Duration::from_secs(60), || {
+        d.log("connector").contains("connector certificate renewed")
+    })
+    .expect("the connector did not renew its certificate");
+    println!(
+        "certificate renewed {:.1} s into the test",
+        took.as_secs_f64()
+    );
+    let after = serial(&d);
+    assert_ne!(
+        before, after,
+        "the control plane records the new certificate"
+    );
+    let pem_after = std::fs::read_to_string(d.state().join("connector/connector.pem")).unwrap();
+    assert_ne!(pem_before, pem_after);
+    // The running link was not disturbed, and a new link uses the renewed certificate.
+    let (ok, body, _) = d.sh("laptop", "curl -s -m 5 http://10.20.0.10/");
+    assert!(ok && body.contains("Hello"), "{body}");
+    d.daemon("stop", "connector");
+    d.daemon("start", "connector");
+    let relinked = wait_until(Duration::from_secs(30), || {
+        d.sh("laptop", "curl -s -m 2 http://10.20.0.10/")
+            .1
+            .contains("Hello")
+    });
+    assert!(
+        relinked.is_some(),
+        "no traffic after the connector restarted with its new certificate"
+    );
+}
