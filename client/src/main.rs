@@ -202,17 +202,8 @@ fn enroll(
     ifname: &str,
     check_interval: Duration,
 ) -> Result<()> {
-    use sekisho_proto::api::{
-        Credential, ENROLL_PREFIX, EnrollDeviceRequest, EnrollDeviceResponse,
-    };
-    let token = if token == "-" {
-        let mut t = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)?;
-        t.trim().to_string()
-    } else {
-        token.trim().to_string()
-    };
-    let cred = Credential::parse(ENROLL_PREFIX, &token).context("bad enrollment token")?;
+    use sekisho_proto::api::{EnrollDeviceRequest, EnrollDeviceResponse};
+    let (token, ca_sha256) = sekisho_proto::http::enrollment_token(token)?;
     let name = match name {
         Some(n) => n,
         None => std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -233,20 +224,8 @@ fn enroll(
         public_key: key.public().to_string(),
         name,
     };
-    let ca_sha256 = cred
-        .ca_sha256
-        .context("the token carries no CA fingerprint")?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let resp: EnrollDeviceResponse = rt.block_on(async {
-        let client = sekisho_proto::http::ApiClient::new(
-            server,
-            sekisho_proto::http::pinned_tls(ca_sha256)?,
-            None,
-        )?;
-        client.post("/v1/enroll/device", &request).await
-    })?;
+    let resp: EnrollDeviceResponse =
+        sekisho_proto::http::enroll(server, ca_sha256, "/v1/enroll/device", &request)?;
     // Written only after the control plane accepted the key: a refused enrollment leaves
     // nothing behind.
     let key_file = dir.join("private.key");

@@ -153,17 +153,8 @@ fn new_key_and_csr() -> Result<(String, String)> {
 }
 
 fn enroll(server: &str, token: &str, dir: &Path) -> Result<()> {
-    use sekisho_proto::api::{
-        Credential, ENROLL_PREFIX, EnrollConnectorRequest, EnrollConnectorResponse,
-    };
-    let token = if token == "-" {
-        let mut t = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)?;
-        t.trim().to_string()
-    } else {
-        token.trim().to_string()
-    };
-    let cred = Credential::parse(ENROLL_PREFIX, &token).context("bad enrollment token")?;
+    use sekisho_proto::api::{EnrollConnectorRequest, EnrollConnectorResponse};
+    let (token, ca_sha256) = sekisho_proto::http::enrollment_token(token)?;
     let config_path = dir.join("connector.toml");
     if config_path.exists() {
         bail!(
@@ -174,20 +165,8 @@ fn enroll(server: &str, token: &str, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let (key_pem, csr_pem) = new_key_and_csr()?;
     let request = EnrollConnectorRequest { token, csr_pem };
-    let ca_sha256 = cred
-        .ca_sha256
-        .context("the token carries no CA fingerprint")?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let resp: EnrollConnectorResponse = rt.block_on(async {
-        let client = sekisho_proto::http::ApiClient::new(
-            server,
-            sekisho_proto::http::pinned_tls(ca_sha256)?,
-            None,
-        )?;
-        client.post("/v1/enroll/connector", &request).await
-    })?;
+    let resp: EnrollConnectorResponse =
+        sekisho_proto::http::enroll(server, ca_sha256, "/v1/enroll/connector", &request)?;
     write_atomic(&dir.join("connector.key"), &key_pem, 0o600)?;
     write_atomic(&dir.join("connector.pem"), &resp.certificate_pem, 0o644)?;
     write_atomic(&dir.join("ca.pem"), &resp.ca_pem, 0o644)?;

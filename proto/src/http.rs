@@ -36,6 +36,8 @@ pub enum CallError {
     BadAnswer(String),
     #[error("TLS set-up: {0}")]
     Tls(String),
+    #[error("bad enrollment token: {0}")]
+    Token(String),
 }
 
 /// SHA-256 of a DER certificate.
@@ -232,4 +234,43 @@ impl ApiClient {
         self.call::<(), Resp>(reqwest::Method::GET, path, None)
             .await
     }
+}
+
+/// The enrollment token given on a command line (`-` reads it from standard input), checked for
+/// shape. Returns its text and the SHA-256 of the CA it pins.
+pub fn enrollment_token(arg: &str) -> Result<(String, [u8; 32]), CallError> {
+    let text = if arg == "-" {
+        let mut t = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)
+            .map_err(|e| CallError::Token(format!("cannot read standard input: {e}")))?;
+        t
+    } else {
+        arg.to_string()
+    };
+    let text = text.trim().to_string();
+    let cred = crate::api::Credential::parse(crate::api::ENROLL_PREFIX, &text)
+        .map_err(|e| CallError::Token(e.to_string()))?;
+    let ca = cred
+        .ca_sha256
+        .ok_or_else(|| CallError::Token("no CA fingerprint".into()))?;
+    Ok((text, ca))
+}
+
+/// Sends an enrollment request to `server`, trusting only the CA the token pins. Blocking (the
+/// enroll commands run before any runtime).
+pub fn enroll<Req: Serialize, Resp: DeserializeOwned>(
+    server: &str,
+    ca_sha256: [u8; 32],
+    path: &str,
+    request: &Req,
+) -> Result<Resp, CallError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CallError::Tls(format!("cannot start a runtime: {e}")))?;
+    rt.block_on(async {
+        ApiClient::new(server, pinned_tls(ca_sha256)?, None)?
+            .post(path, request)
+            .await
+    })
 }
