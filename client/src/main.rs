@@ -579,9 +579,11 @@ async fn data_loop(
                     continue;
                 }
                 let mut write_net = false;
+                let mut data_packet = false;
                 match session.decapsulate(Some(from.ip()), &net_buf[..n], &mut out) {
                     Output::Network(data) => { let _ = udp.send_to(data, broker).await; write_net = true; }
                     Output::Tunnel(pkt) => {
+                        data_packet = true;
                         if let Err(e) = tun.send(pkt).await { debug!("TUN write error: {e}"); }
                     }
                     Output::Done => {}
@@ -592,14 +594,17 @@ async fn data_loop(
                         let _ = udp.send_to(data, broker).await;
                     }
                 }
-                let since = session.time_since_handshake();
-                if since.is_some_and(|t| last_handshake.is_none_or(|l| t < l)) {
-                    handshakes.fetch_add(1, Ordering::Relaxed);
-                }
-                last_handshake = since;
-                if !connected && session.time_since_handshake().is_some() {
-                    connected = true;
-                    info!(broker = %broker, "connected to broker");
+                // Sessions change on handshake messages, never on data packets: only look then.
+                if !data_packet {
+                    let since = session.time_since_handshake();
+                    if since.is_some_and(|t| last_handshake.is_none_or(|l| t < l)) {
+                        handshakes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    last_handshake = since;
+                    if !connected && since.is_some() {
+                        connected = true;
+                        info!(broker = %broker, "connected to broker");
+                    }
                 }
             }
             _ = tick.tick() => {
