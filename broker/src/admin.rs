@@ -2,7 +2,6 @@
 //! creates the first admin token); every other command calls the control API over HTTPS with
 //! an admin token, so it works from any machine that has the CA certificate and the token.
 
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use serde::de::DeserializeOwned;
 
 use sekisho_proto::api;
 use sekisho_proto::http::{ApiClient, ca_tls};
-use sekisho_proto::policy::{Action, Protocol};
+use sekisho_proto::policy::{Action, Protocol, parse_destination};
 
 use crate::config::BrokerConfig;
 use crate::store::{Store, now_unix};
@@ -362,14 +361,8 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
             let protocol: Protocol =
                 serde_json::from_value(serde_json::Value::String(protocol.to_lowercase()))
                     .context("--protocol is tcp, udp or icmp")?;
-            let (address, port) = match to.parse::<std::net::SocketAddr>() {
-                Ok(s) => (s.ip(), s.port()),
-                Err(_) => (
-                    to.parse::<IpAddr>()
-                        .context("--to is ADDRESS:PORT (or ADDRESS for ICMP)")?,
-                    0,
-                ),
-            };
+            let (address, port) = parse_destination(&to, protocol)
+                .context("--to is ADDRESS:PORT (or ADDRESS for ICMP)")?;
             let e: api::Explanation = post(
                 &conn,
                 "/v1/admin/explain",

@@ -7,7 +7,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,14 +31,16 @@ use tracing::{error, info, warn};
 
 use sekisho_proto::api::{self, ADMIN_PREFIX, Credential, DEVICE_PREFIX, ENROLL_PREFIX};
 use sekisho_proto::keys::PublicKeyBytes;
-use sekisho_proto::packet::{FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
-use sekisho_proto::policy::{Policy, Protocol};
+use sekisho_proto::policy::{Policy, probe_flow};
 use sekisho_proto::posture::{PostureClaims, TokenSigner, TokenVerifier};
 
 use crate::config::ControlConfig;
 use crate::pki::{Ca, cert_serial};
 use crate::store::{DeviceRecord, EnrollError, Store, TokenKind, now_unix};
 use crate::{SharedRef, lock};
+
+/// How the stored policy is named in error messages.
+const STORED_POLICY: &str = "policy.toml (stored)";
 
 /// Largest request body accepted (policy files included).
 const MAX_BODY: usize = 4 << 20;
@@ -50,8 +52,8 @@ pub struct Control {
     ca: Ca,
     signer: TokenSigner,
     broker_key: String,
-    /// The policy text in force and the name it is reported under in errors.
-    policy_text: Mutex<(PathBuf, String)>,
+    /// The policy text in force (reported as STORED_POLICY in errors).
+    policy_text: Mutex<String>,
     /// Serializes changes, so rebuilds see them in order.
     change: tokio::sync::Mutex<()>,
     audit: Mutex<Option<std::fs::File>>,
@@ -80,14 +82,23 @@ fn bad(status: StatusCode, msg: impl Into<String>) -> ApiErr {
 type ApiResult<T> = std::result::Result<Json<T>, ApiErr>;
 type Ctl = State<Arc<Control>>;
 
+/// The control plane's state, opened before the data path it drives exists.
+pub struct Opened {
+    store: Store,
+    policy_text: String,
+    ca: Ca,
+    signer: TokenSigner,
+}
+
 impl Control {
     /// Opens the store, imports the policy file when the store has none, and builds the
-    /// effective policy. Returns the control plane and the policy to start the data path with.
+    /// effective policy. Returns the policy to start the data path with, and the rest for
+    /// [`Control::new`].
     pub async fn open(
         config: &ControlConfig,
         policy_file: &Path,
         ca_cert: &Path,
-    ) -> Result<(Store, Policy, (PathBuf, String), Ca, TokenSigner)> {
+    ) -> Result<(Policy, Opened)> {
         let store = Store::open(&config.database).await?;
         info!(
             backend = store.backend(),
@@ -109,24 +120,34 @@ impl Control {
                 text
             }
         };
-        let label = PathBuf::from("policy.toml (stored)");
         let dir = store.directory().await?;
-        let policy = Policy::parse_with(&label, &text, &dir)?;
+        let policy = Policy::parse_with(Path::new(STORED_POLICY), &text, &dir)?;
         let ca = Ca::load(ca_cert, &config.ca_key)?;
         let signer = store.signing_key(now_unix()).await?;
-        Ok((store, policy, (label, text), ca, signer))
+        Ok((
+            policy,
+            Opened {
+                store,
+                policy_text: text,
+                ca,
+                signer,
+            },
+        ))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The control plane over the data path in `shared`, whose WireGuard key is `broker_key`.
     pub fn new(
-        store: Store,
+        opened: Opened,
         shared: SharedRef,
         config: ControlConfig,
-        ca: Ca,
-        signer: TokenSigner,
         broker_key: String,
-        policy_text: (PathBuf, String),
     ) -> Result<Arc<Control>> {
+        let Opened {
+            store,
+            policy_text,
+            ca,
+            signer,
+        } = opened;
         let audit = if config.audit_log == Path::new("-") {
             None
         } else {
@@ -159,6 +180,12 @@ impl Control {
         }))
     }
 
+    /// The cluster CA this control plane issues certificates with.
+    #[cfg(test)]
+    pub fn ca(&self) -> &Ca {
+        &self.ca
+    }
+
     /// Appends one audit record (JSON line).
     fn audit(&self, event: &str, actor: &str, detail: serde_json::Value) {
         let line = serde_json::json!({
@@ -185,12 +212,12 @@ impl Control {
     /// Rebuilds the effective policy from the policy text and the directory, and installs it.
     async fn rebuild(&self) -> Result<(), ApiErr> {
         let dir = self.store.directory().await?;
-        let (label, text) = self
+        let text = self
             .policy_text
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let policy = Policy::parse_with(&label, &text, &dir).map_err(|e| {
+        let policy = Policy::parse_with(Path::new(STORED_POLICY), &text, &dir).map_err(|e| {
             error!("the directory change cannot be merged with the policy: {e}");
             bad(
                 StatusCode::CONFLICT,
@@ -255,8 +282,7 @@ impl Control {
             .save_policy(text, now_unix(), by)
             .await
             .map_err(internal)?;
-        *self.policy_text.lock().unwrap_or_else(|e| e.into_inner()) =
-            (PathBuf::from("policy.toml (stored)"), text.to_string());
+        *self.policy_text.lock().unwrap_or_else(|e| e.into_inner()) = text.to_string();
         lock(&self.shared).core.set_policy(policy);
         info!(version, by, "policy applied");
         self.audit(
@@ -351,14 +377,21 @@ impl Control {
     }
 }
 
-/// Serves the API on `listen` with the broker's certificate (and the CA, so devices that pin
-/// the CA find it in the chain).
+/// Serves the API on `listen` with the broker's certificate (`cert_file`, `key_file`) followed
+/// by the CA certificate (`ca_file`), so devices that pin the CA find it in the chain.
 pub async fn serve(
     control: Arc<Control>,
     listen: SocketAddr,
-    cert_chain: Vec<rustls_pki_types::CertificateDer<'static>>,
+    cert_file: &Path,
+    ca_file: &Path,
     key_file: &Path,
 ) -> Result<(tokio::task::JoinHandle<()>, SocketAddr)> {
+    let mut cert_chain = crate::load_certs(cert_file)?;
+    for ca in crate::load_certs(ca_file)? {
+        if !cert_chain.contains(&ca) {
+            cert_chain.push(ca);
+        }
+    }
     let key = PrivateKeyDer::from_pem_file(key_file)
         .with_context(|| format!("cannot read private key {}", key_file.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -976,7 +1009,6 @@ async fn get_policy(State(ctl): Ctl, _: Admin) -> ApiResult<api::ApplyPolicy> {
         .policy_text
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .1
         .clone();
     Ok(Json(api::ApplyPolicy { text }))
 }
@@ -998,18 +1030,7 @@ async fn put_policy(State(ctl): Ctl, Admin(admin): Admin, body: Bytes) -> Respon
 async fn explain(State(ctl): Ctl, _: Admin, body: Bytes) -> ApiResult<api::Explanation> {
     let (req, _): (api::ExplainRequest, _) = parse_body(&body)?;
     let policy = ctl.policy();
-    let key = FlowKey {
-        proto: match (req.protocol, req.address.is_ipv4()) {
-            (Protocol::Tcp, _) => PROTO_TCP,
-            (Protocol::Udp, _) => PROTO_UDP,
-            (Protocol::Icmp, true) => PROTO_ICMP,
-            (Protocol::Icmp, false) => PROTO_ICMPV6,
-        },
-        src: policy.device_range.network(),
-        dst: req.address,
-        sport: 40000,
-        dport: req.port,
-    };
+    let key = probe_flow(req.protocol, req.address, req.port);
     let (decision, posture) = match (&req.user, &req.device) {
         (Some(user), None) => {
             let id = policy

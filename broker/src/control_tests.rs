@@ -118,10 +118,9 @@ async fn start(dir: &Path, db: &str) -> Harness {
         admin_token_file: dir.join("admin.token"),
         audit_log: dir.join("audit.log"),
     };
-    let (store, policy, text, ca, signer) =
-        Control::open(&config, &dir.join("policy.toml"), &dir.join("ca.pem"))
-            .await
-            .unwrap();
+    let (policy, opened) = Control::open(&config, &dir.join("policy.toml"), &dir.join("ca.pem"))
+        .await
+        .unwrap();
     let core = BrokerCore::new(
         PrivateKey::generate(),
         policy,
@@ -134,22 +133,21 @@ async fn start(dir: &Path, db: &str) -> Harness {
         core,
         links: HashMap::new(),
     }));
-    let (ca_pem, ca_sha256) = (ca.cert_pem.clone(), ca.sha256);
+    let control = Control::new(opened, shared.clone(), config, broker_key).unwrap();
+    let (ca_pem, ca_sha256) = (control.ca().cert_pem.clone(), control.ca().sha256);
     let admin = {
-        let (id, secret) = store
+        let (id, secret) = control
+            .store
             .create_admin_token("tester", now_unix())
             .await
             .unwrap();
         Credential::format(api::ADMIN_PREFIX, &id, &secret, None)
     };
-    let control =
-        Control::new(store, shared.clone(), config, ca, signer, broker_key, text).unwrap();
-    let mut chain = crate::load_certs(&dir.join("broker.pem")).unwrap();
-    chain.extend(crate::load_certs(&dir.join("ca.pem")).unwrap());
     let (task, bound) = serve(
         control.clone(),
         "127.0.0.1:0".parse().unwrap(),
-        chain,
+        &dir.join("broker.pem"),
+        &dir.join("ca.pem"),
         &dir.join("broker.key"),
     )
     .await

@@ -244,15 +244,13 @@ fn with_core(
 async fn run(config_path: &Path) -> Result<()> {
     let config = BrokerConfig::load(config_path)?;
     let key = PrivateKey::read_file(&config.private_key_file)?;
-    let mut opened = None;
-    let policy = match &config.control {
+    let (policy, opened) = match &config.control {
         Some(ctl) => {
-            let (store, policy, text, ca, signer) =
+            let (policy, opened) =
                 control::Control::open(ctl, &config.policy, &config.tls.ca).await?;
-            opened = Some((store, text, ca, signer));
-            policy
+            (policy, Some((ctl, opened)))
         }
-        None => Policy::load(&config.policy)?,
+        None => (Policy::load(&config.policy)?, None),
     };
     let core = BrokerCore::new(
         key,
@@ -268,27 +266,14 @@ async fn run(config_path: &Path) -> Result<()> {
         core,
         links: HashMap::new(),
     }));
-    let control = match (opened, &config.control) {
-        (Some((store, text, ca, signer)), Some(ctl)) => {
-            let control = control::Control::new(
-                store,
-                shared.clone(),
-                ctl.clone(),
-                ca,
-                signer,
-                broker_key,
-                text,
-            )?;
-            let mut chain = load_certs(&config.tls.cert)?;
-            for ca in load_certs(&config.tls.ca)? {
-                if !chain.contains(&ca) {
-                    chain.push(ca);
-                }
-            }
-            control::serve(control.clone(), ctl.listen, chain, &config.tls.key).await?;
+    let control = match opened {
+        Some((ctl, opened)) => {
+            let control = control::Control::new(opened, shared.clone(), ctl.clone(), broker_key)?;
+            let tls = &config.tls;
+            control::serve(control.clone(), ctl.listen, &tls.cert, &tls.ca, &tls.key).await?;
             Some(control)
         }
-        _ => None,
+        None => None,
     };
 
     let udp = Arc::new(

@@ -80,6 +80,18 @@ pub fn init(dir: &Path, broker_names: &[String]) -> Result<()> {
     )
 }
 
+/// A leaf certificate for `names` (DNS names or addresses; the first is also the common name).
+fn leaf_params(names: &[String], usage: ExtendedKeyUsagePurpose) -> Result<CertificateParams> {
+    let mut params = CertificateParams::new(names.to_vec())?;
+    params.distinguished_name.push(
+        DnType::CommonName,
+        names.first().cloned().unwrap_or_default(),
+    );
+    params.extended_key_usages = vec![usage];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    Ok(params)
+}
+
 /// Issues `dir/<name>.pem` and `dir/<name>.key`, signed by the CA in `dir`.
 pub fn issue(
     dir: &Path,
@@ -91,13 +103,7 @@ pub fn issue(
         .with_context(|| format!("no CA key in {}: run `pki init` first", dir.display()))?;
     let issuer = Issuer::new(ca_params()?, KeyPair::from_pem(&ca_key_pem)?);
     let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(dns_names.to_vec())?;
-    params.distinguished_name.push(
-        DnType::CommonName,
-        dns_names.first().cloned().unwrap_or_default(),
-    );
-    params.extended_key_usages = vec![usage];
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let mut params = leaf_params(dns_names, usage)?;
     validity(&mut params, 365);
     let cert = params.signed_by(&key, &issuer)?;
     write_public(&dir.join(format!("{name}.pem")), &cert.pem())?;
@@ -151,11 +157,10 @@ impl Ca {
     ) -> Result<(String, String, u64)> {
         let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
             .context("bad certificate request (PKCS#10 PEM expected)")?;
-        let name = connector_cert_name(site);
-        let mut params = CertificateParams::new(vec![name.clone()])?;
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let mut params = leaf_params(
+            &[connector_cert_name(site)],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )?;
         let mut serial = [0u8; 16];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut serial);
         serial[0] &= 0x7f;

@@ -293,20 +293,25 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?;
-        let mut users = Vec::new();
-        for r in rows {
-            let name: String = r.try_get(0)?;
-            let groups = members
-                .iter()
-                .filter(|m| m.try_get::<String, _>(0).ok().as_deref() == Some(name.as_str()))
-                .filter_map(|m| m.try_get::<String, _>(1).ok())
-                .collect();
-            users.push(UserRecord {
-                name,
-                groups,
-                disabled: r.try_get::<i64, _>(1)? != 0,
-            });
+        // One pass over the memberships (thousands of users are rebuilt on every change).
+        let mut groups_of: std::collections::HashMap<String, Vec<String>> = Default::default();
+        for m in &members {
+            groups_of
+                .entry(m.try_get(0)?)
+                .or_default()
+                .push(m.try_get(1)?);
         }
+        let users = rows
+            .iter()
+            .map(|r| {
+                let name: String = r.try_get(0)?;
+                Ok(UserRecord {
+                    groups: groups_of.remove(&name).unwrap_or_default(),
+                    disabled: r.try_get::<i64, _>(1)? != 0,
+                    name,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(users)
     }
 

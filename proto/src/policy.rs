@@ -239,6 +239,66 @@ pub enum Protocol {
     Icmp,
 }
 
+impl Protocol {
+    /// The protocol of an IP protocol number (ICMP and ICMPv6 are both `Icmp`).
+    pub fn of(ip_proto: u8) -> Option<Protocol> {
+        match ip_proto {
+            PROTO_TCP => Some(Protocol::Tcp),
+            PROTO_UDP => Some(Protocol::Udp),
+            PROTO_ICMP | PROTO_ICMPV6 => Some(Protocol::Icmp),
+            _ => None,
+        }
+    }
+
+    /// The IP protocol number of this protocol towards an address of this family.
+    pub fn number(self, ipv4: bool) -> u8 {
+        match (self, ipv4) {
+            (Protocol::Tcp, _) => PROTO_TCP,
+            (Protocol::Udp, _) => PROTO_UDP,
+            (Protocol::Icmp, true) => PROTO_ICMP,
+            (Protocol::Icmp, false) => PROTO_ICMPV6,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Icmp => "icmp",
+        }
+    }
+}
+
+/// Reads a destination as policy tests and `explain` write it: `ADDRESS:PORT`, or `ADDRESS`
+/// for ICMP.
+pub fn parse_destination(text: &str, protocol: Protocol) -> Option<(IpAddr, u16)> {
+    let text = text.trim();
+    match protocol {
+        Protocol::Icmp => text.parse::<IpAddr>().ok().map(|a| (a, 0)),
+        _ => text
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|s| (s.ip(), s.port())),
+    }
+}
+
+/// The flow a what-if question is about (policy tests, `explain`): any device address (the
+/// source does not take part in decisions) to `dst`.
+pub fn probe_flow(protocol: Protocol, dst: IpAddr, dport: u16) -> FlowKey {
+    let src = if dst.is_ipv4() {
+        IpAddr::from([0, 0, 0, 0])
+    } else {
+        IpAddr::from([0u16; 8])
+    };
+    FlowKey {
+        proto: protocol.number(dst.is_ipv4()),
+        src,
+        dst,
+        sport: 40000,
+        dport,
+    }
+}
+
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
@@ -308,11 +368,8 @@ pub struct PostureCheck {
 
 impl Application {
     pub fn matches(&self, key: &FlowKey) -> bool {
-        let proto = match key.proto {
-            PROTO_TCP => Protocol::Tcp,
-            PROTO_UDP => Protocol::Udp,
-            PROTO_ICMP | PROTO_ICMPV6 => Protocol::Icmp,
-            _ => return false,
+        let Some(proto) = Protocol::of(key.proto) else {
+            return false;
         };
         if !self.protocols.contains(&proto) {
             return false;
@@ -537,11 +594,7 @@ impl Policy {
                     "{} -> {} {}: {got} ({}{})",
                     t.user,
                     t.destination,
-                    match t.key.proto {
-                        PROTO_TCP => "tcp",
-                        PROTO_UDP => "udp",
-                        _ => "icmp",
-                    },
+                    Protocol::of(t.key.proto).map_or("?", Protocol::name),
                     self.reason_text(d.reason),
                     match (rule, self.check_name(d.reason)) {
                         (Some(r), _) => format!(" {r:?}"),
@@ -1040,14 +1093,7 @@ fn compile(src: &Source, raw: RawPolicy) -> Result<Policy, ConfigError> {
         let field = |n: &str| format!("tests[{i}].{n}");
         let protocol = t.protocol.unwrap_or(Protocol::Tcp);
         let text = t.destination.get_ref().trim();
-        let parsed = match protocol {
-            Protocol::Icmp => text.parse::<IpAddr>().ok().map(|a| (a, 0)),
-            _ => text
-                .parse::<std::net::SocketAddr>()
-                .ok()
-                .map(|s| (s.ip(), s.port())),
-        };
-        let Some((addr, port)) = parsed else {
+        let Some((addr, port)) = parse_destination(text, protocol) else {
             return Err(src.error(
                 Some(t.destination.span()),
                 field("destination"),
@@ -1057,22 +1103,7 @@ fn compile(src: &Source, raw: RawPolicy) -> Result<Policy, ConfigError> {
         for (j, c) in t.failing_checks.iter().enumerate() {
             checks_n.get(src, format!("tests[{i}].failing_checks[{j}]"), c)?;
         }
-        let key = FlowKey {
-            src: if addr.is_ipv4() {
-                IpAddr::from([0, 0, 0, 0])
-            } else {
-                IpAddr::from([0u16; 8])
-            },
-            dst: addr,
-            proto: match (protocol, addr.is_ipv4()) {
-                (Protocol::Tcp, _) => PROTO_TCP,
-                (Protocol::Udp, _) => PROTO_UDP,
-                (Protocol::Icmp, true) => PROTO_ICMP,
-                (Protocol::Icmp, false) => PROTO_ICMPV6,
-            },
-            sport: 40000,
-            dport: port,
-        };
+        let key = probe_flow(protocol, addr, port);
         tests.push(PolicyTest {
             name: t.name.clone().unwrap_or_else(|| format!("tests[{i}]")),
             user: t.user.get_ref().clone(),
