@@ -541,7 +541,8 @@ async fn data_loop(
     endpoint_name: &str,
     handshakes: &AtomicU64,
 ) -> Result<()> {
-    let mut last_handshake: Option<Duration> = None;
+    // When the current session's handshake completed; a later one means a new session.
+    let mut handshake_at: Option<Instant> = None;
     let mut broker = resolve(endpoint_name).await?;
     let mut tun_buf = vec![0u8; 65536];
     let mut net_buf = vec![0u8; 65536];
@@ -595,16 +596,9 @@ async fn data_loop(
                     }
                 }
                 // Sessions change on handshake messages, never on data packets: only look then.
-                if !data_packet {
-                    let since = session.time_since_handshake();
-                    if since.is_some_and(|t| last_handshake.is_none_or(|l| t < l)) {
-                        handshakes.fetch_add(1, Ordering::Relaxed);
-                    }
-                    last_handshake = since;
-                    if !connected && since.is_some() {
-                        connected = true;
-                        info!(broker = %broker, "connected to broker");
-                    }
+                if !data_packet && !connected && session.time_since_handshake().is_some() {
+                    connected = true;
+                    info!(broker = %broker, "connected to broker");
                 }
             }
             _ = tick.tick() => {
@@ -625,6 +619,14 @@ async fn data_loop(
                         }
                     }
                     _ => {}
+                }
+                // After the engine's tick its clock is current. Handshakes are seconds apart at
+                // the very least; the margin only absorbs jitter between readings.
+                if let Some(at) = session.time_since_handshake().and_then(|t| Instant::now().checked_sub(t))
+                    && handshake_at.is_none_or(|prev| at > prev + Duration::from_millis(500))
+                {
+                    handshake_at = Some(at);
+                    handshakes.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
