@@ -7,9 +7,10 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use axum::Json;
@@ -31,7 +32,7 @@ use tracing::{error, info, warn};
 
 use sekisho_proto::api::{self, ADMIN_PREFIX, Credential, DEVICE_PREFIX, ENROLL_PREFIX};
 use sekisho_proto::keys::PublicKeyBytes;
-use sekisho_proto::policy::{Policy, probe_flow};
+use sekisho_proto::policy::{Blocklist, ListSource, Policy, probe_flow};
 use sekisho_proto::posture::{PostureClaims, TokenSigner, TokenVerifier};
 
 use crate::config::ControlConfig;
@@ -57,7 +58,23 @@ pub struct Control {
     /// Serializes changes, so rebuilds see them in order.
     change: tokio::sync::Mutex<()>,
     audit: Mutex<Option<std::fs::File>>,
+    policy_dir: PathBuf,
+    /// Blocklist contents by list name, read or fetched when asked for and kept until the
+    /// file changes or the refresh interval passes.
+    lists: tokio::sync::Mutex<HashMap<String, CachedList>>,
 }
+
+struct CachedList {
+    source: ListSource,
+    /// File lists: modification time and length; URL lists: when fetched.
+    stamp: (Option<SystemTime>, u64),
+    fetched: Instant,
+    sha256: String,
+    body: Bytes,
+}
+
+/// Largest blocklist served (a million domains is about 20 MB).
+const MAX_LIST: usize = 128 << 20;
 
 /// An API error: status and message, as `{"error": "..."}`.
 pub struct ApiErr(StatusCode, String);
@@ -84,6 +101,8 @@ type Ctl = State<Arc<Control>>;
 
 /// The control plane's state, opened before the data path it drives exists.
 pub struct Opened {
+    /// Relative blocklist paths are read from here (the policy file's folder).
+    policy_dir: PathBuf,
     store: Store,
     policy_text: String,
     ca: Ca,
@@ -127,6 +146,10 @@ impl Control {
         Ok((
             policy,
             Opened {
+                policy_dir: policy_file
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default(),
                 store,
                 policy_text: text,
                 ca,
@@ -143,6 +166,7 @@ impl Control {
         broker_key: String,
     ) -> Result<Arc<Control>> {
         let Opened {
+            policy_dir,
             store,
             policy_text,
             ca,
@@ -177,7 +201,101 @@ impl Control {
             policy_text: Mutex::new(policy_text),
             change: tokio::sync::Mutex::new(()),
             audit: Mutex::new(audit),
+            policy_dir,
+            lists: tokio::sync::Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// The content of the blocklist `list` and its SHA-256 (hex): read from the file (again
+    /// when it changed) or fetched from its URL (again after the refresh interval).
+    async fn list_content(
+        &self,
+        list: &Blocklist,
+        refresh: Duration,
+    ) -> std::result::Result<(String, Bytes), String> {
+        let mut cache = self.lists.lock().await;
+        let stamp = match &list.source {
+            ListSource::Path(p) => {
+                let path = self.policy_dir.join(p);
+                let meta = tokio::fs::metadata(&path)
+                    .await
+                    .map_err(|e| format!("blocklist {:?}: {}: {e}", list.name, path.display()))?;
+                (meta.modified().ok(), meta.len())
+            }
+            ListSource::Url(_) => (None, 0),
+        };
+        if let Some(c) = cache.get(&list.name)
+            && c.source == list.source
+            && c.stamp == stamp
+            && (matches!(list.source, ListSource::Path(_)) || c.fetched.elapsed() < refresh)
+        {
+            return Ok((c.sha256.clone(), c.body.clone()));
+        }
+        let body = match &list.source {
+            ListSource::Path(p) => {
+                let path = self.policy_dir.join(p);
+                tokio::fs::read(&path)
+                    .await
+                    .map_err(|e| format!("blocklist {:?}: {}: {e}", list.name, path.display()))?
+            }
+            ListSource::Url(u) => match sekisho_proto::http::fetch_public(u, MAX_LIST).await {
+                Ok(b) => b,
+                Err(e) => {
+                    // Keep serving the last good copy while the source is down.
+                    if let Some(c) = cache.get(&list.name) {
+                        warn!(list = %list.name, "cannot refresh blocklist from {u}: {e}; serving the last copy");
+                        return Ok((c.sha256.clone(), c.body.clone()));
+                    }
+                    return Err(format!("blocklist {:?}: cannot fetch {u}: {e}", list.name));
+                }
+            },
+        };
+        let digest = ring::digest::digest(&ring::digest::SHA256, &body);
+        let sha256: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        info!(list = %list.name, bytes = body.len(), "blocklist loaded");
+        let body = Bytes::from(body);
+        cache.insert(
+            list.name.clone(),
+            CachedList {
+                source: list.source.clone(),
+                stamp,
+                fetched: Instant::now(),
+                sha256: sha256.clone(),
+                body: body.clone(),
+            },
+        );
+        Ok((sha256, body))
+    }
+
+    /// The DNS settings of `dev`'s user with the digests of their lists.
+    async fn dns_settings(
+        &self,
+        dev: &DeviceRecord,
+    ) -> std::result::Result<api::DnsSettingsResponse, ApiErr> {
+        let policy = self.policy();
+        let Some(user) = policy.user_by_name(&dev.user) else {
+            return Err(bad(StatusCode::CONFLICT, "the device's user is unknown"));
+        };
+        let settings = policy.dns_for_user(user);
+        let refresh = Duration::from_secs(policy.dns.refresh_secs);
+        let mut lists = Vec::new();
+        for name in &settings.blocklists {
+            let Some(l) = policy.dns.blocklists.iter().find(|l| &l.name == name) else {
+                continue;
+            };
+            match self.list_content(l, refresh).await {
+                Ok((sha256, body)) => lists.push(api::ListMeta {
+                    name: l.name.clone(),
+                    category: l.category.clone(),
+                    format: l.format.clone(),
+                    sha256,
+                    bytes: body.len(),
+                }),
+                // One unreadable list does not take the others down; clients keep their copy.
+                Err(e) => error!("{e}"),
+            }
+        }
+        Ok(api::DnsSettingsResponse { settings, lists })
     }
 
     /// The cluster CA this control plane issues certificates with.
@@ -314,6 +432,10 @@ impl Control {
             }],
             routes,
             checks: api::check_specs(&policy),
+            dns: policy
+                .user_by_name(&dev.user)
+                .map(|u| policy.dns_for_user(u))
+                .unwrap_or_default(),
         }
     }
 
@@ -448,6 +570,8 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/enroll/device", post(enroll_device))
         .route("/v1/enroll/connector", post(enroll_connector))
         .route("/v1/posture", post(posture))
+        .route("/v1/device/dns", get(device_dns))
+        .route("/v1/device/dns/lists/{name}", get(device_dns_list))
         .route("/v1/admin/users", get(list_users).post(create_user))
         .route("/v1/admin/users/{name}/disable", post(disable_user))
         .route("/v1/admin/users/{name}/enable", post(enable_user))
@@ -669,6 +793,45 @@ async fn enroll_connector(State(ctl): Ctl, body: Bytes) -> ApiResult<api::Enroll
         brokers: vec![ctl.config.connector_endpoint.clone()],
         broker_name: ctl.config.broker_name.clone(),
     }))
+}
+
+async fn device_dns(
+    State(ctl): Ctl,
+    DeviceAuth(dev): DeviceAuth,
+) -> ApiResult<api::DnsSettingsResponse> {
+    Ok(Json(ctl.dns_settings(&dev).await?))
+}
+
+/// A blocklist's content, for devices whose user's filter uses it.
+async fn device_dns_list(
+    State(ctl): Ctl,
+    DeviceAuth(dev): DeviceAuth,
+    UrlPath(name): UrlPath<String>,
+) -> std::result::Result<Response, ApiErr> {
+    let policy = ctl.policy();
+    let user = policy
+        .user_by_name(&dev.user)
+        .ok_or_else(|| bad(StatusCode::CONFLICT, "the device's user is unknown"))?;
+    if !policy.dns_for_user(user).blocklists.contains(&name) {
+        return Err(bad(
+            StatusCode::NOT_FOUND,
+            format!("no blocklist {name:?} for this device"),
+        ));
+    }
+    let list = policy
+        .dns
+        .blocklists
+        .iter()
+        .find(|l| l.name == name)
+        .cloned()
+        .ok_or_else(|| bad(StatusCode::NOT_FOUND, "no such blocklist"))?;
+    let refresh = Duration::from_secs(policy.dns.refresh_secs);
+    drop(policy);
+    let (_, body) = ctl
+        .list_content(&list, refresh)
+        .await
+        .map_err(|e| bad(StatusCode::SERVICE_UNAVAILABLE, e))?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain")], body).into_response())
 }
 
 async fn posture(

@@ -13,6 +13,7 @@ use std::time::Instant;
 use serde::Serialize;
 use tracing::{debug, info, trace};
 
+use sekisho_proto::dns::{AppName, DNS_PORT, SyntheticMap};
 use sekisho_proto::flow::{FlowEntry, FlowTable, IdleTimeouts};
 use sekisho_proto::keys::{PrivateKey, PublicKeyBytes};
 use sekisho_proto::packet::{self, FlowKey, PacketKind};
@@ -36,6 +37,25 @@ pub trait Io {
     fn decision(&mut self, record: DecisionRecord) -> bool;
     /// Record a posture event (token accepted, refused or expired) in the same log.
     fn posture(&mut self, record: PostureRecord) -> bool;
+    /// Tell the connector of `site` that `synthetic`, for flows from `device`, stands for the
+    /// host name `name` (sent before the flow's first packet).
+    fn map_name(&mut self, site: &str, device: IpAddr, synthetic: IpAddr, name: &str);
+    /// Record an application-name query answered by the broker.
+    fn app_dns(&mut self, record: AppDnsRecord);
+}
+
+/// An application name asked through the tunnel, as written to the decision log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AppDnsRecord {
+    pub event: &'static str,
+    pub device: String,
+    pub user: String,
+    pub name: String,
+    /// "synthetic" (answered with an address), "nxdomain" (an application this user may not
+    /// use), "not-an-application" or "full" (no synthetic address left for this device).
+    pub result: &'static str,
+    pub application: Option<String>,
+    pub address: Option<IpAddr>,
 }
 
 /// A posture token presented, refused or expired, as written to the decision log.
@@ -99,7 +119,12 @@ pub struct Stats {
     pub posture_tokens_accepted: u64,
     pub posture_tokens_refused: u64,
     pub posture_tokens_expired: u64,
+    pub app_dns_queries: u64,
+    pub app_dns_malformed: u64,
 }
+
+/// Names one device may bind to synthetic addresses at once.
+const SYNTHETIC_NAMES_PER_DEVICE: usize = 4096;
 
 struct Peer {
     device: DeviceId,
@@ -111,6 +136,8 @@ struct Peer {
     posture: Option<PostureClaims>,
     /// Bumped when `posture` changes: the peer's cached flows are then decided anew.
     generation: u64,
+    /// The device's synthetic addresses (name-based applications), for its session here.
+    names: SyntheticMap,
 }
 
 /// A cached decision for one flow.
@@ -240,6 +267,12 @@ impl BrokerCore {
                     if let Some(peer) = self.peers[slot as usize].as_mut() {
                         peer.device = id;
                         peer.address = dev.address;
+                        if !peer.names.contains(IpAddr::V4(policy.dns.app_range.network())) {
+                            peer.names = SyntheticMap::new(
+                                policy.dns.app_range,
+                                SYNTHETIC_NAMES_PER_DEVICE,
+                            );
+                        }
                     }
                 }
                 None => {
@@ -264,6 +297,10 @@ impl BrokerCore {
                         endpoint: None,
                         posture: None,
                         generation: 0,
+                        names: SyntheticMap::new(
+                            policy.dns.app_range,
+                            SYNTHETIC_NAMES_PER_DEVICE,
+                        ),
                     };
                     if slot == self.peers.len() {
                         self.peers.push(Some(peer));
@@ -400,10 +437,29 @@ impl BrokerCore {
             None if may_create => None,
             None => return Verdict::Drop,
         };
-        let decision = self
-            .policy
-            .evaluate(peer.device, key, peer.posture.as_ref());
+        let p = &self.policy;
+        let binding = peer.names.lookup(key.dst);
+        let decision = if peer.names.contains(key.dst) {
+            // A synthetic address: the flow is to the application whose name it stands for.
+            match binding.and_then(|b| p.app_by_name(&b.app)) {
+                Some(app) => p.evaluate_named(peer.device, key, peer.posture.as_ref(), app),
+                None => sekisho_proto::policy::Decision {
+                    action: Action::Deny,
+                    application: None,
+                    reason: Reason::DefaultDeny,
+                },
+            }
+        } else {
+            p.evaluate(peer.device, key, peer.posture.as_ref())
+        };
         let allowed = decision.allowed();
+        if allowed
+            && previous != Some(true)
+            && let (Some(b), Some(app)) = (binding, decision.application)
+        {
+            let site = &p.sites[p.applications[app as usize].site as usize];
+            io.map_name(site, key.src, key.dst, &b.name);
+        }
         // A flow re-checked after a policy change is logged only when its answer changed.
         if previous != Some(allowed) {
             if allowed {
@@ -496,6 +552,8 @@ impl BrokerCore {
         if key.dst == self.service {
             if key.proto == packet::PROTO_UDP && key.dport == POSTURE_PORT {
                 self.handle_token(slot, &key, pkt, io);
+            } else if key.proto == packet::PROTO_UDP && key.dport == DNS_PORT {
+                self.handle_app_dns(slot, &key, pkt, io);
             }
             return;
         }
@@ -592,6 +650,68 @@ impl BrokerCore {
         let mut reply = std::mem::take(&mut self.reply);
         if let Some(n) =
             packet::build_udp(key.dst, key.dport, key.src, key.sport, &body, &mut reply)
+        {
+            self.send_to_peer(slot, &reply[..n], io);
+        }
+        self.reply = reply;
+    }
+
+    /// A DNS query for a name in a private zone, from peer `slot`: an application this user may
+    /// use gets a synthetic address (bound for the session), one the user may not use NXDOMAIN,
+    /// any other name REFUSED (the client then resolves it upstream).
+    fn handle_app_dns(&mut self, slot: u32, key: &FlowKey, pkt: &[u8], io: &mut impl Io) {
+        let Some(peer) = self.peers.get_mut(slot as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let Some(query) = packet::udp_payload(pkt) else {
+            self.stats.app_dns_malformed += 1;
+            return;
+        };
+        let policy = &self.policy;
+        let user = policy.device(peer.device).user;
+        let mut record = AppDnsRecord {
+            event: "app-dns",
+            device: policy.device(peer.device).name.clone(),
+            user: policy.user_of(peer.device).name.clone(),
+            name: String::new(),
+            result: "not-an-application",
+            application: None,
+            address: None,
+        };
+        let answer = sekisho_proto::dns::app_answer(query, |name| {
+            record.name = name.to_string();
+            let Some(app) = policy.app_for_name(name) else {
+                return AppName::NotApp;
+            };
+            let app_name = &policy.applications[app as usize].name;
+            record.application = Some(app_name.clone());
+            if !policy.user_may_use(user, app) {
+                record.result = "nxdomain";
+                return AppName::NotEntitled;
+            }
+            match peer.names.assign(name, app_name) {
+                Some(a) => {
+                    record.result = "synthetic";
+                    record.address = Some(IpAddr::V4(a));
+                    AppName::Entitled(vec![IpAddr::V4(a)])
+                }
+                None => {
+                    record.result = "full";
+                    AppName::NotEntitled
+                }
+            }
+        });
+        let Some(answer) = answer else {
+            self.stats.app_dns_malformed += 1;
+            return;
+        };
+        self.stats.app_dns_queries += 1;
+        if !record.name.is_empty() {
+            io.app_dns(record);
+        }
+        let mut reply = std::mem::take(&mut self.reply);
+        if let Some(n) =
+            packet::build_udp(key.dst, key.dport, key.src, key.sport, &answer, &mut reply)
         {
             self.send_to_peer(slot, &reply[..n], io);
         }
@@ -740,6 +860,8 @@ mod tests {
         decisions: Vec<DecisionRecord>,
         postures: Vec<PostureRecord>,
         site_up: bool,
+        maps: Vec<(String, IpAddr, IpAddr, String)>,
+        dns: Vec<AppDnsRecord>,
     }
 
     impl Io for Recorder {
@@ -757,6 +879,13 @@ mod tests {
         fn posture(&mut self, record: PostureRecord) -> bool {
             self.postures.push(record);
             true
+        }
+        fn map_name(&mut self, site: &str, device: IpAddr, synthetic: IpAddr, name: &str) {
+            self.maps
+                .push((site.to_string(), device, synthetic, name.to_string()));
+        }
+        fn app_dns(&mut self, record: AppDnsRecord) {
+            self.dns.push(record);
         }
     }
 
@@ -795,6 +924,22 @@ name = "no-db"
 action = "deny"
 groups = ["eng"]
 applications = ["db"]
+[[applications]]
+name = "wiki-by-name"
+site = "dc1"
+names = ["wiki.corp.example", "*.dev.corp.example"]
+protocols = ["tcp"]
+ports = [80]
+[[applications]]
+name = "payroll"
+site = "dc1"
+names = ["payroll.corp.example"]
+protocols = ["tcp"]
+[[rules]]
+name = "eng-wiki-name"
+action = "allow"
+groups = ["eng"]
+applications = ["wiki-by-name"]
 "#;
 
     fn tcp_syn(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
@@ -881,6 +1026,101 @@ applications = ["db"]
                 })
                 .collect()
         }
+    }
+
+    impl Fixture {
+        /// Asks the broker's in-tunnel DNS service; returns the decoded answer.
+        fn ask(&mut self, name: &str, io: &mut Recorder) -> hickory_proto::op::Message {
+            let q = sekisho_proto::dns::build_query(
+                77,
+                name,
+                hickory_proto::rr::RecordType::A,
+                false,
+            );
+            let mut pkt = vec![0u8; 2048];
+            let n = packet::build_udp(
+                IpAddr::from([100, 118, 0, 2]),
+                5353,
+                IpAddr::from([100, 118, 0, 1]),
+                DNS_PORT,
+                &q,
+                &mut pkt,
+            )
+            .unwrap();
+            io.udp.clear();
+            self.send(&pkt[..n], io);
+            let replies = self.receive(io);
+            assert_eq!(replies.len(), 1, "one answer per query");
+            hickory_proto::op::Message::from_vec(packet::udp_payload(&replies[0]).unwrap())
+                .unwrap()
+        }
+    }
+
+    #[test]
+    fn application_names_get_synthetic_addresses_and_flows_to_them_are_authorized() {
+        use hickory_proto::op::ResponseCode;
+        use hickory_proto::rr::RData;
+        let mut f = fixture();
+        let mut io = Recorder {
+            site_up: true,
+            ..Default::default()
+        };
+        let m = f.ask("Wiki.corp.example.", &mut io);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        let RData::A(a) = &m.answers[0].data else {
+            panic!("{m:?}")
+        };
+        let wiki = a.0;
+        assert!(f.core.policy().dns.app_range.contains(&wiki));
+        // Stable for the session.
+        let again = f.ask("wiki.corp.example", &mut io);
+        assert_eq!(again.answers[0].data, m.answers[0].data);
+        // A wildcard name gets its own address.
+        let dev = f.ask("build.dev.corp.example", &mut io);
+        let RData::A(d) = &dev.answers[0].data else {
+            panic!()
+        };
+        assert_ne!(d.0, wiki);
+        // An application alice may not use, and a name that is no application.
+        let payroll = f.ask("payroll.corp.example", &mut io);
+        assert_eq!(payroll.metadata.response_code, ResponseCode::NXDomain);
+        let other = f.ask("www.corp.example", &mut io);
+        assert_eq!(other.metadata.response_code, ResponseCode::Refused);
+        assert_eq!(
+            io.dns.iter().map(|r| r.result).collect::<Vec<_>>(),
+            ["synthetic", "synthetic", "synthetic", "nxdomain", "not-an-application"]
+        );
+
+        // A flow to the synthetic address is the application's: the connector learns the name
+        // first, then gets the packet.
+        io.site.clear();
+        let syn = tcp_syn([100, 118, 0, 2], 40100, wiki.octets(), 80);
+        f.send(&syn, &mut io);
+        assert_eq!(io.site.len(), 1);
+        assert_eq!(
+            io.maps,
+            [(
+                "dc1".to_string(),
+                IpAddr::from([100, 118, 0, 2]),
+                IpAddr::V4(wiki),
+                "wiki.corp.example".to_string()
+            )]
+        );
+        let last = io.decisions.last().unwrap();
+        assert_eq!(last.application.as_deref(), Some("wiki-by-name"));
+        assert_eq!(last.rule.as_deref(), Some("eng-wiki-name"));
+        // The same flow again: no second mapping.
+        f.send(&syn, &mut io);
+        assert_eq!(io.maps.len(), 1);
+        // Another port of the same name is not part of the application.
+        let ssh = tcp_syn([100, 118, 0, 2], 40101, wiki.octets(), 22);
+        f.send(&ssh, &mut io);
+        assert_eq!(io.decisions.last().unwrap().decision, Action::Deny);
+        // A synthetic address never handed out is denied.
+        let stray = tcp_syn([100, 118, 0, 2], 40102, [100, 119, 200, 1], 80);
+        f.send(&stray, &mut io);
+        let last = io.decisions.last().unwrap();
+        assert_eq!((last.decision, last.reason), (Action::Deny, "default deny: no allow rule covers this user and application"));
     }
 
     #[test]

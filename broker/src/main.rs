@@ -11,7 +11,7 @@ mod pki;
 mod store;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -29,12 +29,13 @@ use tracing::{debug, error, info, warn};
 
 use sekisho_proto::keys::PrivateKey;
 use sekisho_proto::link::{
-    ALPN, BrokerWelcome, ConnectorHello, MAX_CONTROL_MESSAGE, connector_cert_name,
+    ALPN, BrokerWelcome, ConnectorHello, MAX_CONTROL_MESSAGE, SiteMessage, connector_cert_name,
 };
+use ipnet::IpNet;
 use sekisho_proto::policy::Policy;
 
 use crate::config::BrokerConfig;
-use crate::core::{BUF_SIZE, BrokerCore, DecisionRecord, Io, PostureRecord};
+use crate::core::{AppDnsRecord, BUF_SIZE, BrokerCore, DecisionRecord, Io, PostureRecord};
 
 #[derive(Parser)]
 #[command(
@@ -192,6 +193,7 @@ pub(crate) fn lock(s: &SharedRef) -> MutexGuard<'_, Shared> {
 enum LogLine {
     Decision(DecisionRecord),
     Posture(PostureRecord),
+    AppDns(AppDnsRecord),
     Policy {
         result: &'static str,
         detail: String,
@@ -226,6 +228,33 @@ impl Io for ShellIo<'_> {
     fn posture(&mut self, record: PostureRecord) -> bool {
         debug!(?record, "posture event");
         self.log.try_send(LogLine::Posture(record)).is_ok()
+    }
+
+    fn map_name(&mut self, site: &str, device: IpAddr, synthetic: IpAddr, name: &str) {
+        let Some(conn) = self.links.get(site).cloned() else {
+            return;
+        };
+        let message = SiteMessage::MapName {
+            device,
+            synthetic,
+            name: name.to_string(),
+        };
+        tokio::spawn(async move {
+            let sent = async {
+                let mut s = conn.open_uni().await?;
+                s.write_all(&serde_json::to_vec(&message)?).await?;
+                s.finish()?;
+                anyhow::Ok(())
+            };
+            if let Err(e) = sent.await {
+                debug!("cannot send a name mapping to the connector: {e:#}");
+            }
+        });
+    }
+
+    fn app_dns(&mut self, record: AppDnsRecord) {
+        debug!(?record, "application name query");
+        let _ = self.log.try_send(LogLine::AppDns(record));
     }
 }
 
@@ -549,11 +578,13 @@ async fn serve_connector(
         .await
         .context("reading hello")?;
     let hello: ConnectorHello = serde_json::from_slice(&hello_bytes).context("malformed hello")?;
-    let (mut check, ranges) = {
+    let (mut check, ranges, app_ranges) = {
         let g = lock(&shared);
+        let p = g.core.policy();
         (
-            check_connector(&conn, &hello, g.core.policy()),
-            vec![g.core.policy().device_range],
+            check_connector(&conn, &hello, p),
+            vec![p.device_range],
+            vec![IpNet::V4(p.dns.app_range)],
         )
     };
     if let (Ok(()), Some(c)) = (&check, &control) {
@@ -563,6 +594,7 @@ async fn serve_connector(
         Ok(()) => BrokerWelcome::Accepted {
             site: hello.site.clone(),
             device_ranges: ranges,
+            app_ranges,
         },
         Err(reason) => BrokerWelcome::Refused {
             reason: reason.clone(),
@@ -720,6 +752,7 @@ async fn decision_writer(path: PathBuf, mut rx: mpsc::Receiver<LogLine>) {
         let text = match &line {
             LogLine::Decision(r) => serde_json::to_string(&Stamped { ts, record: r }),
             LogLine::Posture(r) => serde_json::to_string(&Stamped { ts, record: r }),
+            LogLine::AppDns(r) => serde_json::to_string(&Stamped { ts, record: r }),
             LogLine::Policy { result, detail } => serde_json::to_string(&Stamped {
                 ts,
                 record: &PolicyEvent {

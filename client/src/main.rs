@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+mod dnsctl;
 mod posture;
+mod resolvconf;
+mod stub;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -54,6 +57,31 @@ enum Command {
         #[arg(value_name = "FILE")]
         key: PathBuf,
     },
+    /// Run only the DNS stub with local blocklists (benchmarks, diagnosis): no tunnel, no
+    /// control plane, the system's DNS setting untouched.
+    Stub {
+        /// Address and port to answer on (UDP and TCP).
+        #[arg(long, default_value = "127.0.0.1:5353")]
+        listen: SocketAddr,
+        /// A blocklist file (domains, hosts or adblock format, detected); repeatable. Its
+        /// category is the file name without extension.
+        #[arg(long = "list", value_name = "FILE")]
+        lists: Vec<PathBuf>,
+        /// Never block this domain (and its subdomains); repeatable.
+        #[arg(long = "allow", value_name = "DOMAIN")]
+        allow: Vec<String>,
+        /// Upstream resolver (udp://IP, tcp://IP, tls://IP#NAME, https://IP/PATH#NAME);
+        /// repeatable. Default: the servers in /etc/resolv.conf.
+        #[arg(long = "upstream", value_name = "URL")]
+        upstreams: Vec<String>,
+        /// nxdomain, null, or block-page addresses.
+        #[arg(long, default_value = "nxdomain")]
+        block_answer: String,
+        /// CA certificates (PEM) that DoT/DoH upstreams are checked against, besides the
+        /// system's.
+        #[arg(long, value_name = "FILE")]
+        upstream_ca: Option<PathBuf>,
+    },
     /// Enroll this device with a one-time token from an admin: creates the WireGuard key here
     /// (never sent anywhere), registers its public key and writes DIR/client.toml.
     Enroll {
@@ -87,6 +115,46 @@ struct ClientConfig {
     /// configured by hand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     control: Option<ControlConfig>,
+    /// The DNS stub (private application names, DNS filtering). Absent: no stub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dns: Option<DnsConfig>,
+}
+
+#[derive(Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DnsConfig {
+    /// Where the stub answers (UDP and TCP). Default: this device's overlay address, port 53.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    listen: Option<SocketAddr>,
+    /// Point the system's DNS at the stub while running (and restore it afterwards).
+    #[serde(default = "yes")]
+    manage_system_dns: bool,
+    /// The system's resolver file.
+    #[serde(default = "default_resolv_conf")]
+    resolv_conf: PathBuf,
+    /// Where the previous resolver file is kept while the client runs (relative to this
+    /// config file's folder).
+    #[serde(default = "default_backup")]
+    backup_file: PathBuf,
+    /// Blocked queries, one JSON line each; "-" is standard output.
+    #[serde(default = "default_dns_log")]
+    log: PathBuf,
+    /// Extra CA certificates (PEM) for DoT/DoH upstreams, besides the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    upstream_ca_file: Option<PathBuf>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_resolv_conf() -> PathBuf {
+    PathBuf::from("/etc/resolv.conf")
+}
+fn default_backup() -> PathBuf {
+    PathBuf::from("resolv.conf.sekisho-backup")
+}
+fn default_dns_log() -> PathBuf {
+    PathBuf::from("-")
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -155,6 +223,21 @@ fn main() {
     let result = match cli.command {
         Command::Run { config } => run_blocking(&config),
         Command::Genkey { out } => genkey(&out),
+        Command::Stub {
+            listen,
+            lists,
+            allow,
+            upstreams,
+            block_answer,
+            upstream_ca,
+        } => dnsctl::run_stub(
+            listen,
+            &lists,
+            &allow,
+            upstreams,
+            &block_answer,
+            upstream_ca.as_deref(),
+        ),
         Command::Pubkey { key } => PrivateKey::read_file(&key)
             .map(|k| println!("{}", k.public()))
             .map_err(Into::into),
@@ -257,6 +340,13 @@ fn enroll(
             device_range: c.device_range,
             check_interval: humantime::format_duration(check_interval).to_string(),
         }),
+        dns: Some(DnsConfig {
+            manage_system_dns: true,
+            resolv_conf: default_resolv_conf(),
+            backup_file: default_backup(),
+            log: default_dns_log(),
+            ..Default::default()
+        }),
     };
     let text = format!(
         "# Written by `sekisho-client enroll` for device {:?} of user {:?}.\n{}",
@@ -283,6 +373,15 @@ fn load_config(path: &Path) -> Result<(ClientConfig, PublicKeyBytes), ConfigErro
         ctl.ca_file = base.join(&ctl.ca_file);
         ctl.credential_file = base.join(&ctl.credential_file);
     }
+    if let Some(d) = c.dns.as_mut() {
+        d.backup_file = base.join(&d.backup_file);
+        if d.log != Path::new("-") {
+            d.log = base.join(&d.log);
+        }
+        if let Some(ca) = d.upstream_ca_file.as_mut() {
+            *ca = base.join(&*ca);
+        }
+    }
     let src = sekisho_proto::config::Source {
         file: path,
         text: &text,
@@ -307,13 +406,17 @@ fn load_config(path: &Path) -> Result<(ClientConfig, PublicKeyBytes), ConfigErro
     Ok((c, key))
 }
 
-fn run_blocking(config: &Path) -> Result<()> {
+fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
+}
+
+fn run_blocking(config: &Path) -> Result<()> {
+    init_tracing();
     let (config, broker_key) = load_config(config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -373,6 +476,10 @@ async fn run(config: ClientConfig, broker_key: PublicKeyBytes) -> Result<()> {
     );
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let dns = match &config.dns {
+        Some(d) => Some(dnsctl::start_dns(d, &config).await?),
+        None => None,
+    };
     let handshakes = Arc::new(AtomicU64::new(0));
     let posture_task = match &config.control {
         Some(ctl) => Some(tokio::spawn(posture_loop(
@@ -389,6 +496,9 @@ async fn run(config: ClientConfig, broker_key: PublicKeyBytes) -> Result<()> {
     };
     if let Some(t) = posture_task {
         t.abort();
+    }
+    if let Some(d) = dns {
+        d.stop();
     }
     info!("stopping: removing routes and interface");
     for net in &routes {

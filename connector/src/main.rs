@@ -2,14 +2,16 @@
 //! QUIC (mutual TLS) and forwards the packets of authorized flows into the site's network
 //! through a TUN device with source NAT. It listens on no port.
 
-use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
+mod names;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket as StdUdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use clap::Parser;
 use ipnet::IpNet;
 use rand::Rng;
@@ -20,7 +22,7 @@ use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
 
 use sekisho_proto::config::{ConfigError, load_toml};
-use sekisho_proto::link::{ALPN, BrokerWelcome, ConnectorHello, MAX_CONTROL_MESSAGE};
+use sekisho_proto::link::{ALPN, BrokerWelcome, ConnectorHello, MAX_CONTROL_MESSAGE, SiteMessage};
 use sekisho_proto::sys::{AsyncDevice, Netlink, create_tun};
 
 #[derive(Parser)]
@@ -62,6 +64,10 @@ enum Command {
         /// Where the key, certificates and connector.toml go.
         #[arg(long, default_value = "/etc/sekisho")]
         dir: PathBuf,
+        /// The site's DNS server for name-based applications (repeat for several; default:
+        /// the system's resolvers).
+        #[arg(long = "dns-server", value_name = "IP")]
+        dns_servers: Vec<IpAddr>,
     },
 }
 
@@ -84,6 +90,10 @@ struct ConnectorConfig {
     /// Longest wait between reconnection attempts.
     #[serde(default = "default_backoff_max")]
     max_backoff_secs: u64,
+    /// DNS servers of this site, for the names of name-based applications. Empty: the system's
+    /// (/etc/resolv.conf).
+    #[serde(default)]
+    dns_servers: Vec<IpAddr>,
     tls: TlsConfig,
 }
 
@@ -117,7 +127,15 @@ fn main() {
     let cli = Cli::parse();
     let result = match (cli.command, cli.config) {
         (Some(Command::Run { config }), _) | (None, Some(config)) => run_blocking(&config),
-        (Some(Command::Enroll { server, token, dir }), _) => enroll(&server, &token, &dir),
+        (
+            Some(Command::Enroll {
+                server,
+                token,
+                dir,
+                dns_servers,
+            }),
+            _,
+        ) => enroll(&server, &token, &dir, &dns_servers),
         (None, None) => Err(anyhow::anyhow!(
             "nothing to do: pass -c FILE to run, or `enroll` (see --help)"
         )),
@@ -152,7 +170,7 @@ fn new_key_and_csr() -> Result<(String, String)> {
     Ok((key.serialize_pem(), csr.pem()?))
 }
 
-fn enroll(server: &str, token: &str, dir: &Path) -> Result<()> {
+fn enroll(server: &str, token: &str, dir: &Path, dns_servers: &[IpAddr]) -> Result<()> {
     use sekisho_proto::api::{EnrollConnectorRequest, EnrollConnectorResponse};
     let (token, ca_sha256) = sekisho_proto::http::enrollment_token(token)?;
     let config_path = dir.join("connector.toml");
@@ -181,6 +199,7 @@ fn enroll(server: &str, token: &str, dir: &Path) -> Result<()> {
         tun_name: default_tun(),
         enable_forwarding: true,
         max_backoff_secs: default_backoff_max(),
+        dns_servers: dns_servers.to_vec(),
         tls: TlsConfig {
             ca: PathBuf::from("ca.pem"),
             cert: PathBuf::from("connector.pem"),
@@ -377,6 +396,11 @@ async fn install_nat(tun: &str) -> Result<()> {
         "table inet {t} {{}}\n\
          delete table inet {t}\n\
          table inet {t} {{\n\
+           map synth4 {{ type ipv4_addr . ipv4_addr : ipv4_addr; }}\n\
+           chain prerouting {{\n\
+             type nat hook prerouting priority dstnat; policy accept;\n\
+             iifname \"{tun}\" dnat ip to ip saddr . ip daddr map @synth4\n\
+           }}\n\
            chain postrouting {{\n\
              type nat hook postrouting priority srcnat; policy accept;\n\
              iifname \"{tun}\" oifname != \"{tun}\" masquerade\n\
@@ -442,6 +466,15 @@ async fn link_loop(config: &ConnectorConfig, tun: &AsyncDevice, netlink: &Netlin
     let max = Duration::from_secs(config.max_backoff_secs.max(1));
     let mut backoff = Duration::from_millis(250);
     let mut routes: Vec<IpNet> = Vec::new();
+    let mut names = names::Translations::default();
+    let resolver = match names::resolver(&config.dns_servers) {
+        Ok(r) => Some(Arc::new(r)),
+        Err(e) => {
+            warn!("no DNS resolver for name-based applications: {e:#}");
+            None
+        }
+    };
+    let table = nft_table(&config.tun_name);
     loop {
         let started = Instant::now();
         let attempt = async {
@@ -449,7 +482,9 @@ async fn link_loop(config: &ConnectorConfig, tun: &AsyncDevice, netlink: &Netlin
             connect(config, &client_config).await
         };
         match attempt.await {
-            Ok((conn, ranges)) => {
+            Ok((conn, ranges, app_ranges)) => {
+                names.set_app_ranges(app_ranges.clone());
+                let ranges: Vec<IpNet> = ranges.into_iter().chain(app_ranges).collect();
                 backoff = Duration::from_millis(250);
                 for net in &ranges {
                     if let Err(e) = netlink.add_route(index, *net).await {
@@ -462,7 +497,7 @@ async fn link_loop(config: &ConnectorConfig, tun: &AsyncDevice, netlink: &Netlin
                 routes = ranges;
                 info!(site = %config.site, broker = %conn.remote_address(), "linked to broker");
                 let reason = tokio::select! {
-                    r = forward(&conn, tun) => r,
+                    r = forward(&conn, tun, &mut names, resolver.clone(), &table) => r,
                     _ = renew_loop(conn.clone(), &config.tls) => "renewal stopped".into(),
                 };
                 warn!(site = %config.site, "link to broker lost: {reason}");
@@ -485,7 +520,7 @@ async fn link_loop(config: &ConnectorConfig, tun: &AsyncDevice, netlink: &Netlin
 async fn connect(
     config: &ConnectorConfig,
     client_config: &quinn::ClientConfig,
-) -> Result<(quinn::Connection, Vec<IpNet>)> {
+) -> Result<(quinn::Connection, Vec<IpNet>, Vec<IpNet>)> {
     let broker: SocketAddr = tokio::net::lookup_host(&config.broker)
         .await
         .with_context(|| format!("cannot resolve {:?}", config.broker))?
@@ -524,7 +559,11 @@ async fn connect(
     match serde_json::from_slice::<BrokerWelcome>(&answer)
         .context("malformed answer from broker")?
     {
-        BrokerWelcome::Accepted { device_ranges, .. } => Ok((conn, device_ranges)),
+        BrokerWelcome::Accepted {
+            device_ranges,
+            app_ranges,
+            ..
+        } => Ok((conn, device_ranges, app_ranges)),
         BrokerWelcome::Refused { reason } => bail!("broker refused this connector: {reason}"),
     }
 }
@@ -533,21 +572,98 @@ async fn connect(
 /// `Bytes` for QUIC without a copy, and a new block is allocated only when one is used up.
 const TUN_READ_BLOCK: usize = 256 * 1024;
 
-/// Moves packets between the link and the TUN device until the link ends.
-async fn forward(conn: &quinn::Connection, tun: &AsyncDevice) -> String {
+/// Name-translation events, from the tasks that read the broker's messages and resolve names.
+enum NameEvent {
+    Map { key: names::Key, name: String },
+    Done { key: names::Key, name: String, result: Result<Ipv4Addr, String> },
+}
+
+/// Moves packets between the link and the TUN device until the link ends; installs the name
+/// translations the broker asks for.
+async fn forward(
+    conn: &quinn::Connection,
+    tun: &AsyncDevice,
+    names: &mut names::Translations,
+    resolver: Option<Arc<hickory_resolver::TokioResolver>>,
+    table: &str,
+) -> String {
     let max = usize::from(TUN_MTU);
     let mut block = BytesMut::with_capacity(TUN_READ_BLOCK);
     let mut too_large = 0u64;
+    let (events, mut event_rx) = tokio::sync::mpsc::unbounded_channel::<NameEvent>();
+    let mut expire = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             d = conn.read_datagram() => match d {
                 Ok(pkt) => {
-                    if let Err(e) = tun.send(&pkt).await {
+                    let admit = match sekisho_proto::packet::addresses(&pkt) {
+                        Ok((src, dst)) => names.admit(src, dst, &pkt, Instant::now()),
+                        Err(_) => names::Admit::Forward,
+                    };
+                    if admit == names::Admit::Forward
+                        && let Err(e) = tun.send(&pkt).await
+                    {
                         debug!("TUN write error: {e}");
                     }
                 }
                 Err(e) => return e.to_string(),
             },
+            s = conn.accept_uni() => match s {
+                Ok(mut recv) => {
+                    let events = events.clone();
+                    tokio::spawn(async move {
+                        let Ok(bytes) = recv.read_to_end(MAX_CONTROL_MESSAGE).await else { return };
+                        match serde_json::from_slice::<SiteMessage>(&bytes) {
+                            Ok(SiteMessage::MapName { device, synthetic, name }) => {
+                                let _ = events.send(NameEvent::Map { key: (device, synthetic), name });
+                            }
+                            Err(e) => warn!("malformed message from the broker: {e}"),
+                        }
+                    });
+                }
+                Err(e) => return e.to_string(),
+            },
+            Some(ev) = event_rx.recv() => match ev {
+                NameEvent::Map { key, name } => {
+                    if names.has(&key, &name) {
+                        continue;
+                    }
+                    let Some(resolver) = resolver.clone() else {
+                        names::log_failed(&name, "no resolver");
+                        names.failed(&key);
+                        continue;
+                    };
+                    let previous = names.previous(&key);
+                    let events = events.clone();
+                    let table = table.to_string();
+                    tokio::spawn(async move {
+                        let result = match names::resolve(&resolver, &name).await {
+                            Ok(real) => nft(&names::map_script(&table, &key, real, previous))
+                                .await
+                                .map(|()| real)
+                                .map_err(|e| format!("{e:#}")),
+                            Err(e) => Err(e),
+                        };
+                        let _ = events.send(NameEvent::Done { key, name, result });
+                    });
+                }
+                NameEvent::Done { key, name, result } => match result {
+                    Ok(real) => {
+                        let waited: Vec<Bytes> = names.installed(key, name.clone(), real);
+                        names::log_installed(&name, &key, real, waited.len());
+                        for pkt in waited {
+                            if let Err(e) = tun.send(&pkt).await {
+                                debug!("TUN write error: {e}");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        names::log_failed(&name, &e);
+                        names.failed(&key);
+                    }
+                },
+            },
+            _ = expire.tick() => names.expire(Instant::now()),
             r = async {
                 if block.capacity() < max {
                     block = BytesMut::with_capacity(TUN_READ_BLOCK);

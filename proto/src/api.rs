@@ -139,6 +139,28 @@ pub struct DeviceConfig {
     /// Split-tunnel routes: the networks of the applications the user may reach.
     pub routes: Vec<IpNet>,
     pub checks: Vec<CheckSpec>,
+    /// DNS: private zones, filter settings (`GET /v1/device/dns` has the lists' digests).
+    #[serde(default)]
+    pub dns: crate::policy::UserDns,
+}
+
+/// `GET /v1/device/dns` (device credential): the user's DNS settings and the blocklists to load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsSettingsResponse {
+    pub settings: crate::policy::UserDns,
+    pub lists: Vec<ListMeta>,
+}
+
+/// A blocklist the client loads from `GET /v1/device/dns/lists/{name}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListMeta {
+    pub name: String,
+    pub category: String,
+    /// `domains`, `hosts` or `adblock`; None: detect.
+    pub format: Option<String>,
+    /// SHA-256 of the content (hex): a client downloads a list again only when it changed.
+    pub sha256: String,
+    pub bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

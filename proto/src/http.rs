@@ -190,6 +190,21 @@ impl ApiClient {
         path: &str,
         body: Option<&Req>,
     ) -> Result<Resp, CallError> {
+        let bytes = self.call_raw(method, path, body).await?;
+        serde_json::from_slice(&bytes).map_err(|e| CallError::BadAnswer(e.to_string()))
+    }
+
+    /// GET of a non-JSON resource (a blocklist); the body as it came.
+    pub async fn get_bytes(&self, path: &str) -> Result<Vec<u8>, CallError> {
+        self.call_raw::<()>(reqwest::Method::GET, path, None).await
+    }
+
+    async fn call_raw<Req: Serialize>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Req>,
+    ) -> Result<Vec<u8>, CallError> {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method, &url);
         if let Some(b) = &self.bearer {
@@ -219,7 +234,7 @@ impl ApiClient {
                 message,
             });
         }
-        serde_json::from_slice(&bytes).map_err(|e| CallError::BadAnswer(e.to_string()))
+        Ok(bytes.to_vec())
     }
 
     pub async fn post<Req: Serialize, Resp: DeserializeOwned>(
@@ -273,4 +288,29 @@ pub fn enroll<Req: Serialize, Resp: DeserializeOwned>(
             .post(path, request)
             .await
     })
+}
+
+/// Where Debian keeps the system's trusted CA certificates.
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Fetches a public resource (a blocklist URL) over HTTP or HTTPS; HTTPS servers are checked
+/// against the system's CA bundle. Fails on any status but 2xx and on bodies over `max` bytes.
+pub async fn fetch_public(url: &str, max: usize) -> Result<Vec<u8>, CallError> {
+    let tls = match std::fs::read_to_string(SYSTEM_CA_BUNDLE) {
+        Ok(pem) => ca_tls(&pem)?,
+        Err(_) if url.starts_with("http://") => pinned_tls([0; 32])?,
+        Err(e) => {
+            return Err(CallError::Tls(format!(
+                "cannot read the system CA bundle {SYSTEM_CA_BUNDLE}: {e}"
+            )));
+        }
+    };
+    let client = ApiClient::new(url, tls, None)?;
+    let bytes = client.get_bytes("").await?;
+    if bytes.len() > max {
+        return Err(CallError::BadAnswer(format!(
+            "{url} is larger than {max} bytes"
+        )));
+    }
+    Ok(bytes)
 }

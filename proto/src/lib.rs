@@ -4,6 +4,8 @@
 
 pub mod api;
 pub mod config;
+pub mod dns;
+pub mod dnsfilter;
 pub mod flow;
 pub mod keys;
 pub mod link;

@@ -25,6 +25,10 @@ pub enum BrokerWelcome {
     Accepted {
         site: String,
         device_ranges: Vec<IpNet>,
+        /// Synthetic addresses of name-based applications: packets to them wait at the
+        /// connector until a [`SiteMessage::MapName`] says which name they stand for.
+        #[serde(default)]
+        app_ranges: Vec<IpNet>,
     },
     Refused {
         reason: String,
@@ -50,4 +54,17 @@ pub enum LinkRequest {
 pub enum LinkAnswer {
     Renewed { certificate_pem: String },
     Refused { reason: String },
+}
+
+/// A message the broker sends a connector on a new unidirectional stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "message", rename_all = "kebab-case")]
+pub enum SiteMessage {
+    /// Flows from `device` to `synthetic` are for the host `name`: resolve it with the site's
+    /// DNS and translate.
+    MapName {
+        device: std::net::IpAddr,
+        synthetic: std::net::IpAddr,
+        name: String,
+    },
 }

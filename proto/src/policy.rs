@@ -47,6 +47,118 @@ struct RawPolicy {
     sensitivity: RawSensitivity,
     #[serde(default)]
     tests: Vec<RawTest>,
+    #[serde(default)]
+    dns: RawDns,
+}
+
+/// `[dns]`: synthetic addresses for name-based applications and the DNS filter.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    /// Synthetic addresses of name-based applications come from here.
+    #[serde(default)]
+    app_range: Option<Spanned<String>>,
+    /// How blocked names are answered, unless a filter says otherwise.
+    #[serde(default)]
+    block_answer: Option<Spanned<String>>,
+    /// Names (and their subdomains) never blocked, for everyone.
+    #[serde(default)]
+    allowlist: Vec<Spanned<String>>,
+    /// How often clients look for new list contents.
+    #[serde(default)]
+    refresh: Option<Spanned<String>>,
+    /// Upstream resolvers for clients: `udp://IP`, `tcp://IP`, `tls://IP#NAME`,
+    /// `https://IP/PATH#NAME` (port optional). Empty: the system's resolvers.
+    #[serde(default)]
+    upstreams: Vec<Spanned<String>>,
+    #[serde(default)]
+    blocklists: Vec<RawBlocklist>,
+    #[serde(default)]
+    filters: Vec<RawDnsFilter>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBlocklist {
+    name: Spanned<String>,
+    category: Spanned<String>,
+    /// A file on the broker (relative to the broker's policy file).
+    #[serde(default)]
+    path: Option<Spanned<String>>,
+    /// Or a URL the broker fetches.
+    #[serde(default)]
+    url: Option<Spanned<String>>,
+    /// `domains`, `hosts` or `adblock`; detected when absent.
+    #[serde(default)]
+    format: Option<Spanned<String>>,
+}
+
+/// Who gets which categories blocked.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDnsFilter {
+    #[serde(default)]
+    name: Option<String>,
+    /// Groups this filter applies to; absent means everyone.
+    #[serde(default)]
+    groups: Option<Vec<Spanned<String>>>,
+    /// Categories of lists to block.
+    block: Vec<Spanned<String>>,
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    block_answer: Option<Spanned<String>>,
+}
+
+/// Where a blocklist comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListSource {
+    Path(String),
+    Url(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocklist {
+    pub name: String,
+    pub category: String,
+    pub source: ListSource,
+    /// None: detected from the content.
+    pub format: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsFilterRule {
+    /// Empty: everyone.
+    pub groups: Vec<GroupId>,
+    pub block: Vec<String>,
+    pub allow: Vec<String>,
+    pub block_answer: Option<crate::dns::BlockAnswer>,
+}
+
+/// The checked `[dns]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsPolicy {
+    pub app_range: ipnet::Ipv4Net,
+    pub block_answer: crate::dns::BlockAnswer,
+    pub allowlist: Vec<String>,
+    pub refresh_secs: u64,
+    pub upstreams: Vec<String>,
+    pub blocklists: Vec<Blocklist>,
+    pub filters: Vec<DnsFilterRule>,
+}
+
+/// What one user's clients get: the zones the broker answers, the lists to block, the
+/// allowlist and the block answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct UserDns {
+    pub private_zones: Vec<String>,
+    /// Names of the blocklists to load (their categories are blocked for this user).
+    pub blocklists: Vec<String>,
+    pub allowlist: Vec<String>,
+    pub block_answer: String,
+    pub upstreams: Vec<String>,
+    pub refresh_secs: u64,
 }
 
 /// A policy test: a scenario and the decision the admin expects. A policy whose tests fail is
@@ -222,7 +334,12 @@ enum RawPort {
 struct RawApp {
     name: Spanned<String>,
     site: Spanned<String>,
-    addresses: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    addresses: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Host names (`wiki.corp.example`) or wildcards (`*.corp.example`): clients get synthetic
+    /// addresses for them and the connector resolves the real name on its site.
+    #[serde(default)]
+    names: Option<Spanned<Vec<Spanned<String>>>>,
     protocols: Spanned<Vec<Spanned<Protocol>>>,
     #[serde(default)]
     ports: Vec<Spanned<RawPort>>,
@@ -348,6 +465,8 @@ pub struct Application {
     pub name: String,
     pub site: SiteId,
     pub networks: Vec<IpNet>,
+    /// Name patterns (lower case; `*.zone` for wildcards).
+    pub names: Vec<String>,
     pub protocols: Vec<Protocol>,
     /// Inclusive port ranges; empty means every port.
     pub ports: Vec<(u16, u16)>,
@@ -368,13 +487,19 @@ pub struct PostureCheck {
 
 impl Application {
     pub fn matches(&self, key: &FlowKey) -> bool {
+        self.matches_target(key, false)
+    }
+
+    /// Like [`Application::matches`]; `named` says the destination is a synthetic address
+    /// standing for one of this application's names.
+    fn matches_target(&self, key: &FlowKey, named: bool) -> bool {
         let Some(proto) = Protocol::of(key.proto) else {
             return false;
         };
         if !self.protocols.contains(&proto) {
             return false;
         }
-        if !self.networks.iter().any(|n| n.contains(&key.dst)) {
+        if !named && !self.networks.iter().any(|n| n.contains(&key.dst)) {
             return false;
         }
         proto == Protocol::Icmp
@@ -409,6 +534,7 @@ pub struct Policy {
     /// Checks required by sensitivity level 1, 2, 3.
     pub levels: [Vec<CheckId>; 3],
     pub tests: Vec<PolicyTest>,
+    pub dns: DnsPolicy,
     device_by_key: HashMap<PublicKeyBytes, DeviceId>,
 }
 
@@ -538,6 +664,14 @@ impl Policy {
             .flat_map(|r| r.applications.iter())
             .flat_map(|&a| self.applications[a as usize].networks.iter().copied())
             .collect();
+        if self
+            .applications
+            .iter()
+            .enumerate()
+            .any(|(a, app)| !app.names.is_empty() && self.user_may_use(user, a as AppId))
+        {
+            nets.push(IpNet::V4(self.dns.app_range));
+        }
         nets.sort();
         nets.dedup();
         nets
@@ -669,11 +803,115 @@ impl Policy {
         rule.users.contains(&user_id) || rule.groups.iter().any(|g| user.groups.contains(g))
     }
 
-    fn rule_app(&self, rule: &Rule, key: &FlowKey) -> Option<AppId> {
-        rule.applications
+    fn rule_app(&self, rule: &Rule, key: &FlowKey, named: Option<AppId>) -> Option<AppId> {
+        rule.applications.iter().copied().find(|&a| match named {
+            Some(n) => a == n && self.applications[a as usize].matches_target(key, true),
+            None => self.applications[a as usize].matches(key),
+        })
+    }
+
+    /// The application a host name belongs to: an exact name wins over wildcards, a longer
+    /// wildcard over a shorter one. `name` is lower case without a trailing dot.
+    pub fn app_for_name(&self, name: &str) -> Option<AppId> {
+        let mut best: Option<(usize, AppId)> = None;
+        for (i, app) in self.applications.iter().enumerate() {
+            for p in &app.names {
+                if crate::dns::name_matches(p, name) {
+                    let score = if p.starts_with("*.") { p.len() } else { usize::MAX };
+                    if best.is_none_or(|(s, _)| score > s) {
+                        best = Some((score, i as AppId));
+                    }
+                }
+            }
+        }
+        best.map(|(_, a)| a)
+    }
+
+    pub fn app_by_name(&self, name: &str) -> Option<AppId> {
+        self.applications
             .iter()
-            .copied()
-            .find(|&a| self.applications[a as usize].matches(key))
+            .position(|a| a.name == name)
+            .map(|a| a as AppId)
+    }
+
+    /// Whether some allow rule gives `user` the application `app` (posture aside; a failing
+    /// check denies the flow later, with its reason) and no deny rule takes all of it away.
+    pub fn user_may_use(&self, user: UserId, app: AppId) -> bool {
+        if self.users[user as usize].disabled {
+            return false;
+        }
+        let mut allowed = false;
+        for r in &self.rules {
+            if r.applications.contains(&app) && self.subject_matches(r, user) {
+                match r.action {
+                    Action::Deny => return false,
+                    Action::Allow => allowed = true,
+                }
+            }
+        }
+        allowed
+    }
+
+    /// The DNS settings of `user`'s clients.
+    pub fn dns_for_user(&self, user: UserId) -> UserDns {
+        let u = &self.users[user as usize];
+        let filters: Vec<&DnsFilterRule> = self
+            .dns
+            .filters
+            .iter()
+            .filter(|f| f.groups.is_empty() || f.groups.iter().any(|g| u.groups.contains(g)))
+            .collect();
+        let categories: Vec<&str> = filters
+            .iter()
+            .flat_map(|f| f.block.iter().map(String::as_str))
+            .collect();
+        let mut allowlist = self.dns.allowlist.clone();
+        allowlist.extend(filters.iter().flat_map(|f| f.allow.iter().cloned()));
+        allowlist.sort();
+        allowlist.dedup();
+        let mut zones: Vec<String> = self
+            .applications
+            .iter()
+            .flat_map(|a| a.names.iter().map(|p| crate::dns::private_zone(p)))
+            .collect();
+        zones.sort();
+        zones.dedup();
+        UserDns {
+            private_zones: zones,
+            blocklists: self
+                .dns
+                .blocklists
+                .iter()
+                .filter(|l| categories.contains(&l.category.as_str()))
+                .map(|l| l.name.clone())
+                .collect(),
+            allowlist,
+            block_answer: filters
+                .iter()
+                .find_map(|f| f.block_answer.clone())
+                .unwrap_or_else(|| self.dns.block_answer.clone())
+                .to_string(),
+            upstreams: self.dns.upstreams.clone(),
+            refresh_secs: self.dns.refresh_secs,
+        }
+    }
+
+    /// Decides a flow of `user` to a synthetic address that stands for a name of `app`.
+    pub fn evaluate_named(
+        &self,
+        device: DeviceId,
+        key: &FlowKey,
+        posture: Option<&PostureClaims>,
+        app: AppId,
+    ) -> Decision {
+        let Some(dev) = self.devices.get(device as usize) else {
+            return Decision {
+                action: Action::Deny,
+                application: None,
+                reason: Reason::UnknownDevice,
+            };
+        };
+        self.decide(dev.user, key, posture, Some(app))
     }
 
     /// Decides a new flow from `device`, whose verified posture is `posture` (None when it has
@@ -701,6 +939,16 @@ impl Policy {
         key: &FlowKey,
         posture: Option<&PostureClaims>,
     ) -> Decision {
+        self.decide(user_id, key, posture, None)
+    }
+
+    fn decide(
+        &self,
+        user_id: UserId,
+        key: &FlowKey,
+        posture: Option<&PostureClaims>,
+        named: Option<AppId>,
+    ) -> Decision {
         if self.users[user_id as usize].disabled {
             return Decision {
                 action: Action::Deny,
@@ -716,7 +964,7 @@ impl Policy {
             if !self.subject_matches(rule, user_id) {
                 continue;
             }
-            if let Some(app) = self.rule_app(rule, key) {
+            if let Some(app) = self.rule_app(rule, key, named) {
                 match rule.action {
                     Action::Deny => {
                         return Decision {
@@ -755,11 +1003,12 @@ impl Policy {
             }
             None => Decision {
                 action: Action::Deny,
-                application: self
-                    .applications
-                    .iter()
-                    .position(|a| a.matches(key))
-                    .map(|a| a as AppId),
+                application: named.or_else(|| {
+                    self.applications
+                        .iter()
+                        .position(|a| a.matches(key))
+                        .map(|a| a as AppId)
+                }),
                 reason: Reason::DefaultDeny,
             },
         }
@@ -939,15 +1188,30 @@ fn compile(src: &Source, raw: RawPolicy) -> Result<Policy, ConfigError> {
     for (i, a) in raw.applications.iter().enumerate() {
         let f = |name: &str| format!("applications[{i}].{name}");
         let site = sites.get(src, f("site"), &a.site)?;
-        if a.addresses.get_ref().is_empty() {
+        let no_addresses: Vec<Spanned<String>> = Vec::new();
+        let address_list = a.addresses.as_ref().map_or(&no_addresses, |v| v.get_ref());
+        let name_list = a.names.as_ref().map_or(&no_addresses, |v| v.get_ref());
+        if address_list.is_empty() && name_list.is_empty() {
+            let span = a
+                .addresses
+                .as_ref()
+                .map(|v| v.span())
+                .or(a.names.as_ref().map(|v| v.span()))
+                .unwrap_or(a.name.span());
             return Err(src.error(
-                Some(a.addresses.span()),
+                Some(span),
                 f("addresses"),
-                "an application needs at least one address",
+                "an application needs at least one address or name",
             ));
         }
+        let mut names = Vec::new();
+        for (j, n) in name_list.iter().enumerate() {
+            names.push(crate::dns::normalize_pattern(n.get_ref()).map_err(|e| {
+                src.error(Some(n.span()), format!("applications[{i}].names[{j}]"), e)
+            })?);
+        }
         let mut networks = Vec::new();
-        for (j, addr) in a.addresses.get_ref().iter().enumerate() {
+        for (j, addr) in address_list.iter().enumerate() {
             let text = addr.get_ref().trim();
             let net = text
                 .parse::<IpNet>()
@@ -1002,6 +1266,7 @@ fn compile(src: &Source, raw: RawPolicy) -> Result<Policy, ConfigError> {
             name: a.name.get_ref().clone(),
             site,
             networks,
+            names,
             protocols: a.protocols.get_ref().iter().map(|p| *p.get_ref()).collect(),
             ports,
             sensitivity,
@@ -1119,8 +1384,11 @@ fn compile(src: &Source, raw: RawPolicy) -> Result<Policy, ConfigError> {
         });
     }
 
+    let dns = compile_dns(src, &raw.dns, &groups, device_range)?;
+
     Ok(Policy {
         tests,
+        dns,
         device_range,
         posture_checks,
         levels,
@@ -1135,6 +1403,151 @@ fn compile(src: &Source, raw: RawPolicy) -> Result<Policy, ConfigError> {
         applications,
         rules,
         device_by_key,
+    })
+}
+
+fn compile_dns(
+    src: &Source,
+    raw: &RawDns,
+    groups: &Names,
+    device_range: IpNet,
+) -> Result<DnsPolicy, ConfigError> {
+    use crate::dns::BlockAnswer;
+    let app_range: ipnet::Ipv4Net = match &raw.app_range {
+        None => crate::dns::DEFAULT_APP_RANGE
+            .parse()
+            .map_err(|_| src.error(None, "dns.app_range", "bad default"))?,
+        Some(r) => r
+            .get_ref()
+            .parse::<ipnet::Ipv4Net>()
+            .ok()
+            .filter(|n| n.prefix_len() <= 30)
+            .ok_or_else(|| {
+                src.error(
+                    Some(r.span()),
+                    "dns.app_range",
+                    "an IPv4 CIDR of at least four addresses, like \"100.119.0.0/16\"",
+                )
+            })?
+            .trunc(),
+    };
+    if let Some(r) = &raw.app_range
+        && (IpNet::V4(app_range).contains(&device_range.network())
+            || device_range.contains(&IpAddr::V4(app_range.network())))
+    {
+        return Err(src.error(
+            Some(r.span()),
+            "dns.app_range",
+            format!("{app_range} overlaps the device range {device_range}"),
+        ));
+    }
+    let answer = |v: &Option<Spanned<String>>, field: &str| -> Result<Option<BlockAnswer>, ConfigError> {
+        v.as_ref()
+            .map(|a| {
+                a.get_ref()
+                    .parse::<BlockAnswer>()
+                    .map_err(|e| src.error(Some(a.span()), field, e))
+            })
+            .transpose()
+    };
+    let domain = |d: &Spanned<String>, field: String| -> Result<String, ConfigError> {
+        let t = d.get_ref().trim().trim_end_matches('.').to_ascii_lowercase();
+        let t = t.strip_prefix("*.").unwrap_or(&t).to_string();
+        crate::dns::normalize_pattern(&t)
+            .or_else(|e| if !t.is_empty() && !t.contains('.') && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') { Ok(t.clone()) } else { Err(e) })
+            .map_err(|e| src.error(Some(d.span()), field, e))
+    };
+    let block_answer = answer(&raw.block_answer, "dns.block_answer")?.unwrap_or(BlockAnswer::NxDomain);
+    let allowlist = raw
+        .allowlist
+        .iter()
+        .enumerate()
+        .map(|(i, d)| domain(d, format!("dns.allowlist[{i}]")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let refresh_secs = match &raw.refresh {
+        None => 3600,
+        Some(r) => humantime::parse_duration(r.get_ref())
+            .ok()
+            .map(|d| d.as_secs())
+            .filter(|&s| s >= 1)
+            .ok_or_else(|| src.error(Some(r.span()), "dns.refresh", "a duration like \"1h\" or \"30s\""))?,
+    };
+    let mut upstreams = Vec::new();
+    for (i, u) in raw.upstreams.iter().enumerate() {
+        crate::dns::Upstream::parse(u.get_ref())
+            .map_err(|e| src.error(Some(u.span()), format!("dns.upstreams[{i}]"), e))?;
+        upstreams.push(u.get_ref().trim().to_string());
+    }
+    let lists_n = Names::build(src, "blocklist", "dns.blocklists", raw.blocklists.iter().map(|l| &l.name))?;
+    let _ = &lists_n;
+    let mut blocklists = Vec::new();
+    for (i, l) in raw.blocklists.iter().enumerate() {
+        let f = |n: &str| format!("dns.blocklists[{i}].{n}");
+        let source = match (&l.path, &l.url) {
+            (Some(p), None) => ListSource::Path(p.get_ref().clone()),
+            (None, Some(u)) if u.get_ref().starts_with("http://") || u.get_ref().starts_with("https://") => {
+                ListSource::Url(u.get_ref().clone())
+            }
+            (None, Some(u)) => return Err(src.error(Some(u.span()), f("url"), "a URL starts with http:// or https://")),
+            _ => {
+                return Err(src.error(
+                    Some(l.name.span()),
+                    f("path"),
+                    "a blocklist needs exactly one of `path` and `url`",
+                ));
+            }
+        };
+        if let Some(fm) = &l.format
+            && fm.get_ref().parse::<crate::dnsfilter::ListFormat>().is_err()
+        {
+            return Err(src.error(Some(fm.span()), f("format"), "\"domains\", \"hosts\" or \"adblock\""));
+        }
+        if l.category.get_ref().trim().is_empty() {
+            return Err(src.error(Some(l.category.span()), f("category"), "a category is a word, like \"phishing\""));
+        }
+        blocklists.push(Blocklist {
+            name: l.name.get_ref().clone(),
+            category: l.category.get_ref().trim().to_string(),
+            source,
+            format: l.format.as_ref().map(|f| f.get_ref().clone()),
+        });
+    }
+    let mut filters = Vec::new();
+    for (i, fl) in raw.filters.iter().enumerate() {
+        let _ = &fl.name;
+        let gs = match &fl.groups {
+            None => Vec::new(),
+            Some(g) => groups.get_all(src, &format!("dns.filters[{i}].groups"), g)?,
+        };
+        for (j, c) in fl.block.iter().enumerate() {
+            if !blocklists.iter().any(|l| &l.category == c.get_ref()) {
+                return Err(src.error(
+                    Some(c.span()),
+                    format!("dns.filters[{i}].block[{j}]"),
+                    format!("no blocklist has the category {:?}", c.get_ref()),
+                ));
+            }
+        }
+        filters.push(DnsFilterRule {
+            groups: gs,
+            block: fl.block.iter().map(|c| c.get_ref().clone()).collect(),
+            allow: fl
+                .allow
+                .iter()
+                .enumerate()
+                .map(|(j, d)| domain(d, format!("dns.filters[{i}].allow[{j}]")))
+                .collect::<Result<Vec<_>, _>>()?,
+            block_answer: answer(&fl.block_answer, &format!("dns.filters[{i}].block_answer"))?,
+        });
+    }
+    Ok(DnsPolicy {
+        app_range,
+        block_answer,
+        allowlist,
+        refresh_secs,
+        upstreams,
+        blocklists,
+        filters,
     })
 }
 
