@@ -6,7 +6,8 @@
 #   deploy/quickstart.sh status   show processes and the broker's counters
 #   deploy/quickstart.sh start|stop|kill NAME
 #                                 one daemon: broker, connector, client-alice, client-bob, app,
-#                                 edr (the stand-in EDR agent alice's posture check looks for)
+#                                 edr (the stand-in EDR agent alice's posture check looks for),
+#                                 site-dns, inet-dns (dnsmasq: the site's and the internet's DNS)
 #   deploy/quickstart.sh admin ARGS...
 #                                 the admin CLI (`sekisho-broker admin`) on the broker host
 #
@@ -17,7 +18,11 @@
 # Hosts (namespaces): sk-laptop (alice) and sk-laptop2 (bob) on the "internet" router sk-inet,
 # which also reaches sk-broker and the site's connector host sk-site; behind sk-site, on a
 # private network nothing else can reach, the app host sk-app (10.20.0.10: HTTP on 80, UDP echo
-# on 7, and a "database" on TCP 5432 that the policy denies).
+# on 7, and a "database" on TCP 5432 that the policy denies) and the site's DNS server
+# (10.20.0.53, dnsmasq: wiki.corp.example, *.dev.corp.example, payroll.corp.example). The
+# "internet" DNS server (10.99.0.53 on sk-inet, dnsmasq) is what the laptops' resolv.conf names
+# before the client takes over (/etc/netns/NS/resolv.conf, which `ip netns exec` mounts over
+# /etc/resolv.conf inside the namespace).
 #
 # Run as root. Traffic stays inside these namespaces. Settings (environment):
 #   SK_PREFIX   namespace name prefix (default "sk-"); tests use a per-run prefix
@@ -28,6 +33,7 @@
 #   SK_TOKEN_LIFETIME   posture token lifetime (default 5m); SK_CERT_LIFETIME connector
 #                       certificate lifetime (default 30d)
 #   SK_EDR_NAME         process name of the stand-in EDR agent (default sk-edr-agent)
+#   SK_DNS_REFRESH      how often clients look for new DNS settings and lists (default 1h)
 set -euo pipefail
 
 P=${SK_PREFIX:-sk-}
@@ -50,6 +56,8 @@ install_packages() {
     command -v curl >/dev/null || missing+=(curl)
     command -v ping >/dev/null || missing+=(iputils-ping)
     command -v python3 >/dev/null || missing+=(python3)
+    command -v dnsmasq >/dev/null || missing+=(dnsmasq-base)
+    command -v dig >/dev/null || missing+=(dnsutils)
     if [ ${#missing[@]} -gt 0 ]; then
         say "installing: ${missing[*]}"
         apt-get update -qq
@@ -96,6 +104,13 @@ topology() {
     ip -n "$(ns site)" route add default via 10.99.3.1
     inns inet sysctl -qw net.ipv4.ip_forward=1
     # The app host has no default route: only its own network reaches it.
+    ip -n "$(ns app)" addr add 10.20.0.53/24 dev eth0
+    ip -n "$(ns inet)" addr add 10.99.0.53/32 dev lo
+    # What the laptops' system resolver uses before the client takes over.
+    for h in laptop laptop2; do
+        mkdir -p "/etc/netns/$(ns "$h")"
+        printf 'nameserver 10.99.0.53\n' >"/etc/netns/$(ns "$h")/resolv.conf"
+    done
 }
 
 # Name of the stand-in "EDR agent" process the demo's posture check looks for. Processes are
@@ -111,7 +126,17 @@ configure() {
     # The CA signs the broker's certificate (for connectors and the HTTPS control API) and,
     # at enrollment, the connectors' certificates.
     "$BIN/sekisho-broker" pki init --dir "$pki" --name broker.sekisho.internal --name 10.99.2.2
-    sed -e "s|@EDR@|$EDR|" "$HERE/demo/policy.toml" >"$STATE/policy.toml"
+    sed -e "s|@EDR@|$EDR|" -e "s|@DNS_REFRESH@|${SK_DNS_REFRESH:-1h}|" \
+        "$HERE/demo/policy.toml" >"$STATE/policy.toml"
+    mkdir -p "$STATE/lists"
+    cp "$HERE/demo/lists/demo.domains" "$STATE/lists/"
+    cp "$ROOT/proto/testdata/blocklists/scam.adblock" "$STATE/lists/"
+    # The internet's names: a few web names, and one name with 100 addresses (an answer too
+    # large for UDP). Any other name does not exist (NXDOMAIN).
+    {
+        echo "10.99.5.80 www.public.example blocked.example partner.example later.example"
+        for i in $(seq 1 100); do echo "10.99.6.$i big.public.example"; done
+    } >"$STATE/inet-hosts"
     cat >"$STATE/broker.toml" <<EOF
 private_key_file = "broker.key"
 listen_wireguard = "0.0.0.0:51820"
@@ -165,7 +190,7 @@ enroll_all() {
     t=$(admin token create --site dc1 --ttl 10m)
     echo "$t" >"$STATE/tokens/dc1.token"
     inns site "$BIN/sekisho-connector" enroll --server https://10.99.2.2:8443 --token "$t" \
-        --dir "$STATE/connector" >/dev/null
+        --dir "$STATE/connector" --dns-server 10.20.0.53 >/dev/null
 }
 
 daemon_ns() {
@@ -176,6 +201,8 @@ daemon_ns() {
         client-bob) echo laptop2 ;;
         app) echo app ;;
         edr) echo laptop ;;
+        site-dns) echo app ;;
+        inet-dns) echo inet ;;
         *) die "unknown daemon $1" ;;
     esac
 }
@@ -188,6 +215,13 @@ daemon_cmd() {
         client-bob) echo "$BIN/sekisho-client run --config $STATE/bob/client.toml" ;;
         app) echo "python3 $HERE/demo/app-services.py $STATE/www" ;;
         edr) echo "$STATE/edr/$EDR infinity" ;;
+        site-dns) echo "dnsmasq --keep-in-foreground --user=root --no-resolv --no-hosts \
+--bind-interfaces --listen-address=10.20.0.53 --log-queries --log-facility=- \
+--address=/wiki.corp.example/10.20.0.10 --address=/dev.corp.example/10.20.0.10 \
+--address=/payroll.corp.example/10.20.0.10" ;;
+        inet-dns) echo "dnsmasq --keep-in-foreground --user=root --no-resolv --no-hosts \
+--bind-interfaces --listen-address=10.99.0.53 --log-queries --log-facility=- \
+--addn-hosts=$STATE/inet-hosts --address=/#/" ;;
     esac
 }
 
@@ -247,6 +281,8 @@ up() {
     topology
     start app
     start edr
+    start site-dns
+    start inet-dns
     start broker
     wait_for "the broker" 20 test -S "$STATE/broker.sock"
     wait_for "the control API" 20 admin_ready
@@ -257,6 +293,7 @@ up() {
     wait_for "the connector link" 30 linked
     wait_for "the clients' handshakes" 30 handshaken
     wait_for "the devices' posture tokens" 30 postured
+    wait_for "alice's DNS stub" 30 inns laptop dig +time=1 +tries=1 @100.118.0.2 www.public.example
     cat <<EOF
 Sekisho is up. Things to try:
 
@@ -266,6 +303,15 @@ Sekisho is up. Things to try:
   ip netns exec $(ns laptop) curl http://10.20.0.10:5432/
   # bob (finance) gets a different answer from the same app
   ip netns exec $(ns laptop2) curl http://10.20.0.10/
+  # names: an application by name (synthetic address from 100.119.0.0/16), a wildcard one,
+  # one alice may not use (NXDOMAIN), a blocked domain, a public name (through the upstream)
+  ip netns exec $(ns laptop) curl http://wiki.corp.example/
+  ip netns exec $(ns laptop) curl http://build.dev.corp.example/
+  ip netns exec $(ns laptop) dig payroll.corp.example
+  ip netns exec $(ns laptop) dig blocked.example
+  ip netns exec $(ns laptop) dig www.public.example
+  ip netns exec $(ns laptop2) dig blocked.example      # bob's group gets 0.0.0.0
+  cat $STATE/client-alice.log | grep '"dns"'        # blocked queries: list and entry
   # the app is private: the internet namespace cannot reach it
   ip netns exec $(ns inet) curl -m 3 http://10.20.0.10/
   # device posture: stop the stand-in EDR agent and alice's UDP echo (sensitivity 3) is cut,
@@ -284,7 +330,7 @@ EOF
 
 down() {
     need_root
-    for d in client-alice client-bob connector broker app edr; do stop "$d"; done
+    for d in client-alice client-bob connector broker app edr site-dns inet-dns; do stop "$d"; done
     for h in $HOSTS; do
         local n
         n=$(ns "$h")
@@ -293,6 +339,7 @@ down() {
             for pid in $(ip netns pids "$n" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
             ip netns del "$n"
         fi
+        rm -rf "/etc/netns/$n"
     done
     [ "${SK_KEEP_STATE:-0}" = 1 ] || rm -rf "$STATE"
 }
@@ -300,7 +347,7 @@ down() {
 status() {
     SK_BIN=${SK_BIN:-$ROOT/target/release}
     binaries
-    for d in broker connector client-alice client-bob app edr; do
+    for d in broker connector client-alice client-bob app edr site-dns inet-dns; do
         if [ -f "$STATE/$d.pid" ] && kill -0 "$(cat "$STATE/$d.pid")" 2>/dev/null; then
             say "$d: running (pid $(cat "$STATE/$d.pid"))"
         else

@@ -95,6 +95,7 @@ fn sweep_stale() {
                 }
             }
             let _ = Command::new("ip").args(["netns", "del", name]).status();
+            let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(name));
         }
     }
 }
