@@ -182,6 +182,12 @@ pub fn parse(bytes: &[u8], udp: bool) -> Result<Request, Plan> {
     ) {
         return Err(reply(ResponseCode::NotImp));
     }
+    // A dot inside a label would read as a label boundary in the text form that zones, lists
+    // and application names are matched on ("x.fine" under "bad.example" would pass for
+    // "x.fine.bad.example"): no host name has one, so such questions are refused.
+    if query.name().iter().any(|label| label.contains(&b'.')) {
+        return Err(reply(ResponseCode::Refused));
+    }
     let mut name = query.name().to_ascii();
     if name.ends_with('.') {
         name.pop();
@@ -689,6 +695,32 @@ mod tests {
             panic!()
         };
         assert_eq!(decode(&r).metadata.response_code, ResponseCode::NotImp);
+    }
+
+    #[test]
+    fn a_dot_inside_a_label_is_refused_not_matched_as_a_boundary() {
+        // Labels ["x.fine", "bad", "example"]: not below the allowlisted fine.bad.example.
+        let q = hex("12340100000100000000000006782e66696e6503626164076578616d706c650000010001");
+        let f = filter();
+        let Plan::Reply(r) = plan(&q, true, &zones(), &f, &BlockAnswer::NxDomain).0 else {
+            panic!()
+        };
+        assert_eq!(response_code(&r), Some(ResponseCode::Refused));
+        let (p, ev) = plan(
+            &hex("1234010000010000000000000977696b692e636f7270076578616d706c650000010001"),
+            true,
+            &zones(),
+            &f,
+            &BlockAnswer::NxDomain,
+        );
+        assert!(matches!(p, Plan::Reply(_)) && ev.is_none());
+    }
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
     }
 
     #[test]

@@ -1760,6 +1760,140 @@ level3 = ["client", "edr"]
         Policy::parse(Path::new("policy.toml"), text).unwrap_err()
     }
 
+    const DNS_POLICY: &str = r#"
+[[groups]]
+name = "eng"
+[[groups]]
+name = "fin"
+[[users]]
+name = "alice"
+groups = ["eng"]
+[[users]]
+name = "bob"
+groups = ["fin"]
+[[sites]]
+name = "dc1"
+[[applications]]
+name = "wiki"
+site = "dc1"
+names = ["Wiki.Corp.Example"]
+protocols = ["tcp"]
+ports = [80]
+[[applications]]
+name = "dev"
+site = "dc1"
+names = ["*.dev.corp.example", "*.corp.example"]
+protocols = ["tcp"]
+[[applications]]
+name = "payroll"
+site = "dc1"
+names = ["payroll.corp.example"]
+protocols = ["tcp"]
+[[rules]]
+name = "eng"
+action = "allow"
+groups = ["eng"]
+applications = ["wiki", "dev", "payroll"]
+[[rules]]
+name = "no-payroll"
+action = "deny"
+users = ["alice"]
+applications = ["payroll"]
+[[rules]]
+name = "fin"
+action = "allow"
+groups = ["fin"]
+applications = ["payroll"]
+[dns]
+block_answer = "nxdomain"
+allowlist = ["ok.example"]
+refresh = "30s"
+upstreams = ["tls://9.9.9.9#dns.quad9.net"]
+[[dns.blocklists]]
+name = "ph"
+category = "phishing"
+path = "lists/ph.domains"
+[[dns.blocklists]]
+name = "tr"
+category = "tracking"
+url = "https://lists.example/tr.txt"
+format = "hosts"
+[[dns.filters]]
+block = ["phishing"]
+[[dns.filters]]
+groups = ["fin"]
+block = ["tracking"]
+allow = ["partner.example"]
+block_answer = "null"
+"#;
+
+    #[test]
+    fn names_resolve_to_the_most_specific_application_and_rights_follow_rules() {
+        let p = Policy::parse(Path::new("p.toml"), DNS_POLICY).unwrap();
+        let app = |n: &str| p.app_for_name(n).map(|a| p.applications[a as usize].name.as_str());
+        assert_eq!(app("wiki.corp.example"), Some("wiki"));
+        assert_eq!(app("x.dev.corp.example"), Some("dev"));
+        assert_eq!(app("other.corp.example"), Some("dev"));
+        assert_eq!(app("payroll.corp.example"), Some("payroll"));
+        assert_eq!(app("corp.example"), None);
+        assert_eq!(app("wiki.corp.example.evil"), None);
+        let (alice, bob) = (p.user_by_name("alice").unwrap(), p.user_by_name("bob").unwrap());
+        let payroll = p.app_by_name("payroll").unwrap();
+        assert!(!p.user_may_use(alice, payroll), "an explicit deny wins");
+        assert!(p.user_may_use(bob, payroll));
+        assert!(!p.user_may_use(bob, p.app_by_name("wiki").unwrap()));
+        // Synthetic addresses are routed into the tunnel for users with name-based apps.
+        assert!(p.networks_for_user(bob).contains(&"100.119.0.0/16".parse().unwrap()));
+        // A flow to a synthetic address is decided as the named application.
+        let key = probe_flow(Protocol::Tcp, "100.119.0.9".parse().unwrap(), 80);
+        let d = p.decide(alice, &key, None, Some(p.app_by_name("wiki").unwrap()));
+        assert_eq!((d.action, p.rule_name(d.reason)), (Action::Allow, Some("eng")));
+        let d = p.decide(alice, &key, None, Some(payroll));
+        assert_eq!((d.action, p.rule_name(d.reason)), (Action::Deny, Some("no-payroll")));
+        // Without the binding the same address is nobody's application.
+        assert_eq!(p.evaluate_user(alice, &key, None).action, Action::Deny);
+    }
+
+    #[test]
+    fn dns_settings_follow_the_user_groups() {
+        let p = Policy::parse(Path::new("p.toml"), DNS_POLICY).unwrap();
+        let (alice, bob) = (p.user_by_name("alice").unwrap(), p.user_by_name("bob").unwrap());
+        let a = p.dns_for_user(alice);
+        assert_eq!(a.blocklists, ["ph"]);
+        assert_eq!(a.allowlist, ["ok.example"]);
+        assert_eq!(a.block_answer, "nxdomain");
+        assert_eq!(a.private_zones, ["corp.example", "dev.corp.example"]);
+        assert_eq!(a.upstreams, ["tls://9.9.9.9#dns.quad9.net"]);
+        assert_eq!(a.refresh_secs, 30);
+        let b = p.dns_for_user(bob);
+        assert_eq!(b.blocklists, ["ph", "tr"]);
+        assert_eq!(b.allowlist, ["ok.example", "partner.example"]);
+        assert_eq!(b.block_answer, "null");
+    }
+
+    #[test]
+    fn dns_errors_are_located() {
+        let cases = [
+            ("block_answer = \"nxdomain\"", "block_answer = \"sometimes\"", "dns.block_answer"),
+            ("names = [\"Wiki.Corp.Example\"]", "names = [\"wiki\"]", "applications[0].names[0]"),
+            ("block = [\"phishing\"]", "block = [\"phishng\"]", "dns.filters[0].block[0]"),
+            ("format = \"hosts\"", "format = \"json\"", "dns.blocklists[1].format"),
+            ("upstreams = [\"tls://9.9.9.9#dns.quad9.net\"]", "upstreams = [\"tls://9.9.9.9\"]", "dns.upstreams[0]"),
+            ("url = \"https://lists.example/tr.txt\"", "url = \"ftp://x\"", "dns.blocklists[1].url"),
+            ("refresh = \"30s\"", "refresh = \"soon\"", "dns.refresh"),
+        ];
+        for (from, to, field) in cases {
+            assert!(DNS_POLICY.contains(from), "{from}");
+            let text = DNS_POLICY.replace(from, to);
+            let e = err_of(&text);
+            assert_eq!(e.field, field, "{e}");
+            let line = text.lines().position(|l| l.contains(to)).unwrap() + 1;
+            assert_eq!(e.line, line, "{e}");
+        }
+        let e = err_of(&DNS_POLICY.replace("names = [\"payroll.corp.example\"]", ""));
+        assert!(e.message.contains("at least one address or name"), "{e}");
+    }
+
     #[test]
     fn unknown_group_is_located() {
         let (a, b) = keys();
