@@ -5,9 +5,9 @@
 //! text merged with the store's directory) and hands it to the data path, which re-decides
 //! cached flows on their next packet; a revoked device's peer and flows are removed at once.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};

@@ -53,6 +53,19 @@ name = "engineering-apps"
 action = "allow"
 groups = ["engineering"]
 applications = ["web", "db"]
+
+[dns]
+[[dns.blocklists]]
+name = "demo"
+category = "malware"
+path = "lists/demo.domains"
+[[dns.blocklists]]
+name = "other"
+category = "ads"
+path = "lists/other.domains"
+[[dns.filters]]
+groups = ["engineering"]
+block = ["malware"]
 "#;
 
 const TESTS: &str = r#"
@@ -104,6 +117,9 @@ async fn start(dir: &Path, db: &str) -> Harness {
     if !dir.join("ca.key").exists() {
         pki::init(dir, &["127.0.0.1".to_string()]).unwrap();
         std::fs::write(dir.join("policy.toml"), POLICY).unwrap();
+        std::fs::create_dir_all(dir.join("lists")).unwrap();
+        std::fs::write(dir.join("lists/demo.domains"), "blocked.example\n").unwrap();
+        std::fs::write(dir.join("lists/other.domains"), "ads.example\n").unwrap();
     }
     let config = ControlConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -413,6 +429,27 @@ async fn suite(db: &str) {
             .await,
     );
     assert_eq!(s, 401);
+
+    // DNS settings for the device's user, and the lists its filter uses (only those).
+    assert_eq!(p.config.dns.blocklists, ["demo"]);
+    let dns: api::DnsSettingsResponse = device.get("/v1/device/dns").await.unwrap();
+    assert_eq!(dns.lists.len(), 1);
+    assert_eq!(dns.lists[0].name, "demo");
+    let body = device.get_bytes("/v1/device/dns/lists/demo").await.unwrap();
+    assert_eq!(body, b"blocked.example\n");
+    let (s, m) = refused(device.get_bytes("/v1/device/dns/lists/other").await);
+    assert_eq!(s, 404, "{m}");
+    let (s, _) = refused(h.client(None).get_bytes("/v1/device/dns/lists/demo").await);
+    assert_eq!(s, 401);
+    // The admin edits the file: the digest changes, so clients download it again.
+    std::fs::write(
+        h.dir.join("lists/demo.domains"),
+        "blocked.example\nlater.example\n",
+    )
+    .unwrap();
+    let again: api::DnsSettingsResponse = device.get("/v1/device/dns").await.unwrap();
+    assert_ne!(again.lists[0].sha256, dns.lists[0].sha256);
+    assert_eq!(again.lists[0].bytes, 30);
 
     // Policy apply: failing tests refuse it; passing tests put it in force.
     let bad_tests = format!(

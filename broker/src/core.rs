@@ -267,11 +267,12 @@ impl BrokerCore {
                     if let Some(peer) = self.peers[slot as usize].as_mut() {
                         peer.device = id;
                         peer.address = dev.address;
-                        if !peer.names.contains(IpAddr::V4(policy.dns.app_range.network())) {
-                            peer.names = SyntheticMap::new(
-                                policy.dns.app_range,
-                                SYNTHETIC_NAMES_PER_DEVICE,
-                            );
+                        if !peer
+                            .names
+                            .contains(IpAddr::V4(policy.dns.app_range.network()))
+                        {
+                            peer.names =
+                                SyntheticMap::new(policy.dns.app_range, SYNTHETIC_NAMES_PER_DEVICE);
                         }
                     }
                 }
@@ -297,10 +298,7 @@ impl BrokerCore {
                         endpoint: None,
                         posture: None,
                         generation: 0,
-                        names: SyntheticMap::new(
-                            policy.dns.app_range,
-                            SYNTHETIC_NAMES_PER_DEVICE,
-                        ),
+                        names: SyntheticMap::new(policy.dns.app_range, SYNTHETIC_NAMES_PER_DEVICE),
                     };
                     if slot == self.peers.len() {
                         self.peers.push(Some(peer));
@@ -1031,12 +1029,8 @@ applications = ["wiki-by-name"]
     impl Fixture {
         /// Asks the broker's in-tunnel DNS service; returns the decoded answer.
         fn ask(&mut self, name: &str, io: &mut Recorder) -> hickory_proto::op::Message {
-            let q = sekisho_proto::dns::build_query(
-                77,
-                name,
-                hickory_proto::rr::RecordType::A,
-                false,
-            );
+            let q =
+                sekisho_proto::dns::build_query(77, name, hickory_proto::rr::RecordType::A, false);
             let mut pkt = vec![0u8; 2048];
             let n = packet::build_udp(
                 IpAddr::from([100, 118, 0, 2]),
@@ -1051,8 +1045,7 @@ applications = ["wiki-by-name"]
             self.send(&pkt[..n], io);
             let replies = self.receive(io);
             assert_eq!(replies.len(), 1, "one answer per query");
-            hickory_proto::op::Message::from_vec(packet::udp_payload(&replies[0]).unwrap())
-                .unwrap()
+            hickory_proto::op::Message::from_vec(packet::udp_payload(&replies[0]).unwrap()).unwrap()
         }
     }
 
@@ -1088,7 +1081,13 @@ applications = ["wiki-by-name"]
         assert_eq!(other.metadata.response_code, ResponseCode::Refused);
         assert_eq!(
             io.dns.iter().map(|r| r.result).collect::<Vec<_>>(),
-            ["synthetic", "synthetic", "synthetic", "nxdomain", "not-an-application"]
+            [
+                "synthetic",
+                "synthetic",
+                "synthetic",
+                "nxdomain",
+                "not-an-application"
+            ]
         );
 
         // A flow to the synthetic address is the application's: the connector learns the name
@@ -1120,7 +1119,13 @@ applications = ["wiki-by-name"]
         let stray = tcp_syn([100, 118, 0, 2], 40102, [100, 119, 200, 1], 80);
         f.send(&stray, &mut io);
         let last = io.decisions.last().unwrap();
-        assert_eq!((last.decision, last.reason), (Action::Deny, "default deny: no allow rule covers this user and application"));
+        assert_eq!(
+            (last.decision, last.reason),
+            (
+                Action::Deny,
+                "default deny: no allow rule covers this user and application"
+            )
+        );
     }
 
     #[test]

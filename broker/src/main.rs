@@ -27,11 +27,11 @@ use tokio::net::{UdpSocket, UnixListener};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
+use ipnet::IpNet;
 use sekisho_proto::keys::PrivateKey;
 use sekisho_proto::link::{
     ALPN, BrokerWelcome, ConnectorHello, MAX_CONTROL_MESSAGE, SiteMessage, connector_cert_name,
 };
-use ipnet::IpNet;
 use sekisho_proto::policy::Policy;
 
 use crate::config::BrokerConfig;

@@ -96,7 +96,11 @@ pub async fn start_dns(d: &DnsConfig, config: &ClientConfig) -> Result<DnsRunnin
             DNS_PORT,
         )
     });
-    let stub = Arc::new(Stub::new((fallback.clone(), resolver), broker, dns_log(&d.log)?));
+    let stub = Arc::new(Stub::new(
+        (fallback.clone(), resolver),
+        broker,
+        dns_log(&d.log)?,
+    ));
     let serve = stub::serve(stub.clone(), listen);
     let mut tasks = vec![tokio::spawn(async move {
         if let Err(e) = serve.await {
@@ -125,7 +129,10 @@ struct Loaded {
 }
 
 /// Builds the filter from the lists and the allowlist (CPU work: run it off the async threads).
-fn build_filter(lists: &[(ListMeta, Arc<String>)], allow: &[String]) -> sekisho_proto::dnsfilter::Filter {
+fn build_filter(
+    lists: &[(ListMeta, Arc<String>)],
+    allow: &[String],
+) -> sekisho_proto::dnsfilter::Filter {
     let mut b = FilterBuilder::new();
     for (meta, text) in lists {
         let format = meta
@@ -174,7 +181,10 @@ async fn refresh(
 ) -> Result<u64> {
     let resp: DnsSettingsResponse = setup.api.get("/v1/device/dns").await?;
     for meta in &resp.lists {
-        if lists.get(&meta.name).is_some_and(|l| l.meta.sha256 == meta.sha256) {
+        if lists
+            .get(&meta.name)
+            .is_some_and(|l| l.meta.sha256 == meta.sha256)
+        {
             continue;
         }
         let path = format!("/v1/device/dns/lists/{}", meta.name);
@@ -249,10 +259,12 @@ pub fn run_stub(
     crate::init_tracing();
     let block: BlockAnswer = block_answer.parse().map_err(anyhow::Error::msg)?;
     let upstreams = if upstreams.is_empty() {
-        crate::resolvconf::nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default())
-            .into_iter()
-            .map(|ip: IpAddr| format!("udp://{}", SocketAddr::new(ip, DNS_PORT)))
-            .collect()
+        crate::resolvconf::nameservers(
+            &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        )
+        .into_iter()
+        .map(|ip: IpAddr| format!("udp://{}", SocketAddr::new(ip, DNS_PORT)))
+        .collect()
     } else {
         upstreams
     };

@@ -125,7 +125,10 @@ mod tests {
         };
         let original = "# mine\nnameserver 10.99.1.53\nsearch home.example\n";
         std::fs::write(&dns.path, original).unwrap();
-        assert_eq!(dns.current_servers(), vec!["10.99.1.53".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            dns.current_servers(),
+            vec!["10.99.1.53".parse::<IpAddr>().unwrap()]
+        );
         dns.take_over("100.118.0.2".parse().unwrap()).unwrap();
         // Twice (a restart while managing) must not save our own file as "the previous".
         dns.take_over("100.118.0.2".parse().unwrap()).unwrap();

@@ -100,8 +100,7 @@ impl Stub {
     }
 
     pub fn set_resolver(&self, upstreams: Vec<String>, resolver: TokioResolver) {
-        *self.resolver.write().unwrap_or_else(|e| e.into_inner()) =
-            (upstreams, Arc::new(resolver));
+        *self.resolver.write().unwrap_or_else(|e| e.into_inner()) = (upstreams, Arc::new(resolver));
     }
 
     fn log_block(&self, ev: &BlockEvent) {
@@ -149,9 +148,7 @@ impl Stub {
             Plan::Private(req) => {
                 self.counters.private.fetch_add(1, Ordering::Relaxed);
                 match self.ask_broker(bytes, &req).await {
-                    Some(resp) if response_code(&resp) != Some(ResponseCode::Refused) => {
-                        Some(resp)
-                    }
+                    Some(resp) if response_code(&resp) != Some(ResponseCode::Refused) => Some(resp),
                     // Not an application: an ordinary name, filtered and resolved upstream.
                     Some(_) => Some(self.filtered_upstream(&req, &view).await),
                     None => Some(dns::servfail(&req)),
@@ -312,7 +309,9 @@ pub fn build_resolver(
     if let Some(tls) = tls {
         builder = builder.with_tls_config(tls);
     }
-    builder.build().context("cannot build the upstream resolver")
+    builder
+        .build()
+        .context("cannot build the upstream resolver")
 }
 
 /// Serves DNS on UDP and TCP at `listen` until the task is dropped.

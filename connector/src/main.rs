@@ -574,8 +574,15 @@ const TUN_READ_BLOCK: usize = 256 * 1024;
 
 /// Name-translation events, from the tasks that read the broker's messages and resolve names.
 enum NameEvent {
-    Map { key: names::Key, name: String },
-    Done { key: names::Key, name: String, result: Result<Ipv4Addr, String> },
+    Map {
+        key: names::Key,
+        name: String,
+    },
+    Done {
+        key: names::Key,
+        name: String,
+        result: Result<Ipv4Addr, String>,
+    },
 }
 
 /// Moves packets between the link and the TUN device until the link ends; installs the name

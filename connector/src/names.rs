@@ -84,7 +84,10 @@ impl Translations {
     /// The translation of `key` is in place: returns the packets that waited for it.
     pub fn installed(&mut self, key: Key, name: String, real: Ipv4Addr) -> Vec<Bytes> {
         self.installed.insert(key, (name, real));
-        self.waiting.remove(&key).map(|(_, q)| q).unwrap_or_default()
+        self.waiting
+            .remove(&key)
+            .map(|(_, q)| q)
+            .unwrap_or_default()
     }
 
     /// The name could not be resolved: drop what waited.
@@ -180,7 +183,11 @@ mod tests {
         assert_eq!(t.admit(dev, real, &p, now), Admit::Forward);
         assert_eq!(t.admit(dev, syn, &p, now), Admit::Queued);
         assert_eq!(t.admit(dev, syn, &p, now), Admit::Queued);
-        let released = t.installed((dev, syn), "wiki.corp.example".into(), Ipv4Addr::new(10, 20, 0, 10));
+        let released = t.installed(
+            (dev, syn),
+            "wiki.corp.example".into(),
+            Ipv4Addr::new(10, 20, 0, 10),
+        );
         assert_eq!(released.len(), 2);
         assert_eq!(t.admit(dev, syn, &p, now), Admit::Forward);
         assert!(t.has(&(dev, syn), "wiki.corp.example"));
@@ -197,8 +204,16 @@ mod tests {
 
     #[test]
     fn map_scripts_replace_old_elements() {
-        let key: Key = ("100.118.0.2".parse().unwrap(), "100.119.0.9".parse().unwrap());
-        let s = map_script("t", &key, Ipv4Addr::new(10, 0, 0, 2), Some(Ipv4Addr::new(10, 0, 0, 1)));
+        let key: Key = (
+            "100.118.0.2".parse().unwrap(),
+            "100.119.0.9".parse().unwrap(),
+        );
+        let s = map_script(
+            "t",
+            &key,
+            Ipv4Addr::new(10, 0, 0, 2),
+            Some(Ipv4Addr::new(10, 0, 0, 1)),
+        );
         assert_eq!(
             s,
             "delete element inet t synth4 { 100.118.0.2 . 100.119.0.9 : 10.0.0.1 }\n\

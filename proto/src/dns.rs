@@ -109,9 +109,9 @@ pub enum Plan {
     /// Send this answer back.
     Reply(Vec<u8>),
     /// A name in a private zone: relay the query to the broker, which answers for applications.
-    Private(Request),
+    Private(Box<Request>),
     /// Resolve upstream and answer with [`answer`].
-    Upstream(Request),
+    Upstream(Box<Request>),
     /// Not worth an answer (no header to answer to, or a response sent to us).
     Drop,
 }
@@ -225,7 +225,7 @@ pub fn plan(
         Err(p) => return (p, None),
     };
     if private_zones.iter().any(|z| in_zone(&req.name, z)) {
-        return (Plan::Private(req), None);
+        return (Plan::Private(Box::new(req)), None);
     }
     match filter.check(&req.name) {
         Verdict::Blocked {
@@ -243,7 +243,7 @@ pub fn plan(
             };
             (Plan::Reply(blocked_answer(&req, block)), Some(event))
         }
-        Verdict::Allowed { .. } | Verdict::Pass => (Plan::Upstream(req), None),
+        Verdict::Allowed { .. } | Verdict::Pass => (Plan::Upstream(Box::new(req)), None),
     }
 }
 
@@ -411,22 +411,18 @@ impl SyntheticMap {
         let size = 1u64 << (32 - u32::from(self.range.prefix_len()));
         // Usable hosts: not the network address, not the broadcast address.
         let hosts = size.saturating_sub(2);
-        if hosts == 0 || self.by_addr.len() >= self.capacity || self.by_addr.len() as u64 >= hosts
-        {
+        if hosts == 0 || self.by_addr.len() >= self.capacity || self.by_addr.len() as u64 >= hosts {
             return None;
         }
         let base = u32::from(self.range.network());
         let mut i = fnv1a(name.as_bytes()) % hosts;
         loop {
             let addr = Ipv4Addr::from(base + 1 + i as u32);
-            if !self.by_addr.contains_key(&addr) {
-                self.by_addr.insert(
-                    addr,
-                    Binding {
-                        name: name.to_string(),
-                        app: app.to_string(),
-                    },
-                );
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.by_addr.entry(addr) {
+                slot.insert(Binding {
+                    name: name.to_string(),
+                    app: app.to_string(),
+                });
                 self.by_name.insert(name.to_string(), addr);
                 return Some(addr);
             }
@@ -476,7 +472,8 @@ pub fn normalize_pattern(text: &str) -> Result<String, String> {
                 && l.len() <= 63
                 && !l.starts_with('-')
                 && !l.ends_with('-')
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         });
     if ok {
         Ok(t)
@@ -672,10 +669,7 @@ mod tests {
         let f = filter();
         let b = BlockAnswer::NxDomain;
         // Too short for a header: dropped.
-        assert!(matches!(
-            plan(&[1, 2, 3], true, &[], &f, &b).0,
-            Plan::Drop
-        ));
+        assert!(matches!(plan(&[1, 2, 3], true, &[], &f, &b).0, Plan::Drop));
         // A header claiming a question that is not there: FORMERR with the same ID.
         let mut q = build_query(0x4242, "example.org", RecordType::A, false);
         q.truncate(14);
@@ -754,7 +748,10 @@ mod tests {
         })
         .unwrap();
         let m = decode(&a);
-        assert_eq!(m.answers[0].data, RData::A(A(Ipv4Addr::new(100, 119, 0, 7))));
+        assert_eq!(
+            m.answers[0].data,
+            RData::A(A(Ipv4Addr::new(100, 119, 0, 7)))
+        );
         let no = app_answer(&q, |_| AppName::NotEntitled).unwrap();
         assert_eq!(response_code(&no), Some(ResponseCode::NXDomain));
         let other = app_answer(&q, |_| AppName::NotApp).unwrap();
@@ -794,7 +791,10 @@ mod tests {
         assert!(name_matches("wiki.corp.example", "wiki.corp.example"));
         assert_eq!(private_zone("wiki.corp.example"), "corp.example");
         assert_eq!(private_zone("*.dev.corp.example"), "dev.corp.example");
-        assert_eq!(normalize_pattern("Wiki.Corp.Example.").unwrap(), "wiki.corp.example");
+        assert_eq!(
+            normalize_pattern("Wiki.Corp.Example.").unwrap(),
+            "wiki.corp.example"
+        );
         assert!(normalize_pattern("*.").is_err());
         assert!(normalize_pattern("wiki").is_err());
         assert!(normalize_pattern("a..b").is_err());
@@ -811,7 +811,12 @@ mod tests {
         let u = Upstream::parse("https://[2001:db8::1]:8443/dns-query#doh.example").unwrap();
         assert_eq!(u.addr.port(), 8443);
         assert_eq!(u.path.as_deref(), Some("/dns-query"));
-        for bad in ["tls://9.9.9.9", "ftp://1.2.3.4", "udp://name.example", "udp://1.2.3.4#x"] {
+        for bad in [
+            "tls://9.9.9.9",
+            "ftp://1.2.3.4",
+            "udp://name.example",
+            "udp://1.2.3.4#x",
+        ] {
             assert!(Upstream::parse(bad).is_err(), "{bad}");
         }
     }

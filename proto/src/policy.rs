@@ -817,7 +817,11 @@ impl Policy {
         for (i, app) in self.applications.iter().enumerate() {
             for p in &app.names {
                 if crate::dns::name_matches(p, name) {
-                    let score = if p.starts_with("*.") { p.len() } else { usize::MAX };
+                    let score = if p.starts_with("*.") {
+                        p.len()
+                    } else {
+                        usize::MAX
+                    };
                     if best.is_none_or(|(s, _)| score > s) {
                         best = Some((score, i as AppId));
                     }
@@ -1441,23 +1445,38 @@ fn compile_dns(
             format!("{app_range} overlaps the device range {device_range}"),
         ));
     }
-    let answer = |v: &Option<Spanned<String>>, field: &str| -> Result<Option<BlockAnswer>, ConfigError> {
-        v.as_ref()
-            .map(|a| {
-                a.get_ref()
-                    .parse::<BlockAnswer>()
-                    .map_err(|e| src.error(Some(a.span()), field, e))
-            })
-            .transpose()
-    };
+    let answer =
+        |v: &Option<Spanned<String>>, field: &str| -> Result<Option<BlockAnswer>, ConfigError> {
+            v.as_ref()
+                .map(|a| {
+                    a.get_ref()
+                        .parse::<BlockAnswer>()
+                        .map_err(|e| src.error(Some(a.span()), field, e))
+                })
+                .transpose()
+        };
     let domain = |d: &Spanned<String>, field: String| -> Result<String, ConfigError> {
-        let t = d.get_ref().trim().trim_end_matches('.').to_ascii_lowercase();
+        let t = d
+            .get_ref()
+            .trim()
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
         let t = t.strip_prefix("*.").unwrap_or(&t).to_string();
         crate::dns::normalize_pattern(&t)
-            .or_else(|e| if !t.is_empty() && !t.contains('.') && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') { Ok(t.clone()) } else { Err(e) })
+            .or_else(|e| {
+                if !t.is_empty()
+                    && !t.contains('.')
+                    && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                {
+                    Ok(t.clone())
+                } else {
+                    Err(e)
+                }
+            })
             .map_err(|e| src.error(Some(d.span()), field, e))
     };
-    let block_answer = answer(&raw.block_answer, "dns.block_answer")?.unwrap_or(BlockAnswer::NxDomain);
+    let block_answer =
+        answer(&raw.block_answer, "dns.block_answer")?.unwrap_or(BlockAnswer::NxDomain);
     let allowlist = raw
         .allowlist
         .iter()
@@ -1470,7 +1489,13 @@ fn compile_dns(
             .ok()
             .map(|d| d.as_secs())
             .filter(|&s| s >= 1)
-            .ok_or_else(|| src.error(Some(r.span()), "dns.refresh", "a duration like \"1h\" or \"30s\""))?,
+            .ok_or_else(|| {
+                src.error(
+                    Some(r.span()),
+                    "dns.refresh",
+                    "a duration like \"1h\" or \"30s\"",
+                )
+            })?,
     };
     let mut upstreams = Vec::new();
     for (i, u) in raw.upstreams.iter().enumerate() {
@@ -1478,17 +1503,30 @@ fn compile_dns(
             .map_err(|e| src.error(Some(u.span()), format!("dns.upstreams[{i}]"), e))?;
         upstreams.push(u.get_ref().trim().to_string());
     }
-    let lists_n = Names::build(src, "blocklist", "dns.blocklists", raw.blocklists.iter().map(|l| &l.name))?;
+    let lists_n = Names::build(
+        src,
+        "blocklist",
+        "dns.blocklists",
+        raw.blocklists.iter().map(|l| &l.name),
+    )?;
     let _ = &lists_n;
     let mut blocklists = Vec::new();
     for (i, l) in raw.blocklists.iter().enumerate() {
         let f = |n: &str| format!("dns.blocklists[{i}].{n}");
         let source = match (&l.path, &l.url) {
             (Some(p), None) => ListSource::Path(p.get_ref().clone()),
-            (None, Some(u)) if u.get_ref().starts_with("http://") || u.get_ref().starts_with("https://") => {
+            (None, Some(u))
+                if u.get_ref().starts_with("http://") || u.get_ref().starts_with("https://") =>
+            {
                 ListSource::Url(u.get_ref().clone())
             }
-            (None, Some(u)) => return Err(src.error(Some(u.span()), f("url"), "a URL starts with http:// or https://")),
+            (None, Some(u)) => {
+                return Err(src.error(
+                    Some(u.span()),
+                    f("url"),
+                    "a URL starts with http:// or https://",
+                ));
+            }
             _ => {
                 return Err(src.error(
                     Some(l.name.span()),
@@ -1498,12 +1536,23 @@ fn compile_dns(
             }
         };
         if let Some(fm) = &l.format
-            && fm.get_ref().parse::<crate::dnsfilter::ListFormat>().is_err()
+            && fm
+                .get_ref()
+                .parse::<crate::dnsfilter::ListFormat>()
+                .is_err()
         {
-            return Err(src.error(Some(fm.span()), f("format"), "\"domains\", \"hosts\" or \"adblock\""));
+            return Err(src.error(
+                Some(fm.span()),
+                f("format"),
+                "\"domains\", \"hosts\" or \"adblock\"",
+            ));
         }
         if l.category.get_ref().trim().is_empty() {
-            return Err(src.error(Some(l.category.span()), f("category"), "a category is a word, like \"phishing\""));
+            return Err(src.error(
+                Some(l.category.span()),
+                f("category"),
+                "a category is a word, like \"phishing\"",
+            ));
         }
         blocklists.push(Blocklist {
             name: l.name.get_ref().clone(),
@@ -1830,26 +1879,41 @@ block_answer = "null"
     #[test]
     fn names_resolve_to_the_most_specific_application_and_rights_follow_rules() {
         let p = Policy::parse(Path::new("p.toml"), DNS_POLICY).unwrap();
-        let app = |n: &str| p.app_for_name(n).map(|a| p.applications[a as usize].name.as_str());
+        let app = |n: &str| {
+            p.app_for_name(n)
+                .map(|a| p.applications[a as usize].name.as_str())
+        };
         assert_eq!(app("wiki.corp.example"), Some("wiki"));
         assert_eq!(app("x.dev.corp.example"), Some("dev"));
         assert_eq!(app("other.corp.example"), Some("dev"));
         assert_eq!(app("payroll.corp.example"), Some("payroll"));
         assert_eq!(app("corp.example"), None);
         assert_eq!(app("wiki.corp.example.evil"), None);
-        let (alice, bob) = (p.user_by_name("alice").unwrap(), p.user_by_name("bob").unwrap());
+        let (alice, bob) = (
+            p.user_by_name("alice").unwrap(),
+            p.user_by_name("bob").unwrap(),
+        );
         let payroll = p.app_by_name("payroll").unwrap();
         assert!(!p.user_may_use(alice, payroll), "an explicit deny wins");
         assert!(p.user_may_use(bob, payroll));
         assert!(!p.user_may_use(bob, p.app_by_name("wiki").unwrap()));
         // Synthetic addresses are routed into the tunnel for users with name-based apps.
-        assert!(p.networks_for_user(bob).contains(&"100.119.0.0/16".parse().unwrap()));
+        assert!(
+            p.networks_for_user(bob)
+                .contains(&"100.119.0.0/16".parse().unwrap())
+        );
         // A flow to a synthetic address is decided as the named application.
         let key = probe_flow(Protocol::Tcp, "100.119.0.9".parse().unwrap(), 80);
         let d = p.decide(alice, &key, None, Some(p.app_by_name("wiki").unwrap()));
-        assert_eq!((d.action, p.rule_name(d.reason)), (Action::Allow, Some("eng")));
+        assert_eq!(
+            (d.action, p.rule_name(d.reason)),
+            (Action::Allow, Some("eng"))
+        );
         let d = p.decide(alice, &key, None, Some(payroll));
-        assert_eq!((d.action, p.rule_name(d.reason)), (Action::Deny, Some("no-payroll")));
+        assert_eq!(
+            (d.action, p.rule_name(d.reason)),
+            (Action::Deny, Some("no-payroll"))
+        );
         // Without the binding the same address is nobody's application.
         assert_eq!(p.evaluate_user(alice, &key, None).action, Action::Deny);
     }
@@ -1857,7 +1921,10 @@ block_answer = "null"
     #[test]
     fn dns_settings_follow_the_user_groups() {
         let p = Policy::parse(Path::new("p.toml"), DNS_POLICY).unwrap();
-        let (alice, bob) = (p.user_by_name("alice").unwrap(), p.user_by_name("bob").unwrap());
+        let (alice, bob) = (
+            p.user_by_name("alice").unwrap(),
+            p.user_by_name("bob").unwrap(),
+        );
         let a = p.dns_for_user(alice);
         assert_eq!(a.blocklists, ["ph"]);
         assert_eq!(a.allowlist, ["ok.example"]);
@@ -1874,12 +1941,36 @@ block_answer = "null"
     #[test]
     fn dns_errors_are_located() {
         let cases = [
-            ("block_answer = \"nxdomain\"", "block_answer = \"sometimes\"", "dns.block_answer"),
-            ("names = [\"Wiki.Corp.Example\"]", "names = [\"wiki\"]", "applications[0].names[0]"),
-            ("block = [\"phishing\"]", "block = [\"phishng\"]", "dns.filters[0].block[0]"),
-            ("format = \"hosts\"", "format = \"json\"", "dns.blocklists[1].format"),
-            ("upstreams = [\"tls://9.9.9.9#dns.quad9.net\"]", "upstreams = [\"tls://9.9.9.9\"]", "dns.upstreams[0]"),
-            ("url = \"https://lists.example/tr.txt\"", "url = \"ftp://x\"", "dns.blocklists[1].url"),
+            (
+                "block_answer = \"nxdomain\"",
+                "block_answer = \"sometimes\"",
+                "dns.block_answer",
+            ),
+            (
+                "names = [\"Wiki.Corp.Example\"]",
+                "names = [\"wiki\"]",
+                "applications[0].names[0]",
+            ),
+            (
+                "block = [\"phishing\"]",
+                "block = [\"phishng\"]",
+                "dns.filters[0].block[0]",
+            ),
+            (
+                "format = \"hosts\"",
+                "format = \"json\"",
+                "dns.blocklists[1].format",
+            ),
+            (
+                "upstreams = [\"tls://9.9.9.9#dns.quad9.net\"]",
+                "upstreams = [\"tls://9.9.9.9\"]",
+                "dns.upstreams[0]",
+            ),
+            (
+                "url = \"https://lists.example/tr.txt\"",
+                "url = \"ftp://x\"",
+                "dns.blocklists[1].url",
+            ),
             ("refresh = \"30s\"", "refresh = \"soon\"", "dns.refresh"),
         ];
         for (from, to, field) in cases {

@@ -123,9 +123,13 @@ fn names_filtering_and_upstreams_from_the_laptop() {
     assert_eq!(status(&scam), "NXDOMAIN", "{scam}");
     let logged = wait_until(Duration::from_secs(5), || {
         let log = dns_log(&d, "client-alice");
-        log.iter()
-            .any(|l| l["name"] == "www.blocked.example" && l["list"] == "demo" && l["entry"] == "blocked.example")
-            && log.iter().any(|l| l["name"] == "0-google.com" && l["list"] == "scam" && l["category"] == "scam")
+        log.iter().any(|l| {
+            l["name"] == "www.blocked.example"
+                && l["list"] == "demo"
+                && l["entry"] == "blocked.example"
+        }) && log
+            .iter()
+            .any(|l| l["name"] == "0-google.com" && l["list"] == "scam" && l["category"] == "scam")
     });
     assert!(logged.is_some(), "{:?}", dns_log(&d, "client-alice"));
     // On a list but allowlisted: resolves. A public name resolves through the upstream.
@@ -136,14 +140,21 @@ fn names_filtering_and_upstreams_from_the_laptop() {
     // Not on any list: the upstream's NXDOMAIN comes through, and nothing is logged as blocked.
     let gone = ask(&d, "laptop", "dig", "google.com");
     assert_eq!(status(&gone), "NXDOMAIN", "{gone}");
-    assert!(!dns_log(&d, "client-alice").iter().any(|l| l["name"] == "google.com"));
+    assert!(
+        !dns_log(&d, "client-alice")
+            .iter()
+            .any(|l| l["name"] == "google.com")
+    );
 
     // A large answer (100 addresses): truncated over UDP, whole over TCP.
     let big = ask(&d, "laptop", "dig", "big.public.example");
     assert!(big.contains("Truncated, retrying in TCP mode"), "{big}");
     assert!(big.contains("ANSWER: 100"), "{big}");
     let big_tcp = ask(&d, "laptop", "kdig", "+tcp big.public.example");
-    assert!(big_tcp.contains("ANSWER: 100") && big_tcp.contains("(TCP)"), "{big_tcp}");
+    assert!(
+        big_tcp.contains("ANSWER: 100") && big_tcp.contains("(TCP)"),
+        "{big_tcp}"
+    );
 
     // Malformed, truncated and oversized queries: FORMERR or silence, and the stub keeps
     // answering correct queries.
@@ -169,10 +180,19 @@ r = send(q); out.append("good:" + ("none" if r is None else str(r[3] & 15) + ":"
 print(" ".join(out))
 "#,
     );
-    assert!(report.contains("trunc:1:abcd"), "FORMERR with the query's ID: {report}");
+    assert!(
+        report.contains("trunc:1:abcd"),
+        "FORMERR with the query's ID: {report}"
+    );
     assert!(report.contains("tiny:none"), "{report}");
-    assert!(report.contains("response:none"), "a response is never answered: {report}");
-    assert!(report.contains("good:0:1"), "a correct query still answered: {report}");
+    assert!(
+        report.contains("response:none"),
+        "a response is never answered: {report}"
+    );
+    assert!(
+        report.contains("good:0:1"),
+        "a correct query still answered: {report}"
+    );
     assert_eq!(short(&d, "laptop", "www.public.example"), ["10.99.5.80"]);
 }
 
@@ -204,7 +224,11 @@ fn lists_refresh_without_a_gap_and_the_system_setting_comes_back() {
     );
     assert_eq!(misses, 0);
     let log = dns_log(&d, "client-alice");
-    assert!(log.iter().any(|l| l["name"] == "later.example" && l["entry"] == "later.example"), "{log:?}");
+    assert!(
+        log.iter()
+            .any(|l| l["name"] == "later.example" && l["entry"] == "later.example"),
+        "{log:?}"
+    );
 
     // The system's DNS setting in the laptop namespace: restored on a normal stop...
     let resolv = std::path::PathBuf::from(format!("/etc/netns/{}/resolv.conf", d.ns("laptop")));
@@ -217,13 +241,18 @@ fn lists_refresh_without_a_gap_and_the_system_setting_comes_back() {
     d.daemon("start", "client-alice");
     assert!(
         wait_until(Duration::from_secs(15), || {
-            std::fs::read_to_string(&resolv).unwrap_or_default().contains("100.118.0.2")
+            std::fs::read_to_string(&resolv)
+                .unwrap_or_default()
+                .contains("100.118.0.2")
         })
         .is_some()
     );
     d.daemon("kill", "client-alice");
     let left = std::fs::read_to_string(&resolv).unwrap();
-    assert!(left.contains("100.118.0.2"), "a killed client cannot restore: {left}");
+    assert!(
+        left.contains("100.118.0.2"),
+        "a killed client cannot restore: {left}"
+    );
     d.daemon("start", "client-alice");
     assert!(
         wait_until(Duration::from_secs(15), || d

@@ -267,7 +267,11 @@ fn sighup_reloads_policy_and_a_broken_file_changes_nothing() {
         detail.contains(&format!("policy.toml:{bad_line}:")),
         "{detail}"
     );
-    assert!(detail.contains("rules[3].action"), "{detail}");
+    let typo_index = original.matches("[[rules]]").count();
+    assert!(
+        detail.contains(&format!("rules[{typo_index}].action")),
+        "{detail}"
+    );
     assert!(d.log("broker").contains("policy reload rejected"));
     // Still the edited policy: alice refused on 80 by web-maintenance, echo still allowed.
     let r = d.py("laptop", &tcp_probe(APP, 80));
