@@ -265,3 +265,172 @@ fn lists_refresh_without_a_gap_and_the_system_setting_comes_back() {
     d.daemon("stop", "client-alice");
     assert_eq!(std::fs::read_to_string(&resolv).unwrap(), original);
 }
+
+/// An unbound server with DNS over TLS (853) and DNS over HTTPS (443) in a namespace of its
+/// own, with a certificate from a throwaway CA; removed on drop.
+struct Encrypted {
+    ns: String,
+    dir: std::path::PathBuf,
+    pids: Vec<u32>,
+}
+
+impl Drop for Encrypted {
+    fn drop(&mut self) {
+        for pid in &self.pids {
+            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        }
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn dot_and_doh_upstreams_are_checked_against_their_ca() {
+    use std::process::{Command, Stdio};
+    if sekisho_tests::skip_netns() {
+        return;
+    }
+    let bin = sekisho_tests::binaries();
+    let tag = format!("skt{}x{}", std::process::id(), rand_tag());
+    let mut e = Encrypted {
+        ns: format!("{tag}dot"),
+        dir: std::env::temp_dir().join(format!("sekisho-{tag}-dot")),
+        pids: Vec::new(),
+    };
+    std::fs::create_dir_all(&e.dir).unwrap();
+    let run = |args: &[&str]| {
+        let ok = Command::new(args[0])
+            .args(&args[1..])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "{args:?}");
+    };
+    run(&["ip", "netns", "add", &e.ns]);
+    run(&["ip", "-n", &e.ns, "link", "set", "lo", "up"]);
+    run(&[
+        "ip",
+        "-n",
+        &e.ns,
+        "addr",
+        "add",
+        "10.53.9.2/32",
+        "dev",
+        "lo",
+    ]);
+    let pki = e.dir.join("pki");
+    let pki_s = pki.to_str().unwrap();
+    run(&[
+        bin.join("sekisho-broker").to_str().unwrap(),
+        "pki",
+        "init",
+        "--dir",
+        pki_s,
+        "--name",
+        "dot.test",
+        "--name",
+        "10.53.9.2",
+    ]);
+    // Another CA: a server it did not sign must not be trusted.
+    let other = e.dir.join("other");
+    run(&[
+        bin.join("sekisho-broker").to_str().unwrap(),
+        "pki",
+        "init",
+        "--dir",
+        other.to_str().unwrap(),
+        "--name",
+        "dot.test",
+    ]);
+    let conf = e.dir.join("unbound.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "server:\n  interface: 10.53.9.2@853\n  interface: 10.53.9.2@443\n  tls-port: 853\n  \
+             https-port: 443\n  tls-service-key: \"{pki_s}/broker.key\"\n  tls-service-pem: \
+             \"{pki_s}/broker.pem\"\n  username: \"\"\n  chroot: \"\"\n  use-syslog: no\n  \
+             logfile: \"\"\n  pidfile: \"\"\n  directory: \"{}\"\n  access-control: 0.0.0.0/0 \
+             allow\n  local-zone: \"test.\" static\n  local-data: \"www.test. A 10.1.2.3\"\n",
+            e.dir.display()
+        ),
+    )
+    .unwrap();
+    let unbound = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &e.ns,
+            "unbound",
+            "-d",
+            "-c",
+            conf.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("unbound (Debian package unbound)");
+    e.pids.push(unbound.id());
+    let query = |e: &Encrypted| {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &e.ns,
+                "dig",
+                "+time=3",
+                "+tries=1",
+                "-p",
+                "5353",
+                "@127.0.0.1",
+                "www.test",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for (upstream, ca, want) in [
+        ("tls://10.53.9.2#dot.test", &pki, "10.1.2.3"),
+        ("https://10.53.9.2/dns-query#dot.test", &pki, "10.1.2.3"),
+        ("tls://10.53.9.2#dot.test", &other, "SERVFAIL"),
+        ("https://10.53.9.2/dns-query#dot.test", &other, "SERVFAIL"),
+    ] {
+        let ca_file = ca.join("ca.pem");
+        let mut stub = Command::new("ip")
+            .args(["netns", "exec", &e.ns])
+            .arg(bin.join("sekisho-client"))
+            .args([
+                "stub",
+                "--listen",
+                "127.0.0.1:5353",
+                "--upstream",
+                upstream,
+                "--upstream-ca",
+            ])
+            .arg(&ca_file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        e.pids.push(stub.id());
+        let mut answer = String::new();
+        let got = wait_until(Duration::from_secs(10), || {
+            answer = query(&e);
+            answer.contains(want)
+        });
+        unsafe { libc::kill(stub.id() as i32, libc::SIGTERM) };
+        let _ = stub.wait();
+        assert!(
+            got.is_some(),
+            "{upstream} with {}: want {want}, got {answer}",
+            ca_file.display()
+        );
+    }
+}
+
+fn rand_tag() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
