@@ -271,13 +271,14 @@ fn lists_refresh_without_a_gap_and_the_system_setting_comes_back() {
 struct Encrypted {
     ns: String,
     dir: std::path::PathBuf,
-    pids: Vec<u32>,
+    unbound: Option<std::process::Child>,
 }
 
 impl Drop for Encrypted {
     fn drop(&mut self) {
-        for pid in &self.pids {
-            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        if let Some(mut c) = self.unbound.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
         let _ = std::process::Command::new("ip")
             .args(["netns", "del", &self.ns])
@@ -297,7 +298,7 @@ fn dot_and_doh_upstreams_are_checked_against_their_ca() {
     let mut e = Encrypted {
         ns: format!("{tag}dot"),
         dir: std::env::temp_dir().join(format!("sekisho-{tag}-dot")),
-        pids: Vec::new(),
+        unbound: None,
     };
     std::fs::create_dir_all(&e.dir).unwrap();
     let run = |args: &[&str]| {
@@ -371,7 +372,7 @@ fn dot_and_doh_upstreams_are_checked_against_their_ca() {
         .stderr(Stdio::null())
         .spawn()
         .expect("unbound (Debian package unbound)");
-    e.pids.push(unbound.id());
+    e.unbound = Some(unbound);
     let query = |e: &Encrypted| {
         let out = Command::new("ip")
             .args([
@@ -413,7 +414,6 @@ fn dot_and_doh_upstreams_are_checked_against_their_ca() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        e.pids.push(stub.id());
         let mut answer = String::new();
         let got = wait_until(Duration::from_secs(10), || {
             answer = query(&e);
