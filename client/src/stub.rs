@@ -130,13 +130,15 @@ impl Stub {
         self.counters.queries.fetch_add(1, Ordering::Relaxed);
         let view = self.view();
         let (plan, event) = dns::plan(bytes, udp, &view.zones, &view.filter, &view.block);
+        let blocked = event.is_some();
         if let Some(ev) = event {
             self.counters.blocked.fetch_add(1, Ordering::Relaxed);
             self.log_block(&ev);
         }
         match plan {
             Plan::Reply(b) => {
-                if dns::parse(bytes, udp).is_err() {
+                // A reply that is no block answer is an error answer to a bad query.
+                if !blocked {
                     self.counters.bad_queries.fetch_add(1, Ordering::Relaxed);
                 }
                 Some(b)

@@ -97,7 +97,9 @@ struct RawBlocklist {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDnsFilter {
+    /// For the admin's reference.
     #[serde(default)]
+    #[allow(dead_code)]
     name: Option<String>,
     /// Groups this filter applies to; absent means everyone.
     #[serde(default)]
@@ -1503,13 +1505,13 @@ fn compile_dns(
             .map_err(|e| src.error(Some(u.span()), format!("dns.upstreams[{i}]"), e))?;
         upstreams.push(u.get_ref().trim().to_string());
     }
-    let lists_n = Names::build(
+    // Names must be unique.
+    Names::build(
         src,
         "blocklist",
         "dns.blocklists",
         raw.blocklists.iter().map(|l| &l.name),
     )?;
-    let _ = &lists_n;
     let mut blocklists = Vec::new();
     for (i, l) in raw.blocklists.iter().enumerate() {
         let f = |n: &str| format!("dns.blocklists[{i}].{n}");
@@ -1563,7 +1565,6 @@ fn compile_dns(
     }
     let mut filters = Vec::new();
     for (i, fl) in raw.filters.iter().enumerate() {
-        let _ = &fl.name;
         let gs = match &fl.groups {
             None => Vec::new(),
             Some(g) => groups.get_all(src, &format!("dns.filters[{i}].groups"), g)?,
