@@ -645,9 +645,14 @@ impl BrokerCore {
         };
         io.posture(record);
         let body = serde_json::to_vec(&answer).unwrap_or_default();
+        self.answer_service(slot, key, &body, io);
+    }
+
+    /// Sends `body` back through the tunnel of peer `slot` as the UDP answer to the service
+    /// request `key` (posture token, application name).
+    fn answer_service(&mut self, slot: u32, key: &FlowKey, body: &[u8], io: &mut impl Io) {
         let mut reply = std::mem::take(&mut self.reply);
-        if let Some(n) =
-            packet::build_udp(key.dst, key.dport, key.src, key.sport, &body, &mut reply)
+        if let Some(n) = packet::build_udp(key.dst, key.dport, key.src, key.sport, body, &mut reply)
         {
             self.send_to_peer(slot, &reply[..n], io);
         }
@@ -707,13 +712,7 @@ impl BrokerCore {
         if !record.name.is_empty() {
             io.app_dns(record);
         }
-        let mut reply = std::mem::take(&mut self.reply);
-        if let Some(n) =
-            packet::build_udp(key.dst, key.dport, key.src, key.sport, &answer, &mut reply)
-        {
-            self.send_to_peer(slot, &reply[..n], io);
-        }
-        self.reply = reply;
+        self.answer_service(slot, key, &answer, io);
     }
 
     /// Encrypts `pkt` for peer `slot` and sends it to the peer's last known endpoint.

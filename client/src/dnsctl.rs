@@ -53,7 +53,7 @@ fn dns_log(path: &Path) -> Result<Box<dyn std::io::Write + Send>> {
 
 /// TLS trust for DoT/DoH upstreams: the system's CA bundle plus `extra`.
 fn upstream_tls(extra: Option<&Path>) -> Result<Option<rustls::ClientConfig>> {
-    let mut pem = std::fs::read_to_string("/etc/ssl/certs/ca-certificates.crt").unwrap_or_default();
+    let mut pem = sekisho_proto::http::system_roots_pem().unwrap_or_default();
     if let Some(p) = extra {
         pem.push('\n');
         pem.push_str(
@@ -69,6 +69,14 @@ fn upstream_tls(extra: Option<&Path>) -> Result<Option<rustls::ClientConfig>> {
     Ok(Some(tls))
 }
 
+/// Name servers as upstream URLs (plain DNS, TCP when an answer is truncated).
+fn udp_upstreams(servers: impl IntoIterator<Item = IpAddr>) -> Vec<String> {
+    servers
+        .into_iter()
+        .map(|ip| format!("udp://{}", SocketAddr::new(ip, DNS_PORT)))
+        .collect()
+}
+
 /// Starts the stub on the device's overlay address and points the system at it.
 pub async fn start_dns(d: &DnsConfig, config: &ClientConfig) -> Result<DnsRunning> {
     let listen = d
@@ -82,12 +90,12 @@ pub async fn start_dns(d: &DnsConfig, config: &ClientConfig) -> Result<DnsRunnin
         system.recover()?;
     }
     // Until the policy names upstreams, the ones the system used before.
-    let fallback: Vec<String> = system
-        .current_servers()
-        .into_iter()
-        .filter(|ip| *ip != listen.ip())
-        .map(|ip| format!("udp://{}", SocketAddr::new(ip, DNS_PORT)))
-        .collect();
+    let fallback = udp_upstreams(
+        system
+            .current_servers()
+            .into_iter()
+            .filter(|ip| *ip != listen.ip()),
+    );
     let tls = upstream_tls(d.upstream_ca_file.as_deref())?;
     let resolver = stub::build_resolver(&fallback, tls.clone())?;
     let broker = config.control.as_ref().map(|c| {
@@ -259,12 +267,9 @@ pub fn run_stub(
     crate::init_tracing();
     let block: BlockAnswer = block_answer.parse().map_err(anyhow::Error::msg)?;
     let upstreams = if upstreams.is_empty() {
-        crate::resolvconf::nameservers(
+        udp_upstreams(crate::resolvconf::nameservers(
             &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
-        )
-        .into_iter()
-        .map(|ip: IpAddr| format!("udp://{}", SocketAddr::new(ip, DNS_PORT)))
-        .collect()
+        ))
     } else {
         upstreams
     };

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 use sekisho_proto::dns::{
     self, BlockAnswer, BlockEvent, Plan, Request, Transport, Upstream, response_code,
 };
-use sekisho_proto::dnsfilter::{Filter, Verdict};
+use sekisho_proto::dnsfilter::Filter;
 
 /// What the stub decides with; replaced as a whole when settings or lists change.
 pub struct View {
@@ -161,22 +161,10 @@ impl Stub {
     }
 
     async fn filtered_upstream(&self, req: &Request, view: &View) -> Vec<u8> {
-        if let Verdict::Blocked {
-            list,
-            category,
-            entry,
-        } = view.filter.check(&req.name)
-        {
+        if let Some((answer, event)) = dns::filter_query(req, &view.filter, &view.block) {
             self.counters.blocked.fetch_add(1, Ordering::Relaxed);
-            self.log_block(&BlockEvent {
-                name: req.name.clone(),
-                qtype: req.query.query_type().to_string(),
-                list: list.to_string(),
-                category: category.to_string(),
-                entry,
-                answer: view.block.to_string(),
-            });
-            return dns::blocked_answer(req, &view.block);
+            self.log_block(&event);
+            return answer;
         }
         self.upstream(req).await
     }

@@ -227,24 +227,36 @@ pub fn plan(
     if private_zones.iter().any(|z| in_zone(&req.name, z)) {
         return (Plan::Private(Box::new(req)), None);
     }
-    match filter.check(&req.name) {
-        Verdict::Blocked {
-            list,
-            category,
-            entry,
-        } => {
-            let event = BlockEvent {
-                name: req.name.clone(),
-                qtype: req.query.query_type().to_string(),
-                list: list.to_string(),
-                category: category.to_string(),
-                entry: entry.to_string(),
-                answer: block.to_string(),
-            };
-            (Plan::Reply(blocked_answer(&req, block)), Some(event))
-        }
-        Verdict::Allowed { .. } | Verdict::Pass => (Plan::Upstream(Box::new(req)), None),
+    match filter_query(&req, filter, block) {
+        Some((answer, event)) => (Plan::Reply(answer), Some(event)),
+        None => (Plan::Upstream(Box::new(req)), None),
     }
+}
+
+/// The DNS filter's decision for `req`: the block answer and its log event, or None when the
+/// name may be resolved (not listed, or allowlisted).
+pub fn filter_query(
+    req: &Request,
+    filter: &Filter,
+    block: &BlockAnswer,
+) -> Option<(Vec<u8>, BlockEvent)> {
+    let Verdict::Blocked {
+        list,
+        category,
+        entry,
+    } = filter.check(&req.name)
+    else {
+        return None;
+    };
+    let event = BlockEvent {
+        name: req.name.clone(),
+        qtype: req.query.query_type().to_string(),
+        list: list.to_string(),
+        category: category.to_string(),
+        entry,
+        answer: block.to_string(),
+    };
+    Some((blocked_answer(req, block), event))
 }
 
 /// A response to `req` with these sections, cut to the asker's size limit (truncated answers

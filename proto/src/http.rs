@@ -293,10 +293,15 @@ pub fn enroll<Req: Serialize, Resp: DeserializeOwned>(
 /// Where Debian keeps the system's trusted CA certificates.
 const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
+/// The system's trusted CA certificates (PEM), if the bundle can be read.
+pub fn system_roots_pem() -> std::io::Result<String> {
+    std::fs::read_to_string(SYSTEM_CA_BUNDLE)
+}
+
 /// Fetches a public resource (a blocklist URL) over HTTP or HTTPS; HTTPS servers are checked
 /// against the system's CA bundle. Fails on any status but 2xx and on bodies over `max` bytes.
 pub async fn fetch_public(url: &str, max: usize) -> Result<Vec<u8>, CallError> {
-    let tls = match std::fs::read_to_string(SYSTEM_CA_BUNDLE) {
+    let tls = match system_roots_pem() {
         Ok(pem) => ca_tls(&pem)?,
         Err(_) if url.starts_with("http://") => pinned_tls([0; 32])?,
         Err(e) => {

@@ -112,6 +112,13 @@ pub struct Deployment {
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// A name no other test of any run uses at the same time: `skt<pid>x<n>`, the form deployment
+/// prefixes have. Namespaces named with it are swept up when their test process is gone.
+pub fn unique_tag() -> String {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    format!("skt{}x{n}", std::process::id())
+}
+
 impl Deployment {
     /// A deployment for one test, or None when namespace tests are explicitly skipped.
     pub fn for_test() -> Option<Deployment> {
@@ -139,6 +146,7 @@ impl Deployment {
         check_can_netns();
         let bin = binaries().to_path_buf();
         sweep_stale();
+        // Same counter as unique_tag(): names never collide within a test process.
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
         let d = Deployment {

@@ -294,7 +294,7 @@ fn dot_and_doh_upstreams_are_checked_against_their_ca() {
         return;
     }
     let bin = sekisho_tests::binaries();
-    let tag = format!("skt{}x{}", std::process::id(), rand_tag());
+    let tag = sekisho_tests::unique_tag();
     let mut e = Encrypted {
         ns: format!("{tag}dot"),
         dir: std::env::temp_dir().join(format!("sekisho-{tag}-dot")),
@@ -427,10 +427,4 @@ fn dot_and_doh_upstreams_are_checked_against_their_ca() {
             ca_file.display()
         );
     }
-}
-
-fn rand_tag() -> u32 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
 }
