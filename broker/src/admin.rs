@@ -137,6 +137,14 @@ enum DeviceCommand {
     Revoke {
         name: String,
     },
+    /// Issue an override code: `sekisho-client override CODE` on that device opens its kill
+    /// switch (full tunnel) for the code's lifetime. Issue and use are audited.
+    Override {
+        name: String,
+        /// How long the code (and the opening) lasts, at most 24h.
+        #[arg(long = "for", default_value = "15m", value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
 }
 
 #[derive(Subcommand)]
@@ -314,6 +322,21 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
                 post(&conn, &format!("/v1/admin/devices/{name}/revoke"), &()).await?;
             print(json, &d, |d| {
                 d["done"].as_str().unwrap_or_default().to_string()
+            })
+        }
+        AdminCommand::Device(DeviceCommand::Override { name, duration }) => {
+            let minutes = duration.as_secs().div_ceil(60).max(1);
+            let d: api::OverrideIssued = post(
+                &conn,
+                &format!("/v1/admin/devices/{name}/override"),
+                &api::OverrideRequest { minutes },
+            )
+            .await?;
+            print(json, &d, |d| {
+                format!(
+                    "override code for {} (id {}, valid {} min):\n{}",
+                    d.device, d.id, minutes, d.code
+                )
             })
         }
         AdminCommand::Connector(ConnectorCommand::List) => {

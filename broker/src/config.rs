@@ -35,6 +35,27 @@ pub struct BrokerConfig {
     /// broker runs from the policy file alone.
     #[serde(default)]
     pub control: Option<ControlConfig>,
+    /// Internet egress for full-tunnel devices. Without this section full-tunnel traffic that
+    /// is no application is dropped (and counted) here.
+    #[serde(default)]
+    pub egress: Option<EgressConfig>,
+}
+
+/// `[egress]`: a TUN device the kernel routes to the internet with source NAT.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressConfig {
+    /// TUN interface name.
+    #[serde(default = "default_egress_tun")]
+    pub interface: String,
+    /// Leave through this interface only (source NAT to its address). Default: any but the
+    /// TUN device.
+    #[serde(default)]
+    pub uplink: Option<String>,
+}
+
+fn default_egress_tun() -> String {
+    "sekisho-egress".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -51,6 +72,10 @@ pub struct ControlConfig {
     pub database: String,
     /// The CA's private key, to sign connector certificates.
     pub ca_key: PathBuf,
+    /// This broker's name in status output and logs (a region, say). Default: the WireGuard
+    /// endpoint.
+    #[serde(default)]
+    pub name: Option<String>,
     /// WireGuard endpoint (`host:port`) given to devices.
     pub wireguard_endpoint: String,
     /// QUIC endpoint (`host:port`) given to connectors.

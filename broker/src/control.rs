@@ -62,6 +62,8 @@ pub struct Control {
     /// Blocklist contents by list name, read or fetched when asked for and kept until the
     /// file changes or the refresh interval passes.
     lists: tokio::sync::Mutex<HashMap<String, CachedList>>,
+    /// Every broker of the deployment (the store's registry), refreshed by [`Control::registry_loop`].
+    brokers: Mutex<Vec<crate::store::BrokerRecord>>,
 }
 
 struct CachedList {
@@ -203,7 +205,63 @@ impl Control {
             audit: Mutex::new(audit),
             policy_dir,
             lists: tokio::sync::Mutex::new(HashMap::new()),
+            brokers: Mutex::new(Vec::new()),
         }))
+    }
+
+    /// This broker as devices and connectors reach it.
+    fn own_record(&self) -> crate::store::BrokerRecord {
+        crate::store::BrokerRecord {
+            public_key: self.broker_key.clone(),
+            name: self
+                .config
+                .name
+                .clone()
+                .unwrap_or_else(|| self.config.wireguard_endpoint.clone()),
+            wireguard_endpoint: self.config.wireguard_endpoint.clone(),
+            connector_endpoint: self.config.connector_endpoint.clone(),
+            api_url: self.config.url.clone(),
+        }
+    }
+
+    /// Registers this broker in the store and keeps the list of all brokers current, every
+    /// `every`. Devices and connectors learn the brokers from it.
+    pub async fn registry_loop(self: Arc<Self>, every: Duration) {
+        loop {
+            let own = self.own_record();
+            if let Err(e) = self.store.register_broker(&own, now_unix()).await {
+                warn!("cannot register this broker in the store: {e:#}");
+            }
+            match self.store.brokers().await {
+                Ok(list) => {
+                    let mut cache = self.brokers.lock().unwrap_or_else(|e| e.into_inner());
+                    if *cache != list {
+                        info!(brokers = list.len(), "broker registry");
+                    }
+                    *cache = list;
+                }
+                Err(e) => warn!("cannot read the broker registry: {e:#}"),
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// Every broker of the deployment; this one alone before the registry was read.
+    pub fn brokers(&self) -> Vec<crate::store::BrokerRecord> {
+        let cache = self.brokers.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.is_empty() {
+            vec![self.own_record()]
+        } else {
+            cache.clone()
+        }
+    }
+
+    /// The connector endpoints of every broker.
+    pub fn connector_endpoints(&self) -> Vec<String> {
+        self.brokers()
+            .into_iter()
+            .map(|b| b.connector_endpoint)
+            .collect()
     }
 
     /// The content of the blocklist `list` and its SHA-256 (hex): read from the file (again
@@ -426,16 +484,27 @@ impl Control {
             user: dev.user.clone(),
             address: dev.address,
             device_range: policy.device_range,
-            brokers: vec![api::BrokerInfo {
-                endpoint: self.config.wireguard_endpoint.clone(),
-                public_key: self.broker_key.clone(),
-            }],
+            brokers: self
+                .brokers()
+                .into_iter()
+                .map(|b| api::BrokerInfo {
+                    endpoint: b.wireguard_endpoint,
+                    public_key: b.public_key,
+                    name: b.name,
+                    api_url: b.api_url,
+                })
+                .collect(),
             routes,
             checks: api::check_specs(&policy),
             dns: policy
                 .user_by_name(&dev.user)
                 .map(|u| policy.dns_for_user(u))
                 .unwrap_or_default(),
+            tunnel: policy
+                .user_by_name(&dev.user)
+                .map(|u| policy.tunnel_for_user(u))
+                .unwrap_or_default(),
+            override_keys: vec![sekisho_proto::tunnel::OverrideKey::of(&self.signer)],
         }
     }
 
@@ -579,6 +648,8 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/admin/enrollment-tokens", post(create_token))
         .route("/v1/admin/devices", get(list_devices))
         .route("/v1/admin/devices/{name}/revoke", post(revoke_device))
+        .route("/v1/admin/devices/{name}/override", post(issue_override))
+        .route("/v1/device/override-used", post(override_used))
         .route("/v1/admin/connectors", get(list_connectors))
         .route("/v1/admin/connectors/{name}/revoke", post(revoke_connector))
         .route("/v1/admin/policy", get(get_policy).put(put_policy))
@@ -790,7 +861,7 @@ async fn enroll_connector(State(ctl): Ctl, body: Bytes) -> ApiResult<api::Enroll
         connector: name,
         certificate_pem: pem,
         ca_pem: ctl.ca.cert_pem.clone(),
-        brokers: vec![ctl.config.connector_endpoint.clone()],
+        brokers: ctl.connector_endpoints(),
         broker_name: ctl.config.broker_name.clone(),
     }))
 }
@@ -1124,6 +1195,70 @@ async fn revoke_device(
     );
     Ok(Json(Done {
         done: format!("device {name} revoked; its tunnel and flows are cut"),
+    }))
+}
+
+/// An override code for a device: its kill switch opens for the code's lifetime.
+async fn issue_override(
+    State(ctl): Ctl,
+    Admin(admin): Admin,
+    UrlPath(name): UrlPath<String>,
+    Json(req): Json<api::OverrideRequest>,
+) -> ApiResult<api::OverrideIssued> {
+    if req.minutes == 0 || req.minutes > 24 * 60 {
+        return Err(bad(
+            StatusCode::BAD_REQUEST,
+            "minutes must be between 1 and 1440",
+        ));
+    }
+    let known = ctl
+        .store
+        .devices()
+        .await?
+        .into_iter()
+        .any(|d| d.name == name && d.revoked_at.is_none());
+    if !known {
+        return Err(bad(
+            StatusCode::NOT_FOUND,
+            format!("no active device {name:?}"),
+        ));
+    }
+    let claims = sekisho_proto::tunnel::OverrideClaims {
+        id: crate::store::random_text(8),
+        device: name.clone(),
+        not_after: now_unix() + req.minutes * 60,
+        by: admin.clone(),
+        kid: String::new(),
+    };
+    let code = sekisho_proto::tunnel::issue_override(&ctl.signer, claims.clone());
+    info!(device = %name, id = %claims.id, minutes = req.minutes, by = %admin, "override code issued");
+    ctl.audit(
+        "override_issued",
+        &admin,
+        serde_json::json!({"device": name, "id": claims.id, "not_after": claims.not_after}),
+    );
+    Ok(Json(api::OverrideIssued {
+        code,
+        id: claims.id,
+        device: name,
+        not_after: claims.not_after,
+    }))
+}
+
+/// A device reports that it used an override code (it also logs that locally).
+async fn override_used(
+    State(ctl): Ctl,
+    DeviceAuth(dev): DeviceAuth,
+    Json(req): Json<api::OverrideUsed>,
+) -> ApiResult<Done> {
+    info!(device = %dev.name, id = %req.id, "override code used");
+    ctl.audit(
+        "override_used",
+        &dev.name,
+        serde_json::json!({"device": dev.name, "id": req.id, "not_after": req.not_after, "issued_by": req.by}),
+    );
+    Ok(Json(Done {
+        done: "noted".into(),
     }))
 }
 

@@ -126,6 +126,7 @@ async fn start(dir: &Path, db: &str) -> Harness {
         url: String::new(),
         database: db.to_string(),
         ca_key: dir.join("ca.key"),
+        name: Some("test-region".into()),
         wireguard_endpoint: "192.0.2.1:51820".into(),
         connector_endpoint: "192.0.2.1:4433".into(),
         broker_name: "broker.sekisho.internal".into(),
@@ -148,6 +149,7 @@ async fn start(dir: &Path, db: &str) -> Harness {
     let shared: SharedRef = Arc::new(Mutex::new(Shared {
         core,
         links: HashMap::new(),
+        egress: None,
     }));
     let control = Control::new(opened, shared.clone(), config, broker_key).unwrap();
     let (ca_pem, ca_sha256) = (control.ca().cert_pem.clone(), control.ca().sha256);

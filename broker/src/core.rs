@@ -13,6 +13,7 @@ use std::time::Instant;
 use serde::Serialize;
 use tracing::{debug, info, trace};
 
+use sekisho_proto::api::{Denial, STATUS_PORT, TunnelStatus};
 use sekisho_proto::dns::{AppName, DNS_PORT, SyntheticMap};
 use sekisho_proto::flow::{FlowEntry, FlowTable, IdleTimeouts};
 use sekisho_proto::keys::{PrivateKey, PublicKeyBytes};
@@ -42,7 +43,13 @@ pub trait Io {
     fn map_name(&mut self, site: &str, device: IpAddr, synthetic: IpAddr, name: &str);
     /// Record an application-name query answered by the broker.
     fn app_dns(&mut self, record: AppDnsRecord);
+    /// Hand an IP packet of a full-tunnel device to the internet (the egress interface, with
+    /// source NAT); false when this broker has no egress.
+    fn send_to_egress(&mut self, packet: &[u8]) -> bool;
 }
+
+/// The `site` of flows that leave through internet egress instead of a connector.
+const EGRESS: SiteId = SiteId::MAX;
 
 /// An application name asked through the tunnel, as written to the decision log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -121,6 +128,10 @@ pub struct Stats {
     pub posture_tokens_expired: u64,
     pub app_dns_queries: u64,
     pub app_dns_malformed: u64,
+    pub packets_to_internet: u64,
+    pub packets_from_internet: u64,
+    pub dropped_no_egress: u64,
+    pub dropped_unsolicited_from_internet: u64,
 }
 
 /// Names one device may bind to synthetic addresses at once.
@@ -138,7 +149,12 @@ struct Peer {
     generation: u64,
     /// The device's synthetic addresses (name-based applications), for its session here.
     names: SyntheticMap,
+    /// The latest denials, oldest first (the device's status command shows them).
+    denials: std::collections::VecDeque<Denial>,
 }
+
+/// Denials kept per peer for its status.
+const DENIALS_KEPT: usize = 10;
 
 /// A cached decision for one flow.
 #[derive(Debug, Clone)]
@@ -195,6 +211,8 @@ pub struct BrokerCore {
     /// Wall-clock Unix seconds, as of the last tick (token expiry is wall-clock time).
     unix_now: u64,
     service: IpAddr,
+    /// This broker's name, told to devices in their status.
+    name: String,
     peers: Vec<Option<Peer>>,
     by_key: HashMap<PublicKeyBytes, u32>,
     by_addr: HashMap<IpAddr, u32>,
@@ -224,6 +242,7 @@ impl BrokerCore {
             tokens: TokenVerifier::new(),
             unix_now: 0,
             service: service_address(&policy.device_range),
+            name: String::new(),
             peers: Vec::new(),
             by_key: HashMap::new(),
             by_addr: HashMap::new(),
@@ -299,6 +318,7 @@ impl BrokerCore {
                         posture: None,
                         generation: 0,
                         names: SyntheticMap::new(policy.dns.app_range, SYNTHETIC_NAMES_PER_DEVICE),
+                        denials: Default::default(),
                     };
                     if slot == self.peers.len() {
                         self.peers.push(Some(peer));
@@ -330,6 +350,11 @@ impl BrokerCore {
         self.policy = policy;
         self.generation += 1;
         self.stats.policy_generation = self.generation;
+    }
+
+    /// Names this broker in what devices see of it.
+    pub fn set_name(&mut self, name: &str) {
+        self.name = name.to_string();
     }
 
     /// The accepted posture claims of the peer with this key, if it has a valid token.
@@ -472,14 +497,31 @@ impl BrokerCore {
                 decision.application,
                 decision.reason,
             );
+            if !allowed
+                && let Some(peer) = self.peers.get_mut(slot as usize).and_then(Option::as_mut)
+            {
+                if peer.denials.len() == DENIALS_KEPT {
+                    peer.denials.pop_front();
+                }
+                peer.denials.push_back(Denial {
+                    at: self.unix_now,
+                    application: record.application.clone(),
+                    proto: record.proto.to_string(),
+                    dst: record.dst,
+                    dport: record.dport,
+                    rule: record.rule.clone(),
+                    reason: record.reason.to_string(),
+                    check: record.check.clone(),
+                });
+            }
             if !io.decision(record) {
                 self.stats.decisions_not_logged += 1;
             }
         }
-        let site = decision
-            .application
-            .map(|a| self.policy.applications[a as usize].site)
-            .unwrap_or(0);
+        let site = match decision.application {
+            Some(a) => self.policy.applications[a as usize].site,
+            None => EGRESS,
+        };
         let flow = Flow {
             allowed,
             peer: slot,
@@ -506,12 +548,16 @@ impl BrokerCore {
         reason: Reason,
     ) -> DecisionRecord {
         let p = &self.policy;
+        let internet = matches!(reason, Reason::Egress(_) | Reason::EgressRefused(_));
         DecisionRecord {
             event: "flow",
             decision: action,
             device: p.device(device).name.clone(),
             user: p.user_of(device).name.clone(),
-            application: p.app_name(app).map(str::to_string),
+            application: match app {
+                None if internet => Some("internet".to_string()),
+                _ => p.app_name(app).map(str::to_string),
+            },
             site: app.map(|a| p.sites[p.applications[a as usize].site as usize].clone()),
             rule: p.rule_name(reason).map(str::to_string),
             reason: p.reason_text(reason),
@@ -552,10 +598,28 @@ impl BrokerCore {
                 self.handle_token(slot, &key, pkt, io);
             } else if key.proto == packet::PROTO_UDP && key.dport == DNS_PORT {
                 self.handle_app_dns(slot, &key, pkt, io);
+            } else if key.proto == packet::PROTO_UDP && key.dport == STATUS_PORT {
+                self.handle_status(slot, &key, io);
+            } else if let Some(e) = packet::echo(pkt).filter(|e| e.request) {
+                // Devices probe every broker's round-trip time and liveness inside the tunnel.
+                let mut reply = std::mem::take(&mut self.reply);
+                if let Some(n) =
+                    packet::build_echo(e.dst, e.src, false, e.id, e.seq, e.payload, &mut reply)
+                {
+                    self.send_to_peer(slot, &reply[..n], io);
+                }
+                self.reply = reply;
             }
             return;
         }
         match self.authorize(slot, &key, now, io, true) {
+            Verdict::Allow(EGRESS) => {
+                if io.send_to_egress(pkt) {
+                    self.stats.packets_to_internet += 1;
+                } else {
+                    self.stats.dropped_no_egress += 1;
+                }
+            }
             Verdict::Allow(site) => {
                 if io.send_to_site(&self.policy.sites[site as usize], pkt) {
                     self.stats.packets_to_sites += 1;
@@ -648,6 +712,31 @@ impl BrokerCore {
         self.answer_service(slot, key, &body, io);
     }
 
+    /// The device's own view of its session here: broker name, latest denials, posture.
+    fn handle_status(&mut self, slot: u32, key: &FlowKey, io: &mut impl Io) {
+        let Some(peer) = self.peers.get(slot as usize).and_then(Option::as_ref) else {
+            return;
+        };
+        let status = TunnelStatus {
+            broker: self.name.clone(),
+            denials: peer.denials.iter().cloned().collect(),
+            posture_expires: peer.posture.as_ref().map(|p| p.exp),
+            failing_checks: peer
+                .posture
+                .as_ref()
+                .map(|p| {
+                    p.checks
+                        .iter()
+                        .filter(|(_, ok)| !**ok)
+                        .map(|(n, _)| n.clone())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        let body = serde_json::to_vec(&status).unwrap_or_default();
+        self.answer_service(slot, key, &body, io);
+    }
+
     /// Sends `body` back through the tunnel of peer `slot` as the UDP answer to the service
     /// request `key` (posture token, application name).
     fn answer_service(&mut self, slot: u32, key: &FlowKey, body: &[u8], io: &mut impl Io) {
@@ -734,6 +823,28 @@ impl BrokerCore {
         }
     }
 
+    /// An IP packet arrived from the internet (egress interface, after the kernel undid the
+    /// source NAT). Delivered only as part of a flow a full-tunnel device opened.
+    pub fn handle_egress_packet(&mut self, pkt: &[u8], now: Instant, io: &mut impl Io) {
+        self.stats.packets_from_internet += 1;
+        let key = match packet::classify(pkt) {
+            Ok(PacketKind::Flow(k)) => k.reversed(),
+            Ok(PacketKind::IcmpError { about, .. }) => about,
+            Err(_) => {
+                self.stats.dropped_malformed += 1;
+                return;
+            }
+        };
+        let Some(&slot) = self.by_addr.get(&key.src) else {
+            self.stats.dropped_unsolicited_from_internet += 1;
+            return;
+        };
+        match self.authorize(slot, &key, now, io, false) {
+            Verdict::Allow(EGRESS) => self.send_to_peer(slot, pkt, io),
+            _ => self.stats.dropped_unsolicited_from_internet += 1,
+        }
+    }
+
     /// An IP packet arrived from the connector of `site`. It is delivered only as part of a flow
     /// a client opened and the policy allows: a connector cannot start flows to clients.
     pub fn handle_site_packet(&mut self, site: &str, pkt: &[u8], now: Instant, io: &mut impl Io) {
@@ -751,7 +862,7 @@ impl BrokerCore {
             return;
         };
         match self.authorize(slot, &key, now, io, false) {
-            Verdict::Allow(s) if self.policy.sites[s as usize] == site => {
+            Verdict::Allow(s) if s != EGRESS && self.policy.sites[s as usize] == site => {
                 self.send_to_peer(slot, pkt, io)
             }
             _ => self.stats.dropped_unsolicited_from_site += 1,
@@ -859,6 +970,7 @@ mod tests {
         site_up: bool,
         maps: Vec<(String, IpAddr, IpAddr, String)>,
         dns: Vec<AppDnsRecord>,
+        egress: Vec<Vec<u8>>,
     }
 
     impl Io for Recorder {
@@ -883,6 +995,10 @@ mod tests {
         }
         fn app_dns(&mut self, record: AppDnsRecord) {
             self.dns.push(record);
+        }
+        fn send_to_egress(&mut self, packet: &[u8]) -> bool {
+            self.egress.push(packet.to_vec());
+            true
         }
     }
 

@@ -33,6 +33,7 @@ use sekisho_proto::link::{
     ALPN, BrokerWelcome, ConnectorHello, MAX_CONTROL_MESSAGE, SiteMessage, connector_cert_name,
 };
 use sekisho_proto::policy::Policy;
+use sekisho_proto::sys::AsyncDevice;
 
 use crate::config::BrokerConfig;
 use crate::core::{AppDnsRecord, BUF_SIZE, BrokerCore, DecisionRecord, Io, PostureRecord};
@@ -182,6 +183,8 @@ const DECISION_QUEUE: usize = 65536;
 pub(crate) struct Shared {
     pub(crate) core: BrokerCore,
     pub(crate) links: HashMap<String, quinn::Connection>,
+    /// Internet egress (full tunnel), when configured.
+    pub(crate) egress: Option<Arc<AsyncDevice>>,
 }
 
 pub(crate) type SharedRef = Arc<Mutex<Shared>>;
@@ -203,6 +206,7 @@ enum LogLine {
 struct ShellIo<'a> {
     udp: &'a UdpSocket,
     links: &'a HashMap<String, quinn::Connection>,
+    egress: Option<&'a AsyncDevice>,
     log: &'a mpsc::Sender<LogLine>,
 }
 
@@ -256,6 +260,13 @@ impl Io for ShellIo<'_> {
         debug!(?record, "application name query");
         let _ = self.log.try_send(LogLine::AppDns(record));
     }
+
+    fn send_to_egress(&mut self, packet: &[u8]) -> bool {
+        match self.egress {
+            Some(tun) => tun.try_send(packet).is_ok(),
+            None => false,
+        }
+    }
 }
 
 fn with_core(
@@ -265,8 +276,17 @@ fn with_core(
     f: impl FnOnce(&mut BrokerCore, &mut ShellIo),
 ) {
     let mut g = lock(shared);
-    let Shared { core, links } = &mut *g;
-    let mut io = ShellIo { udp, links, log };
+    let Shared {
+        core,
+        links,
+        egress,
+    } = &mut *g;
+    let mut io = ShellIo {
+        udp,
+        links,
+        egress: egress.as_deref(),
+        log,
+    };
     f(core, &mut io);
 }
 
@@ -281,25 +301,42 @@ async fn run(config_path: &Path) -> Result<()> {
         }
         None => (Policy::load(&config.policy)?, None),
     };
-    let core = BrokerCore::new(
+    let mut core = BrokerCore::new(
         key,
         policy,
         config.flows.timeouts(),
         config.flows.max_flows,
         config.flows.max_flows_per_device,
     );
+    core.set_name(&match &config.control {
+        Some(c) => c
+            .name
+            .clone()
+            .unwrap_or_else(|| c.wireguard_endpoint.clone()),
+        None => config.listen_wireguard.to_string(),
+    });
     info!(public_key = %core.public_key(), "broker identity");
     core.log_policy_summary();
     let broker_key = core.public_key().to_string();
+    let egress = match &config.egress {
+        Some(e) => Some(Arc::new(
+            egress_up(e, core.policy().device_range)
+                .await
+                .context("cannot set up internet egress")?,
+        )),
+        None => None,
+    };
     let shared: SharedRef = Arc::new(Mutex::new(Shared {
         core,
         links: HashMap::new(),
+        egress: egress.clone(),
     }));
     let control = match opened {
         Some((ctl, opened)) => {
             let control = control::Control::new(opened, shared.clone(), ctl.clone(), broker_key)?;
             let tls = &config.tls;
             control::serve(control.clone(), ctl.listen, &tls.cert, &tls.ca, &tls.key).await?;
+            tokio::spawn(control.clone().registry_loop(Duration::from_secs(10)));
             Some(control)
         }
         None => None,
@@ -320,6 +357,14 @@ async fn run(config_path: &Path) -> Result<()> {
     tokio::spawn(decision_writer(config.decision_log.clone(), log_rx));
 
     tokio::spawn(wg_loop(shared.clone(), udp.clone(), log_tx.clone()));
+    if let Some(tun) = egress.clone() {
+        tokio::spawn(egress_loop(
+            tun,
+            shared.clone(),
+            udp.clone(),
+            log_tx.clone(),
+        ));
+    }
     tokio::spawn(timer_loop(shared.clone(), udp.clone(), log_tx.clone()));
     tokio::spawn(accept_connectors(
         endpoint.clone(),
@@ -343,6 +388,14 @@ async fn run(config_path: &Path) -> Result<()> {
         }
     }
     info!("stopping");
+    if let Some(e) = &config.egress {
+        let table = egress_table(&e.interface);
+        if let Err(e) =
+            sekisho_proto::sys::nft(&sekisho_proto::sys::nft_delete_table("ip", &table)).await
+        {
+            warn!("cannot remove nftables table {table}: {e}");
+        }
+    }
     endpoint.close(0u32.into(), b"broker stopping");
     control_socket.abort();
     let _ = std::fs::remove_file(&config.control_socket);
@@ -426,6 +479,81 @@ async fn wg_loop(shared: SharedRef, udp: Arc<UdpSocket>, log: mpsc::Sender<LogLi
             for _ in 0..63 {
                 match udp.try_recv_from(&mut buf) {
                     Ok((n, from)) => core.handle_wg(from, &buf[..n], now, io),
+                    Err(_) => break,
+                }
+            }
+        });
+    }
+}
+
+/// nftables table of the egress interface `tun`.
+fn egress_table(tun: &str) -> String {
+    format!(
+        "sekisho_{}",
+        tun.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+    )
+}
+
+/// Creates the egress TUN device, routes the device range into it (replies after the kernel
+/// undid the NAT) and masquerades what leaves for the internet.
+async fn egress_up(e: &crate::config::EgressConfig, device_range: IpNet) -> Result<AsyncDevice> {
+    if sekisho_proto::sys::enable_ipv4_forwarding()? {
+        info!("enabled IPv4 forwarding");
+    }
+    let tun = sekisho_proto::sys::create_tun(&e.interface, 1500)?;
+    let netlink = sekisho_proto::sys::Netlink::open()?;
+    let index = netlink.link_index(&e.interface).await?;
+    netlink.add_route(index, device_range).await?;
+    let t = egress_table(&e.interface);
+    let tun_name = &e.interface;
+    let out = match &e.uplink {
+        Some(u) => format!("oifname \"{u}\""),
+        None => format!("oifname != \"{tun_name}\""),
+    };
+    sekisho_proto::sys::nft(&format!(
+        "{}table ip {t} {{\n\
+           chain postrouting {{\n\
+             type nat hook postrouting priority srcnat; policy accept;\n\
+             iifname \"{tun_name}\" {out} masquerade\n\
+           }}\n\
+           chain forward {{\n\
+             type filter hook forward priority filter; policy accept;\n\
+             iifname \"{tun_name}\" {out} accept\n\
+             oifname \"{tun_name}\" ct state established,related accept\n\
+             oifname \"{tun_name}\" counter drop\n\
+             iifname \"{tun_name}\" counter drop\n\
+           }}\n\
+         }}\n",
+        sekisho_proto::sys::nft_delete_table("ip", &t)
+    ))
+    .await?;
+    info!(interface = %tun_name, "internet egress up (source NAT)");
+    Ok(tun)
+}
+
+/// Packets from the internet for full-tunnel devices.
+async fn egress_loop(
+    tun: Arc<AsyncDevice>,
+    shared: SharedRef,
+    udp: Arc<UdpSocket>,
+    log: mpsc::Sender<LogLine>,
+) {
+    let mut buf = vec![0u8; BUF_SIZE];
+    loop {
+        let n = match tun.recv(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(%e, "egress TUN read error");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let now = Instant::now();
+        with_core(&shared, &udp, &log, |core, io| {
+            core.handle_egress_packet(&buf[..n], now, io);
+            for _ in 0..63 {
+                match tun.try_recv(&mut buf) {
+                    Ok(n) => core.handle_egress_packet(&buf[..n], now, io),
                     Err(_) => break,
                 }
             }
@@ -595,6 +723,10 @@ async fn serve_connector(
             site: hello.site.clone(),
             device_ranges: ranges,
             app_ranges,
+            brokers: control
+                .as_ref()
+                .map(|c| c.connector_endpoints())
+                .unwrap_or_default(),
         },
         Err(reason) => BrokerWelcome::Refused {
             reason: reason.clone(),

@@ -20,34 +20,55 @@ use sekisho_proto::policy::{Directory, DirectoryDevice, DirectoryUser};
 use sekisho_proto::posture::TokenSigner;
 
 /// Schema migrations, applied in order, each once, in a transaction.
-const MIGRATIONS: &[(i64, &str, &[&str])] = &[(
-    1,
-    "initial schema",
-    &[
-        "CREATE TABLE groups (name TEXT PRIMARY KEY, created_at BIGINT NOT NULL)",
-        "CREATE TABLE users (name TEXT PRIMARY KEY, disabled BIGINT NOT NULL DEFAULT 0, \
+const MIGRATIONS: &[(i64, &str, &[&str])] = &[
+    (
+        1,
+        "initial schema",
+        &[
+            "CREATE TABLE groups (name TEXT PRIMARY KEY, created_at BIGINT NOT NULL)",
+            "CREATE TABLE users (name TEXT PRIMARY KEY, disabled BIGINT NOT NULL DEFAULT 0, \
          created_at BIGINT NOT NULL)",
-        "CREATE TABLE user_groups (user_name TEXT NOT NULL REFERENCES users(name), \
+            "CREATE TABLE user_groups (user_name TEXT NOT NULL REFERENCES users(name), \
          group_name TEXT NOT NULL REFERENCES groups(name), PRIMARY KEY (user_name, group_name))",
-        "CREATE TABLE enrollment_tokens (id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL, \
+            "CREATE TABLE enrollment_tokens (id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL, \
          kind TEXT NOT NULL, subject TEXT NOT NULL, created_at BIGINT NOT NULL, \
          expires_at BIGINT NOT NULL, used_at BIGINT, used_by TEXT)",
-        "CREATE TABLE devices (name TEXT PRIMARY KEY, user_name TEXT NOT NULL REFERENCES users(name), \
+            "CREATE TABLE devices (name TEXT PRIMARY KEY, user_name TEXT NOT NULL REFERENCES users(name), \
          public_key TEXT NOT NULL UNIQUE, address TEXT NOT NULL UNIQUE, \
          credential_id TEXT NOT NULL UNIQUE, credential_hash TEXT NOT NULL, \
          created_at BIGINT NOT NULL, revoked_at BIGINT)",
-        "CREATE TABLE connectors (name TEXT PRIMARY KEY, site TEXT NOT NULL, serial TEXT NOT NULL, \
+            "CREATE TABLE connectors (name TEXT PRIMARY KEY, site TEXT NOT NULL, serial TEXT NOT NULL, \
          not_after BIGINT NOT NULL, created_at BIGINT NOT NULL, revoked_at BIGINT)",
-        "CREATE TABLE connector_certs (serial TEXT PRIMARY KEY, connector TEXT NOT NULL \
+            "CREATE TABLE connector_certs (serial TEXT PRIMARY KEY, connector TEXT NOT NULL \
          REFERENCES connectors(name), not_after BIGINT NOT NULL)",
-        "CREATE TABLE admin_tokens (id TEXT PRIMARY KEY, name TEXT NOT NULL, \
+            "CREATE TABLE admin_tokens (id TEXT PRIMARY KEY, name TEXT NOT NULL, \
          secret_hash TEXT NOT NULL, created_at BIGINT NOT NULL, revoked_at BIGINT)",
-        "CREATE TABLE policies (version BIGINT PRIMARY KEY, text TEXT NOT NULL, \
+            "CREATE TABLE policies (version BIGINT PRIMARY KEY, text TEXT NOT NULL, \
          applied_at BIGINT NOT NULL, applied_by TEXT NOT NULL)",
-        "CREATE TABLE signing_keys (kid TEXT PRIMARY KEY, seed TEXT NOT NULL, \
+            "CREATE TABLE signing_keys (kid TEXT PRIMARY KEY, seed TEXT NOT NULL, \
          created_at BIGINT NOT NULL)",
-    ],
-)];
+        ],
+    ),
+    (
+        2,
+        "broker registry",
+        &[
+            "CREATE TABLE brokers (public_key TEXT PRIMARY KEY, name TEXT NOT NULL, \
+       wireguard_endpoint TEXT NOT NULL, connector_endpoint TEXT NOT NULL, \
+       api_url TEXT NOT NULL, seen_at BIGINT NOT NULL)",
+        ],
+    ),
+];
+
+/// A broker of this deployment, as devices and connectors reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerRecord {
+    pub public_key: String,
+    pub name: String,
+    pub wireguard_endpoint: String,
+    pub connector_endpoint: String,
+    pub api_url: String,
+}
 
 /// Why an enrollment was refused. Nothing is created in any of these cases.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -734,6 +755,49 @@ impl Store {
         .await?;
         tx.commit().await?;
         Ok(version as u64)
+    }
+
+    // ---- broker registry ----
+
+    /// Records (or refreshes) a broker of this deployment: devices and connectors learn every
+    /// registered broker from the control plane.
+    pub async fn register_broker(&self, b: &BrokerRecord, now: u64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO brokers (public_key, name, wireguard_endpoint, connector_endpoint, \
+             api_url, seen_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (public_key) DO \
+             UPDATE SET name = $2, wireguard_endpoint = $3, connector_endpoint = $4, \
+             api_url = $5, seen_at = $6",
+        )
+        .bind(b.public_key.as_str())
+        .bind(b.name.as_str())
+        .bind(b.wireguard_endpoint.as_str())
+        .bind(b.connector_endpoint.as_str())
+        .bind(b.api_url.as_str())
+        .bind(ts(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Every registered broker, by name.
+    pub async fn brokers(&self) -> Result<Vec<BrokerRecord>> {
+        let rows = sqlx::query(
+            "SELECT public_key, name, wireguard_endpoint, connector_endpoint, api_url \
+             FROM brokers ORDER BY name, public_key",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(BrokerRecord {
+                    public_key: r.try_get(0)?,
+                    name: r.try_get(1)?,
+                    wireguard_endpoint: r.try_get(2)?,
+                    connector_endpoint: r.try_get(3)?,
+                    api_url: r.try_get(4)?,
+                })
+            })
+            .collect()
     }
 
     // ---- admin tokens ----

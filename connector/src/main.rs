@@ -6,7 +6,6 @@ mod names;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket as StdUdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +17,6 @@ use rand::Rng;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
-use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
 
 use sekisho_proto::config::{ConfigError, load_toml};
@@ -78,6 +76,10 @@ struct ConnectorConfig {
     site: String,
     /// host:port of the broker's connector (QUIC) socket.
     broker: String,
+    /// More brokers to link to (host:port). The connector also links to every broker the
+    /// brokers announce, so one is enough.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    brokers: Vec<String>,
     /// Name on the broker's certificate.
     #[serde(default = "default_broker_name")]
     broker_name: String,
@@ -195,6 +197,7 @@ fn enroll(server: &str, token: &str, dir: &Path, dns_servers: &[IpAddr]) -> Resu
             .first()
             .context("the control plane named no broker")?
             .clone(),
+        brokers: resp.brokers.iter().skip(1).cloned().collect(),
         broker_name: resp.broker_name.clone(),
         tun_name: default_tun(),
         enable_forwarding: true,
@@ -369,23 +372,7 @@ fn nft_table(tun: &str) -> String {
 }
 
 async fn nft(script: &str) -> Result<()> {
-    let mut child = tokio::process::Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot run `nft` (install the nftables package)")?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(script.as_bytes()).await?;
-    }
-    let out = child.wait_with_output().await?;
-    if !out.status.success() {
-        bail!(
-            "nft failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    Ok(sekisho_proto::sys::nft(script).await?)
 }
 
 /// Source NAT for packets from the tunnel into the site, and nothing from the site into the
@@ -417,23 +404,15 @@ async fn install_nat(tun: &str) -> Result<()> {
 
 async fn remove_nat(tun: &str) {
     let t = nft_table(tun);
-    if let Err(e) = nft(&format!("table inet {t} {{}}\ndelete table inet {t}\n")).await {
+    if let Err(e) = nft(&sekisho_proto::sys::nft_delete_table("inet", &t)).await {
         warn!("cannot remove nftables table {t}: {e:#}");
     }
 }
 
 fn enable_forwarding() -> Result<()> {
-    let path = "/proc/sys/net/ipv4/ip_forward";
-    if std::fs::read_to_string(path)
-        .map(|v| v.trim() == "1")
-        .unwrap_or(false)
-    {
-        return Ok(());
+    if sekisho_proto::sys::enable_ipv4_forwarding()? {
+        info!("enabled IPv4 forwarding");
     }
-    std::fs::write(path, "1").context(
-        "cannot enable IPv4 forwarding (in a container, set the sysctl net.ipv4.ip_forward=1)",
-    )?;
-    info!("enabled IPv4 forwarding");
     Ok(())
 }
 
@@ -450,8 +429,9 @@ async fn run(config: ConnectorConfig) -> Result<()> {
     info!(site = %config.site, interface = %config.tun_name, "connector interface up");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let config = Arc::new(config);
     tokio::select! {
-        _ = link_loop(&config, &tun, &netlink, index) => {}
+        _ = site_loop(config.clone(), &tun, &netlink, index) => {}
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
@@ -461,10 +441,130 @@ async fn run(config: ConnectorConfig) -> Result<()> {
     Ok(())
 }
 
-/// Connects, serves, and reconnects with jittered exponential backoff, forever.
-async fn link_loop(config: &ConnectorConfig, tun: &AsyncDevice, netlink: &Netlink, index: u32) {
+/// What a link task tells the site loop.
+enum LinkEvent {
+    Up { broker: String, linked: Linked },
+    Down { broker: String, reason: String },
+    Packet { broker: String, packet: Bytes },
+    Name(NameEvent),
+}
+
+/// An accepted link and what the broker said with it.
+struct Linked {
+    conn: quinn::Connection,
+    device_ranges: Vec<IpNet>,
+    app_ranges: Vec<IpNet>,
+    /// Every broker of the deployment (connector endpoints).
+    brokers: Vec<String>,
+}
+
+/// Keeps one link to the broker at `broker` up: connects, reads, and reconnects with
+/// jittered exponential backoff, forever. Packets and messages go to the site loop.
+async fn link_task(
+    config: Arc<ConnectorConfig>,
+    broker: String,
+    events: tokio::sync::mpsc::Sender<LinkEvent>,
+) {
     let max = Duration::from_secs(config.max_backoff_secs.max(1));
     let mut backoff = Duration::from_millis(250);
+    loop {
+        let started = Instant::now();
+        let attempt = async {
+            let client_config = tls_client_config(&config.tls)?;
+            connect(&config, &broker, &client_config).await
+        };
+        match attempt.await {
+            Ok(linked) => {
+                backoff = Duration::from_millis(250);
+                let conn = linked.conn.clone();
+                info!(site = %config.site, broker = %broker, remote = %conn.remote_address(), "linked to broker");
+                if events
+                    .send(LinkEvent::Up {
+                        broker: broker.clone(),
+                        linked,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let reason = tokio::select! {
+                    r = read_link(&conn, &broker, &events) => r,
+                    _ = renew_loop(conn.clone(), &config.tls) => "renewal stopped".into(),
+                };
+                warn!(site = %config.site, broker = %broker, "link to broker lost: {reason}");
+                let _ = events
+                    .send(LinkEvent::Down {
+                        broker: broker.clone(),
+                        reason,
+                    })
+                    .await;
+            }
+            Err(e) => warn!("cannot link to broker {broker}: {e:#}"),
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(250);
+        }
+        let jitter = rand::thread_rng().gen_range(0.8..1.2);
+        let wait = backoff.mul_f64(jitter);
+        debug!(?wait, broker = %broker, "reconnecting after backoff");
+        tokio::time::sleep(wait).await;
+        backoff = (backoff * 2).min(max);
+    }
+}
+
+/// Reads datagrams and broker messages of one link until it ends.
+async fn read_link(
+    conn: &quinn::Connection,
+    broker: &str,
+    events: &tokio::sync::mpsc::Sender<LinkEvent>,
+) -> String {
+    loop {
+        tokio::select! {
+            d = conn.read_datagram() => match d {
+                Ok(packet) => {
+                    let ev = LinkEvent::Packet { broker: broker.to_string(), packet };
+                    if events.send(ev).await.is_err() {
+                        return "connector stopping".into();
+                    }
+                }
+                Err(e) => return e.to_string(),
+            },
+            s = conn.accept_uni() => match s {
+                Ok(mut recv) => {
+                    let events = events.clone();
+                    tokio::spawn(async move {
+                        let Ok(bytes) = recv.read_to_end(MAX_CONTROL_MESSAGE).await else { return };
+                        match serde_json::from_slice::<SiteMessage>(&bytes) {
+                            Ok(SiteMessage::MapName { device, synthetic, name }) => {
+                                let ev = NameEvent::Map { key: (device, synthetic), name };
+                                let _ = events.send(LinkEvent::Name(ev)).await;
+                            }
+                            Err(e) => warn!("malformed message from the broker: {e}"),
+                        }
+                    });
+                }
+                Err(e) => return e.to_string(),
+            },
+        }
+    }
+}
+
+/// The site side: one TUN device for every link. Packets from any broker go into the site;
+/// a reply goes back over the link its device's packets last came from, so a device that
+/// moved to another broker gets its replies there (its TCP connections survive). Starts a
+/// link task for every broker configured or announced by a broker.
+async fn site_loop(config: Arc<ConnectorConfig>, tun: &AsyncDevice, netlink: &Netlink, index: u32) {
+    let (events, mut rx) = tokio::sync::mpsc::channel::<LinkEvent>(4096);
+    let mut known: Vec<String> = Vec::new();
+    for b in std::iter::once(&config.broker).chain(config.brokers.iter()) {
+        if !known.contains(b) {
+            known.push(b.clone());
+            tokio::spawn(link_task(config.clone(), b.clone(), events.clone()));
+        }
+    }
+    let mut links: Vec<(String, quinn::Connection)> = Vec::new();
+    let mut via: std::collections::HashMap<IpAddr, String> = std::collections::HashMap::new();
     let mut routes: Vec<IpNet> = Vec::new();
     let mut names = names::Translations::default();
     let resolver = match names::resolver(&config.dns_servers) {
@@ -475,43 +575,150 @@ async fn link_loop(config: &ConnectorConfig, tun: &AsyncDevice, netlink: &Netlin
         }
     };
     let table = nft_table(&config.tun_name);
+    let max = usize::from(TUN_MTU);
+    let mut block = BytesMut::with_capacity(TUN_READ_BLOCK);
+    let mut too_large = 0u64;
+    let mut no_link = 0u64;
+    let mut expire = tokio::time::interval(Duration::from_secs(1));
     loop {
-        let started = Instant::now();
-        let attempt = async {
-            let client_config = tls_client_config(&config.tls)?;
-            connect(config, &client_config).await
-        };
-        match attempt.await {
-            Ok((conn, ranges, app_ranges)) => {
-                names.set_app_ranges(app_ranges.clone());
-                let ranges: Vec<IpNet> = ranges.into_iter().chain(app_ranges).collect();
-                backoff = Duration::from_millis(250);
-                for net in &ranges {
-                    if let Err(e) = netlink.add_route(index, *net).await {
-                        warn!("cannot route {net} into the tunnel: {e}");
+        tokio::select! {
+            Some(ev) = rx.recv() => match ev {
+                LinkEvent::Packet { broker, packet } => {
+                    let admit = match sekisho_proto::packet::addresses(&packet) {
+                        Ok((src, dst)) => {
+                            if via.get(&src) != Some(&broker) {
+                                via.insert(src, broker);
+                            }
+                            names.admit(src, dst, &packet, Instant::now())
+                        }
+                        Err(_) => names::Admit::Forward,
+                    };
+                    if admit == names::Admit::Forward
+                        && let Err(e) = tun.send(&packet).await
+                    {
+                        debug!("TUN write error: {e}");
                     }
                 }
-                for old in routes.iter().filter(|r| !ranges.contains(r)) {
-                    let _ = netlink.del_route(index, *old).await;
+                LinkEvent::Up { broker, linked } => {
+                    names.set_app_ranges(linked.app_ranges.clone());
+                    let ranges: Vec<IpNet> =
+                        linked.device_ranges.iter().chain(&linked.app_ranges).copied().collect();
+                    for net in &ranges {
+                        if !routes.contains(net) {
+                            if let Err(e) = netlink.add_route(index, *net).await {
+                                warn!("cannot route {net} into the tunnel: {e}");
+                            }
+                            routes.push(*net);
+                        }
+                    }
+                    for b in linked.brokers {
+                        if !known.contains(&b) {
+                            info!(broker = %b, "a broker announced another broker; linking to it too");
+                            known.push(b.clone());
+                            tokio::spawn(link_task(config.clone(), b, events.clone()));
+                        }
+                    }
+                    links.retain(|(b, _)| *b != broker);
+                    links.push((broker, linked.conn));
                 }
-                routes = ranges;
-                info!(site = %config.site, broker = %conn.remote_address(), "linked to broker");
-                let reason = tokio::select! {
-                    r = forward(&conn, tun, &mut names, resolver.clone(), &table) => r,
-                    _ = renew_loop(conn.clone(), &config.tls) => "renewal stopped".into(),
-                };
-                warn!(site = %config.site, "link to broker lost: {reason}");
+                LinkEvent::Down { broker, reason } => {
+                    debug!(broker = %broker, %reason, "link down");
+                    links.retain(|(b, _)| *b != broker);
+                    via.retain(|_, b| *b != broker);
+                }
+                LinkEvent::Name(ev) => handle_name_event(ev, &mut names, resolver.as_ref(), &table, &events, tun).await,
+            },
+            _ = expire.tick() => names.expire(Instant::now()),
+            r = async {
+                if block.capacity() < max {
+                    block = BytesMut::with_capacity(TUN_READ_BLOCK);
+                }
+                block.resize(max, 0);
+                tun.recv(&mut block).await
+            } => match r {
+                Ok(n) => {
+                    let pkt = block.split_to(n).freeze();
+                    let dst = sekisho_proto::packet::addresses(&pkt).ok().map(|(_, d)| d);
+                    let conn = dst
+                        .and_then(|d| via.get(&d))
+                        .and_then(|b| links.iter().find(|(l, _)| l == b))
+                        .or_else(|| links.first())
+                        .map(|(_, c)| c);
+                    let Some(conn) = conn else {
+                        no_link += 1;
+                        if no_link.is_power_of_two() {
+                            warn!(no_link, "reply packet while no broker is linked; dropped");
+                        }
+                        continue;
+                    };
+                    match conn.send_datagram(pkt) {
+                        Ok(()) => {}
+                        Err(quinn::SendDatagramError::TooLarge) => {
+                            too_large += 1;
+                            if too_large.is_power_of_two() {
+                                warn!(too_large, size = n, "reply packet larger than the link carries; dropped");
+                            }
+                        }
+                        Err(e) => debug!("cannot send on the link: {e}"),
+                    }
+                }
+                Err(e) => debug!("TUN read error: {e}"),
+            },
+        }
+    }
+}
+
+/// Resolves a name the broker asked for and installs its translation; packets waiting for
+/// it are written out once it is in.
+async fn handle_name_event(
+    ev: NameEvent,
+    names: &mut names::Translations,
+    resolver: Option<&Arc<hickory_resolver::TokioResolver>>,
+    table: &str,
+    events: &tokio::sync::mpsc::Sender<LinkEvent>,
+    tun: &AsyncDevice,
+) {
+    match ev {
+        NameEvent::Map { key, name } => {
+            if names.has(&key, &name) {
+                return;
             }
-            Err(e) => warn!("cannot link to broker {}: {e:#}", config.broker),
+            let Some(resolver) = resolver.cloned() else {
+                names::log_failed(&name, "no resolver");
+                names.failed(&key);
+                return;
+            };
+            let previous = names.previous(&key);
+            let events = events.clone();
+            let table = table.to_string();
+            tokio::spawn(async move {
+                let result = match names::resolve(&resolver, &name).await {
+                    Ok(real) => nft(&names::map_script(&table, &key, real, previous))
+                        .await
+                        .map(|()| real)
+                        .map_err(|e| format!("{e:#}")),
+                    Err(e) => Err(e),
+                };
+                let _ = events
+                    .send(LinkEvent::Name(NameEvent::Done { key, name, result }))
+                    .await;
+            });
         }
-        if started.elapsed() > Duration::from_secs(30) {
-            backoff = Duration::from_millis(250);
-        }
-        let jitter = rand::thread_rng().gen_range(0.8..1.2);
-        let wait = backoff.mul_f64(jitter);
-        debug!(?wait, "reconnecting after backoff");
-        tokio::time::sleep(wait).await;
-        backoff = (backoff * 2).min(max);
+        NameEvent::Done { key, name, result } => match result {
+            Ok(real) => {
+                let waited: Vec<Bytes> = names.installed(key, name.clone(), real);
+                names::log_installed(&name, &key, real, waited.len());
+                for pkt in waited {
+                    if let Err(e) = tun.send(&pkt).await {
+                        debug!("TUN write error: {e}");
+                    }
+                }
+            }
+            Err(e) => {
+                names::log_failed(&name, &e);
+                names.failed(&key);
+            }
+        },
     }
 }
 
@@ -519,11 +726,12 @@ async fn link_loop(config: &ConnectorConfig, tun: &AsyncDevice, netlink: &Netlin
 /// anyone else and is not a listening socket), QUIC with mutual TLS, then the hello exchange.
 async fn connect(
     config: &ConnectorConfig,
+    endpoint_name: &str,
     client_config: &quinn::ClientConfig,
-) -> Result<(quinn::Connection, Vec<IpNet>, Vec<IpNet>)> {
-    let broker: SocketAddr = tokio::net::lookup_host(&config.broker)
+) -> Result<Linked> {
+    let broker: SocketAddr = tokio::net::lookup_host(endpoint_name)
         .await
-        .with_context(|| format!("cannot resolve {:?}", config.broker))?
+        .with_context(|| format!("cannot resolve {endpoint_name:?}"))?
         .next()
         .context("broker name has no address")?;
     let bind: SocketAddr = if broker.is_ipv6() {
@@ -562,8 +770,14 @@ async fn connect(
         BrokerWelcome::Accepted {
             device_ranges,
             app_ranges,
+            brokers,
             ..
-        } => Ok((conn, device_ranges, app_ranges)),
+        } => Ok(Linked {
+            conn,
+            device_ranges,
+            app_ranges,
+            brokers,
+        }),
         BrokerWelcome::Refused { reason } => bail!("broker refused this connector: {reason}"),
     }
 }
@@ -583,113 +797,4 @@ enum NameEvent {
         name: String,
         result: Result<Ipv4Addr, String>,
     },
-}
-
-/// Moves packets between the link and the TUN device until the link ends; installs the name
-/// translations the broker asks for.
-async fn forward(
-    conn: &quinn::Connection,
-    tun: &AsyncDevice,
-    names: &mut names::Translations,
-    resolver: Option<Arc<hickory_resolver::TokioResolver>>,
-    table: &str,
-) -> String {
-    let max = usize::from(TUN_MTU);
-    let mut block = BytesMut::with_capacity(TUN_READ_BLOCK);
-    let mut too_large = 0u64;
-    let (events, mut event_rx) = tokio::sync::mpsc::unbounded_channel::<NameEvent>();
-    let mut expire = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            d = conn.read_datagram() => match d {
-                Ok(pkt) => {
-                    let admit = match sekisho_proto::packet::addresses(&pkt) {
-                        Ok((src, dst)) => names.admit(src, dst, &pkt, Instant::now()),
-                        Err(_) => names::Admit::Forward,
-                    };
-                    if admit == names::Admit::Forward
-                        && let Err(e) = tun.send(&pkt).await
-                    {
-                        debug!("TUN write error: {e}");
-                    }
-                }
-                Err(e) => return e.to_string(),
-            },
-            s = conn.accept_uni() => match s {
-                Ok(mut recv) => {
-                    let events = events.clone();
-                    tokio::spawn(async move {
-                        let Ok(bytes) = recv.read_to_end(MAX_CONTROL_MESSAGE).await else { return };
-                        match serde_json::from_slice::<SiteMessage>(&bytes) {
-                            Ok(SiteMessage::MapName { device, synthetic, name }) => {
-                                let _ = events.send(NameEvent::Map { key: (device, synthetic), name });
-                            }
-                            Err(e) => warn!("malformed message from the broker: {e}"),
-                        }
-                    });
-                }
-                Err(e) => return e.to_string(),
-            },
-            Some(ev) = event_rx.recv() => match ev {
-                NameEvent::Map { key, name } => {
-                    if names.has(&key, &name) {
-                        continue;
-                    }
-                    let Some(resolver) = resolver.clone() else {
-                        names::log_failed(&name, "no resolver");
-                        names.failed(&key);
-                        continue;
-                    };
-                    let previous = names.previous(&key);
-                    let events = events.clone();
-                    let table = table.to_string();
-                    tokio::spawn(async move {
-                        let result = match names::resolve(&resolver, &name).await {
-                            Ok(real) => nft(&names::map_script(&table, &key, real, previous))
-                                .await
-                                .map(|()| real)
-                                .map_err(|e| format!("{e:#}")),
-                            Err(e) => Err(e),
-                        };
-                        let _ = events.send(NameEvent::Done { key, name, result });
-                    });
-                }
-                NameEvent::Done { key, name, result } => match result {
-                    Ok(real) => {
-                        let waited: Vec<Bytes> = names.installed(key, name.clone(), real);
-                        names::log_installed(&name, &key, real, waited.len());
-                        for pkt in waited {
-                            if let Err(e) = tun.send(&pkt).await {
-                                debug!("TUN write error: {e}");
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        names::log_failed(&name, &e);
-                        names.failed(&key);
-                    }
-                },
-            },
-            _ = expire.tick() => names.expire(Instant::now()),
-            r = async {
-                if block.capacity() < max {
-                    block = BytesMut::with_capacity(TUN_READ_BLOCK);
-                }
-                block.resize(max, 0);
-                tun.recv(&mut block).await
-            } => match r {
-                Ok(n) => match conn.send_datagram(block.split_to(n).freeze()) {
-                    Ok(()) => {}
-                    Err(quinn::SendDatagramError::TooLarge) => {
-                        too_large += 1;
-                        if too_large.is_power_of_two() {
-                            warn!(too_large, size = n, "reply packet larger than the link carries; dropped");
-                        }
-                    }
-                    Err(e) => return e.to_string(),
-                },
-                Err(e) => debug!("TUN read error: {e}"),
-            },
-        }
-    }
 }

@@ -117,6 +117,12 @@ pub struct BrokerInfo {
     pub endpoint: String,
     /// The broker's WireGuard public key (base64).
     pub public_key: String,
+    /// The broker's name (its region, say), for status and logs.
+    #[serde(default)]
+    pub name: String,
+    /// The broker's control API URL: devices fall back to it when their own is down.
+    #[serde(default)]
+    pub api_url: String,
 }
 
 /// `POST /v1/enroll/device`. Holds the public key only: the private key never leaves the device.
@@ -142,6 +148,69 @@ pub struct DeviceConfig {
     /// DNS: private zones, filter settings (`GET /v1/device/dns` has the lists' digests).
     #[serde(default)]
     pub dns: crate::policy::UserDns,
+    /// Split or full tunnel, exclusions, local network, lock: the admin's, not the user's.
+    #[serde(default)]
+    pub tunnel: crate::tunnel::UserTunnel,
+    /// Keys admin override codes are signed with (checked offline on the device).
+    #[serde(default)]
+    pub override_keys: Vec<crate::tunnel::OverrideKey>,
+}
+
+/// `POST /v1/admin/devices/{name}/override` (admin): a code that opens the device's kill
+/// switch for `minutes`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverrideRequest {
+    pub minutes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OverrideIssued {
+    pub code: String,
+    pub id: String,
+    pub device: String,
+    pub not_after: u64,
+}
+
+/// `POST /v1/device/override-used` (device credential): the device reports that it used a code.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverrideUsed {
+    pub id: String,
+    pub not_after: u64,
+    pub by: String,
+}
+
+/// In-tunnel status service of a broker (UDP, at the device range's first address): a device
+/// asks with any datagram and gets a [`TunnelStatus`] in JSON.
+pub const STATUS_PORT: u16 = 7444;
+
+/// A flow the broker denied to this device (the latest few are kept per device and session).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Denial {
+    /// Unix seconds.
+    pub at: u64,
+    pub application: Option<String>,
+    pub proto: String,
+    pub dst: IpAddr,
+    pub dport: u16,
+    pub rule: Option<String>,
+    pub reason: String,
+    /// The posture check that failed, when that decided.
+    pub check: Option<String>,
+}
+
+/// What a broker tells a device about its session there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelStatus {
+    /// The broker's name.
+    pub broker: String,
+    /// Latest denials, oldest first.
+    pub denials: Vec<Denial>,
+    /// Expiry of the posture token the broker holds for this device (Unix seconds).
+    pub posture_expires: Option<u64>,
+    /// Checks failing according to that token.
+    pub failing_checks: Vec<String>,
 }
 
 /// `GET /v1/device/dns` (device credential): the user's DNS settings and the blocklists to load.

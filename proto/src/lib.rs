@@ -12,6 +12,8 @@ pub mod link;
 pub mod packet;
 pub mod policy;
 pub mod posture;
+pub mod select;
+pub mod tunnel;
 pub mod wg;
 
 /// OS glue for the client and the connector: TUN devices, addresses and routes (netlink).

@@ -29,6 +29,10 @@ pub enum BrokerWelcome {
         /// connector until a [`SiteMessage::MapName`] says which name they stand for.
         #[serde(default)]
         app_ranges: Vec<IpNet>,
+        /// The connector endpoints (`host:port`) of every broker of the deployment: a
+        /// connector links to all of them, so a client's flows survive the loss of one.
+        #[serde(default)]
+        brokers: Vec<String>,
     },
     Refused {
         reason: String,

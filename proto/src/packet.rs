@@ -369,6 +369,87 @@ pub fn build_udp(
     Some(hl + udp_len)
 }
 
+/// An ICMP or ICMPv6 echo request or reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Echo<'a> {
+    pub request: bool,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub id: u16,
+    pub seq: u16,
+    pub payload: &'a [u8],
+}
+
+/// Reads an echo request or reply (ICMP for IPv4, ICMPv6 for IPv6); None for anything else.
+pub fn echo(pkt: &[u8]) -> Option<Echo<'_>> {
+    let h = ip_header(pkt).ok()?;
+    if h.later_fragment {
+        return None;
+    }
+    let ip_len = match h.src {
+        IpAddr::V4(_) => usize::from(be16(pkt, 2)),
+        IpAddr::V6(_) => 40 + usize::from(be16(pkt, 4)),
+    };
+    let t = pkt.get(h.header_len..ip_len.min(pkt.len()))?;
+    if t.len() < 8 {
+        return None;
+    }
+    let request = match (h.proto, t[0]) {
+        (PROTO_ICMP, 8) | (PROTO_ICMPV6, 128) => true,
+        (PROTO_ICMP, 0) | (PROTO_ICMPV6, 129) => false,
+        _ => return None,
+    };
+    Some(Echo {
+        request,
+        src: h.src,
+        dst: h.dst,
+        id: be16(t, 4),
+        seq: be16(t, 6),
+        payload: &t[8..],
+    })
+}
+
+/// Writes an echo request or reply from `src` to `dst` into `out`; returns its length, or None
+/// when `out` is too small or the families differ.
+pub fn build_echo(
+    src: IpAddr,
+    dst: IpAddr,
+    request: bool,
+    id: u16,
+    seq: u16,
+    payload: &[u8],
+    out: &mut [u8],
+) -> Option<usize> {
+    let v4 = src.is_ipv4();
+    let hl = if v4 { 20 } else { 40 };
+    let len = 8 + payload.len();
+    if v4 != dst.is_ipv4() || out.len() < hl + len || len > usize::from(u16::MAX) - hl {
+        return None;
+    }
+    let proto = if v4 { PROTO_ICMP } else { PROTO_ICMPV6 };
+    write_ip_header(out, src, dst, proto, len);
+    let m = &mut out[hl..hl + len];
+    m[0] = match (v4, request) {
+        (true, true) => 8,
+        (true, false) => 0,
+        (false, true) => 128,
+        (false, false) => 129,
+    };
+    m[1] = 0;
+    m[2..4].fill(0);
+    m[4..6].copy_from_slice(&id.to_be_bytes());
+    m[6..8].copy_from_slice(&seq.to_be_bytes());
+    m[8..].copy_from_slice(payload);
+    let start = if v4 {
+        0
+    } else {
+        pseudo_sum(src, dst, proto, len)
+    };
+    let c = fold(sum16(start, m));
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    Some(hl + len)
+}
+
 /// Builds the answer to the first packet of a denied flow into `out`: a TCP RST for TCP, an ICMP
 /// "communication administratively prohibited" for anything else. Returns the reply's length,
 /// or `None` when no reply is due (the packet is itself an RST or an ICMP error, or unparsable).
@@ -519,6 +600,51 @@ mod tests {
 
     fn checksum_ok(data: &[u8]) -> bool {
         fold(sum16(0, data)) == 0
+    }
+
+    #[test]
+    fn echo_round_trip_v4_and_v6() {
+        let mut out = [0u8; 200];
+        for (a, b) in [
+            (
+                IpAddr::from([100, 118, 0, 2]),
+                IpAddr::from([100, 118, 0, 1]),
+            ),
+            ("fd00::2".parse().unwrap(), "fd00::1".parse().unwrap()),
+        ] {
+            let n = build_echo(a, b, true, 7, 65535, b"probe", &mut out).unwrap();
+            let e = echo(&out[..n]).unwrap();
+            assert_eq!(
+                (e.request, e.src, e.dst, e.id, e.seq),
+                (true, a, b, 7, 65535)
+            );
+            assert_eq!(e.payload, b"probe");
+            let hl = if a.is_ipv4() { 20 } else { 40 };
+            let sum = if a.is_ipv4() {
+                fold(sum16(0, &out[hl..n]))
+            } else {
+                fold(sum16(pseudo_sum(a, b, PROTO_ICMPV6, n - hl), &out[hl..n]))
+            };
+            assert_eq!(sum, 0, "checksum");
+            let PacketKind::Flow(k) = classify(&out[..n]).unwrap() else {
+                panic!()
+            };
+            assert!(k.is_icmp());
+        }
+        // A TCP packet is no echo; a truncated one neither.
+        assert!(echo(&tcp4([1, 1, 1, 1], 1, [2, 2, 2, 2], 2, 0x02, 0)).is_none());
+        let n = build_echo(
+            IpAddr::from([1, 1, 1, 1]),
+            IpAddr::from([2, 2, 2, 2]),
+            false,
+            1,
+            2,
+            b"",
+            &mut out,
+        )
+        .unwrap();
+        assert!(!echo(&out[..n]).unwrap().request);
+        assert!(echo(&out[..n - 1]).is_none());
     }
 
     #[test]

@@ -49,6 +49,38 @@ struct RawPolicy {
     tests: Vec<RawTest>,
     #[serde(default)]
     dns: RawDns,
+    #[serde(default)]
+    tunnels: Vec<RawTunnel>,
+}
+
+/// `[[tunnels]]`: split or full tunnel per group (the first entry naming one of the user's
+/// groups applies; an entry without groups applies to everyone).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTunnel {
+    name: Spanned<String>,
+    #[serde(default)]
+    groups: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    mode: Option<Spanned<String>>,
+    #[serde(default)]
+    exclude: Vec<Spanned<String>>,
+    #[serde(default)]
+    exclude_domains: Vec<Spanned<String>>,
+    #[serde(default)]
+    local_network: Option<Spanned<String>>,
+    #[serde(default)]
+    allow_disable: Option<bool>,
+    #[serde(default)]
+    captive_grace: Option<Spanned<String>>,
+}
+
+/// A checked `[[tunnels]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelRule {
+    /// Empty: everyone.
+    pub groups: Vec<GroupId>,
+    pub settings: crate::tunnel::UserTunnel,
 }
 
 /// `[dns]`: synthetic addresses for name-based applications and the DNS filter.
@@ -537,6 +569,7 @@ pub struct Policy {
     pub levels: [Vec<CheckId>; 3],
     pub tests: Vec<PolicyTest>,
     pub dns: DnsPolicy,
+    pub tunnels: Vec<TunnelRule>,
     device_by_key: HashMap<PublicKeyBytes, DeviceId>,
 }
 
@@ -556,6 +589,10 @@ pub enum Reason {
     NoPosture,
     /// A rule allows it, but this required posture check fails.
     PostureCheck(CheckId),
+    /// No application: internet egress for a full-tunnel user, by this `[[tunnels]]` entry.
+    Egress(u32),
+    /// No application, and the broker does not carry this to the internet.
+    EgressRefused(crate::tunnel::EgressRefusal),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -766,6 +803,7 @@ impl Policy {
     pub fn rule_name(&self, reason: Reason) -> Option<&str> {
         match reason {
             Reason::Rule(r) => Some(self.rules[r as usize].name.as_str()),
+            Reason::Egress(t) => Some(self.tunnels[t as usize].settings.name.as_str()),
             _ => None,
         }
     }
@@ -783,6 +821,8 @@ impl Policy {
                 "no valid posture token for an application that requires posture checks"
             }
             Reason::PostureCheck(_) => "posture check failed",
+            Reason::Egress(_) => "internet egress (full tunnel)",
+            Reason::EgressRefused(r) => r.text(),
         }
     }
 
@@ -1007,17 +1047,57 @@ impl Policy {
                     },
                 }
             }
-            None => Decision {
-                action: Action::Deny,
-                application: named.or_else(|| {
+            None => {
+                let application = named.or_else(|| {
                     self.applications
                         .iter()
                         .position(|a| a.matches(key))
                         .map(|a| a as AppId)
-                }),
-                reason: Reason::DefaultDeny,
-            },
+                });
+                // Not an application at all: the internet, for a full-tunnel user.
+                if application.is_none()
+                    && let Some(t) = self.tunnel_rule_for_user(user_id)
+                    && self.tunnels[t as usize].settings.mode == crate::tunnel::TunnelMode::Full
+                    && !self.device_range.contains(&key.dst)
+                    && !IpNet::V4(self.dns.app_range).contains(&key.dst)
+                {
+                    return match crate::tunnel::egress_check(key) {
+                        Ok(()) => Decision {
+                            action: Action::Allow,
+                            application: None,
+                            reason: Reason::Egress(t),
+                        },
+                        Err(r) => Decision {
+                            action: Action::Deny,
+                            application: None,
+                            reason: Reason::EgressRefused(r),
+                        },
+                    };
+                }
+                Decision {
+                    action: Action::Deny,
+                    application,
+                    reason: Reason::DefaultDeny,
+                }
+            }
         }
+    }
+
+    /// The `[[tunnels]]` entry for `user`: the first naming one of their groups, or one
+    /// without groups.
+    fn tunnel_rule_for_user(&self, user: UserId) -> Option<u32> {
+        let u = &self.users[user as usize];
+        self.tunnels
+            .iter()
+            .position(|t| t.groups.is_empty() || t.groups.iter().any(|g| u.groups.contains(g)))
+            .map(|t| t as u32)
+    }
+
+    /// The tunnel settings of `user`'s devices (defaults: split tunnel, no lock).
+    pub fn tunnel_for_user(&self, user: UserId) -> crate::tunnel::UserTunnel {
+        self.tunnel_rule_for_user(user)
+            .map(|t| self.tunnels[t as usize].settings.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -1391,10 +1471,12 @@ fn compile(src: &Source, raw: RawPolicy) -> Result<Policy, ConfigError> {
     }
 
     let dns = compile_dns(src, &raw.dns, &groups, device_range)?;
+    let tunnels = compile_tunnels(src, &raw.tunnels, &groups)?;
 
     Ok(Policy {
         tests,
         dns,
+        tunnels,
         device_range,
         posture_checks,
         levels,
@@ -1410,6 +1492,90 @@ fn compile(src: &Source, raw: RawPolicy) -> Result<Policy, ConfigError> {
         rules,
         device_by_key,
     })
+}
+
+fn compile_tunnels(
+    src: &Source,
+    raw: &[RawTunnel],
+    groups: &Names,
+) -> Result<Vec<TunnelRule>, ConfigError> {
+    use crate::tunnel::{LocalNetwork, TunnelMode, UserTunnel};
+    Names::build(src, "tunnel", "tunnels", raw.iter().map(|t| &t.name))?;
+    let mut out = Vec::new();
+    for (i, t) in raw.iter().enumerate() {
+        let f = |n: &str| format!("tunnels[{i}].{n}");
+        let gs = match &t.groups {
+            None => Vec::new(),
+            Some(g) => groups.get_all(src, &f("groups"), g)?,
+        };
+        let mode = match t.mode.as_ref().map(|m| (m, m.get_ref().as_str())) {
+            None | Some((_, "include")) => TunnelMode::Include,
+            Some((_, "full")) => TunnelMode::Full,
+            Some((m, _)) => {
+                return Err(src.error(Some(m.span()), f("mode"), "\"include\" or \"full\""));
+            }
+        };
+        let local_network = match t.local_network.as_ref().map(|m| (m, m.get_ref().as_str())) {
+            None | Some((_, "allow")) => LocalNetwork::Allow,
+            Some((_, "block")) => LocalNetwork::Block,
+            Some((m, _)) => {
+                return Err(src.error(
+                    Some(m.span()),
+                    f("local_network"),
+                    "\"allow\" or \"block\"",
+                ));
+            }
+        };
+        let mut exclude = Vec::new();
+        for (j, c) in t.exclude.iter().enumerate() {
+            let net: IpNet = c.get_ref().trim().parse().map_err(|_| {
+                src.error(
+                    Some(c.span()),
+                    format!("tunnels[{i}].exclude[{j}]"),
+                    "a network like \"198.51.100.0/24\"",
+                )
+            })?;
+            exclude.push(net.trunc());
+        }
+        let mut exclude_domains = Vec::new();
+        for (j, d) in t.exclude_domains.iter().enumerate() {
+            let text = d.get_ref().trim().trim_start_matches("*.");
+            let n = crate::dns::normalize_pattern(text).map_err(|e| {
+                src.error(
+                    Some(d.span()),
+                    format!("tunnels[{i}].exclude_domains[{j}]"),
+                    e,
+                )
+            })?;
+            exclude_domains.push(n);
+        }
+        let captive_grace_secs = match &t.captive_grace {
+            None => 0,
+            Some(g) => humantime::parse_duration(g.get_ref())
+                .map(|d| d.as_secs())
+                .map_err(|_| {
+                    src.error(
+                        Some(g.span()),
+                        f("captive_grace"),
+                        "a duration like \"5m\" (or \"0s\" for none)",
+                    )
+                })?,
+        };
+        out.push(TunnelRule {
+            groups: gs,
+            settings: UserTunnel {
+                name: t.name.get_ref().clone(),
+                mode,
+                exclude,
+                exclude_domains,
+                local_network,
+                // A full tunnel stays closed when the client stops, unless the admin says so.
+                allow_disable: t.allow_disable.unwrap_or(mode == TunnelMode::Include),
+                captive_grace_secs,
+            },
+        });
+    }
+    Ok(out)
 }
 
 fn compile_dns(

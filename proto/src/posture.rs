@@ -158,6 +158,11 @@ impl TokenSigner {
         self.key.verifying_key()
     }
 
+    /// An Ed25519 signature of `data` with this key.
+    pub fn sign(&self, data: &[u8]) -> Signature {
+        self.key.sign(data)
+    }
+
     /// Signs `claims` (its `kid` is set to this key's).
     pub fn issue(&self, mut claims: PostureClaims) -> String {
         claims.kid = self.kid.clone();

@@ -21,6 +21,60 @@ pub enum SysError {
     Netlink(String),
     #[error("no network interface named {0:?}")]
     NoSuchLink(String),
+    #[error("cannot run `nft` (install the nftables package): {0}")]
+    NftMissing(std::io::Error),
+    #[error("nft failed: {0}")]
+    Nft(String),
+    #[error(
+        "cannot enable IPv4 forwarding (in a container, set the sysctl net.ipv4.ip_forward=1): {0}"
+    )]
+    Forwarding(std::io::Error),
+}
+
+/// Runs an nftables script (`nft -f -`), atomically: all of it applies or none.
+pub async fn nft(script: &str) -> Result<(), SysError> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(SysError::NftMissing)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .await
+            .map_err(|e| SysError::Nft(e.to_string()))?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| SysError::Nft(e.to_string()))?;
+    if !out.status.success() {
+        return Err(SysError::Nft(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// The script that removes table `family name` if it exists (and nothing else).
+pub fn nft_delete_table(family: &str, name: &str) -> String {
+    format!("table {family} {name} {{}}\ndelete table {family} {name}\n")
+}
+
+/// Turns on IPv4 forwarding in this network namespace; true when it was off.
+pub fn enable_ipv4_forwarding() -> Result<bool, SysError> {
+    let path = "/proc/sys/net/ipv4/ip_forward";
+    if std::fs::read_to_string(path)
+        .map(|v| v.trim() == "1")
+        .unwrap_or(false)
+    {
+        return Ok(false);
+    }
+    std::fs::write(path, "1").map_err(SysError::Forwarding)?;
+    Ok(true)
 }
 
 /// Creates a TUN device (no packet-information header), sets its MTU and brings it up.
@@ -34,6 +88,16 @@ pub fn create_tun(name: &str, mtu: u16) -> Result<AsyncDevice, SysError> {
             name: name.to_string(),
             source,
         })
+}
+
+/// A policy routing rule (see [`Netlink::add_rule`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rule {
+    pub priority: u32,
+    pub table: u32,
+    pub v6: bool,
+    pub not_fwmark: Option<u32>,
+    pub suppress_prefixlength: Option<u32>,
 }
 
 /// A netlink connection for addresses and routes.
@@ -104,6 +168,115 @@ impl Netlink {
             .execute()
             .await
             .map_err(nl)
+    }
+
+    /// Routes `net` into the interface in routing table `table`.
+    pub async fn add_table_route(
+        &self,
+        index: u32,
+        net: IpNet,
+        table: u32,
+    ) -> Result<(), SysError> {
+        let msg = match net.trunc() {
+            IpNet::V4(n) => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+                .destination_prefix(n.network(), n.prefix_len())
+                .output_interface(index)
+                .table_id(table)
+                .build(),
+            IpNet::V6(n) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                .destination_prefix(n.network(), n.prefix_len())
+                .output_interface(index)
+                .table_id(table)
+                .build(),
+        };
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl)
+    }
+
+    /// Adds a policy routing rule at `priority`: packets (of one family) look up `table`;
+    /// `not_fwmark`: only those without this mark; `suppress_prefixlength`: ignore routes with
+    /// a prefix this short or shorter (0: the default route) found there.
+    pub async fn add_rule(&self, rule: &Rule) -> Result<(), SysError> {
+        use rtnetlink::packet_route::rule::{RuleAttribute, RuleFlags};
+        let base = self
+            .handle
+            .rule()
+            .add()
+            .table_id(rule.table)
+            .priority(rule.priority);
+        let adjust = |msg: &mut rtnetlink::packet_route::rule::RuleMessage| {
+            if let Some(mark) = rule.not_fwmark {
+                msg.attributes.push(RuleAttribute::FwMark(mark));
+                msg.attributes.push(RuleAttribute::FwMask(0xffff_ffff));
+                msg.header.flags |= RuleFlags::Invert;
+            }
+            if let Some(len) = rule.suppress_prefixlength {
+                msg.attributes.push(RuleAttribute::SuppressPrefixLen(len));
+            }
+        };
+        let result = if rule.v6 {
+            let mut r = base.v6();
+            adjust(r.message_mut());
+            r.execute().await
+        } else {
+            let mut r = base.v4();
+            adjust(r.message_mut());
+            r.execute().await
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -EEXIST => Ok(()),
+            Err(e) => Err(nl(e)),
+        }
+    }
+
+    /// Removes every rule (both families) whose priority is in `priorities`.
+    pub async fn del_rules(&self, priorities: &[u32]) -> Result<(), SysError> {
+        use rtnetlink::IpVersion;
+        use rtnetlink::packet_route::rule::RuleAttribute;
+        for version in [IpVersion::V4, IpVersion::V6] {
+            let mut rules = self.handle.rule().get(version).execute();
+            let mut doomed = Vec::new();
+            while let Some(r) = rules.try_next().await.map_err(nl)? {
+                let prio = r.attributes.iter().find_map(|a| match a {
+                    RuleAttribute::Priority(p) => Some(*p),
+                    _ => None,
+                });
+                if prio.is_some_and(|p| priorities.contains(&p)) {
+                    doomed.push(r);
+                }
+            }
+            for r in doomed {
+                self.handle.rule().del(r).execute().await.map_err(nl)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The addresses with prefix of every interface but `except` (the local networks).
+    pub async fn local_networks(&self, except: u32) -> Result<Vec<IpNet>, SysError> {
+        use rtnetlink::packet_route::address::AddressAttribute;
+        let mut out = Vec::new();
+        let mut addrs = self.handle.address().get().execute();
+        while let Some(a) = addrs.try_next().await.map_err(nl)? {
+            if a.header.index == except {
+                continue;
+            }
+            for attr in &a.attributes {
+                if let AddressAttribute::Address(ip) = attr
+                    && !ip.is_loopback()
+                    && let Ok(net) = IpNet::new(*ip, a.header.prefix_len)
+                {
+                    out.push(net);
+                }
+            }
+        }
+        Ok(out)
     }
 
     pub async fn del_route(&self, index: u32, net: IpNet) -> Result<(), SysError> {

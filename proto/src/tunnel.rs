@@ -1,0 +1,365 @@
+//! What the admin decides about a device's tunnel: split (include) or full, exclusions, local
+//! network access, whether stopping the client opens the device, the captive-portal grace; the
+//! broker's internet-egress check; and admin override codes that open a locked device for a
+//! while. Pure: no sockets, no clocks.
+
+use std::net::IpAddr;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::packet::{FlowKey, PROTO_TCP, PROTO_UDP};
+use crate::posture::TokenSigner;
+
+/// Which traffic goes through the tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelMode {
+    /// Only the applications' ranges and the broker's services (split tunnel).
+    #[default]
+    Include,
+    /// Everything, with the broker as the way to the internet; fails closed.
+    Full,
+}
+
+/// Whether the device may talk to its own local networks (home NAS, printer) in full mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalNetwork {
+    #[default]
+    Allow,
+    Block,
+}
+
+/// The tunnel settings of one user's devices, pushed with the policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserTunnel {
+    /// The `[[tunnels]]` entry that applies (empty: none, the defaults).
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub mode: TunnelMode,
+    /// Networks that go direct, outside the tunnel (full mode).
+    #[serde(default)]
+    pub exclude: Vec<IpNet>,
+    /// Names (and their subdomains) whose addresses go direct, as the DNS stub resolves them.
+    #[serde(default)]
+    pub exclude_domains: Vec<String>,
+    #[serde(default)]
+    pub local_network: LocalNetwork,
+    /// Stopping the client removes the kill switch. When false, a stopped client leaves the
+    /// device closed (full mode).
+    #[serde(default = "yes")]
+    pub allow_disable: bool,
+    /// How long a user may open the device to sign in to a captive portal while the tunnel is
+    /// down (seconds; 0: never).
+    #[serde(default)]
+    pub captive_grace_secs: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for UserTunnel {
+    fn default() -> Self {
+        UserTunnel {
+            name: String::new(),
+            mode: TunnelMode::Include,
+            exclude: Vec::new(),
+            exclude_domains: Vec::new(),
+            local_network: LocalNetwork::Allow,
+            allow_disable: true,
+            captive_grace_secs: 0,
+        }
+    }
+}
+
+impl UserTunnel {
+    /// True when `name` is one of the excluded domains or below one.
+    pub fn domain_excluded(&self, name: &str) -> bool {
+        let name = name.trim_end_matches('.');
+        self.exclude_domains.iter().any(|d| {
+            name.len() >= d.len()
+                && name[name.len() - d.len()..].eq_ignore_ascii_case(d)
+                && (name.len() == d.len() || name.as_bytes()[name.len() - d.len() - 1] == b'.')
+        })
+    }
+}
+
+/// Why the broker does not carry a full-tunnel flow to the internet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EgressRefusal {
+    /// Private, shared, loopback, link-local, multicast or reserved destination: the broker's
+    /// own networks are not the internet.
+    PrivateAddress,
+    /// DNS or DNS over TLS to a server of the user's choosing: names go through the device's
+    /// filtering resolver.
+    DnsBypass,
+}
+
+impl EgressRefusal {
+    pub fn text(self) -> &'static str {
+        match self {
+            EgressRefusal::PrivateAddress => "internet egress refused: not a public address",
+            EgressRefusal::DnsBypass => {
+                "internet egress refused: DNS must go through the Sekisho resolver"
+            }
+        }
+    }
+}
+
+/// True for destinations that are not the public internet.
+pub fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            a.is_private()
+                || a.is_loopback()
+                || a.is_link_local()
+                || a.is_multicast()
+                || a.is_broadcast()
+                || a.is_unspecified()
+                || o[0] == 0
+                || (o[0] == 100 && (64..128).contains(&o[1])) // shared (CGNAT, overlays)
+                || o[0] >= 240
+        }
+        IpAddr::V6(a) => {
+            let s = a.segments();
+            a.is_loopback()
+                || a.is_unspecified()
+                || a.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00 // unique local
+                || (s[0] & 0xffc0) == 0xfe80 // link local
+                || a.to_ipv4_mapped().is_some()
+        }
+    }
+}
+
+/// May the broker carry `key` to the internet for a full-tunnel device?
+pub fn egress_check(key: &FlowKey) -> Result<(), EgressRefusal> {
+    if is_private(key.dst) {
+        return Err(EgressRefusal::PrivateAddress);
+    }
+    if (key.proto == PROTO_UDP || key.proto == PROTO_TCP) && (key.dport == 53 || key.dport == 853) {
+        return Err(EgressRefusal::DnsBypass);
+    }
+    Ok(())
+}
+
+// ---- override codes ----
+
+/// Prefix of admin override codes.
+pub const OVERRIDE_PREFIX: &str = "SKO1";
+
+/// What an override code says: this device may run open until `not_after`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverrideClaims {
+    /// A random id, to find the code in the audit log.
+    pub id: String,
+    pub device: String,
+    /// Unix seconds.
+    pub not_after: u64,
+    /// The admin who issued it.
+    pub by: String,
+    /// Key id of the signing key.
+    pub kid: String,
+}
+
+/// Why an override code was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OverrideError {
+    #[error("not an override code (they start with \"SKO1.\")")]
+    Malformed,
+    #[error("the code is not signed by this deployment")]
+    BadSignature,
+    #[error("the code is for device {0:?}, not this one")]
+    WrongDevice(String),
+    #[error("the code expired {0} s ago")]
+    Expired(u64),
+}
+
+/// Signs an override code.
+pub fn issue_override(signer: &TokenSigner, mut claims: OverrideClaims) -> String {
+    claims.kid = signer.kid().to_string();
+    let body = B64.encode(serde_json::to_vec(&claims).unwrap_or_default());
+    let sig = signer.sign(body.as_bytes());
+    format!("{OVERRIDE_PREFIX}.{body}.{}", B64.encode(sig.to_bytes()))
+}
+
+/// A public key override codes may be signed with: `kid` and the Ed25519 key (base64url).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverrideKey {
+    pub kid: String,
+    pub key: String,
+}
+
+impl OverrideKey {
+    pub fn of(signer: &TokenSigner) -> Self {
+        OverrideKey {
+            kid: signer.kid().to_string(),
+            key: B64.encode(signer.public().to_bytes()),
+        }
+    }
+}
+
+/// Checks `code` for `device` at Unix time `now` against `keys`; works offline.
+pub fn verify_override(
+    keys: &[OverrideKey],
+    code: &str,
+    device: &str,
+    now: u64,
+) -> Result<OverrideClaims, OverrideError> {
+    let code = code.trim();
+    if code.len() > 2048 {
+        return Err(OverrideError::Malformed);
+    }
+    let rest = code
+        .strip_prefix(OVERRIDE_PREFIX)
+        .and_then(|r| r.strip_prefix('.'))
+        .ok_or(OverrideError::Malformed)?;
+    let (body, sig) = rest.split_once('.').ok_or(OverrideError::Malformed)?;
+    let claims: OverrideClaims = B64
+        .decode(body)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or(OverrideError::Malformed)?;
+    let sig: [u8; 64] = B64
+        .decode(sig)
+        .ok()
+        .and_then(|s| s.try_into().ok())
+        .ok_or(OverrideError::Malformed)?;
+    let key = keys
+        .iter()
+        .filter(|k| k.kid == claims.kid)
+        .find_map(|k| {
+            let bytes: [u8; 32] = B64.decode(&k.key).ok()?.try_into().ok()?;
+            VerifyingKey::from_bytes(&bytes).ok()
+        })
+        .ok_or(OverrideError::BadSignature)?;
+    key.verify(body.as_bytes(), &Signature::from_bytes(&sig))
+        .map_err(|_| OverrideError::BadSignature)?;
+    if claims.device != device {
+        return Err(OverrideError::WrongDevice(claims.device));
+    }
+    if now >= claims.not_after {
+        return Err(OverrideError::Expired(now - claims.not_after));
+    }
+    Ok(claims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(dst: [u8; 4], proto: u8, dport: u16) -> FlowKey {
+        FlowKey {
+            proto,
+            src: IpAddr::from([100, 118, 0, 2]),
+            dst: IpAddr::from(dst),
+            sport: 40000,
+            dport,
+        }
+    }
+
+    #[test]
+    fn egress_is_public_addresses_only_and_no_dns() {
+        assert_eq!(egress_check(&key([203, 0, 113, 80], PROTO_TCP, 80)), Ok(()));
+        assert_eq!(egress_check(&key([8, 8, 8, 8], PROTO_TCP, 443)), Ok(()));
+        for private in [
+            [10, 20, 0, 10],
+            [192, 168, 1, 5],
+            [172, 16, 0, 1],
+            [100, 118, 0, 1],
+            [127, 0, 0, 1],
+            [169, 254, 1, 1],
+            [224, 0, 0, 251],
+            [255, 255, 255, 255],
+            [0, 1, 2, 3],
+        ] {
+            assert_eq!(
+                egress_check(&key(private, PROTO_TCP, 80)),
+                Err(EgressRefusal::PrivateAddress),
+                "{private:?}"
+            );
+        }
+        assert_eq!(
+            egress_check(&key([8, 8, 8, 8], PROTO_UDP, 53)),
+            Err(EgressRefusal::DnsBypass)
+        );
+        assert_eq!(
+            egress_check(&key([8, 8, 8, 8], PROTO_TCP, 853)),
+            Err(EgressRefusal::DnsBypass)
+        );
+        assert!(is_private("fd00::1".parse().unwrap()));
+        assert!(is_private("fe80::1".parse().unwrap()));
+        assert!(!is_private("2001:db8::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn excluded_domains_cover_subdomains_at_label_boundaries() {
+        let t = UserTunnel {
+            exclude_domains: vec!["video.example".into()],
+            ..Default::default()
+        };
+        assert!(t.domain_excluded("video.example"));
+        assert!(t.domain_excluded("cdn.VIDEO.example."));
+        assert!(!t.domain_excluded("badvideo.example"));
+        assert!(!t.domain_excluded("example"));
+    }
+
+    #[test]
+    fn override_codes_are_bound_to_device_key_and_time() {
+        let signer = TokenSigner::generate();
+        let keys = vec![OverrideKey::of(&signer)];
+        let code = issue_override(
+            &signer,
+            OverrideClaims {
+                id: "abc".into(),
+                device: "alice-laptop".into(),
+                not_after: 1000,
+                by: "admin".into(),
+                kid: String::new(),
+            },
+        );
+        let ok = verify_override(&keys, &code, "alice-laptop", 999).unwrap();
+        assert_eq!(ok.id, "abc");
+        assert_eq!(
+            verify_override(&keys, &code, "alice-laptop", 1000),
+            Err(OverrideError::Expired(0))
+        );
+        assert_eq!(
+            verify_override(&keys, &code, "bob-laptop", 10),
+            Err(OverrideError::WrongDevice("alice-laptop".into()))
+        );
+        let other = vec![OverrideKey::of(&TokenSigner::generate())];
+        assert_eq!(
+            verify_override(&other, &code, "alice-laptop", 10),
+            Err(OverrideError::BadSignature)
+        );
+        // A changed claim breaks the signature.
+        let (_, rest) = code.split_once('.').unwrap();
+        let (_, sig) = rest.split_once('.').unwrap();
+        let forged = OverrideClaims {
+            id: "abc".into(),
+            device: "alice-laptop".into(),
+            not_after: u64::MAX,
+            by: "admin".into(),
+            kid: signer.kid().into(),
+        };
+        let forged = format!(
+            "SKO1.{}.{sig}",
+            B64.encode(serde_json::to_vec(&forged).unwrap())
+        );
+        assert_eq!(
+            verify_override(&keys, &forged, "alice-laptop", 10),
+            Err(OverrideError::BadSignature)
+        );
+        for junk in ["", "SKO1", "SKO1.x.y", "SKD1.a.b", &"A".repeat(5000)] {
+            assert!(verify_override(&keys, junk, "alice-laptop", 10).is_err());
+        }
+    }
+}
