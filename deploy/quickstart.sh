@@ -34,6 +34,11 @@
 #                       certificate lifetime (default 30d)
 #   SK_EDR_NAME         process name of the stand-in EDR agent (default sk-edr-agent)
 #   SK_DNS_REFRESH      how often clients look for new DNS settings and lists (default 1h)
+#   SK_BROKERS=2        a second broker (sk-broker2, 10.99.8.2) sharing the first one's
+#                       SQLite store: devices and the connector use both
+#   SK_BROKER_DELAY_MS  one-way delays to the brokers, like "30 0": each nonzero one puts a
+#                       userspace UDP delay relay (tests/tools/udp_delay.py) on the internet
+#                       router, at 10.99.0.(51+i):51820, and that is the endpoint devices get
 set -euo pipefail
 
 P=${SK_PREFIX:-sk-}
@@ -86,16 +91,57 @@ link() {
     ip -n "$(ns "$4")" link set "$5" up
 }
 
-HOSTS="laptop laptop2 inet broker site app"
+NBROKERS=${SK_BROKERS:-1}
+BROKERS="broker"
+if [ "$NBROKERS" -ge 2 ]; then BROKERS="broker broker2"; fi
+HOSTS="laptop laptop2 inet $BROKERS site app nas web"
+# Every host this script may have made (down removes what exists of them).
+ALL_HOSTS="laptop laptop2 inet broker broker2 site app nas web"
+
+# Broker i (1 or 2): its host, address, and the WireGuard endpoint devices are given.
+broker_host() { if [ "$1" = 1 ]; then echo broker; else echo "broker$1"; fi; }
+broker_addr() { if [ "$1" = 1 ]; then echo 10.99.2.2; else echo 10.99.8.2; fi; }
+broker_delay() { local d; read -r -a d <<<"${SK_BROKER_DELAY_MS:-}"; echo "${d[$(($1 - 1))]:-0}"; }
+broker_wg_endpoint() {
+    if [ "$(broker_delay "$1")" != 0 ]; then echo "10.99.0.$((50 + $1)):51820"; else echo "$(broker_addr "$1"):51820"; fi
+}
 
 topology() {
     for h in $HOSTS; do
         ip netns add "$(ns "$h")"
         ip -n "$(ns "$h")" link set lo up
     done
-    link inet to-laptop 10.99.1.1/24 laptop eth0 10.99.1.2/24
+    # alice's home network: the laptop and a NAS on one bridge, the router's side of it.
+    ip -n "$(ns inet)" link add lan0 type bridge
+    ip -n "$(ns inet)" addr add 10.99.1.1/24 dev lan0
+    ip -n "$(ns inet)" link set lan0 up
+    ip link add to-laptop netns "$(ns inet)" type veth peer name eth0 netns "$(ns laptop)"
+    ip link add to-nas netns "$(ns inet)" type veth peer name eth0 netns "$(ns nas)"
+    ip -n "$(ns laptop)" addr add 10.99.1.2/24 dev eth0
+    ip -n "$(ns nas)" addr add 10.99.1.50/24 dev eth0
+    for p in to-laptop to-nas; do
+        ip -n "$(ns inet)" link set "$p" master lan0
+        ip -n "$(ns inet)" link set "$p" up
+    done
+    ip -n "$(ns laptop)" link set eth0 up
+    ip -n "$(ns nas)" link set eth0 up
+    ip -n "$(ns nas)" route add default via 10.99.1.1
+    # Public web servers "on the internet" (documentation ranges, only inside these namespaces).
+    link inet to-web 203.0.113.1/24 web eth0 203.0.113.80/24
+    ip -n "$(ns inet)" addr add 198.51.100.1/24 dev to-web
+    ip -n "$(ns inet)" addr add 192.0.2.1/24 dev to-web
+    ip -n "$(ns web)" addr add 198.51.100.80/24 dev eth0
+    ip -n "$(ns web)" addr add 192.0.2.80/24 dev eth0
+    ip -n "$(ns web)" route add default via 203.0.113.1
     link inet to-laptop2 10.99.4.1/24 laptop2 eth0 10.99.4.2/24
     link inet to-broker 10.99.2.1/24 broker eth0 10.99.2.2/24
+    if [ "$NBROKERS" -ge 2 ]; then
+        link inet to-broker2 10.99.8.1/24 broker2 eth0 10.99.8.2/24
+        ip -n "$(ns broker2)" route add default via 10.99.8.1
+    fi
+    for i in 1 2; do
+        if [ "$(broker_delay $i)" != 0 ]; then ip -n "$(ns inet)" addr add "10.99.0.$((50 + i))/32" dev lo; fi
+    done
     link inet to-site 10.99.3.1/24 site eth0 10.99.3.2/24
     link site priv0 10.20.0.1/24 app eth0 10.20.0.10/24
     ip -n "$(ns laptop)" route add default via 10.99.1.1
@@ -125,7 +171,12 @@ configure() {
     chmod 600 "$STATE/broker.key"
     # The CA signs the broker's certificate (for connectors and the HTTPS control API) and,
     # at enrollment, the connectors' certificates.
-    "$BIN/sekisho-broker" pki init --dir "$pki" --name broker.sekisho.internal --name 10.99.2.2
+    "$BIN/sekisho-broker" pki init --dir "$pki" --name broker.sekisho.internal --name 10.99.2.2 \
+        --name 10.99.8.2
+    if [ "$NBROKERS" -ge 2 ]; then
+        "$BIN/sekisho-broker" genkey >"$STATE/broker2.key"
+        chmod 600 "$STATE/broker2.key"
+    fi
     sed -e "s|@EDR@|$EDR|" -e "s|@DNS_REFRESH@|${SK_DNS_REFRESH:-1h}|" \
         "$HERE/demo/policy.toml" >"$STATE/policy.toml"
     mkdir -p "$STATE/lists"
@@ -135,15 +186,38 @@ configure() {
     # large for UDP). Any other name does not exist (NXDOMAIN).
     {
         echo "10.99.5.80 www.public.example blocked.example partner.example later.example"
+        echo "203.0.113.80 web.public.example"
+        echo "192.0.2.80 cdn.video.example"
         for i in $(seq 1 100); do echo "10.99.6.$i big.public.example"; done
     } >"$STATE/inet-hosts"
-    cat >"$STATE/broker.toml" <<EOF
-private_key_file = "broker.key"
+    local i
+    for i in $(seq 1 "$NBROKERS"); do
+        broker_config "$i"
+    done
+    mkdir -p "$STATE/www" "$STATE/edr" "$STATE/tokens" "$STATE/www-nas" "$STATE/www-web"
+    echo "Hello from the private app behind Sekisho" >"$STATE/www/index.html"
+    echo "Hello from the NAS on alice's home network" >"$STATE/www-nas/index.html"
+    echo "Hello from a public web server" >"$STATE/www-web/index.html"
+    head -c 10485760 /dev/urandom >"$STATE/www-web/10mb.bin"
+    head -c 10485760 /dev/urandom >"$STATE/www/10mb.bin"
+    cp "$(command -v sleep)" "$STATE/edr/$EDR"
+}
+
+# broker_config I: the config of broker I. Brokers share the store (one SQLite file here;
+# PostgreSQL for a real cluster), the CA and so the devices and policy; each has its own
+# WireGuard key and registers itself, so devices and the connector learn every broker.
+broker_config() {
+    local i=$1 addr name conf key sock
+    addr=$(broker_addr "$i")
+    if [ "$i" = 1 ]; then name=broker; else name="broker$i"; fi
+    conf="$STATE/$name.toml"; key="$name.key"; sock="$name.sock"
+    cat >"$conf" <<EOF
+private_key_file = "$key"
 listen_wireguard = "0.0.0.0:51820"
 listen_connectors = "0.0.0.0:4433"
 policy = "policy.toml"
-decision_log = "decisions.jsonl"
-control_socket = "broker.sock"
+decision_log = "decisions-$name.jsonl"
+control_socket = "$sock"
 
 [tls]
 ca = "pki/ca.pem"
@@ -151,21 +225,25 @@ cert = "pki/broker.pem"
 key = "pki/broker.key"
 
 [control]
-listen = "10.99.2.2:8443"
-url = "https://10.99.2.2:8443"
+name = "region-$i"
+listen = "$addr:8443"
+url = "https://$addr:8443"
 database = "sqlite://broker.db"
 ca_key = "pki/ca.key"
-wireguard_endpoint = "10.99.2.2:51820"
-connector_endpoint = "10.99.2.2:4433"
+wireguard_endpoint = "$(broker_wg_endpoint "$i")"
+connector_endpoint = "$addr:4433"
 posture_token_lifetime = "${SK_TOKEN_LIFETIME:-5m}"
 connector_cert_lifetime = "${SK_CERT_LIFETIME:-30d}"
 admin_token_file = "admin.token"
 audit_log = "audit.jsonl"
+
+# Internet egress for full-tunnel devices (source NAT through eth0).
+[egress]
+interface = "sekisho-egress"
+uplink = "eth0"
 EOF
-    mkdir -p "$STATE/www" "$STATE/edr" "$STATE/tokens"
-    echo "Hello from the private app behind Sekisho" >"$STATE/www/index.html"
-    head -c 10485760 /dev/urandom >"$STATE/www/10mb.bin"
-    cp "$(command -v sleep)" "$STATE/edr/$EDR"
+    # The first broker's decision log keeps its historical name.
+    if [ "$i" = 1 ]; then sed -i 's|decisions-broker.jsonl|decisions.jsonl|' "$conf"; fi
 }
 
 # The admin CLI, on the broker host (the API listens on the broker's address).
@@ -186,6 +264,9 @@ enroll_all() {
         inns "${who##*:}" "$BIN/sekisho-client" enroll --server https://10.99.2.2:8443 \
             --token "$t" --name "${who%%:*}-laptop" --dir "$STATE/${who%%:*}" \
             --check-interval "${SK_CHECK_INTERVAL:-2s}" >/dev/null
+        # Two clients on one machine: each its own control socket.
+        sed -i "s|^control_socket = .*|control_socket = \"$STATE/${who%%:*}/client.sock\"|" \
+            "$STATE/${who%%:*}/client.toml"
     done
     t=$(admin token create --site dc1 --ttl 10m)
     echo "$t" >"$STATE/tokens/dc1.token"
@@ -196,6 +277,10 @@ enroll_all() {
 daemon_ns() {
     case $1 in
         broker) echo broker ;;
+        broker2) echo broker2 ;;
+        relay1 | relay2) echo inet ;;
+        nas) echo nas ;;
+        web) echo web ;;
         connector) echo site ;;
         client-alice) echo laptop ;;
         client-bob) echo laptop2 ;;
@@ -210,6 +295,13 @@ daemon_ns() {
 daemon_cmd() {
     case $1 in
         broker) echo "$BIN/sekisho-broker run --config $STATE/broker.toml" ;;
+        broker2) echo "$BIN/sekisho-broker run --config $STATE/broker2.toml" ;;
+        relay1 | relay2)
+            local i=${1#relay}
+            echo "python3 $ROOT/tests/tools/udp_delay.py --listen 10.99.0.$((50 + i)):51820 \
+--to $(broker_addr "$i"):51820 --delay-ms $(broker_delay "$i")" ;;
+        nas) echo "python3 $HERE/demo/app-services.py $STATE/www-nas" ;;
+        web) echo "python3 $HERE/demo/app-services.py $STATE/www-web" ;;
         connector) echo "$BIN/sekisho-connector run --config $STATE/connector/connector.toml" ;;
         client-alice) echo "$BIN/sekisho-client run --config $STATE/alice/client.toml" ;;
         client-bob) echo "$BIN/sekisho-client run --config $STATE/bob/client.toml" ;;
@@ -283,9 +375,20 @@ up() {
     start edr
     start site-dns
     start inet-dns
+    start nas
+    start web
     start broker
     wait_for "the broker" 20 test -S "$STATE/broker.sock"
     wait_for "the control API" 20 admin_ready
+    if [ "$NBROKERS" -ge 2 ]; then
+        start broker2
+        wait_for "the second broker" 20 test -S "$STATE/broker2.sock"
+        # Both brokers read the registry every 2 s: let the first one see the second.
+        sleep 3
+    fi
+    for i in 1 2; do
+        if [ "$(broker_delay $i)" != 0 ]; then start "relay$i"; fi
+    done
     enroll_all
     start connector
     start client-alice
@@ -330,8 +433,9 @@ EOF
 
 down() {
     need_root
-    for d in client-alice client-bob connector broker app edr site-dns inet-dns; do stop "$d"; done
-    for h in $HOSTS; do
+    for d in client-alice client-bob connector broker broker2 relay1 relay2 nas web app edr \
+        site-dns inet-dns; do stop "$d"; done
+    for h in $ALL_HOSTS; do
         local n
         n=$(ns "$h")
         if ip netns list | grep -q "^$n\b"; then
@@ -347,7 +451,8 @@ down() {
 status() {
     SK_BIN=${SK_BIN:-$ROOT/target/release}
     binaries
-    for d in broker connector client-alice client-bob app edr site-dns inet-dns; do
+    for d in broker broker2 relay1 relay2 connector client-alice client-bob app nas web edr \
+        site-dns inet-dns; do
         if [ -f "$STATE/$d.pid" ] && kill -0 "$(cat "$STATE/$d.pid")" 2>/dev/null; then
             say "$d: running (pid $(cat "$STATE/$d.pid"))"
         else

@@ -64,6 +64,8 @@ pub struct Control {
     lists: tokio::sync::Mutex<HashMap<String, CachedList>>,
     /// Every broker of the deployment (the store's registry), refreshed by [`Control::registry_loop`].
     brokers: Mutex<Vec<crate::store::BrokerRecord>>,
+    /// The store's fingerprint when this broker's policy was last built from it.
+    synced: tokio::sync::Mutex<Option<String>>,
 }
 
 struct CachedList {
@@ -206,6 +208,7 @@ impl Control {
             policy_dir,
             lists: tokio::sync::Mutex::new(HashMap::new()),
             brokers: Mutex::new(Vec::new()),
+            synced: tokio::sync::Mutex::new(None),
         }))
     }
 
@@ -232,6 +235,9 @@ impl Control {
             if let Err(e) = self.store.register_broker(&own, now_unix()).await {
                 warn!("cannot register this broker in the store: {e:#}");
             }
+            if let Err(e) = self.sync_from_store().await {
+                warn!("cannot follow the store: {e:#}");
+            }
             match self.store.brokers().await {
                 Ok(list) => {
                     let mut cache = self.brokers.lock().unwrap_or_else(|e| e.into_inner());
@@ -244,6 +250,35 @@ impl Control {
             }
             tokio::time::sleep(every).await;
         }
+    }
+
+    /// Rebuilds the policy when the store changed through another broker (devices enrolled
+    /// or revoked, users changed, a new policy version). Polling; a cluster on PostgreSQL
+    /// would rather be told.
+    async fn sync_from_store(&self) -> Result<()> {
+        let now = self.store.fingerprint().await?;
+        let mut synced = self.synced.lock().await;
+        match synced.as_deref() {
+            None => {
+                *synced = Some(now);
+                return Ok(());
+            }
+            Some(s) if s == now => return Ok(()),
+            Some(_) => {}
+        }
+        let _g = self.change.lock().await;
+        if let Some((version, text)) = self.store.latest_policy().await? {
+            let mut current = self.policy_text.lock().unwrap_or_else(|e| e.into_inner());
+            if *current != text {
+                info!(version, "newer policy in the store");
+                *current = text;
+            }
+        }
+        self.rebuild()
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.1))?;
+        *synced = Some(now);
+        Ok(())
     }
 
     /// Every broker of the deployment; this one alone before the registry was read.
@@ -505,6 +540,26 @@ impl Control {
                 .map(|u| policy.tunnel_for_user(u))
                 .unwrap_or_default(),
             override_keys: vec![sekisho_proto::tunnel::OverrideKey::of(&self.signer)],
+            applications: policy
+                .user_by_name(&dev.user)
+                .map(|u| {
+                    policy
+                        .applications
+                        .iter()
+                        .enumerate()
+                        .filter(|(a, _)| policy.user_may_use(u, *a as u32))
+                        .map(|(_, a)| {
+                            let targets: Vec<String> = a
+                                .networks
+                                .iter()
+                                .map(|n| n.to_string())
+                                .chain(a.names.iter().cloned())
+                                .collect();
+                            format!("{} ({})", a.name, targets.join(", "))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 

@@ -336,7 +336,7 @@ async fn run(config_path: &Path) -> Result<()> {
             let control = control::Control::new(opened, shared.clone(), ctl.clone(), broker_key)?;
             let tls = &config.tls;
             control::serve(control.clone(), ctl.listen, &tls.cert, &tls.ca, &tls.key).await?;
-            tokio::spawn(control.clone().registry_loop(Duration::from_secs(10)));
+            tokio::spawn(control.clone().registry_loop(Duration::from_secs(2)));
             Some(control)
         }
         None => None,

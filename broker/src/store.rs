@@ -757,6 +757,27 @@ impl Store {
         Ok(version as u64)
     }
 
+    /// A summary that changes whenever devices, users, groups or the policy change: brokers
+    /// sharing the store compare it to learn of changes made through another broker.
+    pub async fn fingerprint(&self) -> Result<String> {
+        let row = sqlx::query(
+            "SELECT (SELECT COUNT(*) FROM devices), \
+             (SELECT COALESCE(MAX(created_at), 0) FROM devices), \
+             (SELECT COUNT(*) FROM devices WHERE revoked_at IS NOT NULL), \
+             (SELECT COUNT(*) FROM users), \
+             (SELECT COUNT(*) FROM users WHERE disabled <> 0), \
+             (SELECT COUNT(*) FROM user_groups), \
+             (SELECT COALESCE(MAX(version), 0) FROM policies)",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let mut parts = Vec::new();
+        for i in 0..7 {
+            parts.push(row.try_get::<i64, _>(i)?.to_string());
+        }
+        Ok(parts.join("/"))
+    }
+
     // ---- broker registry ----
 
     /// Records (or refreshes) a broker of this deployment: devices and connectors learn every

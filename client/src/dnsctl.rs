@@ -78,7 +78,11 @@ fn udp_upstreams(servers: impl IntoIterator<Item = IpAddr>) -> Vec<String> {
 }
 
 /// Starts the stub on the device's overlay address and points the system at it.
-pub async fn start_dns(d: &DnsConfig, config: &ClientConfig) -> Result<DnsRunning> {
+pub async fn start_dns(
+    d: &DnsConfig,
+    config: &ClientConfig,
+    direct: Arc<crate::killswitch::DirectNames>,
+) -> Result<DnsRunning> {
     let listen = d
         .listen
         .unwrap_or(SocketAddr::new(config.interface.address, DNS_PORT));
@@ -104,11 +108,9 @@ pub async fn start_dns(d: &DnsConfig, config: &ClientConfig) -> Result<DnsRunnin
             DNS_PORT,
         )
     });
-    let stub = Arc::new(Stub::new(
-        (fallback.clone(), resolver),
-        broker,
-        dns_log(&d.log)?,
-    ));
+    let mut stub = Stub::new((fallback.clone(), resolver), broker, dns_log(&d.log)?);
+    stub.set_direct(direct);
+    let stub = Arc::new(stub);
     let serve = stub::serve(stub.clone(), listen);
     let mut tasks = vec![tokio::spawn(async move {
         if let Err(e) = serve.await {

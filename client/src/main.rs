@@ -4,12 +4,14 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+mod dataplane;
 mod dnsctl;
+mod killswitch;
 mod posture;
 mod resolvconf;
+mod status;
 mod stub;
 
 use anyhow::{Context, Result};
@@ -22,7 +24,6 @@ use tracing::{debug, info, warn};
 use sekisho_proto::config::{ConfigError, load_toml};
 use sekisho_proto::keys::{PrivateKey, PublicKeyBytes};
 use sekisho_proto::sys::{Netlink, create_tun};
-use sekisho_proto::wg::{Output, Session, WireGuardError};
 
 #[derive(Parser)]
 #[command(
@@ -51,6 +52,29 @@ enum Command {
     Genkey {
         #[arg(value_name = "FILE")]
         out: PathBuf,
+    },
+    /// Show the running client's state: broker in use and RTTs, tunnel mode and kill switch,
+    /// posture, reachable applications, latest denials and why.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// The client's control socket.
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Use an override code from an admin: the kill switch (full tunnel) opens for the code's
+    /// lifetime. Its use is logged and reported to the control plane.
+    Override {
+        code: String,
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Open the kill switch for the admin's captive-portal grace period (full tunnel, tunnel
+    /// down), to sign in to a hotel or airport network. Logged.
+    CaptivePortal {
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
     },
     /// Print the public key of the private key in FILE.
     Pubkey {
@@ -106,11 +130,26 @@ enum Command {
     },
 }
 
+const DEFAULT_SOCKET: &str = "/run/sekisho/client.sock";
+
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct ClientConfig {
     interface: InterfaceConfig,
-    broker: BrokerPeer,
+    /// One broker (older configs); `brokers` lists several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    broker: Option<BrokerPeer>,
+    /// The brokers this device may use; the nearest answering one carries the traffic. The
+    /// control plane's list replaces this one once it is reachable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    brokers: Vec<BrokerPeer>,
+    /// Unix socket for `status`, `override` and `captive-portal`.
+    #[serde(default = "default_socket")]
+    control_socket: PathBuf,
+    /// The last tunnel settings from the policy (relative to this file's folder): a restart
+    /// without network applies them at once.
+    #[serde(default = "default_state_file")]
+    state_file: PathBuf,
     /// The control plane this device enrolled with (posture refresh). Absent for devices
     /// configured by hand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -146,6 +185,18 @@ struct DnsConfig {
 
 fn yes() -> bool {
     true
+}
+fn default_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_SOCKET)
+}
+fn default_state_file() -> PathBuf {
+    PathBuf::from("tunnel-state.json")
+}
+fn default_fwmark() -> u32 {
+    0x534b
+}
+fn default_table() -> u32 {
+    0x534b
 }
 fn default_resolv_conf() -> PathBuf {
     PathBuf::from("/etc/resolv.conf")
@@ -194,11 +245,20 @@ struct InterfaceConfig {
     /// Application ranges routed into the tunnel.
     #[serde(default)]
     routes: Vec<IpNet>,
+    /// Firewall mark of packets that go direct (the tunnel's own, excluded destinations).
+    #[serde(default = "default_fwmark")]
+    fwmark: u32,
+    /// Routing table of the full tunnel.
+    #[serde(default = "default_table")]
+    table: u32,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct BrokerPeer {
+    /// The broker's name (region), for status and logs.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    name: String,
     /// host:port of the broker's WireGuard socket.
     endpoint: String,
     /// The broker's WireGuard public key.
@@ -238,6 +298,11 @@ fn main() {
             &block_answer,
             upstream_ca.as_deref(),
         ),
+        Command::Status { json, socket } => show_status(&socket, json),
+        Command::Override { code, socket } => {
+            one_request(&socket, &status::Request::Override { code })
+        }
+        Command::CaptivePortal { socket } => one_request(&socket, &status::Request::CaptivePortal),
         Command::Pubkey { key } => PrivateKey::read_file(&key)
             .map(|k| println!("{}", k.public()))
             .map_err(Into::into),
@@ -253,6 +318,27 @@ fn main() {
     if let Err(e) = result {
         eprintln!("sekisho-client: {e:#}");
         std::process::exit(2);
+    }
+}
+
+fn show_status(socket: &Path, json: bool) -> Result<()> {
+    let a = status::ask(socket, &status::Request::Status)?;
+    let s = a.status.unwrap_or_default();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print!("{}", status::human(&s));
+    }
+    Ok(())
+}
+
+fn one_request(socket: &Path, req: &status::Request) -> Result<()> {
+    let a = status::ask(socket, req)?;
+    if a.ok {
+        println!("{}", a.message);
+        Ok(())
+    } else {
+        anyhow::bail!("{}", a.message)
     }
 }
 
@@ -316,10 +402,9 @@ fn enroll(
     write_secret(&dir.join("credential"), &resp.credential)?;
     std::fs::write(dir.join("ca.pem"), &resp.ca_pem)?;
     let c = &resp.config;
-    let broker = c
-        .brokers
-        .first()
-        .context("the control plane named no broker")?;
+    if c.brokers.is_empty() {
+        anyhow::bail!("the control plane named no broker");
+    }
     let config = ClientConfig {
         interface: InterfaceConfig {
             name: ifname.to_string(),
@@ -327,12 +412,22 @@ fn enroll(
             address: c.address,
             mtu: default_mtu(),
             routes: c.routes.clone(),
+            fwmark: default_fwmark(),
+            table: default_table(),
         },
-        broker: BrokerPeer {
-            endpoint: broker.endpoint.clone(),
-            public_key: broker.public_key.clone(),
-            keepalive_secs: default_keepalive(),
-        },
+        broker: None,
+        brokers: c
+            .brokers
+            .iter()
+            .map(|b| BrokerPeer {
+                name: b.name.clone(),
+                endpoint: b.endpoint.clone(),
+                public_key: b.public_key.clone(),
+                keepalive_secs: default_keepalive(),
+            })
+            .collect(),
+        control_socket: default_socket(),
+        state_file: default_state_file(),
         control: Some(ControlConfig {
             url: server.to_string(),
             ca_file: PathBuf::from("ca.pem"),
@@ -365,10 +460,14 @@ fn enroll(
     Ok(())
 }
 
-fn load_config(path: &Path) -> Result<(ClientConfig, PublicKeyBytes), ConfigError> {
+fn load_config(path: &Path) -> Result<ClientConfig, ConfigError> {
     let (mut c, text): (ClientConfig, String) = load_toml(path)?;
     let base = path.parent().unwrap_or(Path::new("."));
     c.interface.private_key_file = base.join(&c.interface.private_key_file);
+    c.state_file = base.join(&c.state_file);
+    if let Some(b) = c.broker.take() {
+        c.brokers.insert(0, b);
+    }
     if let Some(ctl) = c.control.as_mut() {
         ctl.ca_file = base.join(&ctl.ca_file);
         ctl.credential_file = base.join(&ctl.credential_file);
@@ -386,10 +485,19 @@ fn load_config(path: &Path) -> Result<(ClientConfig, PublicKeyBytes), ConfigErro
         file: path,
         text: &text,
     };
-    let key = PublicKeyBytes::parse(&c.broker.public_key).map_err(|e| {
-        let at = text.find(&c.broker.public_key);
-        src.error(at.map(|a| a..a), "broker.public_key", e.to_string())
-    })?;
+    if c.brokers.is_empty() {
+        return Err(src.error(None, "brokers", "at least one broker is needed"));
+    }
+    for (i, b) in c.brokers.iter().enumerate() {
+        PublicKeyBytes::parse(&b.public_key).map_err(|e| {
+            let at = text.find(&b.public_key);
+            src.error(
+                at.map(|a| a..a),
+                format!("brokers[{i}].public_key"),
+                e.to_string(),
+            )
+        })?;
+    }
     if c.interface.mtu < 576 {
         return Err(src.error(None, "interface.mtu", "MTU must be at least 576"));
     }
@@ -403,7 +511,7 @@ fn load_config(path: &Path) -> Result<(ClientConfig, PublicKeyBytes), ConfigErro
             "a duration like \"10s\" or \"500ms\"",
         ));
     }
-    Ok((c, key))
+    Ok(c)
 }
 
 fn init_tracing() {
@@ -417,35 +525,66 @@ fn init_tracing() {
 
 fn run_blocking(config: &Path) -> Result<()> {
     init_tracing();
-    let (config, broker_key) = load_config(config)?;
+    let config = load_config(config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(run(config, broker_key))
+    rt.block_on(run(config))
 }
 
-async fn resolve(endpoint: &str) -> Result<SocketAddr> {
-    tokio::net::lookup_host(endpoint)
-        .await
-        .with_context(|| format!("cannot resolve broker endpoint {endpoint:?}"))?
-        .next()
-        .with_context(|| format!("broker endpoint {endpoint:?} has no address"))
+/// Sets the firewall mark on a socket: its packets bypass the full tunnel's routing and pass
+/// the kill switch.
+fn set_mark(sock: &UdpSocket, mark: u32) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let v: libc::c_uint = mark;
+    // SAFETY: a valid socket descriptor and a pointer to a c_uint of the given size.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&v as *const libc::c_uint).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        anyhow::bail!(
+            "cannot mark the tunnel socket: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }
 
-async fn run(config: ClientConfig, broker_key: PublicKeyBytes) -> Result<()> {
+fn broker_infos(peers: &[BrokerPeer]) -> Vec<sekisho_proto::api::BrokerInfo> {
+    peers
+        .iter()
+        .map(|b| sekisho_proto::api::BrokerInfo {
+            endpoint: b.endpoint.clone(),
+            public_key: b.public_key.clone(),
+            name: b.name.clone(),
+            api_url: String::new(),
+        })
+        .collect()
+}
+
+async fn run(config: ClientConfig) -> Result<()> {
     let key = PrivateKey::read_file(&config.interface.private_key_file)?;
     let iface = &config.interface;
     let tun = create_tun(&iface.name, iface.mtu)?;
-    let netlink = Netlink::open()?;
+    let netlink = Arc::new(Netlink::open()?);
     let index = netlink.link_index(&iface.name).await?;
     let prefix = if iface.address.is_ipv4() { 32 } else { 128 };
     netlink.add_address(index, iface.address, prefix).await?;
     let mut routes = iface.routes.clone();
-    if let Some(ctl) = &config.control {
-        // The broker's posture service lives at the device range's first address.
-        let service = sekisho_proto::posture::service_address(&ctl.device_range);
-        routes.push(IpNet::from(service));
+    let service = config
+        .control
+        .as_ref()
+        .map(|c| sekisho_proto::posture::service_address(&c.device_range));
+    if let Some(s) = service {
+        // The broker's in-tunnel services live at the device range's first address.
+        routes.push(IpNet::from(s));
     }
     for net in &routes {
         netlink
@@ -453,54 +592,110 @@ async fn run(config: ClientConfig, broker_key: PublicKeyBytes) -> Result<()> {
             .await
             .with_context(|| format!("cannot route {net}"))?;
     }
+    let routes = Arc::new(std::sync::Mutex::new(routes));
     info!(interface = %iface.name, mtu = iface.mtu, routes = iface.routes.len(), "tunnel interface up");
 
-    let bind: SocketAddr = if resolve(&config.broker.endpoint)
-        .await
-        .map(|a| a.is_ipv6())
-        .unwrap_or(false)
-    {
-        "[::]:0".parse()?
-    } else {
-        "0.0.0.0:0".parse()?
-    };
-    let udp = UdpSocket::bind(bind)
+    let udp = UdpSocket::bind("0.0.0.0:0")
         .await
         .context("cannot open UDP socket")?;
-    let mut session = Session::new(
-        &key,
-        broker_key,
-        Some(config.broker.keepalive_secs),
-        SESSION_INDEX,
-        None,
+    set_mark(&udp, iface.fwmark)?;
+
+    let views = status::Views {
+        data: Default::default(),
+        guard: Default::default(),
+        posture: Default::default(),
+        device: Default::default(),
+    };
+    {
+        let mut d = views.device.lock().unwrap_or_else(|e| e.into_inner());
+        d.address = Some(iface.address);
+        d.routes = iface.routes.clone();
+    }
+    let mut dp = dataplane::DataPlane::new(
+        key,
+        config.brokers[0].keepalive_secs,
+        iface.address,
+        service.unwrap_or(iface.address),
+        views.data.clone(),
     );
+    dp.set_brokers(&broker_infos(&config.brokers), Instant::now());
+
+    // The kill switch and full tunnel.
+    let direct = Arc::new(killswitch::DirectNames::default());
+    let (report_tx, report_rx) = tokio::sync::mpsc::unbounded_channel();
+    let guard = killswitch::Guard::new(
+        killswitch::GuardConfig {
+            tun: iface.name.clone(),
+            tun_index: index,
+            mark: iface.fwmark,
+            table: iface.table,
+            state_file: config.state_file.clone(),
+        },
+        Netlink::open()?,
+        views.guard.clone(),
+        direct.clone(),
+        report_tx,
+    );
+    let (guard_tx, guard_rx) = tokio::sync::mpsc::channel(16);
+    let (endpoints_tx, endpoints_rx) = tokio::sync::watch::channel(Vec::new());
+    let (stop_guard, stop_guard_rx) = tokio::sync::oneshot::channel();
+    let data_view = views.data.clone();
+    let connected: Arc<dyn Fn() -> bool + Send + Sync> =
+        Arc::new(move || data_view.lock().map(|d| d.connected).unwrap_or(false));
+    let guard_task = tokio::spawn(guard.run(guard_rx, endpoints_rx, connected, stop_guard_rx));
+    let control_socket = config.control_socket.clone();
+    let status_task = {
+        let views = views.clone();
+        let guard_tx = guard_tx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = status::serve(&control_socket, views, guard_tx).await {
+                warn!("control socket unavailable: {e:#}");
+            }
+        })
+    };
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let dns = match &config.dns {
-        Some(d) => Some(dnsctl::start_dns(d, &config).await?),
+        Some(d) => Some(dnsctl::start_dns(d, &config, direct.clone()).await?),
         None => None,
     };
-    let handshakes = Arc::new(AtomicU64::new(0));
-    let posture_task = match &config.control {
-        Some(ctl) => Some(tokio::spawn(posture_loop(
+    let (dp_tx, dp_rx) = tokio::sync::mpsc::channel(16);
+    let mut tasks = Vec::new();
+    if let Some(ctl) = &config.control {
+        tasks.push(tokio::spawn(posture_loop(
             PostureSetup::load(ctl)?,
-            ctl.device_range,
-            handshakes.clone(),
-        ))),
-        None => None,
-    };
+            PostureLinks {
+                data: dp_tx.clone(),
+                guard: guard_tx.clone(),
+                views: views.clone(),
+                netlink: netlink.clone(),
+                index,
+                routes: routes.clone(),
+                service,
+            },
+        )));
+        tasks.push(tokio::spawn(report_overrides(
+            PostureSetup::load(ctl)?,
+            report_rx,
+        )));
+    }
     let result = tokio::select! {
-        r = data_loop(&tun, &udp, &mut session, &config.broker.endpoint, &handshakes) => r,
+        r = dataplane::run(dp, &tun, &udp, dp_rx, endpoints_tx) => r,
         _ = term.recv() => Ok(()),
         _ = tokio::signal::ctrl_c() => Ok(()),
     };
-    if let Some(t) = posture_task {
+    for t in tasks {
         t.abort();
     }
+    status_task.abort();
+    let _ = std::fs::remove_file(&config.control_socket);
     if let Some(d) = dns {
         d.stop();
     }
+    let _ = stop_guard.send(());
+    let _ = guard_task.await;
     info!("stopping: removing routes and interface");
+    let routes = routes.lock().unwrap_or_else(|e| e.into_inner()).clone();
     for net in &routes {
         if let Err(e) = netlink.del_route(index, *net).await {
             debug!("route {net} already gone: {e}");
@@ -510,10 +705,15 @@ async fn run(config: ClientConfig, broker_key: PublicKeyBytes) -> Result<()> {
     result
 }
 
-/// What the posture loop needs: an API client with this device's credential.
+/// What the posture loop needs: an API client with this device's credential, and the other
+/// brokers' control APIs to fall back to.
 struct PostureSetup {
     api: sekisho_proto::http::ApiClient,
     interval: Duration,
+    ca: String,
+    credential: String,
+    urls: Vec<String>,
+    current: usize,
 }
 
 impl PostureSetup {
@@ -529,34 +729,76 @@ impl PostureSetup {
                 Some(credential.trim().to_string()),
             )?,
             interval: humantime::parse_duration(&ctl.check_interval)?,
+            ca,
+            credential: credential.trim().to_string(),
+            urls: vec![ctl.url.clone()],
+            current: 0,
         })
+    }
+
+    /// The brokers' control APIs, besides the configured one, to try when it fails.
+    fn fallbacks(&mut self, brokers: &[sekisho_proto::api::BrokerInfo]) {
+        for b in brokers {
+            if !b.api_url.is_empty() && !self.urls.contains(&b.api_url) {
+                self.urls.push(b.api_url.clone());
+            }
+        }
+    }
+
+    /// POSTs to the current control API; on failure moves to the next one for next time.
+    async fn post<Q: Serialize, A: serde::de::DeserializeOwned>(
+        &mut self,
+        path: &str,
+        body: &Q,
+    ) -> Result<A> {
+        match self.api.post::<Q, A>(path, body).await {
+            Ok(a) => Ok(a),
+            Err(e) => {
+                if self.urls.len() > 1 {
+                    self.current = (self.current + 1) % self.urls.len();
+                    let url = &self.urls[self.current];
+                    match sekisho_proto::http::ca_tls(&self.ca).and_then(|tls| {
+                        sekisho_proto::http::ApiClient::new(url, tls, Some(self.credential.clone()))
+                    }) {
+                        Ok(api) => {
+                            info!(%url, "control API failed; trying another broker's next");
+                            self.api = api;
+                        }
+                        Err(e) => warn!("cannot use control API {url}: {e:#}"),
+                    }
+                }
+                Err(e.into())
+            }
+        }
     }
 }
 
+/// Longest time between two configuration refreshes from the control plane.
+const CONFIG_POLL: Duration = Duration::from_secs(30);
+
+/// Where the posture loop's results go.
+struct PostureLinks {
+    data: tokio::sync::mpsc::Sender<dataplane::Command>,
+    guard: tokio::sync::mpsc::Sender<killswitch::GuardCmd>,
+    views: status::Views,
+    netlink: Arc<Netlink>,
+    index: u32,
+    /// Routes into the TUN device now (application ranges follow the policy).
+    routes: Arc<std::sync::Mutex<Vec<IpNet>>>,
+    service: Option<IpAddr>,
+}
+
 /// Runs the posture checks every interval; when a result changes, or the token is due for
-/// refresh, asks the control plane for a new token and presents it to the broker inside the
-/// tunnel. Only pass/fail per check is sent.
-async fn posture_loop(setup: PostureSetup, range: IpNet, handshakes: Arc<AtomicU64>) {
+/// refresh, asks the control plane for a new token and hands it to the data plane, which
+/// presents it to every broker inside the tunnel. Only pass/fail per check is sent. Each
+/// answer also carries the current device configuration: brokers, routes, tunnel settings.
+async fn posture_loop(mut setup: PostureSetup, links: PostureLinks) {
     use sekisho_proto::api::{PostureRequest, PostureResponse};
-    use sekisho_proto::posture::{POSTURE_PORT, TokenAnswer};
-    let service = SocketAddr::new(
-        sekisho_proto::posture::service_address(&range),
-        POSTURE_PORT,
-    );
     let mut checks = Vec::new();
     let mut last: Option<std::collections::BTreeMap<String, bool>> = None;
     let mut refresh_at = Instant::now();
-    let mut presented = false;
-    let mut buf = vec![0u8; 4096];
-    let mut seen_handshakes = 0;
+    let mut last_brokers = Vec::new();
     loop {
-        // A new WireGuard session may be with a broker that never saw this device's token
-        // (a restarted one, say): present it again.
-        let hs = handshakes.load(Ordering::Relaxed);
-        if hs != seen_handshakes {
-            seen_handshakes = hs;
-            presented = false;
-        }
         let specs = checks.clone();
         let results = tokio::task::spawn_blocking(move || {
             posture::evaluate(&specs, &posture::gather(&specs))
@@ -564,12 +806,11 @@ async fn posture_loop(setup: PostureSetup, range: IpNet, handshakes: Arc<AtomicU
         .await
         .unwrap_or_default();
         let changed = last.as_ref() != Some(&results);
-        if changed || !presented || Instant::now() >= refresh_at {
+        if changed || Instant::now() >= refresh_at {
             let request = PostureRequest {
                 checks: results.clone(),
             };
             match setup
-                .api
                 .post::<_, PostureResponse>("/v1/posture", &request)
                 .await
             {
@@ -587,156 +828,116 @@ async fn posture_loop(setup: PostureSetup, range: IpNet, handshakes: Arc<AtomicU
                         .filter(|(_, ok)| !**ok)
                         .map(|(n, _)| n)
                         .collect();
-                    refresh_at = Instant::now() + Duration::from_secs(resp.refresh_after.max(5));
-                    presented = present_token(&resp.token, service, &mut buf).await;
-                    if presented {
-                        info!(?failing, "posture token presented to the broker");
+                    info!(
+                        ?failing,
+                        "posture token received; presenting it to the brokers"
+                    );
+                    // The answer also carries the configuration (brokers, routes, tunnel): ask
+                    // at least every CONFIG_POLL even when the token is still fresh.
+                    refresh_at = Instant::now()
+                        + Duration::from_secs(resp.refresh_after.max(5)).min(CONFIG_POLL);
+                    let _ = links
+                        .data
+                        .send(dataplane::Command::Token(resp.token.clone()))
+                        .await;
+                    let c = &resp.config;
+                    if c.brokers != last_brokers && !c.brokers.is_empty() {
+                        last_brokers = c.brokers.clone();
+                        setup.fallbacks(&c.brokers);
+                        let _ = links
+                            .data
+                            .send(dataplane::Command::Brokers(c.brokers.clone()))
+                            .await;
+                    }
+                    let _ = links
+                        .guard
+                        .send(killswitch::GuardCmd::Settings(killswitch::Settings {
+                            tunnel: c.tunnel.clone(),
+                            override_keys: c.override_keys.clone(),
+                            device: c.device.clone(),
+                        }))
+                        .await;
+                    apply_routes(&links, &c.routes).await;
+                    {
+                        let mut d = links.views.device.lock().unwrap_or_else(|e| e.into_inner());
+                        d.device = c.device.clone();
+                        d.user = c.user.clone();
+                        d.routes = c.routes.clone();
+                        d.applications = c.applications.clone();
+                    }
+                    {
+                        let mut p = links
+                            .views
+                            .posture
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner());
+                        p.checks = results.clone();
+                        p.token_expires = Some(resp.expires_at);
+                        p.last_refresh = Some(
+                            humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                                .to_string(),
+                        );
+                        p.last_error = None;
                     }
                     last = Some(results);
                 }
-                Err(e) => warn!("posture refresh failed: {e}"),
+                Err(e) => {
+                    warn!("posture refresh failed: {e:#}");
+                    links
+                        .views
+                        .posture
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .last_error = Some(format!("{e:#}"));
+                }
             }
         }
         tokio::time::sleep(setup.interval).await;
     }
+}
 
-    async fn present_token(token: &str, service: SocketAddr, buf: &mut [u8]) -> bool {
-        let sock = match UdpSocket::bind("0.0.0.0:0").await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!("posture: cannot open a UDP socket: {e}");
-                return false;
-            }
-        };
-        for _ in 0..3 {
-            if sock.send_to(token.as_bytes(), service).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                continue;
-            }
-            match tokio::time::timeout(Duration::from_secs(1), sock.recv_from(buf)).await {
-                Ok(Ok((n, _))) => match serde_json::from_slice::<TokenAnswer>(&buf[..n]) {
-                    Ok(a) if a.accepted => return true,
-                    Ok(a) => {
-                        warn!(error = %a.error, "the broker refused the posture token");
-                        return false;
-                    }
-                    Err(_) => return false,
-                },
-                _ => continue,
-            }
+/// Routes the user's application ranges (and the broker's services) into the TUN device,
+/// following policy changes.
+async fn apply_routes(links: &PostureLinks, wanted: &[IpNet]) {
+    let mut want: Vec<IpNet> = wanted.to_vec();
+    if let Some(s) = links.service {
+        want.push(IpNet::from(s));
+    }
+    let have = links
+        .routes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if have == want {
+        return;
+    }
+    for net in want.iter().filter(|n| !have.contains(n)) {
+        if let Err(e) = links.netlink.add_route(links.index, *net).await {
+            warn!("cannot route {net}: {e}");
         }
-        warn!("the broker's posture service did not answer (tunnel down?)");
-        false
     }
+    for net in have.iter().filter(|n| !want.contains(n)) {
+        let _ = links.netlink.del_route(links.index, *net).await;
+    }
+    info!(routes = want.len(), "application routes follow the policy");
+    *links.routes.lock().unwrap_or_else(|e| e.into_inner()) = want;
 }
 
-/// Session index: it only tells this client's sessions apart, and it has one.
-const SESSION_INDEX: u32 = 1;
-
-/// False for what the kernel sends on any interface but that no overlay can carry: multicast
-/// and link-local traffic (IPv6 router solicitations, MLD reports).
-fn routable(pkt: &[u8]) -> bool {
-    match sekisho_proto::packet::addresses(pkt) {
-        Ok((_, IpAddr::V4(d))) => !d.is_multicast() && !d.is_broadcast() && !d.is_link_local(),
-        Ok((_, IpAddr::V6(d))) => !d.is_multicast() && !d.is_unicast_link_local(),
-        Err(_) => false,
-    }
-}
-
-/// Moves packets between the TUN device and the broker until an unrecoverable error.
-async fn data_loop(
-    tun: &sekisho_proto::sys::AsyncDevice,
-    udp: &UdpSocket,
-    session: &mut Session,
-    endpoint_name: &str,
-    handshakes: &AtomicU64,
-) -> Result<()> {
-    // When the current session's handshake completed; a later one means a new session.
-    let mut handshake_at: Option<Instant> = None;
-    let mut broker = resolve(endpoint_name).await?;
-    let mut tun_buf = vec![0u8; 65536];
-    let mut net_buf = vec![0u8; 65536];
-    let mut out = vec![0u8; 65536 + 64];
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let mut connected = false;
-    let mut next_retry = Instant::now();
-
-    // Start the handshake at once rather than on the first packet.
-    if let Output::Network(init) = session.initiate(&mut out, false) {
-        let _ = udp.send_to(init, broker).await;
-    }
-    loop {
-        tokio::select! {
-            r = tun.recv(&mut tun_buf) => {
-                let n = match r {
-                    Ok(n) => n,
-                    Err(e) => { warn!("TUN read error: {e}"); continue; }
-                };
-                if !routable(&tun_buf[..n]) {
-                    continue;
-                }
-                match session.encapsulate(&tun_buf[..n], &mut out) {
-                    Output::Network(data) => { let _ = udp.send_to(data, broker).await; }
-                    Output::Error(e) => debug!(?e, "cannot encapsulate"),
-                    _ => {}
-                }
-            }
-            r = udp.recv_from(&mut net_buf) => {
-                let (n, from) = match r {
-                    Ok(x) => x,
-                    Err(e) => { debug!("UDP receive error: {e}"); continue; }
-                };
-                if from != broker {
-                    continue;
-                }
-                let mut write_net = false;
-                let mut data_packet = false;
-                match session.decapsulate(Some(from.ip()), &net_buf[..n], &mut out) {
-                    Output::Network(data) => { let _ = udp.send_to(data, broker).await; write_net = true; }
-                    Output::Tunnel(pkt) => {
-                        data_packet = true;
-                        if let Err(e) = tun.send(pkt).await { debug!("TUN write error: {e}"); }
-                    }
-                    Output::Done => {}
-                    Output::Error(e) => debug!(?e, "datagram rejected"),
-                }
-                if write_net {
-                    while let Output::Network(data) = session.flush(&mut out) {
-                        let _ = udp.send_to(data, broker).await;
-                    }
-                }
-                // Sessions change on handshake messages, never on data packets: only look then.
-                if !data_packet && !connected && session.time_since_handshake().is_some() {
-                    connected = true;
-                    info!(broker = %broker, "connected to broker");
-                }
-            }
-            _ = tick.tick() => {
-                match session.tick(&mut out) {
-                    Output::Network(data) => { let _ = udp.send_to(data, broker).await; }
-                    Output::Error(WireGuardError::ConnectionExpired) => {
-                        if connected {
-                            connected = false;
-                            warn!("session to broker expired; retrying");
-                        }
-                        // Always-on: keep trying, whatever the engine gave up on.
-                        if Instant::now() >= next_retry {
-                            next_retry = Instant::now() + Duration::from_secs(5);
-                            if let Ok(addr) = resolve(endpoint_name).await { broker = addr; }
-                            if let Output::Network(init) = session.initiate(&mut out, true) {
-                                let _ = udp.send_to(init, broker).await;
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-                // After the engine's tick its clock is current. Handshakes are seconds apart at
-                // the very least; the margin only absorbs jitter between readings.
-                if let Some(at) = session.time_since_handshake().and_then(|t| Instant::now().checked_sub(t))
-                    && handshake_at.is_none_or(|prev| at > prev + Duration::from_millis(500))
-                {
-                    handshake_at = Some(at);
-                    handshakes.fetch_add(1, Ordering::Relaxed);
+/// Reports used override codes to the control plane (retrying until it is reachable).
+async fn report_overrides(
+    mut setup: PostureSetup,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<sekisho_proto::api::OverrideUsed>,
+) {
+    while let Some(used) = rx.recv().await {
+        loop {
+            match setup
+                .post::<_, serde_json::Value>("/v1/device/override-used", &used)
+                .await
+            {
+                Ok(_) => break,
+                Err(e) => {
+                    debug!("cannot report the override yet: {e:#}");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
                 }
             }
         }

@@ -60,6 +60,8 @@ pub struct Stub {
     broker: Option<SocketAddr>,
     log: Mutex<Box<dyn Write + Send>>,
     pub counters: Counters,
+    /// Names excluded from the full tunnel: their answers' addresses go direct.
+    direct: Option<Arc<crate::killswitch::DirectNames>>,
 }
 
 /// Idle TCP connections are closed after this.
@@ -79,7 +81,12 @@ impl Stub {
             broker,
             log: Mutex::new(log),
             counters: Counters::default(),
+            direct: None,
         }
+    }
+
+    pub fn set_direct(&mut self, direct: Arc<crate::killswitch::DirectNames>) {
+        self.direct = Some(direct);
     }
 
     pub fn set_view(&self, view: View) {
@@ -208,8 +215,25 @@ impl Stub {
             .clone();
         let mut name = req.query.name().clone();
         name.set_fqdn(true);
+        let lookup_name = name.to_ascii();
         match resolver.lookup(name, req.query.query_type()).await {
             Ok(lookup) => {
+                // An excluded name: its addresses go direct before the app gets them.
+                if let Some(d) = &self.direct
+                    && d.matches(&lookup_name)
+                {
+                    let ips: Vec<IpAddr> = lookup
+                        .answers()
+                        .iter()
+                        .filter_map(|r| match &r.data {
+                            hickory_proto::rr::RData::A(a) => Some(IpAddr::V4(a.0)),
+                            hickory_proto::rr::RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                            _ => None,
+                        })
+                        .collect();
+                    let ttl = lookup.answers().iter().map(|r| r.ttl).min().unwrap_or(60);
+                    crate::killswitch::add_direct(&ips, ttl).await;
+                }
                 // The cache keeps answers for their TTL; tell the asker what is left of it.
                 let left = lookup
                     .valid_until()

@@ -154,6 +154,9 @@ pub struct DeviceConfig {
     /// Keys admin override codes are signed with (checked offline on the device).
     #[serde(default)]
     pub override_keys: Vec<crate::tunnel::OverrideKey>,
+    /// The applications the user may use, described for the status (name and targets).
+    #[serde(default)]
+    pub applications: Vec<String>,
 }
 
 /// `POST /v1/admin/devices/{name}/override` (admin): a code that opens the device's kill

@@ -178,6 +178,8 @@ pub struct DnsPolicy {
     pub allowlist: Vec<String>,
     pub refresh_secs: u64,
     pub upstreams: Vec<String>,
+    /// The upstreams' addresses (full-tunnel devices reach only these for DNS).
+    pub upstream_addrs: Vec<IpAddr>,
     pub blocklists: Vec<Blocklist>,
     pub filters: Vec<DnsFilterRule>,
 }
@@ -1061,7 +1063,7 @@ impl Policy {
                     && !self.device_range.contains(&key.dst)
                     && !IpNet::V4(self.dns.app_range).contains(&key.dst)
                 {
-                    return match crate::tunnel::egress_check(key) {
+                    return match crate::tunnel::egress_check(key, &self.dns.upstream_addrs) {
                         Ok(()) => Decision {
                             action: Action::Allow,
                             application: None,
@@ -1472,6 +1474,20 @@ fn compile(src: &Source, raw: RawPolicy) -> Result<Policy, ConfigError> {
 
     let dns = compile_dns(src, &raw.dns, &groups, device_range)?;
     let tunnels = compile_tunnels(src, &raw.tunnels, &groups)?;
+    if let Some((i, t)) = raw
+        .tunnels
+        .iter()
+        .enumerate()
+        .find(|(i, _)| tunnels[*i].settings.mode == crate::tunnel::TunnelMode::Full)
+        && dns.upstreams.is_empty()
+    {
+        return Err(src.error(
+            t.mode.as_ref().map(|m| m.span()),
+            format!("tunnels[{i}].mode"),
+            "a full tunnel needs [dns].upstreams: full-tunnel devices reach DNS servers only \
+             through the broker, and only those",
+        ));
+    }
 
     Ok(Policy {
         tests,
@@ -1666,10 +1682,12 @@ fn compile_dns(
             })?,
     };
     let mut upstreams = Vec::new();
+    let mut upstream_addrs = Vec::new();
     for (i, u) in raw.upstreams.iter().enumerate() {
-        crate::dns::Upstream::parse(u.get_ref())
+        let up = crate::dns::Upstream::parse(u.get_ref())
             .map_err(|e| src.error(Some(u.span()), format!("dns.upstreams[{i}]"), e))?;
         upstreams.push(u.get_ref().trim().to_string());
+        upstream_addrs.push(up.addr.ip());
     }
     // Names must be unique.
     Names::build(
@@ -1762,6 +1780,7 @@ fn compile_dns(
         allowlist,
         refresh_secs,
         upstreams,
+        upstream_addrs,
         blocklists,
         filters,
     })

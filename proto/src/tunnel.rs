@@ -139,13 +139,19 @@ pub fn is_private(ip: IpAddr) -> bool {
     }
 }
 
-/// May the broker carry `key` to the internet for a full-tunnel device?
-pub fn egress_check(key: &FlowKey) -> Result<(), EgressRefusal> {
+/// May the broker carry `key` to the internet for a full-tunnel device? DNS (53, 853) only
+/// to the policy's upstream resolvers `dns_servers`, which the device's stub uses (they may
+/// be private: the admin named them); anything else only to public addresses.
+pub fn egress_check(key: &FlowKey, dns_servers: &[IpAddr]) -> Result<(), EgressRefusal> {
+    if (key.proto == PROTO_UDP || key.proto == PROTO_TCP) && (key.dport == 53 || key.dport == 853) {
+        return if dns_servers.contains(&key.dst) {
+            Ok(())
+        } else {
+            Err(EgressRefusal::DnsBypass)
+        };
+    }
     if is_private(key.dst) {
         return Err(EgressRefusal::PrivateAddress);
-    }
-    if (key.proto == PROTO_UDP || key.proto == PROTO_TCP) && (key.dport == 53 || key.dport == 853) {
-        return Err(EgressRefusal::DnsBypass);
     }
     Ok(())
 }
@@ -255,7 +261,7 @@ pub fn verify_override(
 mod tests {
     use super::*;
 
-    fn key(dst: [u8; 4], proto: u8, dport: u16) -> FlowKey {
+    fn k(dst: [u8; 4], proto: u8, dport: u16) -> FlowKey {
         FlowKey {
             proto,
             src: IpAddr::from([100, 118, 0, 2]),
@@ -267,8 +273,11 @@ mod tests {
 
     #[test]
     fn egress_is_public_addresses_only_and_no_dns() {
-        assert_eq!(egress_check(&key([203, 0, 113, 80], PROTO_TCP, 80)), Ok(()));
-        assert_eq!(egress_check(&key([8, 8, 8, 8], PROTO_TCP, 443)), Ok(()));
+        assert_eq!(
+            egress_check(&k([203, 0, 113, 80], PROTO_TCP, 80), &[]),
+            Ok(())
+        );
+        assert_eq!(egress_check(&k([8, 8, 8, 8], PROTO_TCP, 443), &[]), Ok(()));
         for private in [
             [10, 20, 0, 10],
             [192, 168, 1, 5],
@@ -281,18 +290,28 @@ mod tests {
             [0, 1, 2, 3],
         ] {
             assert_eq!(
-                egress_check(&key(private, PROTO_TCP, 80)),
+                egress_check(&k(private, PROTO_TCP, 80), &[]),
                 Err(EgressRefusal::PrivateAddress),
                 "{private:?}"
             );
         }
         assert_eq!(
-            egress_check(&key([8, 8, 8, 8], PROTO_UDP, 53)),
+            egress_check(&k([8, 8, 8, 8], PROTO_UDP, 53), &[]),
             Err(EgressRefusal::DnsBypass)
         );
         assert_eq!(
-            egress_check(&key([8, 8, 8, 8], PROTO_TCP, 853)),
+            egress_check(&k([8, 8, 8, 8], PROTO_TCP, 853), &[]),
             Err(EgressRefusal::DnsBypass)
+        );
+        // The policy's resolver is reachable for DNS, even a private one, and only for DNS.
+        let ours = [IpAddr::from([10, 99, 0, 53])];
+        assert_eq!(
+            egress_check(&k([10, 99, 0, 53], PROTO_UDP, 53), &ours),
+            Ok(())
+        );
+        assert_eq!(
+            egress_check(&k([10, 99, 0, 53], PROTO_TCP, 80), &ours),
+            Err(EgressRefusal::PrivateAddress)
         );
         assert!(is_private("fd00::1".parse().unwrap()));
         assert!(is_private("fe80::1".parse().unwrap()));

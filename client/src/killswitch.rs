@@ -1,0 +1,603 @@
+//! Full tunnel and kill switch: policy routing sends everything into the TUN device except
+//! packets carrying the client's firewall mark (its WireGuard socket, excluded destinations),
+//! and an nftables table lets nothing else leave the device: fail closed, also while the
+//! tunnel is down and after the client stopped (unless the admin's policy allows disabling).
+//!
+//! Layout, per address family:
+//! - rule `PRIO_SUPPRESS`: `lookup main suppress_prefixlength 0` — only when the local network
+//!   is allowed: connected networks (and any other specific route) stay direct;
+//! - rule `PRIO_TUNNEL`: `not fwmark MARK lookup TABLE`, where TABLE has a default route into
+//!   the TUN device;
+//! - nftables `inet sekisho_client`: a route hook marks packets to excluded networks and
+//!   excluded names' addresses (so they are routed direct), and the output filter drops what
+//!   is neither loopback, nor the tunnel, nor marked, nor DHCP, nor an allowed local network,
+//!   counting it in the named counter `blocked`.
+//!
+//! Overrides (an admin's code, the captive-portal grace) open the device for their lifetime:
+//! the table and rules are removed and put back when the time is up.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Result;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+use sekisho_proto::sys::{Netlink, Rule, nft, nft_delete_table};
+use sekisho_proto::tunnel::{LocalNetwork, OverrideKey, TunnelMode, UserTunnel, verify_override};
+
+pub const TABLE: &str = "sekisho_client";
+const PRIO_SUPPRESS: u32 = 21320;
+const PRIO_TUNNEL: u32 = 21321;
+
+/// Where and how the guard works.
+pub struct GuardConfig {
+    pub tun: String,
+    pub tun_index: u32,
+    pub mark: u32,
+    pub table: u32,
+    /// The last tunnel settings and override keys, kept so a restart without network (boot)
+    /// closes the device at once.
+    pub state_file: PathBuf,
+}
+
+/// What the guard last knew from the control plane (also the state file's content).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Settings {
+    /// This device's name (override codes name it).
+    pub device: String,
+    pub tunnel: UserTunnel,
+    pub override_keys: Vec<OverrideKey>,
+}
+
+/// An open window: the kill switch is off until `until` (Unix seconds).
+#[derive(Debug, Clone, Serialize)]
+pub struct Open {
+    pub until: u64,
+    /// "override" or "captive-portal".
+    pub reason: String,
+    /// The override code's id, for the audit log.
+    pub id: Option<String>,
+}
+
+/// The guard as `status` shows it.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct GuardView {
+    pub mode: String,
+    pub tunnel_policy: String,
+    /// "closed" (full tunnel, kill switch in place), "open" (an override), "off" (split tunnel).
+    pub kill_switch: String,
+    pub open: Option<Open>,
+    pub local_network: String,
+    pub exclude: Vec<IpNet>,
+    pub exclude_domains: Vec<String>,
+    pub allow_disable: bool,
+    pub captive_grace_secs: u64,
+}
+
+pub enum GuardCmd {
+    Settings(Settings),
+    Override {
+        code: String,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    Captive {
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+}
+
+/// Names whose addresses go direct (full tunnel), shared with the DNS stub.
+#[derive(Default)]
+pub struct DirectNames {
+    domains: RwLock<Vec<String>>,
+}
+
+impl DirectNames {
+    /// True when `name` is excluded from the tunnel.
+    pub fn matches(&self, name: &str) -> bool {
+        let d = self.domains.read().unwrap_or_else(|e| e.into_inner());
+        !d.is_empty()
+            && UserTunnel {
+                exclude_domains: d.clone(),
+                ..Default::default()
+            }
+            .domain_excluded(name)
+    }
+
+    fn set(&self, domains: Vec<String>) {
+        *self.domains.write().unwrap_or_else(|e| e.into_inner()) = domains;
+    }
+}
+
+/// Lets `ips` (answers for an excluded name) go direct for `ttl` (at least a minute).
+pub async fn add_direct(ips: &[IpAddr], ttl: u32) {
+    let ttl = ttl.clamp(60, 86400);
+    let v4: Vec<String> = ips
+        .iter()
+        .filter(|i| i.is_ipv4())
+        .map(|i| format!("{i} timeout {ttl}s"))
+        .collect();
+    let v6: Vec<String> = ips
+        .iter()
+        .filter(|i| i.is_ipv6())
+        .map(|i| format!("{i} timeout {ttl}s"))
+        .collect();
+    let mut script = String::new();
+    if !v4.is_empty() {
+        script.push_str(&format!(
+            "add element inet {TABLE} direct4 {{ {} }}\n",
+            v4.join(", ")
+        ));
+    }
+    if !v6.is_empty() {
+        script.push_str(&format!(
+            "add element inet {TABLE} direct6 {{ {} }}\n",
+            v6.join(", ")
+        ));
+    }
+    if !script.is_empty()
+        && let Err(e) = nft(&script).await
+    {
+        warn!("cannot let an excluded name's addresses go direct: {e}");
+    }
+}
+
+/// The nftables table of a closed full tunnel. Pure: tests read it.
+pub fn ruleset(
+    tun: &str,
+    mark: u32,
+    exclude: &[IpNet],
+    brokers: &[SocketAddr],
+    local: Option<&[IpNet]>,
+) -> String {
+    let v4 = |nets: &[IpNet]| -> Vec<String> {
+        nets.iter()
+            .filter(|n| matches!(n, IpNet::V4(_)))
+            .map(|n| n.trunc().to_string())
+            .collect()
+    };
+    let v6 = |nets: &[IpNet]| -> Vec<String> {
+        nets.iter()
+            .filter(|n| matches!(n, IpNet::V6(_)))
+            .map(|n| n.trunc().to_string())
+            .collect()
+    };
+    let elems = |e: Vec<String>| {
+        if e.is_empty() {
+            String::new()
+        } else {
+            format!(" elements = {{ {} }};", e.join(", "))
+        }
+    };
+    let broker4: Vec<String> = brokers
+        .iter()
+        .filter(|b| b.is_ipv4())
+        .map(|b| format!("{} . {}", b.ip(), b.port()))
+        .collect();
+    let broker6: Vec<String> = brokers
+        .iter()
+        .filter(|b| b.is_ipv6())
+        .map(|b| format!("{} . {}", b.ip(), b.port()))
+        .collect();
+    let local_rules = match local {
+        Some(nets) => format!(
+            "    set local4 {{ type ipv4_addr; flags interval;{} }}\n\
+             \x20   set local6 {{ type ipv6_addr; flags interval;{} }}\n",
+            elems(v4(nets)),
+            elems(v6(nets))
+        ),
+        None => String::new(),
+    };
+    let local_accept = if local.is_some() {
+        "        ip daddr @local4 accept\n        ip6 daddr @local6 accept\n"
+    } else {
+        ""
+    };
+    format!(
+        "{delete}table inet {TABLE} {{\n\
+         \x20   set exclude4 {{ type ipv4_addr; flags interval;{ex4} }}\n\
+         \x20   set exclude6 {{ type ipv6_addr; flags interval;{ex6} }}\n\
+         \x20   set direct4 {{ type ipv4_addr; flags timeout; }}\n\
+         \x20   set direct6 {{ type ipv6_addr; flags timeout; }}\n\
+         \x20   set brokers4 {{ type ipv4_addr . inet_service;{b4} }}\n\
+         \x20   set brokers6 {{ type ipv6_addr . inet_service;{b6} }}\n\
+         {local_rules}\
+         \x20   counter blocked {{ }}\n\
+         \x20   chain route_out {{\n\
+         \x20       type route hook output priority mangle; policy accept;\n\
+         \x20       ip daddr @exclude4 meta mark set {mark}\n\
+         \x20       ip6 daddr @exclude6 meta mark set {mark}\n\
+         \x20       ip daddr @direct4 meta mark set {mark}\n\
+         \x20       ip6 daddr @direct6 meta mark set {mark}\n\
+         \x20       udp sport 68 udp dport 67 meta mark set {mark}\n\
+         \x20   }}\n\
+         \x20   chain out {{\n\
+         \x20       type filter hook output priority filter; policy drop;\n\
+         \x20       oifname \"lo\" accept\n\
+         \x20       oifname \"{tun}\" accept\n\
+         \x20       meta mark {mark} accept\n\
+         \x20       ip daddr . udp dport @brokers4 accept\n\
+         \x20       ip6 daddr . udp dport @brokers6 accept\n\
+         \x20       udp sport 68 udp dport 67 accept\n\
+         \x20       icmpv6 type {{ nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert }} accept\n\
+         {local_accept}\
+         \x20       counter name blocked drop\n\
+         \x20   }}\n\
+         }}\n",
+        delete = nft_delete_table("inet", TABLE),
+        ex4 = elems(v4(exclude)),
+        ex6 = elems(v6(exclude)),
+        b4 = elems(broker4),
+        b6 = elems(broker6),
+    )
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// What is installed now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Installed {
+    tunnel: UserTunnel,
+    brokers: Vec<SocketAddr>,
+    local: Vec<IpNet>,
+}
+
+pub struct Guard {
+    cfg: GuardConfig,
+    netlink: Netlink,
+    settings: Settings,
+    open: Option<Open>,
+    installed: Option<Installed>,
+    brokers: Vec<SocketAddr>,
+    captive_used: Option<u64>,
+    view: Arc<Mutex<GuardView>>,
+    direct: Arc<DirectNames>,
+    report: mpsc::UnboundedSender<sekisho_proto::api::OverrideUsed>,
+}
+
+impl Guard {
+    pub fn new(
+        cfg: GuardConfig,
+        netlink: Netlink,
+        view: Arc<Mutex<GuardView>>,
+        direct: Arc<DirectNames>,
+        report: mpsc::UnboundedSender<sekisho_proto::api::OverrideUsed>,
+    ) -> Guard {
+        let settings = std::fs::read(&cfg.state_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Settings>(&b).ok())
+            .unwrap_or_default();
+        Guard {
+            cfg,
+            netlink,
+            settings,
+            open: None,
+            installed: None,
+            brokers: Vec::new(),
+            captive_used: None,
+            view,
+            direct,
+            report,
+        }
+    }
+
+    fn persist(&self) {
+        let Ok(text) = serde_json::to_vec_pretty(&self.settings) else {
+            return;
+        };
+        let tmp = self.cfg.state_file.with_extension("tmp");
+        if let Err(e) =
+            std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &self.cfg.state_file))
+        {
+            warn!(
+                "cannot save the tunnel settings to {}: {e}",
+                self.cfg.state_file.display()
+            );
+        }
+    }
+
+    /// Brings what is installed in line with the settings, the open window, the brokers and
+    /// the local networks.
+    async fn sync(&mut self) {
+        let t = &self.settings.tunnel;
+        let want_full = t.mode == TunnelMode::Full && self.open.is_none();
+        if !want_full {
+            if self.installed.take().is_some() {
+                self.remove().await;
+            }
+        } else {
+            let local = if t.local_network == LocalNetwork::Allow {
+                self.netlink
+                    .local_networks(self.cfg.tun_index)
+                    .await
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            let want = Installed {
+                tunnel: t.clone(),
+                brokers: self.brokers.clone(),
+                local,
+            };
+            if self.installed.as_ref() != Some(&want) {
+                match self.install(&want).await {
+                    Ok(()) => {
+                        if self.installed.is_none() {
+                            info!(policy = %t.name, local_network = ?t.local_network, "full tunnel: kill switch in place");
+                        }
+                        self.installed = Some(want);
+                    }
+                    Err(e) => warn!("cannot install the full tunnel: {e:#}"),
+                }
+            }
+        }
+        self.direct.set(if want_full {
+            t.exclude_domains.clone()
+        } else {
+            Vec::new()
+        });
+        let mut v = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        *v = GuardView {
+            mode: match t.mode {
+                TunnelMode::Full => "full".into(),
+                TunnelMode::Include => "include".into(),
+            },
+            tunnel_policy: t.name.clone(),
+            kill_switch: if self.open.is_some() {
+                "open".into()
+            } else if self.installed.is_some() {
+                "closed".into()
+            } else {
+                "off".into()
+            },
+            open: self.open.clone(),
+            local_network: match t.local_network {
+                LocalNetwork::Allow => "allow".into(),
+                LocalNetwork::Block => "block".into(),
+            },
+            exclude: t.exclude.clone(),
+            exclude_domains: t.exclude_domains.clone(),
+            allow_disable: t.allow_disable,
+            captive_grace_secs: t.captive_grace_secs,
+        };
+    }
+
+    async fn install(&self, w: &Installed) -> Result<()> {
+        let local = (w.tunnel.local_network == LocalNetwork::Allow).then_some(&w.local[..]);
+        nft(&ruleset(
+            &self.cfg.tun,
+            self.cfg.mark,
+            &w.tunnel.exclude,
+            &w.brokers,
+            local,
+        ))
+        .await?;
+        for net in ["0.0.0.0/0", "::/0"] {
+            let net: IpNet = net.parse()?;
+            if let Err(e) = self
+                .netlink
+                .add_table_route(self.cfg.tun_index, net, self.cfg.table)
+                .await
+            {
+                // IPv6 may be off here; its traffic is then dropped by the table.
+                if net.addr().is_ipv4() {
+                    return Err(e.into());
+                }
+            }
+        }
+        self.netlink
+            .del_rules(&[PRIO_SUPPRESS, PRIO_TUNNEL])
+            .await?;
+        for v6 in [false, true] {
+            if local.is_some() {
+                self.netlink
+                    .add_rule(&Rule {
+                        priority: PRIO_SUPPRESS,
+                        table: 254,
+                        v6,
+                        not_fwmark: None,
+                        suppress_prefixlength: Some(0),
+                    })
+                    .await?;
+            }
+            self.netlink
+                .add_rule(&Rule {
+                    priority: PRIO_TUNNEL,
+                    table: self.cfg.table,
+                    v6,
+                    not_fwmark: Some(self.cfg.mark),
+                    suppress_prefixlength: None,
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn remove(&self) {
+        if let Err(e) = self.netlink.del_rules(&[PRIO_SUPPRESS, PRIO_TUNNEL]).await {
+            warn!("cannot remove the full-tunnel routing rules: {e}");
+        }
+        if let Err(e) = nft(&nft_delete_table("inet", TABLE)).await {
+            warn!("cannot remove the kill switch table: {e}");
+        }
+        info!("kill switch removed");
+    }
+
+    fn try_override(&mut self, code: &str) -> Result<String, String> {
+        let now = unix_now();
+        let claims = verify_override(
+            &self.settings.override_keys,
+            code,
+            &self.settings.device,
+            now,
+        )
+        .map_err(|e| {
+            warn!(event = "override", result = "refused", error = %e, "override code refused");
+            format!("override code refused: {e}")
+        })?;
+        info!(
+            event = "override",
+            result = "used",
+            id = %claims.id,
+            issued_by = %claims.by,
+            until = claims.not_after,
+            "override code used: the kill switch is open until it expires"
+        );
+        let _ = self.report.send(sekisho_proto::api::OverrideUsed {
+            id: claims.id.clone(),
+            not_after: claims.not_after,
+            by: claims.by.clone(),
+        });
+        self.open = Some(Open {
+            until: claims.not_after,
+            reason: "override".into(),
+            id: Some(claims.id.clone()),
+        });
+        Ok(format!(
+            "override {} accepted: the device is open for {} s",
+            claims.id,
+            claims.not_after.saturating_sub(now)
+        ))
+    }
+
+    fn try_captive(&mut self, tunnel_up: bool) -> Result<String, String> {
+        let t = &self.settings.tunnel;
+        let now = unix_now();
+        if t.mode != TunnelMode::Full {
+            return Err("not needed: this device is not in full-tunnel mode".into());
+        }
+        if t.captive_grace_secs == 0 {
+            return Err("the admin's policy allows no captive-portal grace".into());
+        }
+        if tunnel_up {
+            return Err("the tunnel is up: no captive portal is in the way".into());
+        }
+        // Once per grace period and one more: a grace cannot be chained into an open device.
+        if let Some(used) = self.captive_used
+            && now < used + 2 * t.captive_grace_secs
+        {
+            return Err(format!(
+                "the captive-portal grace was used {} s ago; try again later",
+                now - used
+            ));
+        }
+        self.captive_used = Some(now);
+        self.open = Some(Open {
+            until: now + t.captive_grace_secs,
+            reason: "captive-portal".into(),
+            id: None,
+        });
+        info!(
+            event = "captive-portal",
+            result = "open",
+            seconds = t.captive_grace_secs,
+            "captive-portal grace: the kill switch is open so a portal can be signed in to"
+        );
+        Ok(format!(
+            "open for {} s: sign in to the portal now",
+            t.captive_grace_secs
+        ))
+    }
+
+    /// Runs until the command channel closes; then applies the stop rule.
+    pub async fn run(
+        mut self,
+        mut cmds: mpsc::Receiver<GuardCmd>,
+        mut brokers: watch::Receiver<Vec<SocketAddr>>,
+        connected: Arc<dyn Fn() -> bool + Send + Sync>,
+        mut stop: oneshot::Receiver<()>,
+    ) {
+        if self.settings.tunnel.mode != TunnelMode::Full {
+            // Leftovers of an earlier full-tunnel run whose policy changed meanwhile.
+            let _ = self.netlink.del_rules(&[PRIO_SUPPRESS, PRIO_TUNNEL]).await;
+            let _ = nft(&nft_delete_table("inet", TABLE)).await;
+        }
+        self.sync().await;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                c = cmds.recv() => match c {
+                    Some(GuardCmd::Settings(s)) => {
+                        if s != self.settings {
+                            if s.tunnel != self.settings.tunnel {
+                                info!(policy = %s.tunnel.name, mode = ?s.tunnel.mode, "tunnel settings from the policy");
+                            }
+                            self.settings = s;
+                            self.persist();
+                        }
+                    }
+                    Some(GuardCmd::Override { code, reply }) => {
+                        let _ = reply.send(self.try_override(&code));
+                    }
+                    Some(GuardCmd::Captive { reply }) => {
+                        let up = connected();
+                        let _ = reply.send(self.try_captive(up));
+                    }
+                    None => break,
+                },
+                r = brokers.changed() => {
+                    if r.is_err() { break; }
+                    self.brokers = brokers.borrow().clone();
+                }
+                _ = tick.tick() => {
+                    if let Some(o) = &self.open && unix_now() >= o.until {
+                        info!(event = "override", result = "expired", reason = %o.reason, "open window ended: kill switch back in place");
+                        self.open = None;
+                    }
+                }
+                _ = &mut stop => break,
+            }
+            self.sync().await;
+        }
+        // Stopping: a full tunnel stays closed unless the policy allows disabling.
+        if self.installed.is_some() {
+            if self.settings.tunnel.allow_disable {
+                self.remove().await;
+            } else {
+                info!(
+                    policy = %self.settings.tunnel.name,
+                    "client stopping; the kill switch stays in place (the policy does not allow disabling)"
+                );
+            }
+        } else if self.settings.tunnel.mode == TunnelMode::Full
+            && self.open.is_some()
+            && !self.settings.tunnel.allow_disable
+        {
+            // Open by an override now, but nobody will close it again: close it.
+            self.open = None;
+            self.sync().await;
+            info!("client stopping during an override: the kill switch is put back");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ruleset_lets_only_tunnel_brokers_marks_and_allowed_local_out() {
+        let brokers: Vec<SocketAddr> = vec!["10.99.2.2:51820".parse().unwrap()];
+        let exclude: Vec<IpNet> = vec!["198.51.100.0/24".parse().unwrap()];
+        let local: Vec<IpNet> = vec!["192.168.1.7/24".parse().unwrap()];
+        let open = ruleset("sekisho0", 0x534b, &exclude, &brokers, Some(&local));
+        assert!(open.contains("policy drop"), "{open}");
+        assert!(open.contains("oifname \"sekisho0\" accept"));
+        assert!(open.contains("10.99.2.2 . 51820"));
+        assert!(open.contains("198.51.100.0/24"));
+        assert!(open.contains("192.168.1.0/24"), "local networks by prefix");
+        assert!(open.contains("ip daddr @local4 accept"));
+        let blocked = ruleset("sekisho0", 0x534b, &exclude, &brokers, None);
+        assert!(!blocked.contains("@local4"), "{blocked}");
+        assert!(blocked.contains("counter name blocked drop"));
+    }
+}
