@@ -34,6 +34,7 @@
 #                       certificate lifetime (default 30d)
 #   SK_EDR_NAME         process name of the stand-in EDR agent (default sk-edr-agent)
 #   SK_DNS_REFRESH      how often clients look for new DNS settings and lists (default 1h)
+#   SK_CONFIG_REFRESH   how often clients fetch their configuration (default here 5s)
 #   SK_BROKERS=2        a second broker (sk-broker2, 10.99.8.2) sharing the first one's
 #                       SQLite store: devices and the connector use both
 #   SK_BROKER_DELAY_MS  one-way delays to the brokers, like "30 0": each nonzero one puts a
@@ -265,7 +266,8 @@ enroll_all() {
             --token "$t" --name "${who%%:*}-laptop" --dir "$STATE/${who%%:*}" \
             --check-interval "${SK_CHECK_INTERVAL:-2s}" >/dev/null
         # Two clients on one machine: each its own control socket.
-        sed -i "s|^control_socket = .*|control_socket = \"$STATE/${who%%:*}/client.sock\"|" \
+        sed -i -e "s|^control_socket = .*|control_socket = \"$STATE/${who%%:*}/client.sock\"|" \
+            -e "s|^config_refresh = .*|config_refresh = \"${SK_CONFIG_REFRESH:-5s}\"|" \
             "$STATE/${who%%:*}/client.toml"
     done
     t=$(admin token create --site dc1 --ttl 10m)

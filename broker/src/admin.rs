@@ -325,17 +325,20 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
             })
         }
         AdminCommand::Device(DeviceCommand::Override { name, duration }) => {
-            let minutes = duration.as_secs().div_ceil(60).max(1);
+            let seconds = duration.as_secs().max(1);
             let d: api::OverrideIssued = post(
                 &conn,
                 &format!("/v1/admin/devices/{name}/override"),
-                &api::OverrideRequest { minutes },
+                &api::OverrideRequest { seconds },
             )
             .await?;
             print(json, &d, |d| {
                 format!(
-                    "override code for {} (id {}, valid {} min):\n{}",
-                    d.device, d.id, minutes, d.code
+                    "override code for {} (id {}, valid {}):\n{}",
+                    d.device,
+                    d.id,
+                    humantime::format_duration(Duration::from_secs(seconds)),
+                    d.code
                 )
             })
         }

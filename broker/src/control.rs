@@ -1260,10 +1260,10 @@ async fn issue_override(
     UrlPath(name): UrlPath<String>,
     Json(req): Json<api::OverrideRequest>,
 ) -> ApiResult<api::OverrideIssued> {
-    if req.minutes == 0 || req.minutes > 24 * 60 {
+    if req.seconds == 0 || req.seconds > 86400 {
         return Err(bad(
             StatusCode::BAD_REQUEST,
-            "minutes must be between 1 and 1440",
+            "an override lasts between 1 second and 24 hours",
         ));
     }
     let known = ctl
@@ -1281,12 +1281,12 @@ async fn issue_override(
     let claims = sekisho_proto::tunnel::OverrideClaims {
         id: crate::store::random_text(8),
         device: name.clone(),
-        not_after: now_unix() + req.minutes * 60,
+        not_after: now_unix() + req.seconds,
         by: admin.clone(),
         kid: String::new(),
     };
     let code = sekisho_proto::tunnel::issue_override(&ctl.signer, claims.clone());
-    info!(device = %name, id = %claims.id, minutes = req.minutes, by = %admin, "override code issued");
+    info!(device = %name, id = %claims.id, seconds = req.seconds, by = %admin, "override code issued");
     ctl.audit(
         "override_issued",
         &admin,

@@ -38,6 +38,11 @@ const PRIO_TUNNEL: u32 = 21321;
 pub struct GuardConfig {
     pub tun: String,
     pub tun_index: u32,
+    /// The device's overlay address (the source of rerouted packets, NATed when they go
+    /// direct).
+    pub device: IpAddr,
+    /// The control APIs (HTTPS): reached direct, like the brokers' WireGuard endpoints.
+    pub api: Vec<SocketAddr>,
     pub mark: u32,
     pub table: u32,
     /// The last tunnel settings and override keys, kept so a restart without network (boot)
@@ -150,8 +155,10 @@ pub async fn add_direct(ips: &[IpAddr], ttl: u32) {
 pub fn ruleset(
     tun: &str,
     mark: u32,
+    device: IpAddr,
     exclude: &[IpNet],
     brokers: &[SocketAddr],
+    api: &[SocketAddr],
     local: Option<&[IpNet]>,
 ) -> String {
     let v4 = |nets: &[IpNet]| -> Vec<String> {
@@ -183,6 +190,17 @@ pub fn ruleset(
         .filter(|b| b.is_ipv6())
         .map(|b| format!("{} . {}", b.ip(), b.port()))
         .collect();
+    let api4: Vec<String> = api
+        .iter()
+        .filter(|b| b.is_ipv4())
+        .map(|b| format!("{} . {}", b.ip(), b.port()))
+        .collect();
+    let api6: Vec<String> = api
+        .iter()
+        .filter(|b| b.is_ipv6())
+        .map(|b| format!("{} . {}", b.ip(), b.port()))
+        .collect();
+    let saddr = if device.is_ipv4() { "ip saddr" } else { "ip6 saddr" };
     let local_rules = match local {
         Some(nets) => format!(
             "    set local4 {{ type ipv4_addr; flags interval;{} }}\n\
@@ -205,6 +223,8 @@ pub fn ruleset(
          \x20   set direct6 {{ type ipv6_addr; flags timeout; }}\n\
          \x20   set brokers4 {{ type ipv4_addr . inet_service;{b4} }}\n\
          \x20   set brokers6 {{ type ipv6_addr . inet_service;{b6} }}\n\
+         \x20   set api4 {{ type ipv4_addr . inet_service;{a4} }}\n\
+         \x20   set api6 {{ type ipv6_addr . inet_service;{a6} }}\n\
          {local_rules}\
          \x20   counter blocked {{ }}\n\
          \x20   chain route_out {{\n\
@@ -214,6 +234,12 @@ pub fn ruleset(
          \x20       ip daddr @direct4 meta mark set {mark}\n\
          \x20       ip6 daddr @direct6 meta mark set {mark}\n\
          \x20       udp sport 68 udp dport 67 meta mark set {mark}\n\
+         \x20       ip daddr . tcp dport @api4 meta mark set {mark}\n\
+         \x20       ip6 daddr . tcp dport @api6 meta mark set {mark}\n\
+         \x20   }}\n\
+         \x20   chain nat_out {{\n\
+         \x20       type nat hook postrouting priority srcnat; policy accept;\n\
+         \x20       meta mark {mark} {saddr} {device} oifname != \"{tun}\" masquerade\n\
          \x20   }}\n\
          \x20   chain out {{\n\
          \x20       type filter hook output priority filter; policy drop;\n\
@@ -233,6 +259,8 @@ pub fn ruleset(
         ex6 = elems(v6(exclude)),
         b4 = elems(broker4),
         b6 = elems(broker6),
+        a4 = elems(api4),
+        a6 = elems(api6),
     )
 }
 
@@ -376,8 +404,10 @@ impl Guard {
         nft(&ruleset(
             &self.cfg.tun,
             self.cfg.mark,
+            self.cfg.device,
             &w.tunnel.exclude,
             &w.brokers,
+            &self.cfg.api,
             local,
         ))
         .await?;
@@ -589,14 +619,18 @@ mod tests {
         let brokers: Vec<SocketAddr> = vec!["10.99.2.2:51820".parse().unwrap()];
         let exclude: Vec<IpNet> = vec!["198.51.100.0/24".parse().unwrap()];
         let local: Vec<IpNet> = vec!["192.168.1.7/24".parse().unwrap()];
-        let open = ruleset("sekisho0", 0x534b, &exclude, &brokers, Some(&local));
+        let dev: IpAddr = "100.118.0.2".parse().unwrap();
+        let api: Vec<SocketAddr> = vec!["10.99.2.2:8443".parse().unwrap()];
+        let open = ruleset("sekisho0", 0x534b, dev, &exclude, &brokers, &api, Some(&local));
         assert!(open.contains("policy drop"), "{open}");
         assert!(open.contains("oifname \"sekisho0\" accept"));
         assert!(open.contains("10.99.2.2 . 51820"));
         assert!(open.contains("198.51.100.0/24"));
         assert!(open.contains("192.168.1.0/24"), "local networks by prefix");
         assert!(open.contains("ip daddr @local4 accept"));
-        let blocked = ruleset("sekisho0", 0x534b, &exclude, &brokers, None);
+        assert!(open.contains("10.99.2.2 . 8443"));
+        assert!(open.contains("ip saddr 100.118.0.2"));
+        let blocked = ruleset("sekisho0", 0x534b, dev, &exclude, &brokers, &api, None);
         assert!(!blocked.contains("@local4"), "{blocked}");
         assert!(blocked.contains("counter name blocked drop"));
     }

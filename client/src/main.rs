@@ -222,6 +222,13 @@ struct ControlConfig {
     /// How often the posture checks run; a change is reported at once.
     #[serde(default = "default_check_interval")]
     check_interval: String,
+    /// Longest time between two configuration refreshes (brokers, routes, tunnel settings).
+    #[serde(default = "default_config_refresh")]
+    config_refresh: String,
+}
+
+fn default_config_refresh() -> String {
+    "30s".into()
 }
 
 fn default_check_interval() -> String {
@@ -434,6 +441,7 @@ fn enroll(
             credential_file: PathBuf::from("credential"),
             device_range: c.device_range,
             check_interval: humantime::format_duration(check_interval).to_string(),
+            config_refresh: default_config_refresh(),
         }),
         dns: Some(DnsConfig {
             manage_system_dns: true,
@@ -557,6 +565,30 @@ fn set_mark(sock: &UdpSocket, mark: u32) -> Result<()> {
     Ok(())
 }
 
+/// The control API's address (host and port of its URL), which the full tunnel lets through
+/// direct so the device can refresh its posture and settings while closed.
+async fn api_addresses(config: &ClientConfig) -> Vec<SocketAddr> {
+    let Some(ctl) = &config.control else {
+        return Vec::new();
+    };
+    let Some(rest) = ctl.url.strip_prefix("https://") else {
+        return Vec::new();
+    };
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    let hostport = if hostport.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:443")
+    };
+    match tokio::net::lookup_host(&hostport).await {
+        Ok(a) => a.collect(),
+        Err(e) => {
+            warn!("cannot resolve the control API {hostport}: {e}");
+            Vec::new()
+        }
+    }
+}
+
 fn broker_infos(peers: &[BrokerPeer]) -> Vec<sekisho_proto::api::BrokerInfo> {
     peers
         .iter()
@@ -627,6 +659,8 @@ async fn run(config: ClientConfig) -> Result<()> {
         killswitch::GuardConfig {
             tun: iface.name.clone(),
             tun_index: index,
+            device: iface.address,
+            api: api_addresses(&config).await,
             mark: iface.fwmark,
             table: iface.table,
             state_file: config.state_file.clone(),
@@ -710,6 +744,7 @@ async fn run(config: ClientConfig) -> Result<()> {
 struct PostureSetup {
     api: sekisho_proto::http::ApiClient,
     interval: Duration,
+    config_refresh: Duration,
     ca: String,
     credential: String,
     urls: Vec<String>,
@@ -729,6 +764,8 @@ impl PostureSetup {
                 Some(credential.trim().to_string()),
             )?,
             interval: humantime::parse_duration(&ctl.check_interval)?,
+            config_refresh: humantime::parse_duration(&ctl.config_refresh)
+                .context("control.config_refresh: a duration like \"30s\"")?,
             ca,
             credential: credential.trim().to_string(),
             urls: vec![ctl.url.clone()],
@@ -772,9 +809,6 @@ impl PostureSetup {
         }
     }
 }
-
-/// Longest time between two configuration refreshes from the control plane.
-const CONFIG_POLL: Duration = Duration::from_secs(30);
 
 /// Where the posture loop's results go.
 struct PostureLinks {
@@ -835,7 +869,7 @@ async fn posture_loop(mut setup: PostureSetup, links: PostureLinks) {
                     // The answer also carries the configuration (brokers, routes, tunnel): ask
                     // at least every CONFIG_POLL even when the token is still fresh.
                     refresh_at = Instant::now()
-                        + Duration::from_secs(resp.refresh_after.max(5)).min(CONFIG_POLL);
+                        + Duration::from_secs(resp.refresh_after.max(5)).min(setup.config_refresh);
                     let _ = links
                         .data
                         .send(dataplane::Command::Token(resp.token.clone()))

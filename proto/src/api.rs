@@ -160,11 +160,11 @@ pub struct DeviceConfig {
 }
 
 /// `POST /v1/admin/devices/{name}/override` (admin): a code that opens the device's kill
-/// switch for `minutes`.
+/// switch for `seconds` (at most a day).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OverrideRequest {
-    pub minutes: u64,
+    pub seconds: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -210,6 +210,9 @@ impl Netlink {
             .table_id(rule.table)
             .priority(rule.priority);
         let adjust = |msg: &mut rtnetlink::packet_route::rule::RuleMessage| {
+            // The request leaves the action unset, which the kernel takes as a rule that
+            // fails every lookup.
+            msg.header.action = rtnetlink::packet_route::rule::RuleAction::ToTable;
             if let Some(mark) = rule.not_fwmark {
                 msg.attributes.push(RuleAttribute::FwMark(mark));
                 msg.attributes.push(RuleAttribute::FwMask(0xffff_ffff));
