@@ -200,7 +200,11 @@ pub fn ruleset(
         .filter(|b| b.is_ipv6())
         .map(|b| format!("{} . {}", b.ip(), b.port()))
         .collect();
-    let saddr = if device.is_ipv4() { "ip saddr" } else { "ip6 saddr" };
+    let saddr = if device.is_ipv4() {
+        "ip saddr"
+    } else {
+        "ip6 saddr"
+    };
     let local_rules = match local {
         Some(nets) => format!(
             "    set local4 {{ type ipv4_addr; flags interval;{} }}\n\
@@ -621,7 +625,15 @@ mod tests {
         let local: Vec<IpNet> = vec!["192.168.1.7/24".parse().unwrap()];
         let dev: IpAddr = "100.118.0.2".parse().unwrap();
         let api: Vec<SocketAddr> = vec!["10.99.2.2:8443".parse().unwrap()];
-        let open = ruleset("sekisho0", 0x534b, dev, &exclude, &brokers, &api, Some(&local));
+        let open = ruleset(
+            "sekisho0",
+            0x534b,
+            dev,
+            &exclude,
+            &brokers,
+            &api,
+            Some(&local),
+        );
         assert!(open.contains("policy drop"), "{open}");
         assert!(open.contains("oifname \"sekisho0\" accept"));
         assert!(open.contains("10.99.2.2 . 51820"));

@@ -575,7 +575,10 @@ async fn api_addresses(config: &ClientConfig) -> Vec<SocketAddr> {
         return Vec::new();
     };
     let hostport = rest.split('/').next().unwrap_or(rest);
-    let hostport = if hostport.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+    let hostport = if hostport
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
         hostport.to_string()
     } else {
         format!("{hostport}:443")
