@@ -569,12 +569,17 @@ impl Guard {
                             self.persist();
                         }
                     }
+                    // Answered once the change is in place, so what the user sees next is true.
                     Some(GuardCmd::Override { code, reply }) => {
-                        let _ = reply.send(self.try_override(&code));
+                        let r = self.try_override(&code);
+                        self.sync().await;
+                        let _ = reply.send(r);
                     }
                     Some(GuardCmd::Captive { reply }) => {
                         let up = connected();
-                        let _ = reply.send(self.try_captive(up));
+                        let r = self.try_captive(up);
+                        self.sync().await;
+                        let _ = reply.send(r);
                     }
                     None => break,
                 },

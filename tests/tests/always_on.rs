@@ -364,7 +364,11 @@ fn full_tunnel_kill_switch_override_and_stop() {
 
     // The policy releases it: back to a split tunnel, the next start removes the kill switch.
     d.daemon("start", "broker");
-    apply(&d, &d.state().join("policy.toml"));
+    let original = d.state().join("policy.toml");
+    let applied = wait_until(Duration::from_secs(20), || {
+        d.admin(&["policy", "apply", original.to_str().unwrap()]).0
+    });
+    assert!(applied.is_some(), "the restarted broker took the policy");
     d.daemon("start", "client-alice");
     assert!(
         wait_until(Duration::from_secs(40), || {
