@@ -645,7 +645,33 @@ async fn suite(db: &str) {
     h.task.abort();
     drop(h.control.clone());
     let store = Store::open(&db2).await.unwrap();
-    assert_eq!(store.schema_version().await.unwrap(), 1);
+    assert_eq!(store.schema_version().await.unwrap(), 2);
+    // The broker registry: two brokers on one store, each listed once, updates in place.
+    let rec = |name: &str, key: &str| crate::store::BrokerRecord {
+        public_key: key.into(),
+        name: name.into(),
+        wireguard_endpoint: format!("{name}.example:51820"),
+        connector_endpoint: format!("{name}.example:4433"),
+        api_url: format!("https://{name}.example:8443"),
+    };
+    store.register_broker(&rec("eu", "k1"), 1).await.unwrap();
+    store.register_broker(&rec("us", "k2"), 1).await.unwrap();
+    store
+        .register_broker(&rec("eu-west", "k1"), 2)
+        .await
+        .unwrap();
+    let names: Vec<String> = store
+        .brokers()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.name)
+        .collect();
+    assert_eq!(names, ["eu-west", "us"]);
+    // The fingerprint changes with the directory.
+    let before = store.fingerprint().await.unwrap();
+    store.create_user("carol", &[], 3).await.unwrap();
+    assert_ne!(store.fingerprint().await.unwrap(), before);
     let devices = store.devices().await.unwrap();
     assert_eq!(devices.len(), 2);
     assert!(
@@ -734,10 +760,10 @@ async fn migrations_are_applied_once() {
     let dir = scratch("migrate");
     let url = format!("sqlite://{}/m.db", dir.display());
     let a = Store::open(&url).await.unwrap();
-    assert_eq!(a.schema_version().await.unwrap(), 1);
+    assert_eq!(a.schema_version().await.unwrap(), 2);
     drop(a);
     let b = Store::open(&url).await.unwrap();
-    assert_eq!(b.schema_version().await.unwrap(), 1);
+    assert_eq!(b.schema_version().await.unwrap(), 2);
     assert!(Store::open("mysql://nope").await.is_err());
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -1141,6 +1141,90 @@ applications = ["wiki-by-name"]
         }
     }
 
+    #[test]
+    fn probes_status_with_denials_and_internet_egress() {
+        let mut f = fixture();
+        let mut io = Recorder::default();
+        let me = IpAddr::from([100, 118, 0, 2]);
+        let service = IpAddr::from([100, 118, 0, 1]);
+        // An echo to the service address is answered inside the tunnel (RTT probes).
+        let mut pkt = vec![0u8; 256];
+        let n = packet::build_echo(me, service, true, 7, 9, b"probe", &mut pkt).unwrap();
+        f.send(&pkt[..n], &mut io);
+        let got = f.receive(&io);
+        let e = got
+            .iter()
+            .find_map(|p| packet::echo(p))
+            .expect("echo reply");
+        assert_eq!(
+            (e.request, e.id, e.seq, e.payload),
+            (false, 7, 9, &b"probe"[..])
+        );
+        // A denied flow shows in the device's status, with its rule.
+        io = Recorder::default();
+        f.send(
+            &tcp_syn([100, 118, 0, 2], 40001, [10, 20, 0, 10], 5432),
+            &mut io,
+        );
+        let n = packet::build_udp(me, 40744, service, STATUS_PORT, b"status", &mut pkt).unwrap();
+        io.udp.clear();
+        f.send(&pkt[..n], &mut io);
+        let answers = f.receive(&io);
+        let status: TunnelStatus =
+            serde_json::from_slice(packet::udp_payload(&answers[0]).unwrap()).unwrap();
+        let d = status.denials.last().expect("a denial");
+        assert_eq!((d.dport, d.rule.as_deref()), (5432, Some("no-db")));
+        // Not an application and no full tunnel for this user: default deny, nothing leaves.
+        io = Recorder::default();
+        f.send(
+            &tcp_syn([100, 118, 0, 2], 40002, [203, 0, 113, 80], 80),
+            &mut io,
+        );
+        assert!(io.egress.is_empty());
+        assert_eq!(
+            io.decisions.last().unwrap().reason,
+            "default deny: no allow rule covers this user and application"
+        );
+        // With a full tunnel for the group, the internet is carried (and logged as such), a
+        // private address and DNS around the stub are not.
+        let key = f.core.policy().devices[0].public_key.to_string();
+        let full = format!(
+            "{}\n[dns]\nupstreams = [\"udp://10.99.0.53\"]\n[[tunnels]]\nname = \"eng-full\"\ngroups = [\"eng\"]\nmode = \"full\"\n",
+            POLICY.replace("@KEY@", &key)
+        );
+        f.core
+            .set_policy(Policy::parse(Path::new("p.toml"), &full).unwrap());
+        io = Recorder::default();
+        f.send(
+            &tcp_syn([100, 118, 0, 2], 40003, [203, 0, 113, 80], 80),
+            &mut io,
+        );
+        assert_eq!(io.egress.len(), 1, "carried to the internet");
+        let r = io.decisions.last().unwrap();
+        assert_eq!(r.application.as_deref(), Some("internet"));
+        assert_eq!(r.rule.as_deref(), Some("eng-full"));
+        // The reply comes back from the egress interface to the device.
+        let mut reply = tcp_syn([203, 0, 113, 80], 80, [100, 118, 0, 2], 40003);
+        reply[33] = 0x12;
+        io.udp.clear();
+        f.core.handle_egress_packet(&reply, f.now, &mut io);
+        assert_eq!(f.receive(&io).len(), 1);
+        // Unsolicited from the internet: dropped.
+        io.udp.clear();
+        f.core.handle_egress_packet(
+            &tcp_syn([203, 0, 113, 9], 80, [100, 118, 0, 2], 1),
+            f.now,
+            &mut io,
+        );
+        assert!(io.udp.is_empty());
+        for (dst, port) in [([192, 168, 1, 50], 80), ([8, 8, 8, 8], 53)] {
+            io = Recorder::default();
+            f.send(&tcp_syn([100, 118, 0, 2], 40004, dst, port), &mut io);
+            assert!(io.egress.is_empty(), "{dst:?}:{port} refused");
+            assert_eq!(io.decisions.last().unwrap().decision, Action::Deny);
+        }
+    }
+
     impl Fixture {
         /// Asks the broker's in-tunnel DNS service; returns the decoded answer.
         fn ask(&mut self, name: &str, io: &mut Recorder) -> hickory_proto::op::Message {
