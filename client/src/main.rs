@@ -473,6 +473,8 @@ fn load_config(path: &Path) -> Result<ClientConfig, ConfigError> {
     let base = path.parent().unwrap_or(Path::new("."));
     c.interface.private_key_file = base.join(&c.interface.private_key_file);
     c.state_file = base.join(&c.state_file);
+    // An older config's single `[broker]` is the first of the list (errors name it as written).
+    let single = c.broker.is_some();
     if let Some(b) = c.broker.take() {
         c.brokers.insert(0, b);
     }
@@ -499,11 +501,12 @@ fn load_config(path: &Path) -> Result<ClientConfig, ConfigError> {
     for (i, b) in c.brokers.iter().enumerate() {
         PublicKeyBytes::parse(&b.public_key).map_err(|e| {
             let at = text.find(&b.public_key);
-            src.error(
-                at.map(|a| a..a),
-                format!("brokers[{i}].public_key"),
-                e.to_string(),
-            )
+            let field = if single && i == 0 {
+                "broker.public_key".to_string()
+            } else {
+                format!("brokers[{}].public_key", i - usize::from(single))
+            };
+            src.error(at.map(|a| a..a), field, e.to_string())
         })?;
     }
     if c.interface.mtu < 576 {

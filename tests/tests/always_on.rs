@@ -170,7 +170,7 @@ fn full_policy(d: &Deployment, local: &str) -> std::path::PathBuf {
     let text = format!(
         "{text}\n[[tunnels]]\nname = \"engineering-full\"\ngroups = [\"engineering\"]\n\
          mode = \"full\"\nexclude = [\"198.51.100.0/24\"]\nexclude_domains = [\"video.example\"]\n\
-         local_network = \"{local}\"\n"
+         local_network = \"{local}\"\ncaptive_grace = \"5s\"\n"
     );
     let path = d.state().join(format!("policy-full-{local}.toml"));
     std::fs::write(&path, text).unwrap();
@@ -340,6 +340,39 @@ fn full_tunnel_kill_switch_override_and_stop() {
         .is_some()
     );
     assert!(d.log("client-alice").contains("kill switch back in place"));
+
+    // The captive-portal grace: the user may open the laptop (tunnel down) for the policy's
+    // few seconds, once in a while, and it is logged.
+    let captive = || {
+        Command::new(d.bin("sekisho-client"))
+            .args(["captive-portal", "--socket"])
+            .arg(d.state().join("alice/client.sock"))
+            .output()
+            .unwrap()
+    };
+    let out = captive();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = status(&d);
+    assert_eq!(s["state"], "open", "{s:#}");
+    assert_eq!(s["tunnel"]["open"]["reason"], "captive-portal");
+    let again = captive();
+    assert!(
+        !again.status.success(),
+        "a second grace right away is refused"
+    );
+    assert!(String::from_utf8_lossy(&again.stderr).contains("used"));
+    assert!(
+        wait_until(
+            Duration::from_secs(15),
+            || status(&d)["tunnel"]["kill_switch"] == "closed"
+        )
+        .is_some()
+    );
+    assert!(d.log("client-alice").contains("captive-portal grace"));
     let before = leaked(&d);
     try_everything(&d);
     assert_eq!(
