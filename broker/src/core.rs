@@ -827,21 +827,8 @@ impl BrokerCore {
     /// source NAT). Delivered only as part of a flow a full-tunnel device opened.
     pub fn handle_egress_packet(&mut self, pkt: &[u8], now: Instant, io: &mut impl Io) {
         self.stats.packets_from_internet += 1;
-        let key = match packet::classify(pkt) {
-            Ok(PacketKind::Flow(k)) => k.reversed(),
-            Ok(PacketKind::IcmpError { about, .. }) => about,
-            Err(_) => {
-                self.stats.dropped_malformed += 1;
-                return;
-            }
-        };
-        let Some(&slot) = self.by_addr.get(&key.src) else {
+        if !self.deliver_reply(pkt, now, io, |_, s| s == EGRESS) {
             self.stats.dropped_unsolicited_from_internet += 1;
-            return;
-        };
-        match self.authorize(slot, &key, now, io, false) {
-            Verdict::Allow(EGRESS) => self.send_to_peer(slot, pkt, io),
-            _ => self.stats.dropped_unsolicited_from_internet += 1,
         }
     }
 
@@ -849,23 +836,40 @@ impl BrokerCore {
     /// a client opened and the policy allows: a connector cannot start flows to clients.
     pub fn handle_site_packet(&mut self, site: &str, pkt: &[u8], now: Instant, io: &mut impl Io) {
         self.stats.packets_from_sites += 1;
+        if !self.deliver_reply(pkt, now, io, |p, s| {
+            s != EGRESS && p.sites[s as usize] == site
+        }) {
+            self.stats.dropped_unsolicited_from_site += 1;
+        }
+    }
+
+    /// Delivers a packet coming back towards a device (from a site or the internet) when it
+    /// belongs to an allowed flow the device opened whose way out `from_ok` accepts; false when
+    /// it is unsolicited (malformed packets are counted here).
+    fn deliver_reply(
+        &mut self,
+        pkt: &[u8],
+        now: Instant,
+        io: &mut impl Io,
+        from_ok: impl Fn(&Policy, SiteId) -> bool,
+    ) -> bool {
         let key = match packet::classify(pkt) {
             Ok(PacketKind::Flow(k)) => k.reversed(),
             Ok(PacketKind::IcmpError { about, .. }) => about,
             Err(_) => {
                 self.stats.dropped_malformed += 1;
-                return;
+                return true;
             }
         };
         let Some(&slot) = self.by_addr.get(&key.src) else {
-            self.stats.dropped_unsolicited_from_site += 1;
-            return;
+            return false;
         };
         match self.authorize(slot, &key, now, io, false) {
-            Verdict::Allow(s) if s != EGRESS && self.policy.sites[s as usize] == site => {
-                self.send_to_peer(slot, pkt, io)
+            Verdict::Allow(s) if from_ok(&self.policy, s) => {
+                self.send_to_peer(slot, pkt, io);
+                true
             }
-            _ => self.stats.dropped_unsolicited_from_site += 1,
+            _ => false,
         }
     }
 
