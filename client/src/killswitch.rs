@@ -105,12 +105,7 @@ impl DirectNames {
     /// True when `name` is excluded from the tunnel.
     pub fn matches(&self, name: &str) -> bool {
         let d = self.domains.read().unwrap_or_else(|e| e.into_inner());
-        !d.is_empty()
-            && UserTunnel {
-                exclude_domains: d.clone(),
-                ..Default::default()
-            }
-            .domain_excluded(name)
+        sekisho_proto::tunnel::in_any_zone(name, &d)
     }
 
     fn set(&self, domains: Vec<String>) {
@@ -121,16 +116,7 @@ impl DirectNames {
 /// Lets `ips` (answers for an excluded name) go direct for `ttl` (at least a minute).
 pub async fn add_direct(ips: &[IpAddr], ttl: u32) {
     let ttl = ttl.clamp(60, 86400);
-    let v4: Vec<String> = ips
-        .iter()
-        .filter(|i| i.is_ipv4())
-        .map(|i| format!("{i} timeout {ttl}s"))
-        .collect();
-    let v6: Vec<String> = ips
-        .iter()
-        .filter(|i| i.is_ipv6())
-        .map(|i| format!("{i} timeout {ttl}s"))
-        .collect();
+    let (v4, v6) = by_family(ips, |i| i.is_ipv6(), |i| format!("{i} timeout {ttl}s"));
     let mut script = String::new();
     if !v4.is_empty() {
         script.push_str(&format!(
@@ -151,6 +137,19 @@ pub async fn add_direct(ips: &[IpAddr], ttl: u32) {
     }
 }
 
+/// `items` as nftables set elements, split into IPv4 and IPv6.
+fn by_family<T>(
+    items: &[T],
+    is_v6: impl Fn(&T) -> bool,
+    element: impl Fn(&T) -> String,
+) -> (Vec<String>, Vec<String>) {
+    let (v6, v4): (Vec<&T>, Vec<&T>) = items.iter().partition(|i| is_v6(i));
+    (
+        v4.into_iter().map(&element).collect(),
+        v6.into_iter().map(&element).collect(),
+    )
+}
+
 /// The nftables table of a closed full tunnel. Pure: tests read it.
 pub fn ruleset(
     tun: &str,
@@ -161,18 +160,9 @@ pub fn ruleset(
     api: &[SocketAddr],
     local: Option<&[IpNet]>,
 ) -> String {
-    let v4 = |nets: &[IpNet]| -> Vec<String> {
-        nets.iter()
-            .filter(|n| matches!(n, IpNet::V4(_)))
-            .map(|n| n.trunc().to_string())
-            .collect()
-    };
-    let v6 = |nets: &[IpNet]| -> Vec<String> {
-        nets.iter()
-            .filter(|n| matches!(n, IpNet::V6(_)))
-            .map(|n| n.trunc().to_string())
-            .collect()
-    };
+    let nets = |n: &[IpNet]| by_family(n, |n| matches!(n, IpNet::V6(_)), |n| n.trunc().to_string());
+    let pairs =
+        |a: &[SocketAddr]| by_family(a, |a| a.is_ipv6(), |a| format!("{} . {}", a.ip(), a.port()));
     let elems = |e: Vec<String>| {
         if e.is_empty() {
             String::new()
@@ -180,38 +170,24 @@ pub fn ruleset(
             format!(" elements = {{ {} }};", e.join(", "))
         }
     };
-    let broker4: Vec<String> = brokers
-        .iter()
-        .filter(|b| b.is_ipv4())
-        .map(|b| format!("{} . {}", b.ip(), b.port()))
-        .collect();
-    let broker6: Vec<String> = brokers
-        .iter()
-        .filter(|b| b.is_ipv6())
-        .map(|b| format!("{} . {}", b.ip(), b.port()))
-        .collect();
-    let api4: Vec<String> = api
-        .iter()
-        .filter(|b| b.is_ipv4())
-        .map(|b| format!("{} . {}", b.ip(), b.port()))
-        .collect();
-    let api6: Vec<String> = api
-        .iter()
-        .filter(|b| b.is_ipv6())
-        .map(|b| format!("{} . {}", b.ip(), b.port()))
-        .collect();
+    let (broker4, broker6) = pairs(brokers);
+    let (api4, api6) = pairs(api);
+    let (ex4, ex6) = nets(exclude);
     let saddr = if device.is_ipv4() {
         "ip saddr"
     } else {
         "ip6 saddr"
     };
     let local_rules = match local {
-        Some(nets) => format!(
-            "    set local4 {{ type ipv4_addr; flags interval;{} }}\n\
-             \x20   set local6 {{ type ipv6_addr; flags interval;{} }}\n",
-            elems(v4(nets)),
-            elems(v6(nets))
-        ),
+        Some(local) => {
+            let (l4, l6) = nets(local);
+            format!(
+                "    set local4 {{ type ipv4_addr; flags interval;{} }}\n\
+                 \x20   set local6 {{ type ipv6_addr; flags interval;{} }}\n",
+                elems(l4),
+                elems(l6)
+            )
+        }
         None => String::new(),
     };
     let local_accept = if local.is_some() {
@@ -259,8 +235,8 @@ pub fn ruleset(
          \x20   }}\n\
          }}\n",
         delete = nft_delete_table("inet", TABLE),
-        ex4 = elems(v4(exclude)),
-        ex6 = elems(v6(exclude)),
+        ex4 = elems(ex4),
+        ex6 = elems(ex6),
         b4 = elems(broker4),
         b6 = elems(broker6),
         a4 = elems(api4),

@@ -81,13 +81,18 @@ impl Default for UserTunnel {
 impl UserTunnel {
     /// True when `name` is one of the excluded domains or below one.
     pub fn domain_excluded(&self, name: &str) -> bool {
-        let name = name.trim_end_matches('.');
-        self.exclude_domains.iter().any(|d| {
-            name.len() >= d.len()
-                && name[name.len() - d.len()..].eq_ignore_ascii_case(d)
-                && (name.len() == d.len() || name.as_bytes()[name.len() - d.len() - 1] == b'.')
-        })
+        in_any_zone(name, &self.exclude_domains)
     }
+}
+
+/// True when `name` (any case, trailing dot or not) is one of `zones` (normalized, as the
+/// policy keeps them) or below one.
+pub fn in_any_zone(name: &str, zones: &[String]) -> bool {
+    if zones.is_empty() {
+        return false;
+    }
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    zones.iter().any(|z| crate::dns::in_zone(&name, z))
 }
 
 /// Why the broker does not carry a full-tunnel flow to the internet.
