@@ -74,6 +74,9 @@ enum AdminCommand {
     /// The policy in force.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// The keys that sign posture tokens and override codes.
+    #[command(subcommand)]
+    SigningKey(SigningKeyCommand),
     /// Explain a decision: can USER's (or DEVICE's) traffic reach ADDRESS:PORT, and which
     /// rule says so? Exit code 0 when allowed, 1 when denied.
     Explain {
@@ -157,6 +160,17 @@ enum ConnectorCommand {
 }
 
 #[derive(Subcommand)]
+enum SigningKeyCommand {
+    /// Every signing key, newest first: active (signs), previous (still verifies tokens
+    /// issued before the last rotation, until the time shown) or retired.
+    List,
+    /// Make a new key the active one on every broker. Tokens and override codes signed
+    /// with the previous key stay valid for the posture token lifetime (plus a minute),
+    /// then that key is retired.
+    Rotate,
+}
+
+#[derive(Subcommand)]
 enum PolicyCommand {
     /// Check a policy file against the directory, run its tests and, if all pass, put it in
     /// force.
@@ -203,6 +217,14 @@ impl Conn {
 }
 
 pub fn run(args: AdminArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(args))
+}
+
+/// [`run`] on the caller's runtime.
+pub(crate) async fn run_async(args: AdminArgs) -> Result<()> {
     let config = args.config.as_deref().map(BrokerConfig::load).transpose()?;
     let conn = Conn {
         config,
@@ -210,10 +232,7 @@ pub fn run(args: AdminArgs) -> Result<()> {
         ca: args.ca,
         token_file: args.token_file,
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(dispatch(conn, args.command, args.json))
+    dispatch(conn, args.command, args.json).await
 }
 
 fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce(&T) -> String) -> Result<()> {
@@ -239,6 +258,54 @@ async fn get<Resp: DeserializeOwned>(conn: &Conn, path: &str) -> Result<Resp> {
 
 fn when(unix: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(unix)).to_string()
+}
+
+/// The signing keys as a table, newest first.
+pub(crate) fn signing_keys_text(keys: &[api::SigningKeyInfo]) -> String {
+    let mut lines = vec![format!(
+        "{:<14} {:<9} {:<22} NOTE",
+        "KID", "STATE", "CREATED"
+    )];
+    for k in keys {
+        let note = match k.state {
+            api::SigningKeyState::Active => "signs new tokens and override codes".to_string(),
+            api::SigningKeyState::Previous => match k.verifies_until {
+                Some(t) => format!("verifies until {}", when(t)),
+                None => "verifies".to_string(),
+            },
+            api::SigningKeyState::Retired => match k.retired_at {
+                Some(t) => format!("retired {}", when(t)),
+                None => "window passed, retired on the next check".to_string(),
+            },
+        };
+        lines.push(format!(
+            "{:<14} {:<9} {:<22} {note}",
+            k.kid,
+            k.state.as_str(),
+            when(k.created_at)
+        ));
+    }
+    lines.join("\n")
+}
+
+/// What a rotation did, in words.
+pub(crate) fn rotated_text(r: &api::SigningKeyRotated) -> String {
+    let mut s = format!(
+        "signing key {} is now active on every broker of this store",
+        r.active
+    );
+    for k in &r.keys {
+        if k.state == api::SigningKeyState::Previous {
+            s += &format!(
+                "\nkey {} still verifies what it signed{}",
+                k.kid,
+                k.verifies_until
+                    .map(|t| format!(" until {}", when(t)))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    s
 }
 
 async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
@@ -370,6 +437,15 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
             print(json, &d, |d| {
                 d["done"].as_str().unwrap_or_default().to_string()
             })
+        }
+        AdminCommand::SigningKey(SigningKeyCommand::List) => {
+            let keys: Vec<api::SigningKeyInfo> = get(&conn, "/v1/admin/signing-keys").await?;
+            print(json, &keys, |ks| signing_keys_text(ks))
+        }
+        AdminCommand::SigningKey(SigningKeyCommand::Rotate) => {
+            let r: api::SigningKeyRotated =
+                post(&conn, "/v1/admin/signing-keys/rotate", &()).await?;
+            print(json, &r, rotated_text)
         }
         AdminCommand::Policy(PolicyCommand::Apply { file }) => apply(&conn, &file, json).await,
         AdminCommand::Policy(PolicyCommand::Show) => {

@@ -4,12 +4,24 @@
 //! Every change to users, groups, devices or the policy rebuilds the effective policy (policy
 //! text merged with the store's directory) and hands it to the data path, which re-decides
 //! cached flows on their next packet; a revoked device's peer and flows are removed at once.
+//!
+//! Several brokers may share one store (a cluster on PostgreSQL). Each follows the changes
+//! made through the others: on PostgreSQL every write is announced with `NOTIFY` and each
+//! broker `LISTEN`s and applies it at once ([`Control::registry_loop`] starts the listener);
+//! a store fingerprint is also polled, as the fallback while the listener reconnects and as
+//! all there is on SQLite. Applying is idempotent and serialized: the policy is rebuilt only
+//! when the policy text or the directory differ from what the policy in force was built from.
+//!
+//! Posture tokens and override codes are signed with the newest signing key of the store; the
+//! keys it replaced keep verifying for the posture token lifetime (plus a slack) after their
+//! successor was made, then they are retired.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
@@ -28,16 +40,22 @@ use rustls_pki_types::pem::PemObject;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
-use sekisho_proto::api::{self, ADMIN_PREFIX, Credential, DEVICE_PREFIX, ENROLL_PREFIX};
+use sekisho_proto::api::{
+    self, ADMIN_PREFIX, Credential, DEVICE_PREFIX, ENROLL_PREFIX, SigningKeyState,
+};
 use sekisho_proto::keys::PublicKeyBytes;
-use sekisho_proto::policy::{Blocklist, ListSource, Policy, probe_flow};
+use sekisho_proto::policy::{Blocklist, Directory, ListSource, Policy, probe_flow};
 use sekisho_proto::posture::{PostureClaims, TokenSigner, TokenVerifier};
+use sekisho_proto::tunnel::OverrideKey;
 
 use crate::config::ControlConfig;
 use crate::pki::{Ca, cert_serial};
-use crate::store::{DeviceRecord, EnrollError, Store, TokenKind, now_unix};
+use crate::store::{
+    CHANGES_CHANNEL, DeviceRecord, EnrollError, KEY_RETIRE_SLACK, SigningKeyRecord, Store,
+    TokenKind, now_unix,
+};
 use crate::{SharedRef, lock};
 
 /// How the stored policy is named in error messages.
@@ -46,12 +64,113 @@ const STORED_POLICY: &str = "policy.toml (stored)";
 /// Largest request body accepted (policy files included).
 const MAX_BODY: usize = 4 << 20;
 
+/// How often the LISTEN connection is checked by sending a probe notification through the
+/// store, and how long the probe may take to come back before the connection is deemed dead.
+const PROBE_EVERY: Duration = Duration::from_secs(30);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Posture token lifetime in seconds (the config's, at least 10 s).
+fn token_lifetime(config: &ControlConfig) -> u64 {
+    config.posture_token_lifetime.as_secs().max(10)
+}
+
+/// How long a replaced signing key keeps verifying after its successor was made.
+fn key_window(config: &ControlConfig) -> u64 {
+    token_lifetime(config) + KEY_RETIRE_SLACK
+}
+
+/// The posture signing keys in force: the newest signs, every one verifies.
+struct KeyRing {
+    signer: TokenSigner,
+    verifier: TokenVerifier,
+    /// For devices (override codes): every key that verifies.
+    overrides: Vec<OverrideKey>,
+    /// Key ids, newest first.
+    kids: Vec<String>,
+    /// When the next previous key's window ends (`u64::MAX`: there is none).
+    next_retirement: u64,
+}
+
+impl KeyRing {
+    fn from_records(records: &[SigningKeyRecord]) -> Option<KeyRing> {
+        if records.first()?.state != SigningKeyState::Active {
+            return None;
+        }
+        let signers: Vec<TokenSigner> = records.iter().filter_map(|r| r.signer()).collect();
+        let next_retirement = records
+            .iter()
+            .filter(|r| r.state == SigningKeyState::Previous)
+            .filter_map(|r| r.verifies_until)
+            .min()
+            .unwrap_or(u64::MAX);
+        let mut signers = signers.into_iter();
+        let signer = signers.next()?;
+        let rest: Vec<TokenSigner> = signers.collect();
+        let all = || std::iter::once(&signer).chain(rest.iter());
+        Some(KeyRing {
+            verifier: TokenVerifier::from_signers(all()),
+            overrides: all().map(OverrideKey::of).collect(),
+            kids: all().map(|s| s.kid().to_string()).collect(),
+            next_retirement,
+            signer,
+        })
+    }
+
+    /// The keys of `store` at `now` (making the first one if there is none).
+    async fn load(store: &Store, now: u64, window: u64) -> Result<KeyRing> {
+        if let Some(ring) = KeyRing::from_records(&store.signing_keys(now, window).await?) {
+            return Ok(ring);
+        }
+        store.signing_key(now).await?;
+        KeyRing::from_records(&store.signing_keys(now, window).await?)
+            .context("no active posture signing key in the store")
+    }
+}
+
+/// How the control plane and its link to the store are doing, for metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlHealth {
+    /// The last store round trip succeeded.
+    pub store_ok: bool,
+    /// Following the store by LISTEN/NOTIFY right now (always false on SQLite).
+    pub notify_connected: bool,
+    /// Syncs with the store that changed something here (policy, keys, connector links).
+    pub changes_applied: u64,
+    /// Failed store round trips of the background loops.
+    pub store_errors: u64,
+    /// Posture signing keys that verify (the active one and the previous ones in their window).
+    pub signing_keys_valid: usize,
+    /// Brokers of the deployment (the store's registry; this one alone before it was read).
+    pub brokers: usize,
+}
+
+#[derive(Default)]
+struct Health {
+    store_ok: AtomicBool,
+    notify_connected: AtomicBool,
+    changes_applied: AtomicU64,
+    store_errors: AtomicU64,
+    signing_keys_valid: AtomicUsize,
+}
+
+/// The tasks following the store by LISTEN/NOTIFY; they end when this is dropped.
+struct Follower(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
 pub struct Control {
     pub store: Store,
     shared: SharedRef,
     config: ControlConfig,
     ca: Ca,
-    signer: TokenSigner,
+    /// The signing keys in force; swapped whole on rotation and retirement.
+    keys: RwLock<Arc<KeyRing>>,
     broker_key: String,
     /// The policy text in force (reported as STORED_POLICY in errors).
     policy_text: Mutex<String>,
@@ -64,8 +183,12 @@ pub struct Control {
     lists: tokio::sync::Mutex<HashMap<String, CachedList>>,
     /// Every broker of the deployment (the store's registry), refreshed by [`Control::registry_loop`].
     brokers: Mutex<Vec<crate::store::BrokerRecord>>,
-    /// The store's fingerprint when this broker's policy was last built from it.
+    /// The store's fingerprint when this broker last synced with it; held while syncing, so
+    /// syncs run one at a time (lock order: `synced`, then `change`).
     synced: tokio::sync::Mutex<Option<String>>,
+    /// What the policy in force was built from: the policy text and the directory.
+    applied: Mutex<(String, Directory)>,
+    health: Health,
 }
 
 struct CachedList {
@@ -109,8 +232,9 @@ pub struct Opened {
     policy_dir: PathBuf,
     store: Store,
     policy_text: String,
+    directory: Directory,
     ca: Ca,
-    signer: TokenSigner,
+    keys: KeyRing,
 }
 
 impl Control {
@@ -146,7 +270,7 @@ impl Control {
         let dir = store.directory().await?;
         let policy = Policy::parse_with(Path::new(STORED_POLICY), &text, &dir)?;
         let ca = Ca::load(ca_cert, &config.ca_key)?;
-        let signer = store.signing_key(now_unix()).await?;
+        let keys = KeyRing::load(&store, now_unix(), key_window(config)).await?;
         Ok((
             policy,
             Opened {
@@ -156,8 +280,9 @@ impl Control {
                     .unwrap_or_default(),
                 store,
                 policy_text: text,
+                directory: dir,
                 ca,
-                signer,
+                keys,
             },
         ))
     }
@@ -173,8 +298,9 @@ impl Control {
             policy_dir,
             store,
             policy_text,
+            directory,
             ca,
-            signer,
+            keys,
         } = opened;
         let audit = if config.audit_log == Path::new("-") {
             None
@@ -192,16 +318,21 @@ impl Control {
                     })?,
             )
         };
-        lock(&shared)
-            .core
-            .set_token_keys(TokenVerifier::from_signer(&signer));
+        lock(&shared).core.set_token_keys(keys.verifier.clone());
+        let health = Health::default();
+        health.store_ok.store(true, Ordering::Relaxed);
+        health
+            .signing_keys_valid
+            .store(keys.kids.len(), Ordering::Relaxed);
         Ok(Arc::new(Control {
             store,
             shared,
             config,
             ca,
-            signer,
+            keys: RwLock::new(Arc::new(keys)),
             broker_key,
+            applied: Mutex::new((policy_text.clone(), directory)),
+            health,
             policy_text: Mutex::new(policy_text),
             change: tokio::sync::Mutex::new(()),
             audit: Mutex::new(audit),
@@ -227,58 +358,348 @@ impl Control {
         }
     }
 
-    /// Registers this broker in the store and keeps the list of all brokers current, every
-    /// `every`. Devices and connectors learn the brokers from it.
+    /// Registers this broker in the store, keeps the list of all brokers current and follows
+    /// the store, every `every` (the polling fallback). On PostgreSQL it also starts following
+    /// the store by LISTEN/NOTIFY, which applies changes at once and ends with this loop.
+    /// Signing keys whose window has passed are retired here too.
     pub async fn registry_loop(self: Arc<Self>, every: Duration) {
+        let _follower = self
+            .store
+            .announces()
+            .then(|| self.clone().follow_changes());
         loop {
             let own = self.own_record();
-            if let Err(e) = self.store.register_broker(&own, now_unix()).await {
+            let registered = self.store.register_broker(&own, now_unix()).await;
+            if let Err(e) = self.track(registered) {
                 warn!("cannot register this broker in the store: {e:#}");
             }
-            if let Err(e) = self.sync_from_store().await {
+            if let Err(e) = self.sync_from_store(false).await {
                 warn!("cannot follow the store: {e:#}");
             }
-            match self.store.brokers().await {
-                Ok(list) => {
-                    let mut cache = self.brokers.lock().unwrap_or_else(|e| e.into_inner());
-                    if *cache != list {
-                        info!(brokers = list.len(), "broker registry");
-                    }
-                    *cache = list;
-                }
-                Err(e) => warn!("cannot read the broker registry: {e:#}"),
+            if let Err(e) = self.tick_keys(now_unix()).await {
+                warn!("cannot retire old signing keys: {e:#}");
             }
+            self.refresh_registry().await;
             tokio::time::sleep(every).await;
         }
     }
 
-    /// Rebuilds the policy when the store changed through another broker (devices enrolled
-    /// or revoked, users changed, a new policy version). Polling; a cluster on PostgreSQL
-    /// would rather be told.
-    async fn sync_from_store(&self) -> Result<()> {
-        let now = self.store.fingerprint().await?;
-        let mut synced = self.synced.lock().await;
-        match synced.as_deref() {
-            None => {
-                *synced = Some(now);
-                return Ok(());
-            }
-            Some(s) if s == now => return Ok(()),
-            Some(_) => {}
+    /// Records the outcome of a store round trip made by a background loop.
+    fn track<T>(&self, r: Result<T>) -> Result<T> {
+        self.health.store_ok.store(r.is_ok(), Ordering::Relaxed);
+        if r.is_err() {
+            self.health.store_errors.fetch_add(1, Ordering::Relaxed);
         }
+        r
+    }
+
+    /// Reads the broker registry.
+    async fn refresh_registry(&self) {
+        match self.track(self.store.brokers().await) {
+            Ok(list) => {
+                let mut cache = self.brokers.lock().unwrap_or_else(|e| e.into_inner());
+                if *cache != list {
+                    info!(brokers = list.len(), "broker registry");
+                }
+                *cache = list;
+            }
+            Err(e) => warn!("cannot read the broker registry: {e:#}"),
+        }
+    }
+
+    /// Brings this broker in line with the store after changes made through another broker
+    /// (devices enrolled or revoked, users or groups changed, a new policy version, connectors
+    /// revoked, signing keys rotated or retired): rebuilds the policy if its inputs changed,
+    /// reloads the signing keys, closes the links of revoked connectors. With `force` false
+    /// nothing is read when the store's fingerprint is the one of the last sync (polling).
+    /// Idempotent, and serialized with other syncs and with local changes. True when
+    /// something changed here.
+    pub(crate) async fn sync_from_store(&self, force: bool) -> Result<bool> {
+        let mut synced = self.synced.lock().await;
         let _g = self.change.lock().await;
-        if let Some((version, text)) = self.store.latest_policy().await? {
+        let fingerprint = self.track(self.store.fingerprint().await)?;
+        let moved = synced.as_deref() != Some(fingerprint.as_str());
+        if !force && !moved {
+            return Ok(false);
+        }
+        let mut changed = self.track(self.reload_keys(now_unix()).await)?;
+        // Revocations always move the fingerprint; new links are checked when they connect.
+        if moved {
+            changed |= self.drop_revoked_links().await > 0;
+        }
+        let latest = self.track(self.store.latest_policy().await)?;
+        let dir = self.track(self.store.directory().await)?;
+        let text = {
             let mut current = self.policy_text.lock().unwrap_or_else(|e| e.into_inner());
-            if *current != text {
+            if let Some((version, text)) = latest
+                && *current != text
+            {
                 info!(version, "newer policy in the store");
                 *current = text;
             }
+            current.clone()
+        };
+        let installed = self.install(text, dir);
+        let changed = changed || matches!(installed, Ok(true));
+        if changed {
+            self.health.changes_applied.fetch_add(1, Ordering::Relaxed);
         }
-        self.rebuild()
-            .await
-            .map_err(|e| anyhow::anyhow!("{}", e.1))?;
-        *synced = Some(now);
-        Ok(())
+        installed.map_err(|e| {
+            anyhow::anyhow!("the store's directory cannot be merged with the policy: {e}")
+        })?;
+        *synced = Some(fingerprint);
+        Ok(changed)
+    }
+
+    /// Follows the store by LISTEN/NOTIFY (PostgreSQL): one task listens and reconnects, one
+    /// applies what was announced (several announcements during one sync make one more sync).
+    fn follow_changes(self: Arc<Self>) -> Follower {
+        let kick = Arc::new(tokio::sync::Notify::new());
+        let applier = tokio::spawn({
+            let (ctl, kick) = (self.clone(), kick.clone());
+            async move {
+                let mut retry = Duration::from_secs(1);
+                loop {
+                    kick.notified().await;
+                    match ctl.sync_from_store(true).await {
+                        Ok(changed) => {
+                            debug!(changed, "store change followed");
+                            retry = Duration::from_secs(1);
+                        }
+                        Err(e) => {
+                            warn!("cannot apply a store change: {e:#}; trying again in {retry:?}");
+                            tokio::time::sleep(retry).await;
+                            retry = (retry * 2).min(Duration::from_secs(30));
+                            kick.notify_one();
+                        }
+                    }
+                    ctl.refresh_registry().await;
+                }
+            }
+        });
+        let listener = tokio::spawn(self.listen_loop(kick));
+        Follower(vec![applier, listener])
+    }
+
+    /// Keeps a LISTEN connection to the store, reconnecting with backoff.
+    async fn listen_loop(self: Arc<Self>, kick: Arc<tokio::sync::Notify>) {
+        let (min, max) = (Duration::from_millis(500), Duration::from_secs(30));
+        let mut backoff = min;
+        let mut failures = 0u32;
+        loop {
+            let started = Instant::now();
+            let e = match self.listen_session(&kick).await {
+                Err(e) => e,
+                Ok(never) => match never {},
+            };
+            if started.elapsed() > max {
+                backoff = min;
+            }
+            if self.health.notify_connected.swap(false, Ordering::Relaxed) {
+                failures = 0;
+                warn!(
+                    "lost the LISTEN/NOTIFY connection to the store: {e:#}; polling until it \
+                     is back, reconnecting"
+                );
+            } else if failures == 0 {
+                warn!("cannot LISTEN on the store: {e:#}; retrying in {backoff:?}");
+            } else {
+                debug!(
+                    failures,
+                    "cannot LISTEN on the store: {e:#}; retrying in {backoff:?}"
+                );
+            }
+            failures += 1;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(max);
+        }
+    }
+
+    /// One LISTEN connection, until it fails.
+    async fn listen_session(&self, kick: &tokio::sync::Notify) -> Result<std::convert::Infallible> {
+        let mut listener = tokio::time::timeout(
+            Duration::from_secs(10),
+            sqlx::postgres::PgListener::connect(&self.config.database),
+        )
+        .await
+        .context("timed out connecting")?
+        .context("cannot connect")?;
+        // Reconnecting is done here, with backoff and a catch-up sync.
+        listener.eager_reconnect(false);
+        listener.listen(CHANGES_CHANNEL).await?;
+        self.health.notify_connected.store(true, Ordering::Relaxed);
+        info!(
+            channel = CHANGES_CHANNEL,
+            "following store changes by LISTEN/NOTIFY"
+        );
+        // Whatever changed while nobody listened.
+        kick.notify_one();
+        let probe = AtomicU64::new(0);
+        let watchdog = self.watchdog(&probe);
+        tokio::pin!(watchdog);
+        loop {
+            tokio::select! {
+                r = listener.try_recv() => match r? {
+                    Some(n) => {
+                        if let Some(nonce) = n.payload().strip_prefix("probe:") {
+                            if nonce.parse::<u64>().ok() == Some(probe.load(Ordering::Relaxed)) {
+                                probe.store(0, Ordering::Relaxed);
+                            }
+                            continue;
+                        }
+                        debug!(change = n.payload(), "store change announced");
+                        kick.notify_one();
+                    }
+                    None => anyhow::bail!("the connection was closed"),
+                },
+                // The listener is dropped after this, so cancelling its receive is harmless.
+                e = &mut watchdog => return Err(e),
+            }
+        }
+    }
+
+    /// Sends a probe notification every [`PROBE_EVERY`] through the store; returns when one
+    /// did not come back to the listener within [`PROBE_TIMEOUT`] (a dead connection that
+    /// nobody closed) or could not be sent.
+    async fn watchdog(&self, probe: &AtomicU64) -> anyhow::Error {
+        loop {
+            tokio::time::sleep(PROBE_EVERY).await;
+            let nonce = rand::random::<u64>() | 1;
+            probe.store(nonce, Ordering::Relaxed);
+            let sent = self.store.notify(&format!("probe:{nonce}")).await;
+            if let Err(e) = self.track(sent) {
+                return e;
+            }
+            tokio::time::sleep(PROBE_TIMEOUT).await;
+            if probe.load(Ordering::Relaxed) == nonce {
+                return anyhow::anyhow!(
+                    "a probe notification did not come back in {PROBE_TIMEOUT:?}"
+                );
+            }
+        }
+    }
+
+    /// Reloads the signing keys from the store after retiring those whose window has passed
+    /// at `now`; installs them when they changed (the data path's verifier first, then the
+    /// signer, so this broker never issues a token it would refuse). True when they changed.
+    /// The caller holds `change`.
+    async fn reload_keys(&self, now: u64) -> Result<bool> {
+        let window = key_window(&self.config);
+        let retired = self.store.retire_signing_keys(now, window).await?;
+        if !retired.is_empty() {
+            info!(kids = ?retired, "posture signing keys retired: their window has passed");
+            self.audit(
+                "signing_key_retired",
+                &self.own_record().name,
+                serde_json::json!({"kids": retired}),
+            );
+        }
+        let ring = KeyRing::load(&self.store, now, window).await?;
+        self.health
+            .signing_keys_valid
+            .store(ring.kids.len(), Ordering::Relaxed);
+        let current = self.key_ring();
+        if current.kids == ring.kids && current.next_retirement == ring.next_retirement {
+            return Ok(false);
+        }
+        let changed = current.kids != ring.kids;
+        if changed {
+            lock(&self.shared)
+                .core
+                .set_token_keys(ring.verifier.clone());
+            info!(
+                active = %ring.kids[0],
+                valid = ring.kids.len(),
+                "posture signing keys in force"
+            );
+        }
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ring);
+        Ok(changed)
+    }
+
+    /// Retires signing keys whose window has passed at `now` (a no-op until the next one is
+    /// due). True when the keys in force changed.
+    pub(crate) async fn tick_keys(&self, now: u64) -> Result<bool> {
+        if now < self.key_ring().next_retirement {
+            return Ok(false);
+        }
+        let _g = self.change.lock().await;
+        let r = self.reload_keys(now).await;
+        self.track(r)
+    }
+
+    fn key_ring(&self) -> Arc<KeyRing> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// What the data path verifies posture tokens with.
+    #[cfg(test)]
+    pub(crate) fn token_verifier(&self) -> TokenVerifier {
+        self.key_ring().verifier.clone()
+    }
+
+    /// Every signing key and its state at `now`, newest first.
+    pub(crate) async fn signing_keys(&self, now: u64) -> Result<Vec<api::SigningKeyInfo>> {
+        Ok(self
+            .store
+            .signing_keys(now, key_window(&self.config))
+            .await?
+            .into_iter()
+            .map(|k| api::SigningKeyInfo {
+                verifies_until: (k.state == SigningKeyState::Previous)
+                    .then_some(k.verifies_until)
+                    .flatten(),
+                kid: k.kid,
+                created_at: k.created_at,
+                state: k.state,
+                retired_at: k.retired_at,
+            })
+            .collect())
+    }
+
+    /// Makes a new signing key the active one, on every broker of the store.
+    pub async fn rotate_signing_key(&self, by: &str) -> Result<api::SigningKeyRotated> {
+        let _g = self.change.lock().await;
+        let now = now_unix();
+        let fresh = self.store.rotate_signing_key(now).await?;
+        self.reload_keys(now).await?;
+        let keys = self.signing_keys(now).await?;
+        info!(kid = fresh.kid(), by, "posture signing key rotated");
+        let previous: Vec<_> = keys
+            .iter()
+            .filter(|k| k.state == SigningKeyState::Previous)
+            .map(|k| serde_json::json!({"kid": k.kid, "verifies_until": k.verifies_until}))
+            .collect();
+        self.audit(
+            "signing_key_rotated",
+            by,
+            serde_json::json!({"kid": fresh.kid(), "previous": previous}),
+        );
+        Ok(api::SigningKeyRotated {
+            active: fresh.kid().to_string(),
+            keys,
+        })
+    }
+
+    /// How the control plane is doing (plain counters; no I/O).
+    pub fn health(&self) -> ControlHealth {
+        ControlHealth {
+            store_ok: self.health.store_ok.load(Ordering::Relaxed),
+            notify_connected: self.health.notify_connected.load(Ordering::Relaxed),
+            changes_applied: self.health.changes_applied.load(Ordering::Relaxed),
+            store_errors: self.health.store_errors.load(Ordering::Relaxed),
+            signing_keys_valid: self.health.signing_keys_valid.load(Ordering::Relaxed),
+            brokers: self.brokers().len(),
+        }
+    }
+
+    /// Whether the store answers a trivial query (within 2 s).
+    pub async fn ready(&self) -> bool {
+        let r = match tokio::time::timeout(Duration::from_secs(2), self.store.ping()).await {
+            Ok(r) => r,
+            Err(_) => Err(anyhow::anyhow!("the store did not answer in 2 s")),
+        };
+        self.track(r).is_ok()
     }
 
     /// Every broker of the deployment; this one alone before the registry was read.
@@ -420,28 +841,43 @@ impl Control {
         lock(&self.shared).core.policy().clone()
     }
 
-    /// Rebuilds the effective policy from the policy text and the directory, and installs it.
-    async fn rebuild(&self) -> Result<(), ApiErr> {
+    /// Rebuilds the effective policy from the policy text and the store's directory, and
+    /// installs it (unless both are what the policy in force was built from). The caller
+    /// holds `change`.
+    async fn rebuild(&self) -> Result<bool, ApiErr> {
         let dir = self.store.directory().await?;
         let text = self
             .policy_text
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let policy = Policy::parse_with(Path::new(STORED_POLICY), &text, &dir).map_err(|e| {
+        self.install(text, dir).map_err(|e| {
             error!("the directory change cannot be merged with the policy: {e}");
             bad(
                 StatusCode::CONFLICT,
                 format!("stored, but the policy cannot be rebuilt: {e}"),
             )
-        })?;
+        })
+    }
+
+    /// Builds the effective policy from `text` and `dir` and hands it to the data path, which
+    /// drops the peers and flows of devices no longer in it; nothing when these are what the
+    /// policy in force was built from. True when installed.
+    fn install(&self, text: String, dir: Directory) -> Result<bool, String> {
+        let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+        if applied.0 == text && applied.1 == dir {
+            return Ok(false);
+        }
+        let policy =
+            Policy::parse_with(Path::new(STORED_POLICY), &text, &dir).map_err(|e| e.to_string())?;
         let mut g = lock(&self.shared);
         g.core.set_policy(policy);
         info!(
             generation = g.core.stats().policy_generation,
             "policy rebuilt"
         );
-        Ok(())
+        *applied = (text, dir);
+        Ok(true)
     }
 
     /// Validates `text` against the directory, runs its tests and installs it.
@@ -494,6 +930,7 @@ impl Control {
             .await
             .map_err(internal)?;
         *self.policy_text.lock().unwrap_or_else(|e| e.into_inner()) = text.to_string();
+        *self.applied.lock().unwrap_or_else(|e| e.into_inner()) = (text.to_string(), dir);
         lock(&self.shared).core.set_policy(policy);
         info!(version, by, "policy applied");
         self.audit(
@@ -539,7 +976,7 @@ impl Control {
                 .user_by_name(&dev.user)
                 .map(|u| policy.tunnel_for_user(u))
                 .unwrap_or_default(),
-            override_keys: vec![sekisho_proto::tunnel::OverrideKey::of(&self.signer)],
+            override_keys: self.key_ring().overrides.clone(),
             applications: policy
                 .user_by_name(&dev.user)
                 .map(|u| {
@@ -602,24 +1039,42 @@ impl Control {
         Ok(pem)
     }
 
-    /// Closes the live links of connectors whose certificates are no longer active.
-    async fn drop_revoked_links(&self) {
-        let links: Vec<(String, quinn::Connection)> = lock(&self.shared)
-            .links
-            .iter()
-            .map(|(s, c)| (s.clone(), c.clone()))
-            .collect();
+    /// Closes the live links of connectors whose certificates are no longer active (a link
+    /// whose status cannot be read now is left alone). Returns how many were closed.
+    async fn drop_revoked_links(&self) -> usize {
+        let links: Vec<(String, quinn::Connection)> = {
+            let g = lock(&self.shared);
+            let sites: HashMap<crate::pool::LinkId, String> = g
+                .core
+                .connector_links()
+                .into_iter()
+                .map(|l| (l.id, l.site))
+                .collect();
+            g.links
+                .iter()
+                .map(|(id, c)| (sites.get(id).cloned().unwrap_or_default(), c.clone()))
+                .collect()
+        };
+        let mut closed = 0;
         for (site, conn) in links {
             let serial = crate::peer_leaf(&conn).and_then(|der| cert_serial(&der));
             let active = match &serial {
-                Some(s) => self.store.connector_by_serial(s).await.ok().flatten(),
+                Some(s) => match self.track(self.store.connector_by_serial(s).await) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(site = %site, "cannot check a connector's certificate: {e:#}");
+                        continue;
+                    }
+                },
                 None => None,
             };
             if active.is_none() {
                 info!(site = %site, "closing the link of a revoked connector");
                 conn.close(2u32.into(), b"connector revoked");
+                closed += 1;
             }
         }
+        closed
     }
 }
 
@@ -709,6 +1164,8 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/admin/connectors/{name}/revoke", post(revoke_connector))
         .route("/v1/admin/policy", get(get_policy).put(put_policy))
         .route("/v1/admin/explain", post(explain))
+        .route("/v1/admin/signing-keys", get(list_signing_keys))
+        .route("/v1/admin/signing-keys/rotate", post(rotate_signing_key))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(control)
 }
@@ -983,7 +1440,7 @@ async fn posture(
         .collect();
     let u = &policy.users[user as usize];
     let now = now_unix();
-    let lifetime = ctl.config.posture_token_lifetime.as_secs().max(10);
+    let lifetime = token_lifetime(&ctl.config);
     let claims = PostureClaims {
         device: dev.name.clone(),
         device_key: dev.public_key.clone(),
@@ -998,7 +1455,7 @@ async fn posture(
         exp: now + lifetime,
         kid: String::new(),
     };
-    let token = ctl.signer.issue(claims.clone());
+    let token = ctl.key_ring().signer.issue(claims.clone());
     let failing: Vec<&String> = claims
         .checks
         .iter()
@@ -1285,7 +1742,7 @@ async fn issue_override(
         by: admin.clone(),
         kid: String::new(),
     };
-    let code = sekisho_proto::tunnel::issue_override(&ctl.signer, claims.clone());
+    let code = sekisho_proto::tunnel::issue_override(&ctl.key_ring().signer, claims.clone());
     info!(device = %name, id = %claims.id, seconds = req.seconds, by = %admin, "override code issued");
     ctl.audit(
         "override_issued",
@@ -1355,6 +1812,19 @@ async fn revoke_connector(
     Ok(Json(Done {
         done: format!("connector {name} revoked; its link is closed"),
     }))
+}
+
+async fn list_signing_keys(State(ctl): Ctl, _: Admin) -> ApiResult<Vec<api::SigningKeyInfo>> {
+    Ok(Json(ctl.signing_keys(now_unix()).await?))
+}
+
+/// A new posture signing key: it signs from now on, on every broker; tokens and override
+/// codes signed with the previous keys keep verifying until their window ends.
+async fn rotate_signing_key(
+    State(ctl): Ctl,
+    Admin(admin): Admin,
+) -> ApiResult<api::SigningKeyRotated> {
+    Ok(Json(ctl.rotate_signing_key(&admin).await?))
 }
 
 async fn get_policy(State(ctl): Ctl, _: Admin) -> ApiResult<api::ApplyPolicy> {

@@ -4,13 +4,13 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sekisho_proto::api::{self, Credential, ENROLL_PREFIX};
 use sekisho_proto::flow::IdleTimeouts;
 use sekisho_proto::http::{ApiClient, CallError, ca_tls, pinned_tls};
 use sekisho_proto::keys::{PrivateKey, PublicKeyBytes};
-use sekisho_proto::posture::TokenVerifier;
+use sekisho_proto::posture::{TokenError, TokenVerifier};
 
 use crate::config::ControlConfig;
 use crate::control::{Control, serve};
@@ -94,11 +94,16 @@ struct Harness {
     ca_sha256: [u8; 32],
     admin: String,
     task: tokio::task::JoinHandle<()>,
+    /// Background loops started by [`Harness::follow`].
+    loops: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Harness {
     fn drop(&mut self) {
         self.task.abort();
+        for l in &self.loops {
+            l.abort();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -114,6 +119,12 @@ fn scratch(tag: &str) -> PathBuf {
 }
 
 async fn start(dir: &Path, db: &str) -> Harness {
+    start_with(dir, db, Duration::from_secs(300)).await
+}
+
+/// A control plane on `db` whose posture tokens last `token_lifetime`. Several may share
+/// `dir` (and so the CA) and `db`, like the brokers of a cluster.
+async fn start_with(dir: &Path, db: &str, token_lifetime: Duration) -> Harness {
     if !dir.join("ca.key").exists() {
         pki::init(dir, &["127.0.0.1".to_string()]).unwrap();
         std::fs::write(dir.join("policy.toml"), POLICY).unwrap();
@@ -130,7 +141,7 @@ async fn start(dir: &Path, db: &str) -> Harness {
         wireguard_endpoint: "192.0.2.1:51820".into(),
         connector_endpoint: "192.0.2.1:4433".into(),
         broker_name: "broker.sekisho.internal".into(),
-        posture_token_lifetime: Duration::from_secs(300),
+        posture_token_lifetime: token_lifetime,
         connector_cert_lifetime: Duration::from_secs(3600),
         admin_token_file: dir.join("admin.token"),
         audit_log: dir.join("audit.log"),
@@ -180,6 +191,7 @@ async fn start(dir: &Path, db: &str) -> Harness {
         ca_sha256,
         admin,
         task,
+        loops: Vec::new(),
     }
 }
 
@@ -238,6 +250,33 @@ impl Harness {
     async fn device_count(&self) -> usize {
         self.control.store.devices().await.unwrap().len()
     }
+
+    /// Runs the broker's registry loop (polling every `poll`; on PostgreSQL it also starts
+    /// following the store by LISTEN/NOTIFY), as the broker does.
+    fn follow(&mut self, poll: Duration) {
+        self.loops
+            .push(tokio::spawn(self.control.clone().registry_loop(poll)));
+    }
+
+    fn generation(&self) -> u64 {
+        lock(&self.shared).core.stats().policy_generation
+    }
+
+    fn has_device(&self, key: &PublicKeyBytes, name: &str) -> bool {
+        let g = lock(&self.shared);
+        g.core.policy().device_by_key(key).is_some()
+            && g.core.peers().iter().any(|p| p.device == name)
+    }
+}
+
+/// Waits until `ok` holds, at most `limit`; returns how long it took.
+async fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !ok() {
+        assert!(t0.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    t0.elapsed()
 }
 
 fn refused(r: Result<impl std::fmt::Debug, CallError>) -> (u16, String) {
@@ -574,11 +613,17 @@ async fn suite(db: &str) {
             .unwrap()
             .is_some()
     );
+    let before = h.control.store.fingerprint().await.unwrap();
     let _: serde_json::Value = h
         .admin()
         .post(&format!("/v1/admin/connectors/{}/revoke", c.connector), &())
         .await
         .unwrap();
+    assert_ne!(
+        h.control.store.fingerprint().await.unwrap(),
+        before,
+        "the fingerprint covers connector revocations"
+    );
     assert_eq!(
         h.control.store.connector_by_serial(&serial2).await.unwrap(),
         None
@@ -645,7 +690,7 @@ async fn suite(db: &str) {
     h.task.abort();
     drop(h.control.clone());
     let store = Store::open(&db2).await.unwrap();
-    assert_eq!(store.schema_version().await.unwrap(), 2);
+    assert_eq!(store.schema_version().await.unwrap(), 3);
     // The broker registry: two brokers on one store, each listed once, updates in place.
     let rec = |name: &str, key: &str| crate::store::BrokerRecord {
         public_key: key.into(),
@@ -724,6 +769,31 @@ async fn suite(db: &str) {
         !audit.contains(&token),
         "the enrollment token is redacted in the audit log"
     );
+    // Health without the background loops: the store answers, nothing follows it by
+    // LISTEN/NOTIFY, one key, this broker alone.
+    assert!(h2.control.ready().await);
+    let health = h2.control.health();
+    assert!(health.store_ok && !health.notify_connected, "{health:?}");
+    assert_eq!(
+        (health.signing_keys_valid, health.brokers),
+        (1, 1),
+        "{health:?}"
+    );
+    // The fingerprint covers rotations and retirements of signing keys.
+    let store = &h2.control.store;
+    let before = store.fingerprint().await.unwrap();
+    store.rotate_signing_key(now_unix()).await.unwrap();
+    let rotated = store.fingerprint().await.unwrap();
+    assert_ne!(rotated, before);
+    assert_eq!(
+        store
+            .retire_signing_keys(now_unix() + 1000, 100)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_ne!(store.fingerprint().await.unwrap(), rotated);
     drop(h);
 }
 
@@ -753,6 +823,19 @@ async fn control_plane_on_postgres() {
     let pg = sekisho_tests::pg::Postgres::start()
         .expect("cannot start a local PostgreSQL (install the postgresql package or set SEKISHO_SKIP_POSTGRES=1)");
     suite(&pg.url()).await;
+    // Migration 3 on a database left by an older broker.
+    sqlx::any::install_default_drivers();
+    let admin = sqlx::any::AnyPoolOptions::new()
+        .max_connections(1)
+        .connect(&pg.url())
+        .await
+        .unwrap();
+    sqlx::query("CREATE DATABASE legacy")
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    migration_keeps_the_signing_key(&pg.url().replace("/postgres?", "/legacy?")).await;
 }
 
 #[tokio::test]
@@ -760,10 +843,526 @@ async fn migrations_are_applied_once() {
     let dir = scratch("migrate");
     let url = format!("sqlite://{}/m.db", dir.display());
     let a = Store::open(&url).await.unwrap();
-    assert_eq!(a.schema_version().await.unwrap(), 2);
+    assert_eq!(a.schema_version().await.unwrap(), 3);
     drop(a);
     let b = Store::open(&url).await.unwrap();
-    assert_eq!(b.schema_version().await.unwrap(), 2);
+    assert_eq!(b.schema_version().await.unwrap(), 3);
     assert!(Store::open("mysql://nope").await.is_err());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A database as a broker before signing-key rotation (schema 2) left it, with two keys made
+/// by two brokers starting at once: migration 3 keeps the key that signed (the oldest).
+async fn migration_keeps_the_signing_key(url: &str) {
+    sqlx::any::install_default_drivers();
+    let raw = if url.starts_with("sqlite://") {
+        format!("{url}?mode=rwc")
+    } else {
+        url.to_string()
+    };
+    let pool = sqlx::any::AnyPoolOptions::new()
+        .max_connections(1)
+        .connect(&raw)
+        .await
+        .unwrap();
+    sqlx::query(
+        "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, \
+         description TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    for (version, description, statements) in &crate::store::MIGRATIONS[..2] {
+        for sql in *statements {
+            sqlx::query(sql).execute(&pool).await.unwrap();
+        }
+        sqlx::query("INSERT INTO schema_migrations VALUES ($1, $2, 0)")
+            .bind(*version)
+            .bind(*description)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let (old, other) = (
+        sekisho_proto::posture::TokenSigner::generate(),
+        sekisho_proto::posture::TokenSigner::generate(),
+    );
+    for (k, at) in [(&old, 5i64), (&other, 7)] {
+        sqlx::query("INSERT INTO signing_keys (kid, seed, created_at) VALUES ($1, $2, $3)")
+            .bind(k.kid())
+            .bind(base64::Engine::encode(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                k.seed(),
+            ))
+            .bind(at)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    pool.close().await;
+    let store = Store::open(url).await.unwrap();
+    assert_eq!(store.schema_version().await.unwrap(), 3);
+    assert_eq!(
+        store.signing_key(now_unix()).await.unwrap().kid(),
+        old.kid()
+    );
+    let keys = store.signing_keys(now_unix(), 300).await.unwrap();
+    let states: Vec<_> = keys.iter().map(|k| (k.kid.as_str(), k.state)).collect();
+    assert_eq!(
+        states,
+        [
+            (old.kid(), api::SigningKeyState::Active),
+            (other.kid(), api::SigningKeyState::Retired)
+        ]
+    );
+    // A rotation after the migration takes the next generation.
+    let fresh = store.rotate_signing_key(now_unix()).await.unwrap();
+    assert_eq!(
+        store.signing_key(now_unix()).await.unwrap().kid(),
+        fresh.kid()
+    );
+}
+
+#[tokio::test]
+async fn migration_3_keeps_the_signing_key_on_sqlite() {
+    let dir = scratch("legacy");
+    let url = format!("sqlite://{}/legacy.db", dir.display());
+    migration_keeps_the_signing_key(&url).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Two brokers on one store, following each other: a change made through one takes effect
+/// at the other. `poll` is the fallback polling interval: on PostgreSQL it is set so long
+/// that only LISTEN/NOTIFY can bring the changes over in time.
+async fn cluster(db: &str, poll: Duration) {
+    let dir = scratch("cluster");
+    let pg = db.starts_with("postgres");
+    let mut a = start(&dir, db).await;
+    let mut b = start(&dir, db).await;
+    a.follow(poll);
+    b.follow(poll);
+    if pg {
+        wait_for("both brokers LISTEN", Duration::from_secs(10), || {
+            a.control.health().notify_connected && b.control.health().notify_connected
+        })
+        .await;
+    }
+    // Each loop's first round (registration, a first sync) is over after this; on
+    // PostgreSQL the next poll is a minute away.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_for("each broker sees both", Duration::from_secs(10), || {
+        a.control.health().brokers == 2 && b.control.health().brokers == 2
+    })
+    .await;
+    let limit = Duration::from_secs(10);
+
+    // A user created through A is in B's policy.
+    let _: api::UserInfo = a
+        .admin()
+        .post(
+            "/v1/admin/users",
+            &api::CreateUser {
+                name: "alice".into(),
+                groups: vec!["engineering".into()],
+            },
+        )
+        .await
+        .unwrap();
+    let d = wait_for("alice at B", limit, || {
+        lock(&b.shared)
+            .core
+            .policy()
+            .user_by_name("alice")
+            .is_some()
+    })
+    .await;
+    eprintln!("user created through A: in B's policy after {d:?}");
+
+    // A policy applied through A is in force at B.
+    let gen_b = b.generation();
+    let t0 = Instant::now();
+    let applied: api::PolicyApplied = a
+        .admin()
+        .call(
+            sekisho_proto::http::Method::PUT,
+            "/v1/admin/policy",
+            Some(&api::ApplyPolicy {
+                text: format!("{POLICY}{TESTS}"),
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied.version, 2);
+    wait_for("the new policy at B", limit, || {
+        lock(&b.shared).core.policy().tests.len() == 2
+    })
+    .await;
+    eprintln!(
+        "policy applied through A: in force at B after {:?}",
+        t0.elapsed()
+    );
+    assert!(b.generation() > gen_b);
+    let text: api::ApplyPolicy = b.admin().get("/v1/admin/policy").await.unwrap();
+    assert_eq!(text.text, format!("{POLICY}{TESTS}"));
+
+    // A device enrolled through A gets a peer at B; revoked through B, it is cut at B at
+    // once and at A moments later.
+    let key = PrivateKey::generate();
+    let token = a.token(Some("alice"), None).await;
+    a.enroll(&token, "alice-laptop", &key).await.unwrap();
+    let d = wait_for("the device at B", limit, || {
+        b.has_device(&key.public(), "alice-laptop")
+    })
+    .await;
+    eprintln!("device enrolled through A: a peer at B after {d:?}");
+    assert!(a.has_device(&key.public(), "alice-laptop"));
+    let applied_a = a.control.health().changes_applied;
+    let _: serde_json::Value = b
+        .admin()
+        .post("/v1/admin/devices/alice-laptop/revoke", &())
+        .await
+        .unwrap();
+    assert!(
+        !b.has_device(&key.public(), "alice-laptop"),
+        "revoked through B: cut at B when the call returns"
+    );
+    let d = wait_for("the device gone at A", limit, || {
+        !a.has_device(&key.public(), "alice-laptop")
+    })
+    .await;
+    eprintln!("device revoked through B: peer and flows gone at A after {d:?}");
+
+    if pg {
+        // The LISTEN connections die (a database restart, a failover): both brokers
+        // reconnect, catch up, and follow again.
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::any::AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(db)
+            .await
+            .unwrap();
+        let listeners = || async {
+            let rows = sqlx::query(
+                "SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN%' ORDER BY pid",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            rows.iter()
+                .map(|r| sqlx::Row::get::<i32, _>(r, 0))
+                .collect::<Vec<i32>>()
+        };
+        let old = listeners().await;
+        assert_eq!(old.len(), 2, "one LISTEN connection per broker: {old:?}");
+        for pid in &old {
+            sqlx::query("SELECT pg_terminate_backend($1)")
+                .bind(*pid)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        let t0 = Instant::now();
+        loop {
+            let now = listeners().await;
+            if now.len() == 2 && now.iter().all(|p| !old.contains(p)) {
+                break;
+            }
+            assert!(t0.elapsed() < limit, "no new LISTEN connections: {now:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        eprintln!("LISTEN connections killed: back after {:?}", t0.elapsed());
+        wait_for("both brokers LISTEN again", limit, || {
+            a.control.health().notify_connected && b.control.health().notify_connected
+        })
+        .await;
+        let _: api::UserInfo = b
+            .admin()
+            .post("/v1/admin/users/alice/disable", &())
+            .await
+            .unwrap();
+        let d = wait_for("alice disabled at A", limit, || {
+            let p = lock(&a.shared).core.policy().clone();
+            p.user_by_name("alice")
+                .is_some_and(|u| p.users[u as usize].disabled)
+        })
+        .await;
+        eprintln!("after the reconnection, a user disabled through B: disabled at A after {d:?}");
+        pool.close().await;
+    }
+
+    let (ha, hb) = (a.control.health(), b.control.health());
+    assert!(ha.changes_applied > applied_a, "{ha:?}");
+    assert!(ha.store_ok && hb.store_ok, "{ha:?} {hb:?}");
+    assert_eq!(ha.notify_connected, pg, "{ha:?}");
+    assert_eq!(hb.notify_connected, pg, "{hb:?}");
+    assert_eq!(ha.store_errors, 0, "{ha:?}");
+    assert!(a.control.ready().await && b.control.ready().await);
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Signing-key rotation on two brokers of one store: tokens signed before a rotation verify
+/// at both until the previous key's window has passed, then that key is retired everywhere.
+async fn rotation(db: &str, poll: Duration) {
+    let dir = scratch("rotation");
+    let pg = db.starts_with("postgres");
+    // Tokens last 10 s: the previous key verifies for 70 s after the rotation.
+    let lifetime = Duration::from_secs(10);
+    let mut a = start_with(&dir, db, lifetime).await;
+    let mut b = start_with(&dir, db, lifetime).await;
+    a.follow(poll);
+    b.follow(poll);
+    if pg {
+        wait_for("both brokers LISTEN", Duration::from_secs(10), || {
+            a.control.health().notify_connected && b.control.health().notify_connected
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let limit = Duration::from_secs(10);
+    let _: api::UserInfo = a
+        .admin()
+        .post(
+            "/v1/admin/users",
+            &api::CreateUser {
+                name: "alice".into(),
+                groups: vec!["engineering".into()],
+            },
+        )
+        .await
+        .unwrap();
+    let key = PrivateKey::generate();
+    let token = a.token(Some("alice"), None).await;
+    let enrolled = a.enroll(&token, "alice-laptop", &key).await.unwrap();
+    let posture = |h: &Harness| {
+        let device = h.client(Some(&enrolled.credential));
+        async move {
+            device
+                .post::<_, api::PostureResponse>(
+                    "/v1/posture",
+                    &api::PostureRequest {
+                        checks: [("edr".to_string(), true)].into(),
+                    },
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let dev = key.public();
+
+    // Before: one key, active.
+    let before = posture(&a).await;
+    let k1 = a.control.token_verifier().kids();
+    assert_eq!(k1.len(), 1);
+    let iat1 = a
+        .control
+        .token_verifier()
+        .verify(&before.token, now_unix(), &dev)
+        .unwrap()
+        .iat;
+    assert_eq!(before.config.override_keys.len(), 1);
+    let keys: Vec<api::SigningKeyInfo> = a.admin().get("/v1/admin/signing-keys").await.unwrap();
+    assert_eq!(
+        keys.iter()
+            .map(|k| (k.kid.clone(), k.state))
+            .collect::<Vec<_>>(),
+        [(k1[0].clone(), api::SigningKeyState::Active)]
+    );
+
+    // Rotate through A.
+    let rotated: api::SigningKeyRotated = a
+        .admin()
+        .post("/v1/admin/signing-keys/rotate", &())
+        .await
+        .unwrap();
+    assert_ne!(rotated.active, k1[0]);
+    let states: Vec<_> = rotated
+        .keys
+        .iter()
+        .map(|k| (k.kid.clone(), k.state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (rotated.active.clone(), api::SigningKeyState::Active),
+            (k1[0].clone(), api::SigningKeyState::Previous)
+        ]
+    );
+    let until = rotated.keys[1].verifies_until.unwrap();
+    assert_eq!(until, rotated.keys[0].created_at + 10 + 60);
+    assert_eq!(a.control.token_verifier().len(), 2, "at A at once");
+    let d = wait_for("the new key at B", limit, || {
+        b.control.token_verifier().len() == 2
+    })
+    .await;
+    eprintln!("signing key rotated through A: verifying at B after {d:?}");
+    // The token from before verifies at both; a new one is signed with the new key and
+    // verifies at both too; devices get both keys for override codes.
+    for h in [&a, &b] {
+        h.control
+            .token_verifier()
+            .verify(&before.token, iat1 + 1, &dev)
+            .unwrap();
+    }
+    let after = posture(&b).await;
+    for h in [&a, &b] {
+        let c = h
+            .control
+            .token_verifier()
+            .verify(&after.token, now_unix(), &dev)
+            .unwrap();
+        assert_eq!(c.kid, rotated.active);
+    }
+    let mut override_kids: Vec<String> = after
+        .config
+        .override_keys
+        .iter()
+        .map(|k| k.kid.clone())
+        .collect();
+    override_kids.sort();
+    assert_eq!(override_kids, a.control.token_verifier().kids());
+    assert_eq!(a.control.health().signing_keys_valid, 2);
+    assert_eq!(b.control.health().signing_keys_valid, 2);
+
+    // The CLI lists them.
+    std::fs::write(dir.join("cli.token"), &a.admin).unwrap();
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        admin: crate::admin::AdminArgs,
+    }
+    let cli = |words: &[&str]| {
+        let mut argv = vec![
+            "sekisho-broker".to_string(),
+            "--server".into(),
+            a.base.clone(),
+            "--ca".into(),
+            dir.join("ca.pem").display().to_string(),
+            "--token-file".into(),
+            dir.join("cli.token").display().to_string(),
+        ];
+        argv.extend(words.iter().map(|w| w.to_string()));
+        <Cli as clap::Parser>::try_parse_from(argv).unwrap().admin
+    };
+    crate::admin::run_async(cli(&["signing-key", "list"]))
+        .await
+        .unwrap();
+    let listed: Vec<api::SigningKeyInfo> = a.admin().get("/v1/admin/signing-keys").await.unwrap();
+    let table = crate::admin::signing_keys_text(&listed);
+    eprintln!("{table}");
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[1].starts_with(&rotated.active) && lines[1].contains(" active "));
+    assert!(
+        lines[2].starts_with(&k1[0])
+            && lines[2].contains(" previous ")
+            && lines[2].contains("verifies until")
+    );
+    assert!(crate::admin::rotated_text(&rotated).contains(&k1[0]));
+
+    // The window passes (time injected at A): the previous key is retired at A, and at B
+    // as soon as it hears of it.
+    assert!(
+        !a.control.tick_keys(until - 1).await.unwrap(),
+        "not due yet"
+    );
+    assert_eq!(a.control.token_verifier().len(), 2);
+    assert!(a.control.tick_keys(until).await.unwrap());
+    assert_eq!(
+        a.control.token_verifier().kids(),
+        vec![rotated.active.clone()]
+    );
+    let d = wait_for("the old key retired at B", limit, || {
+        b.control.token_verifier().len() == 1
+    })
+    .await;
+    eprintln!("previous key retired at A: gone at B after {d:?}");
+    for h in [&a, &b] {
+        assert!(
+            matches!(
+                h.control
+                    .token_verifier()
+                    .verify(&before.token, iat1 + 1, &dev),
+                Err(TokenError::UnknownKey(_))
+            ),
+            "a token of the retired key no longer verifies"
+        );
+        h.control
+            .token_verifier()
+            .verify(&after.token, now_unix(), &dev)
+            .unwrap();
+        assert_eq!(h.control.health().signing_keys_valid, 1);
+    }
+    let listed: Vec<api::SigningKeyInfo> = b.admin().get("/v1/admin/signing-keys").await.unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|k| (k.kid.clone(), k.state, k.retired_at.is_some()))
+            .collect::<Vec<_>>(),
+        [
+            (rotated.active.clone(), api::SigningKeyState::Active, false),
+            (k1[0].clone(), api::SigningKeyState::Retired, true)
+        ]
+    );
+    let table = crate::admin::signing_keys_text(&listed);
+    assert!(
+        table.lines().nth(2).unwrap().contains(" retired "),
+        "{table}"
+    );
+    crate::admin::run_async(cli(&["signing-key", "rotate"]))
+        .await
+        .unwrap();
+    assert_eq!(a.control.token_verifier().len(), 2);
+    let audit = std::fs::read_to_string(dir.join("audit.log")).unwrap();
+    for event in ["signing_key_rotated", "signing_key_retired"] {
+        assert!(
+            audit.contains(&format!("\"event\":\"{event}\"")),
+            "no {event} in the audit log"
+        );
+    }
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn postgres() -> Option<sekisho_tests::pg::Postgres> {
+    if std::env::var_os("SEKISHO_SKIP_POSTGRES").is_some() {
+        eprintln!("SEKISHO_SKIP_POSTGRES set: PostgreSQL test skipped");
+        return None;
+    }
+    Some(sekisho_tests::pg::Postgres::start().expect(
+        "cannot start a local PostgreSQL (install the postgresql package or set SEKISHO_SKIP_POSTGRES=1)",
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_follows_changes_by_notify_on_postgres() {
+    let Some(pg) = postgres() else { return };
+    cluster(&pg.url(), Duration::from_secs(60)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_follows_changes_by_polling_on_sqlite() {
+    let dir = scratch("cluster-sqlite");
+    cluster(
+        &format!("sqlite://{}/broker.db", dir.display()),
+        Duration::from_millis(200),
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_key_rotation_on_postgres() {
+    let Some(pg) = postgres() else { return };
+    rotation(&pg.url(), Duration::from_secs(60)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_key_rotation_on_sqlite() {
+    let dir = scratch("rotation-sqlite");
+    rotation(
+        &format!("sqlite://{}/broker.db", dir.display()),
+        Duration::from_millis(200),
+    )
+    .await;
     let _ = std::fs::remove_dir_all(dir);
 }

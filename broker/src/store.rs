@@ -16,11 +16,12 @@ use ipnet::IpNet;
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Row};
 
+use sekisho_proto::api::SigningKeyState;
 use sekisho_proto::policy::{Directory, DirectoryDevice, DirectoryUser};
 use sekisho_proto::posture::TokenSigner;
 
 /// Schema migrations, applied in order, each once, in a transaction.
-const MIGRATIONS: &[(i64, &str, &[&str])] = &[
+pub(crate) const MIGRATIONS: &[(i64, &str, &[&str])] = &[
     (
         1,
         "initial schema",
@@ -58,7 +59,67 @@ const MIGRATIONS: &[(i64, &str, &[&str])] = &[
        api_url TEXT NOT NULL, seen_at BIGINT NOT NULL)",
         ],
     ),
+    (
+        3,
+        "signing key rotation",
+        &[
+            "ALTER TABLE signing_keys ADD COLUMN generation BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE signing_keys ADD COLUMN retired_at BIGINT",
+            // Before rotation the oldest key signed: it gets the highest generation, so it
+            // stays the active key (there is normally only one).
+            "UPDATE signing_keys SET generation = 1 + (SELECT COUNT(*) FROM signing_keys s \
+         WHERE s.created_at > signing_keys.created_at \
+         OR (s.created_at = signing_keys.created_at AND s.kid > signing_keys.kid))",
+            "CREATE UNIQUE INDEX signing_keys_generation ON signing_keys (generation)",
+        ],
+    ),
 ];
+
+/// The PostgreSQL channel on which every change of shared state is announced (`NOTIFY`); the
+/// payload names the kind of change. Brokers `LISTEN` on it to follow each other at once.
+pub const CHANGES_CHANNEL: &str = "sekisho_changes";
+
+/// Seconds a replaced signing key keeps verifying beyond the posture token lifetime (clock
+/// skew, tokens issued just before the rotation reached every broker).
+pub const KEY_RETIRE_SLACK: u64 = 60;
+
+/// A posture signing key as stored. Retired keys keep their record (kid, dates) but their
+/// private seed is erased.
+#[derive(Clone)]
+pub struct SigningKeyRecord {
+    pub kid: String,
+    pub created_at: u64,
+    /// Rotation order: the highest generation is the active (signing) key.
+    pub generation: i64,
+    pub retired_at: Option<u64>,
+    pub state: SigningKeyState,
+    /// A previous key: until when it still verifies (its successor's creation + the window).
+    pub verifies_until: Option<u64>,
+    seed: Option<[u8; 32]>,
+}
+
+impl SigningKeyRecord {
+    /// The key, unless it is retired.
+    pub fn signer(&self) -> Option<TokenSigner> {
+        match self.state {
+            SigningKeyState::Retired => None,
+            _ => self.seed.map(TokenSigner::from_seed),
+        }
+    }
+}
+
+impl std::fmt::Debug for SigningKeyRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKeyRecord")
+            .field("kid", &self.kid)
+            .field("created_at", &self.created_at)
+            .field("generation", &self.generation)
+            .field("retired_at", &self.retired_at)
+            .field("state", &self.state)
+            .field("verifies_until", &self.verifies_until)
+            .finish_non_exhaustive()
+    }
+}
 
 /// A broker of this deployment, as devices and connectors reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,6 +261,38 @@ impl Store {
         self.backend
     }
 
+    /// Whether changes are announced on [`CHANGES_CHANNEL`] (PostgreSQL only).
+    pub fn announces(&self) -> bool {
+        self.backend == "postgres"
+    }
+
+    /// Sends `payload` on [`CHANGES_CHANNEL`] (PostgreSQL; nothing on SQLite).
+    pub async fn notify(&self, payload: &str) -> Result<()> {
+        if self.announces() {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANGES_CHANNEL)
+                .bind(payload)
+                .execute(&self.pool)
+                .await
+                .context("NOTIFY failed")?;
+        }
+        Ok(())
+    }
+
+    /// Tells the other brokers, right after a committed write, that shared state changed.
+    /// A lost announcement is not an error: the brokers' polling catches up.
+    async fn announce(&self, kind: &str) {
+        if let Err(e) = self.notify(kind).await {
+            tracing::warn!(kind, "cannot announce a store change: {e:#}");
+        }
+    }
+
+    /// A cheap round trip to the database.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     async fn migrate(&self) -> Result<()> {
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, \
@@ -259,7 +352,11 @@ impl Store {
         .bind(ts(now))
         .execute(&self.pool)
         .await?;
-        Ok(r.rows_affected() == 1)
+        let created = r.rows_affected() == 1;
+        if created {
+            self.announce("group_created").await;
+        }
+        Ok(created)
     }
 
     /// Creates a user in `groups` (groups are created as needed). False if the user exists.
@@ -292,6 +389,7 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
+        self.announce("user_created").await;
         Ok(true)
     }
 
@@ -302,7 +400,16 @@ impl Store {
             .bind(name)
             .execute(&self.pool)
             .await?;
-        Ok(r.rows_affected() == 1)
+        let found = r.rows_affected() == 1;
+        if found {
+            self.announce(if disabled {
+                "user_disabled"
+            } else {
+                "user_enabled"
+            })
+            .await;
+        }
+        Ok(found)
     }
 
     pub async fn users(&self) -> Result<Vec<UserRecord>> {
@@ -528,6 +635,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.announce("device_enrolled").await;
         Ok(Ok((
             DeviceRecord {
                 name: name.to_string(),
@@ -596,7 +704,11 @@ impl Store {
         .bind(name)
         .execute(&self.pool)
         .await?;
-        Ok(r.rows_affected() == 1)
+        let revoked = r.rows_affected() == 1;
+        if revoked {
+            self.announce("device_revoked").await;
+        }
+        Ok(revoked)
     }
 
     // ---- connectors ----
@@ -649,6 +761,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.announce("connector_enrolled").await;
         Ok(Ok((site, name, pem)))
     }
 
@@ -676,6 +789,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.announce("connector_renewed").await;
         Ok(true)
     }
 
@@ -722,7 +836,11 @@ impl Store {
         .bind(name)
         .execute(&self.pool)
         .await?;
-        Ok(r.rows_affected() == 1)
+        let revoked = r.rows_affected() == 1;
+        if revoked {
+            self.announce("connector_revoked").await;
+        }
+        Ok(revoked)
     }
 
     // ---- policy ----
@@ -754,25 +872,35 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.announce("policy_saved").await;
         Ok(version as u64)
     }
 
-    /// A summary that changes whenever devices, users, groups or the policy change: brokers
-    /// sharing the store compare it to learn of changes made through another broker.
+    /// A summary that changes whenever devices, users, groups, the policy, connectors or the
+    /// signing keys change: brokers sharing the store compare it to learn of changes made
+    /// through another broker (the polling fallback of LISTEN/NOTIFY, and all there is on
+    /// SQLite).
     pub async fn fingerprint(&self) -> Result<String> {
-        let row = sqlx::query(
-            "SELECT (SELECT COUNT(*) FROM devices), \
-             (SELECT COALESCE(MAX(created_at), 0) FROM devices), \
-             (SELECT COUNT(*) FROM devices WHERE revoked_at IS NOT NULL), \
-             (SELECT COUNT(*) FROM users), \
-             (SELECT COUNT(*) FROM users WHERE disabled <> 0), \
-             (SELECT COUNT(*) FROM user_groups), \
-             (SELECT COALESCE(MAX(version), 0) FROM policies)",
-        )
-        .fetch_one(&self.pool)
-        .await?;
+        const PARTS: &[&str] = &[
+            "(SELECT COUNT(*) FROM devices)",
+            "(SELECT COALESCE(MAX(created_at), 0) FROM devices)",
+            "(SELECT COUNT(*) FROM devices WHERE revoked_at IS NOT NULL)",
+            "(SELECT COUNT(*) FROM users)",
+            "(SELECT COUNT(*) FROM users WHERE disabled <> 0)",
+            "(SELECT COUNT(*) FROM user_groups)",
+            "(SELECT COUNT(*) FROM groups)",
+            "(SELECT COALESCE(MAX(version), 0) FROM policies)",
+            "(SELECT COUNT(*) FROM connectors)",
+            "(SELECT COUNT(*) FROM connectors WHERE revoked_at IS NOT NULL)",
+            "(SELECT COUNT(*) FROM connector_certs)",
+            "(SELECT COALESCE(MAX(generation), 0) FROM signing_keys)",
+            "(SELECT COUNT(*) FROM signing_keys WHERE retired_at IS NOT NULL)",
+        ];
+        let row = sqlx::query(&format!("SELECT {}", PARTS.join(", ")))
+            .fetch_one(&self.pool)
+            .await?;
         let mut parts = Vec::new();
-        for i in 0..7 {
+        for i in 0..PARTS.len() {
             parts.push(row.try_get::<i64, _>(i)?.to_string());
         }
         Ok(parts.join("/"))
@@ -783,6 +911,18 @@ impl Store {
     /// Records (or refreshes) a broker of this deployment: devices and connectors learn every
     /// registered broker from the control plane.
     pub async fn register_broker(&self, b: &BrokerRecord, now: u64) -> Result<()> {
+        let known = sqlx::query(
+            "SELECT 1 FROM brokers WHERE public_key = $1 AND name = $2 AND \
+             wireguard_endpoint = $3 AND connector_endpoint = $4 AND api_url = $5",
+        )
+        .bind(b.public_key.as_str())
+        .bind(b.name.as_str())
+        .bind(b.wireguard_endpoint.as_str())
+        .bind(b.connector_endpoint.as_str())
+        .bind(b.api_url.as_str())
+        .fetch_optional(&self.pool)
+        .await?
+        .is_some();
         sqlx::query(
             "INSERT INTO brokers (public_key, name, wireguard_endpoint, connector_endpoint, \
              api_url, seen_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (public_key) DO \
@@ -797,6 +937,10 @@ impl Store {
         .bind(ts(now))
         .execute(&self.pool)
         .await?;
+        // Refreshing `seen_at` is not news; a new or changed broker is.
+        if !known {
+            self.announce("broker_registered").await;
+        }
         Ok(())
     }
 
@@ -855,31 +999,139 @@ impl Store {
         }
     }
 
-    // ---- posture signing key ----
+    // ---- posture signing keys ----
 
-    /// The cluster's posture signing key, created on first use. Every broker sharing the
-    /// database signs and verifies with the same key.
+    /// The active posture signing key (the newest), created on first use. Every broker
+    /// sharing the database signs with it and verifies with it and the previous keys that
+    /// are still in their window (see [`Store::signing_keys`]).
     pub async fn signing_key(&self, now: u64) -> Result<TokenSigner> {
-        let fresh = TokenSigner::generate();
-        sqlx::query(
-            "INSERT INTO signing_keys (kid, seed, created_at) \
-             SELECT $1, $2, $3 WHERE NOT EXISTS (SELECT 1 FROM signing_keys)",
+        for _ in 0..3 {
+            let keys = self.signing_keys(now, u64::MAX).await?;
+            if let Some(active) = keys.first().and_then(SigningKeyRecord::signer) {
+                return Ok(active);
+            }
+            // None yet (or, which never happens, only retired ones): make one. Two brokers
+            // starting at once race here; the unique generation lets one of them win.
+            let next = keys.first().map_or(1, |k| k.generation + 1);
+            self.insert_signing_key(&TokenSigner::generate(), next, now)
+                .await?;
+        }
+        anyhow::bail!("cannot create a posture signing key")
+    }
+
+    async fn insert_signing_key(
+        &self,
+        key: &TokenSigner,
+        generation: i64,
+        now: u64,
+    ) -> Result<bool> {
+        let r = sqlx::query(
+            "INSERT INTO signing_keys (kid, seed, created_at, generation) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT DO NOTHING",
         )
-        .bind(fresh.kid())
-        .bind(URL_SAFE_NO_PAD.encode(fresh.seed()))
+        .bind(key.kid())
+        .bind(URL_SAFE_NO_PAD.encode(key.seed()))
         .bind(ts(now))
+        .bind(generation)
         .execute(&self.pool)
         .await?;
-        let row = sqlx::query("SELECT seed FROM signing_keys ORDER BY created_at, kid LIMIT 1")
-            .fetch_one(&self.pool)
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Every signing key, newest first, with its state at `now`: the newest signs
+    /// ("active"); an older key verifies ("previous") until `window` seconds after its
+    /// successor was created (the posture token lifetime plus [`KEY_RETIRE_SLACK`]), then it
+    /// is "retired" (also when a broker marked it so, see [`Store::retire_signing_keys`]).
+    pub async fn signing_keys(&self, now: u64, window: u64) -> Result<Vec<SigningKeyRecord>> {
+        let rows = sqlx::query(
+            "SELECT kid, seed, created_at, generation, retired_at FROM signing_keys \
+             ORDER BY generation DESC, created_at DESC, kid",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut keys: Vec<SigningKeyRecord> = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let created_at = opt_u64(Some(r.try_get(2)?)).unwrap_or(0);
+            let retired_at = opt_u64(r.try_get(4)?);
+            let seed: String = r.try_get(1)?;
+            let seed = if retired_at.is_some() {
+                None
+            } else {
+                Some(
+                    URL_SAFE_NO_PAD
+                        .decode(seed)
+                        .ok()
+                        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                        .context("bad signing key in the database")?,
+                )
+            };
+            let verifies_until = keys
+                .last()
+                .map(|successor| successor.created_at.saturating_add(window));
+            let state = match (retired_at, verifies_until) {
+                (Some(_), _) => SigningKeyState::Retired,
+                (None, None) => SigningKeyState::Active,
+                (None, Some(until)) if now < until => SigningKeyState::Previous,
+                (None, Some(_)) => SigningKeyState::Retired,
+            };
+            keys.push(SigningKeyRecord {
+                kid: r.try_get(0)?,
+                created_at,
+                generation: r.try_get(3)?,
+                retired_at,
+                state,
+                verifies_until,
+                seed,
+            });
+        }
+        Ok(keys)
+    }
+
+    /// Makes a new signing key the active one; the one it replaces keeps verifying for
+    /// `window` (see [`Store::signing_keys`]). Returns the new key.
+    pub async fn rotate_signing_key(&self, now: u64) -> Result<TokenSigner> {
+        self.signing_key(now).await?;
+        for _ in 0..5 {
+            let next = sqlx::query("SELECT COALESCE(MAX(generation), 0) FROM signing_keys")
+                .fetch_one(&self.pool)
+                .await?
+                .try_get::<i64, _>(0)?
+                + 1;
+            let fresh = TokenSigner::generate();
+            // Another broker rotating at the same moment takes the same generation: one wins,
+            // the other tries the next one.
+            if self.insert_signing_key(&fresh, next, now).await? {
+                self.announce("signing_key_rotated").await;
+                return Ok(fresh);
+            }
+        }
+        anyhow::bail!("cannot rotate the signing key: too many concurrent rotations")
+    }
+
+    /// Marks the keys whose window has passed at `now` as retired and erases their private
+    /// seed (the record stays, for the key list and the audit trail). Returns their kids.
+    pub async fn retire_signing_keys(&self, now: u64, window: u64) -> Result<Vec<String>> {
+        let mut retired = Vec::new();
+        for k in self.signing_keys(now, window).await? {
+            if k.state != SigningKeyState::Retired || k.retired_at.is_some() {
+                continue;
+            }
+            let r = sqlx::query(
+                "UPDATE signing_keys SET retired_at = $1, seed = '' WHERE kid = $2 \
+                 AND retired_at IS NULL",
+            )
+            .bind(ts(now))
+            .bind(k.kid.as_str())
+            .execute(&self.pool)
             .await?;
-        let seed: String = row.try_get(0)?;
-        let seed: [u8; 32] = URL_SAFE_NO_PAD
-            .decode(seed)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .context("bad signing key in the database")?;
-        Ok(TokenSigner::from_seed(seed))
+            if r.rows_affected() == 1 {
+                retired.push(k.kid);
+            }
+        }
+        if !retired.is_empty() {
+            self.announce("signing_key_retired").await;
+        }
+        Ok(retired)
     }
 }
 

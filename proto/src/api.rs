@@ -392,6 +392,49 @@ pub struct Explanation {
     pub posture: String,
 }
 
+/// Where a posture signing key stands in its rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SigningKeyState {
+    /// Signs new tokens and override codes (the newest key).
+    Active,
+    /// Replaced, still verifies tokens issued before the rotation until `verifies_until`.
+    Previous,
+    /// Verifies nothing any more; its private key is erased.
+    Retired,
+}
+
+impl SigningKeyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SigningKeyState::Active => "active",
+            SigningKeyState::Previous => "previous",
+            SigningKeyState::Retired => "retired",
+        }
+    }
+}
+
+/// A posture signing key (`GET /v1/admin/signing-keys`, newest first).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigningKeyInfo {
+    pub kid: String,
+    pub created_at: u64,
+    pub state: SigningKeyState,
+    /// A previous key: until when it verifies (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verifies_until: Option<u64>,
+    /// A retired key: when it was retired, if a broker recorded it yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_at: Option<u64>,
+}
+
+/// `POST /v1/admin/signing-keys/rotate`: the new active key and every key's state after it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SigningKeyRotated {
+    pub active: String,
+    pub keys: Vec<SigningKeyInfo>,
+}
+
 /// The checks a policy asks devices to evaluate.
 pub fn check_specs(policy: &crate::policy::Policy) -> Vec<CheckSpec> {
     policy

@@ -193,6 +193,32 @@ impl TokenVerifier {
         v
     }
 
+    /// A verifier that accepts tokens of any of `signers` (the active key and the previous
+    /// ones during a rotation).
+    pub fn from_signers<'a>(signers: impl IntoIterator<Item = &'a TokenSigner>) -> Self {
+        let mut v = Self::new();
+        for s in signers {
+            v.add_key(s.kid(), s.public());
+        }
+        v
+    }
+
+    /// The key ids accepted, sorted.
+    pub fn kids(&self) -> Vec<String> {
+        let mut kids: Vec<String> = self.keys.keys().cloned().collect();
+        kids.sort();
+        kids
+    }
+
+    /// How many keys are accepted.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
     /// Verifies `token` at Unix time `now` as presented on the tunnel of `presented_by`.
     /// Pure: time comes in as an argument.
     pub fn verify(
@@ -322,5 +348,15 @@ mod tests {
         assert!(v.verify(&old.issue(claims(&dev, 1000)), 1100, &dev).is_ok());
         assert!(v.verify(&new.issue(claims(&dev, 1000)), 1100, &dev).is_ok());
         assert_eq!(TokenSigner::from_seed(old.seed()).kid(), old.kid());
+        let both = TokenVerifier::from_signers([&new, &old]);
+        assert_eq!(both.len(), 2);
+        let mut kids = vec![old.kid().to_string(), new.kid().to_string()];
+        kids.sort();
+        assert_eq!(both.kids(), kids);
+        assert!(
+            TokenVerifier::from_signers([&new])
+                .verify(&old.issue(claims(&dev, 1000)), 1100, &dev)
+                .is_err()
+        );
     }
 }
