@@ -37,6 +37,10 @@
 #   SK_CONFIG_REFRESH   how often clients fetch their configuration (default here 5s)
 #   SK_BROKERS=2        a second broker (sk-broker2, 10.99.8.2) sharing the first one's
 #                       SQLite store: devices and the connector use both
+#   SK_CONNECTORS=2     a second connector for site dc1 (host sk-site2, 10.99.9.2) on the
+#                       same private network: flows are spread over both
+#   SK_DATABASE         the brokers' store (default sqlite://broker.db in SK_STATE); a
+#                       postgres://… URL makes the brokers a cluster on PostgreSQL
 #   SK_BROKER_DELAY_MS  one-way delays to the brokers, like "30 0": each nonzero one puts a
 #                       userspace UDP delay relay (tests/tools/udp_delay.py) on the internet
 #                       router, at 10.99.0.(51+i):51820, and that is the endpoint devices get
@@ -95,9 +99,12 @@ link() {
 NBROKERS=${SK_BROKERS:-1}
 BROKERS="broker"
 if [ "$NBROKERS" -ge 2 ]; then BROKERS="broker broker2"; fi
-HOSTS="laptop laptop2 inet $BROKERS site app nas web"
+NCONNECTORS=${SK_CONNECTORS:-1}
+SITES="site"
+if [ "$NCONNECTORS" -ge 2 ]; then SITES="site site2"; fi
+HOSTS="laptop laptop2 inet $BROKERS $SITES app nas web"
 # Every host this script may have made (down removes what exists of them).
-ALL_HOSTS="laptop laptop2 inet broker broker2 site app nas web"
+ALL_HOSTS="laptop laptop2 inet broker broker2 site site2 app nas web"
 
 # Broker i (1 or 2): its host, address, and the WireGuard endpoint devices are given.
 broker_host() { if [ "$1" = 1 ]; then echo broker; else echo "broker$1"; fi; }
@@ -144,14 +151,30 @@ topology() {
         if [ "$(broker_delay $i)" != 0 ]; then ip -n "$(ns inet)" addr add "10.99.0.$((50 + i))/32" dev lo; fi
     done
     link inet to-site 10.99.3.1/24 site eth0 10.99.3.2/24
-    link site priv0 10.20.0.1/24 app eth0 10.20.0.10/24
+    # The site's private network: a bridge on the app host; each connector host has a leg.
+    ip -n "$(ns app)" link add br0 type bridge
+    ip -n "$(ns app)" addr add 10.20.0.10/24 dev br0
+    ip -n "$(ns app)" link set br0 up
+    local c=1 h
+    for h in $SITES; do
+        ip link add priv0 netns "$(ns "$h")" type veth peer name "to-$h" netns "$(ns app)"
+        ip -n "$(ns "$h")" addr add "10.20.0.$c/24" dev priv0
+        ip -n "$(ns "$h")" link set priv0 up
+        ip -n "$(ns app)" link set "to-$h" master br0
+        ip -n "$(ns app)" link set "to-$h" up
+        c=$((c + 1))
+    done
+    if [ "$NCONNECTORS" -ge 2 ]; then
+        link inet to-site2 10.99.9.1/24 site2 eth0 10.99.9.2/24
+        ip -n "$(ns site2)" route add default via 10.99.9.1
+    fi
     ip -n "$(ns laptop)" route add default via 10.99.1.1
     ip -n "$(ns laptop2)" route add default via 10.99.4.1
     ip -n "$(ns broker)" route add default via 10.99.2.1
     ip -n "$(ns site)" route add default via 10.99.3.1
     inns inet sysctl -qw net.ipv4.ip_forward=1
     # The app host has no default route: only its own network reaches it.
-    ip -n "$(ns app)" addr add 10.20.0.53/24 dev eth0
+    ip -n "$(ns app)" addr add 10.20.0.53/24 dev br0
     ip -n "$(ns inet)" addr add 10.99.0.53/32 dev lo
     # What the laptops' system resolver uses before the client takes over.
     for h in laptop laptop2; do
@@ -229,7 +252,7 @@ key = "pki/broker.key"
 name = "region-$i"
 listen = "$addr:8443"
 url = "https://$addr:8443"
-database = "sqlite://broker.db"
+database = "${SK_DATABASE:-sqlite://broker.db}"
 ca_key = "pki/ca.key"
 wireguard_endpoint = "$(broker_wg_endpoint "$i")"
 connector_endpoint = "$addr:4433"
@@ -242,6 +265,10 @@ audit_log = "audit.jsonl"
 [egress]
 interface = "sekisho-egress"
 uplink = "eth0"
+
+# Prometheus metrics, liveness and readiness.
+[metrics]
+listen = "$addr:9464"
 EOF
     # The first broker's decision log keeps its historical name.
     if [ "$i" = 1 ]; then sed -i 's|decisions-broker.jsonl|decisions.jsonl|' "$conf"; fi
@@ -270,11 +297,22 @@ enroll_all() {
             -e "s|^config_refresh = .*|config_refresh = \"${SK_CONFIG_REFRESH:-5s}\"|" \
             "$STATE/${who%%:*}/client.toml"
     done
-    t=$(admin token create --site dc1 --ttl 10m)
-    echo "$t" >"$STATE/tokens/dc1.token"
-    inns site "$BIN/sekisho-connector" enroll --server https://10.99.2.2:8443 --token "$t" \
-        --dir "$STATE/connector" --dns-server 10.20.0.53 >/dev/null
+    local h dir
+    for h in $SITES; do
+        dir=$(connector_dir "$h")
+        t=$(admin token create --site dc1 --ttl 10m)
+        echo "$t" >"$STATE/tokens/dc1-$h.token"
+        inns "$h" "$BIN/sekisho-connector" enroll --server https://10.99.2.2:8443 --token "$t" \
+            --dir "$STATE/$dir" --dns-server 10.20.0.53 >/dev/null
+        # The connector accepts no connections from the network: its metrics endpoint listens
+        # on loopback only (scrape it from the connector's host).
+        printf '\n[metrics]\nlisten = "127.0.0.1:9465"\n' >>"$STATE/$dir/connector.toml"
+    done
+    cp "$STATE/tokens/dc1-site.token" "$STATE/tokens/dc1.token"
 }
+
+# The state folder of the connector on host site (connector) or site2 (connector2).
+connector_dir() { if [ "$1" = site ]; then echo connector; else echo connector2; fi; }
 
 daemon_ns() {
     case $1 in
@@ -284,6 +322,7 @@ daemon_ns() {
         nas) echo nas ;;
         web) echo web ;;
         connector) echo site ;;
+        connector2) echo site2 ;;
         client-alice) echo laptop ;;
         client-bob) echo laptop2 ;;
         app) echo app ;;
@@ -305,6 +344,7 @@ daemon_cmd() {
         nas) echo "python3 $HERE/demo/app-services.py $STATE/www-nas" ;;
         web) echo "python3 $HERE/demo/app-services.py $STATE/www-web" ;;
         connector) echo "$BIN/sekisho-connector run --config $STATE/connector/connector.toml" ;;
+        connector2) echo "$BIN/sekisho-connector run --config $STATE/connector2/connector.toml" ;;
         client-alice) echo "$BIN/sekisho-client run --config $STATE/alice/client.toml" ;;
         client-bob) echo "$BIN/sekisho-client run --config $STATE/bob/client.toml" ;;
         app) echo "python3 $HERE/demo/app-services.py $STATE/www" ;;
@@ -354,7 +394,10 @@ wait_for() {
     die "timed out waiting for $what (logs in $STATE)"
 }
 
-linked() { broker_stats | python3 -c 'import json,sys; sys.exit(0 if "dc1" in json.load(sys.stdin)["connector_links"] else 1)'; }
+# Every connector of dc1 linked to the first broker.
+linked() {
+    broker_stats | NC=$NCONNECTORS python3 -c 'import json,os,sys; c=json.load(sys.stdin)["connectors"]; sys.exit(0 if sum(l["site"] == "dc1" for l in c) >= int(os.environ["NC"]) else 1)'
+}
 admin_ready() { inns broker python3 -c 'import socket; socket.create_connection(("10.99.2.2", 8443), 1)'; }
 postured() {
     broker_stats | python3 -c 'import json,sys; p=json.load(sys.stdin)["peers"]; sys.exit(0 if len(p) == 2 and all(x["posture_expires"] for x in p) else 1)'
@@ -393,6 +436,7 @@ up() {
     done
     enroll_all
     start connector
+    if [ "$NCONNECTORS" -ge 2 ]; then start connector2; fi
     start client-alice
     start client-bob
     wait_for "the connector link" 30 linked
@@ -435,8 +479,8 @@ EOF
 
 down() {
     need_root
-    for d in client-alice client-bob connector broker broker2 relay1 relay2 nas web app edr \
-        site-dns inet-dns; do stop "$d"; done
+    for d in client-alice client-bob connector connector2 broker broker2 relay1 relay2 nas web \
+        app edr site-dns inet-dns; do stop "$d"; done
     for h in $ALL_HOSTS; do
         local n
         n=$(ns "$h")
@@ -453,8 +497,8 @@ down() {
 status() {
     SK_BIN=${SK_BIN:-$ROOT/target/release}
     binaries
-    for d in broker broker2 relay1 relay2 connector client-alice client-bob app nas web edr \
-        site-dns inet-dns; do
+    for d in broker broker2 relay1 relay2 connector connector2 client-alice client-bob app nas \
+        web edr site-dns inet-dns; do
         if [ -f "$STATE/$d.pid" ] && kill -0 "$(cat "$STATE/$d.pid")" 2>/dev/null; then
             say "$d: running (pid $(cat "$STATE/$d.pid"))"
         else

@@ -39,6 +39,51 @@ pub struct BrokerConfig {
     /// is no application is dropped (and counted) here.
     #[serde(default)]
     pub egress: Option<EgressConfig>,
+    /// Connector links: liveness and timeouts.
+    #[serde(default)]
+    pub connectors: ConnectorLinkConfig,
+    /// Prometheus endpoint (`/metrics`, `/healthz`, `/readyz`). Without this section there is
+    /// none.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// `[metrics]`: where the Prometheus endpoint listens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// TCP address, like "0.0.0.0:9464".
+    pub listen: SocketAddr,
+}
+
+/// `[connectors]`: how quickly a silent connector stops getting new flows, and when its link
+/// is given up.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorLinkConfig {
+    /// No packet from a connector for this long (connectors send a keepalive every 300 ms):
+    /// new flows go to the site's other connectors until it answers again.
+    #[serde(default = "default_stale_after", with = "humantime_serde_secs")]
+    pub stale_after: Duration,
+    /// No packet for this long closes the link; its flows move to another connector.
+    #[serde(default = "default_link_idle", with = "humantime_serde_secs")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for ConnectorLinkConfig {
+    fn default() -> Self {
+        ConnectorLinkConfig {
+            stale_after: default_stale_after(),
+            idle_timeout: default_link_idle(),
+        }
+    }
+}
+
+fn default_stale_after() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_link_idle() -> Duration {
+    Duration::from_secs(8)
 }
 
 /// `[egress]`: a TUN device the kernel routes to the internet with source NAT.
@@ -180,6 +225,7 @@ impl FlowConfig {
             udp: Duration::from_secs(self.udp_idle_secs),
             other: Duration::from_secs(self.other_idle_secs),
             denied: Duration::from_secs(self.denied_idle_secs),
+            ..IdleTimeouts::default()
         }
     }
 }
@@ -247,5 +293,22 @@ impl BrokerConfig {
             }
         }
         Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/broker.toml");
+        let c = BrokerConfig::load(&path).unwrap();
+        assert_eq!(c.connectors.stale_after, Duration::from_secs(1));
+        assert_eq!(
+            c.metrics.map(|m| m.listen),
+            Some(SocketAddr::from(([0, 0, 0, 0], 9464)))
+        );
+        assert!(c.control.is_some() && c.egress.is_some());
     }
 }

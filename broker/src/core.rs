@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
-use tracing::{debug, info, trace};
+use tracing::{debug, info, trace, warn};
+
+use crate::pool::{ConnectorPool, LinkId, LinkInfo};
 
 use sekisho_proto::api::{Denial, STATUS_PORT, TunnelStatus};
 use sekisho_proto::dns::{AppName, DNS_PORT, SyntheticMap};
@@ -31,16 +33,16 @@ pub const BUF_SIZE: usize = 65536;
 pub trait Io {
     /// Send a UDP datagram from the WireGuard socket.
     fn send_udp(&mut self, to: SocketAddr, data: &[u8]);
-    /// Hand an IP packet to the connector of `site`; false when the site has no live link.
-    fn send_to_site(&mut self, site: &str, packet: &[u8]) -> bool;
+    /// Hand an IP packet to the connector on `link`; false when that link is gone.
+    fn send_to_link(&mut self, link: LinkId, packet: &[u8]) -> bool;
     /// Record a flow decision (one JSON line in the decision log); false when the log cannot
     /// take it (its writer is behind), so the core can count what was lost.
     fn decision(&mut self, record: DecisionRecord) -> bool;
     /// Record a posture event (token accepted, refused or expired) in the same log.
     fn posture(&mut self, record: PostureRecord) -> bool;
-    /// Tell the connector of `site` that `synthetic`, for flows from `device`, stands for the
+    /// Tell the connector on `link` that `synthetic`, for flows from `device`, stands for the
     /// host name `name` (sent before the flow's first packet).
-    fn map_name(&mut self, site: &str, device: IpAddr, synthetic: IpAddr, name: &str);
+    fn map_name(&mut self, link: LinkId, device: IpAddr, synthetic: IpAddr, name: &str);
     /// Record an application-name query answered by the broker.
     fn app_dns(&mut self, record: AppDnsRecord);
     /// Hand an IP packet of a full-tunnel device to the internet (the egress interface, with
@@ -132,6 +134,16 @@ pub struct Stats {
     pub packets_from_internet: u64,
     pub dropped_no_egress: u64,
     pub dropped_unsolicited_from_internet: u64,
+    pub bytes_from_clients: u64,
+    pub bytes_to_clients: u64,
+    pub bytes_to_sites: u64,
+    pub bytes_from_sites: u64,
+    pub bytes_to_internet: u64,
+    pub bytes_from_internet: u64,
+    /// Flows given another connector because theirs went away.
+    pub flows_moved: u64,
+    /// Connector links that went stale (nothing heard for a while).
+    pub connector_stale_events: u64,
 }
 
 /// Names one device may bind to synthetic addresses at once.
@@ -164,8 +176,36 @@ pub struct Flow {
     /// The application's site (index into the policy's sites), when allowed. Valid as long as
     /// `generation` is current: a policy change re-decides the flow before its next use.
     site: SiteId,
+    /// The application (index into the policy's applications), `NO_APP` for internet flows.
+    app: u32,
+    /// The connector link the flow goes through; 0 before one was found.
+    link: LinkId,
+    /// TCP end seen: FIN from the client, FIN from the server, RST.
+    tcp: u8,
+    /// A packet came back: the flow is set up at its connector.
+    answered: bool,
     generation: u64,
     peer_generation: u64,
+}
+
+const NO_APP: u32 = u32::MAX;
+const FIN_CLIENT: u8 = 1;
+const FIN_SERVER: u8 = 2;
+const RESET: u8 = 4;
+
+/// The flow-end bits a TCP segment carries, from the client (`from_client`) or the server.
+fn tcp_end_bits(pkt: &[u8], from_client: bool) -> u8 {
+    match packet::tcp_flags(pkt) {
+        Some(f) if f & packet::TCP_RST != 0 => RESET,
+        Some(f) if f & packet::TCP_FIN != 0 => {
+            if from_client {
+                FIN_CLIENT
+            } else {
+                FIN_SERVER
+            }
+        }
+        _ => 0,
+    }
 }
 
 impl FlowEntry for Flow {
@@ -175,13 +215,16 @@ impl FlowEntry for Flow {
     fn owner(&self) -> u32 {
         self.peer
     }
+    fn closed(&self) -> bool {
+        self.tcp & RESET != 0 || self.tcp & (FIN_CLIENT | FIN_SERVER) == FIN_CLIENT | FIN_SERVER
+    }
 }
 
 /// What to do with a packet of a flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Verdict {
-    /// Forward: the flow is allowed, to this site.
-    Allow(SiteId),
+    /// Forward: the flow is allowed, to this site, through this connector link (0: none).
+    Allow(SiteId, LinkId),
     /// Answer with a deny reply.
     Deny,
     /// Drop silently (no such peer, connector-initiated, or no room in the flow table).
@@ -217,7 +260,13 @@ pub struct BrokerCore {
     by_key: HashMap<PublicKeyBytes, u32>,
     by_addr: HashMap<IpAddr, u32>,
     flows: FlowTable<Flow>,
+    /// The connectors of every site.
+    pool: ConnectorPool,
+    /// The site of each connector link, as an index into the current policy's sites.
+    link_sites: HashMap<LinkId, SiteId>,
     stats: Stats,
+    /// Flow decisions by (result, reason).
+    decisions: std::collections::BTreeMap<(&'static str, &'static str), u64>,
     /// Decrypted packets from clients.
     buf: Vec<u8>,
     /// Deny replies and cookie replies.
@@ -247,7 +296,10 @@ impl BrokerCore {
             by_key: HashMap::new(),
             by_addr: HashMap::new(),
             flows: FlowTable::new(timeouts, max_flows, max_flows_per_device),
+            pool: ConnectorPool::default(),
+            link_sites: HashMap::new(),
             stats: Stats::default(),
+            decisions: Default::default(),
             buf: vec![0; BUF_SIZE],
             reply: vec![0; BUF_SIZE],
             send_buf: vec![0; BUF_SIZE],
@@ -348,8 +400,71 @@ impl BrokerCore {
             .retain(|_, f, _| peers.get(f.peer as usize).is_some_and(Option::is_some));
         self.service = service_address(&policy.device_range);
         self.policy = policy;
+        self.index_link_sites();
         self.generation += 1;
         self.stats.policy_generation = self.generation;
+    }
+
+    fn index_link_sites(&mut self) {
+        let sites = &self.policy.sites;
+        self.link_sites = self
+            .pool
+            .links()
+            .iter()
+            .filter_map(|l| {
+                let s = sites.iter().position(|s| *s == l.site)?;
+                Some((l.id, s as SiteId))
+            })
+            .collect();
+    }
+
+    /// A connector of `site` linked (`connector` names it in logs and metrics).
+    pub fn link_up(&mut self, link: LinkId, site: &str, connector: &str) {
+        self.pool.up(link, site, connector);
+        self.index_link_sites();
+    }
+
+    /// A connector link closed: its flows get another connector of their site on their next
+    /// packet.
+    pub fn link_down(&mut self, link: LinkId) {
+        if let Some(name) = self.pool.down(link) {
+            let moving = self.flows.iter().filter(|(_, f, _)| f.link == link).count();
+            info!(connector = %name, flows = moving, "connector link gone; its flows go to another connector of the site");
+        }
+        self.link_sites.remove(&link);
+    }
+
+    /// The connector's report: draining (no new flows) and the applications it cannot reach.
+    pub fn link_health(&mut self, link: LinkId, draining: bool, unreachable: &[String]) {
+        if self.pool.set_health(link, draining, unreachable) {
+            let name = self.pool.describe(link).map(|(n, _)| n.to_string());
+            info!(connector = ?name, draining, ?unreachable, "connector health");
+        }
+    }
+
+    /// Whether the link is silent (stale links get new flows only when nothing else can).
+    pub fn link_stale(&mut self, link: LinkId, stale: bool) {
+        if self.pool.set_stale(link, stale) {
+            let name = self.pool.describe(link).map(|(n, _)| n.to_string());
+            if stale {
+                self.stats.connector_stale_events += 1;
+                warn!(connector = ?name, "connector link silent; no new flows to it");
+            } else {
+                info!(connector = ?name, "connector link answers again");
+            }
+        }
+    }
+
+    /// The connector links with their state and open flows.
+    pub fn connector_links(&self) -> Vec<LinkInfo> {
+        self.pool.links()
+    }
+
+    /// Flow decisions by (result, reason) since start.
+    pub fn decision_counts(
+        &self,
+    ) -> &std::collections::BTreeMap<(&'static str, &'static str), u64> {
+        &self.decisions
     }
 
     /// Names this broker in what devices see of it.
@@ -414,6 +529,7 @@ impl BrokerCore {
             Output::Tunnel(inner) => {
                 peer.endpoint = Some(from);
                 self.stats.packets_from_clients += 1;
+                self.stats.bytes_from_clients += inner.len() as u64;
                 // `inner` borrows `buf`; find it by position so `self` can be borrowed again.
                 let start = inner.as_ptr().addr() - base;
                 let range = start..start + inner.len();
@@ -438,6 +554,7 @@ impl BrokerCore {
         now: Instant,
         io: &mut impl Io,
         may_create: bool,
+        tcp: u8,
     ) -> Verdict {
         let generation = self.generation;
         let Some(peer) = self.peers.get(slot as usize).and_then(Option::as_ref) else {
@@ -450,16 +567,46 @@ impl BrokerCore {
                     && flow.peer_generation == peer_generation
                     && flow.peer == slot =>
             {
-                return if flow.allowed {
-                    Verdict::Allow(flow.site)
-                } else {
-                    Verdict::Deny
-                };
+                flow.tcp |= tcp;
+                flow.answered |= !may_create;
+                if !flow.allowed {
+                    return Verdict::Deny;
+                }
+                // A flow moves when its connector is gone (or there was none yet), or, while
+                // nothing came back yet (a SYN being retried), when its connector went silent
+                // or drains: the retry then reaches the application through another one.
+                let moves = !self.pool.contains(flow.link)
+                    || (!flow.answered && !self.pool.takes_new(flow.link));
+                if flow.site != EGRESS && may_create && moves {
+                    let p = &self.policy;
+                    let app = &p.applications[flow.app as usize];
+                    let link = self
+                        .pool
+                        .pick(&p.sites[app.site as usize], &app.name)
+                        .unwrap_or(0);
+                    if link != 0 {
+                        if flow.link != 0 {
+                            self.stats.flows_moved += 1;
+                        }
+                        if let Some(b) = peer.names.lookup(key.dst) {
+                            io.map_name(link, key.src, key.dst, &b.name);
+                        }
+                    }
+                    flow.link = link;
+                }
+                return Verdict::Allow(flow.site, flow.link);
             }
-            Some(flow) => Some(flow.allowed),
+            Some(flow) => Some((flow.allowed, flow.site, flow.link, flow.tcp, flow.answered)),
             None if may_create => None,
             None => return Verdict::Drop,
         };
+        let previous_link = match previous {
+            Some((true, site, link, _, _)) if self.pool.contains(link) => Some((site, link)),
+            _ => None,
+        };
+        let tcp = tcp | previous.map_or(0, |p| p.3);
+        let answered = !may_create || previous.is_some_and(|p| p.4);
+        let previous = previous.map(|p| p.0);
         let p = &self.policy;
         let binding = peer.names.lookup(key.dst);
         let decision = if peer.names.contains(key.dst) {
@@ -476,13 +623,30 @@ impl BrokerCore {
             p.evaluate(peer.device, key, peer.posture.as_ref())
         };
         let allowed = decision.allowed();
-        if allowed
-            && previous != Some(true)
-            && let (Some(b), Some(app)) = (binding, decision.application)
-        {
-            let site = &p.sites[p.applications[app as usize].site as usize];
-            io.map_name(site, key.src, key.dst, &b.name);
-        }
+        // The flow's connector: the one it had (a flow stays on its connector), else the
+        // least loaded healthy one of the site.
+        let link = match (allowed, decision.application) {
+            (true, Some(a)) => {
+                let app = &p.applications[a as usize];
+                match previous_link {
+                    Some((site, link)) if site == app.site => link,
+                    _ if may_create => {
+                        let picked = self
+                            .pool
+                            .pick(&p.sites[app.site as usize], &app.name)
+                            .unwrap_or(0);
+                        if picked != 0
+                            && let Some(b) = binding
+                        {
+                            io.map_name(picked, key.src, key.dst, &b.name);
+                        }
+                        picked
+                    }
+                    _ => 0,
+                }
+            }
+            _ => 0,
+        };
         // A flow re-checked after a policy change is logged only when its answer changed.
         if previous != Some(allowed) {
             if allowed {
@@ -490,6 +654,11 @@ impl BrokerCore {
             } else {
                 self.stats.flows_denied += 1;
             }
+            let result = if allowed { "allow" } else { "deny" };
+            *self
+                .decisions
+                .entry((result, self.policy.reason_text(decision.reason)))
+                .or_insert(0) += 1;
             let record = self.record(
                 peer.device,
                 key,
@@ -526,11 +695,15 @@ impl BrokerCore {
             allowed,
             peer: slot,
             site,
+            app: decision.application.unwrap_or(NO_APP),
+            link,
+            tcp,
+            answered,
             generation,
             peer_generation,
         };
         match self.flows.insert(*key, flow, now) {
-            Ok(_) if allowed => Verdict::Allow(site),
+            Ok(_) if allowed => Verdict::Allow(site, link),
             Ok(_) => Verdict::Deny,
             Err(_) => {
                 self.stats.dropped_flow_table_full += 1;
@@ -612,17 +785,19 @@ impl BrokerCore {
             }
             return;
         }
-        match self.authorize(slot, &key, now, io, true) {
-            Verdict::Allow(EGRESS) => {
+        match self.authorize(slot, &key, now, io, true, tcp_end_bits(pkt, true)) {
+            Verdict::Allow(EGRESS, _) => {
                 if io.send_to_egress(pkt) {
                     self.stats.packets_to_internet += 1;
+                    self.stats.bytes_to_internet += pkt.len() as u64;
                 } else {
                     self.stats.dropped_no_egress += 1;
                 }
             }
-            Verdict::Allow(site) => {
-                if io.send_to_site(&self.policy.sites[site as usize], pkt) {
+            Verdict::Allow(_, link) => {
+                if link != 0 && io.send_to_link(link, pkt) {
                     self.stats.packets_to_sites += 1;
+                    self.stats.bytes_to_sites += pkt.len() as u64;
                 } else {
                     self.stats.dropped_no_connector += 1;
                 }
@@ -815,6 +990,7 @@ impl BrokerCore {
         };
         match peer.session.encapsulate(pkt, &mut self.send_buf) {
             Output::Network(data) => {
+                self.stats.bytes_to_clients += pkt.len() as u64;
                 io.send_udp(endpoint, data);
                 self.stats.packets_to_clients += 1;
             }
@@ -827,17 +1003,21 @@ impl BrokerCore {
     /// source NAT). Delivered only as part of a flow a full-tunnel device opened.
     pub fn handle_egress_packet(&mut self, pkt: &[u8], now: Instant, io: &mut impl Io) {
         self.stats.packets_from_internet += 1;
-        if !self.deliver_reply(pkt, now, io, |_, s| s == EGRESS) {
+        self.stats.bytes_from_internet += pkt.len() as u64;
+        if !self.deliver_reply(pkt, now, io, |s, _| s == EGRESS) {
             self.stats.dropped_unsolicited_from_internet += 1;
         }
     }
 
-    /// An IP packet arrived from the connector of `site`. It is delivered only as part of a flow
-    /// a client opened and the policy allows: a connector cannot start flows to clients.
-    pub fn handle_site_packet(&mut self, site: &str, pkt: &[u8], now: Instant, io: &mut impl Io) {
+    /// An IP packet arrived from the connector on `link`. It is delivered only as part of a flow
+    /// a client opened and the policy allows to that connector's site: a connector cannot start
+    /// flows to clients.
+    pub fn handle_site_packet(&mut self, link: LinkId, pkt: &[u8], now: Instant, io: &mut impl Io) {
         self.stats.packets_from_sites += 1;
-        if !self.deliver_reply(pkt, now, io, |p, s| {
-            s != EGRESS && p.sites[s as usize] == site
+        self.stats.bytes_from_sites += pkt.len() as u64;
+        let site = self.link_sites.get(&link).copied();
+        if !self.deliver_reply(pkt, now, io, |s, l| {
+            l == link || Some(s) == site && s != EGRESS
         }) {
             self.stats.dropped_unsolicited_from_site += 1;
         }
@@ -851,7 +1031,7 @@ impl BrokerCore {
         pkt: &[u8],
         now: Instant,
         io: &mut impl Io,
-        from_ok: impl Fn(&Policy, SiteId) -> bool,
+        from_ok: impl Fn(SiteId, LinkId) -> bool,
     ) -> bool {
         let key = match packet::classify(pkt) {
             Ok(PacketKind::Flow(k)) => k.reversed(),
@@ -864,8 +1044,8 @@ impl BrokerCore {
         let Some(&slot) = self.by_addr.get(&key.src) else {
             return false;
         };
-        match self.authorize(slot, &key, now, io, false) {
-            Verdict::Allow(s) if from_ok(&self.policy, s) => {
+        match self.authorize(slot, &key, now, io, false, tcp_end_bits(pkt, false)) {
+            Verdict::Allow(s, l) if from_ok(s, l) => {
                 self.send_to_peer(slot, pkt, io);
                 true
             }
@@ -911,6 +1091,12 @@ impl BrokerCore {
             if expired > 0 {
                 trace!(expired, "idle flows expired");
             }
+            self.pool.recount(
+                self.flows
+                    .iter()
+                    .filter(|(_, f, _)| f.allowed && f.link != 0 && !f.closed())
+                    .map(|(_, f, _)| f.link),
+            );
         }
     }
 
@@ -964,15 +1150,16 @@ mod tests {
     use sekisho_proto::packet::{PROTO_TCP, deny_reply};
     use sekisho_proto::posture::TokenSigner;
     use std::path::Path;
+    use std::time::Duration;
 
     #[derive(Default)]
     struct Recorder {
         udp: Vec<(SocketAddr, Vec<u8>)>,
-        site: Vec<(String, Vec<u8>)>,
+        site: Vec<(LinkId, Vec<u8>)>,
         decisions: Vec<DecisionRecord>,
         postures: Vec<PostureRecord>,
         site_up: bool,
-        maps: Vec<(String, IpAddr, IpAddr, String)>,
+        maps: Vec<(LinkId, IpAddr, IpAddr, String)>,
         dns: Vec<AppDnsRecord>,
         egress: Vec<Vec<u8>>,
     }
@@ -981,8 +1168,8 @@ mod tests {
         fn send_udp(&mut self, to: SocketAddr, data: &[u8]) {
             self.udp.push((to, data.to_vec()));
         }
-        fn send_to_site(&mut self, site: &str, packet: &[u8]) -> bool {
-            self.site.push((site.to_string(), packet.to_vec()));
+        fn send_to_link(&mut self, link: LinkId, packet: &[u8]) -> bool {
+            self.site.push((link, packet.to_vec()));
             self.site_up
         }
         fn decision(&mut self, record: DecisionRecord) -> bool {
@@ -993,9 +1180,8 @@ mod tests {
             self.postures.push(record);
             true
         }
-        fn map_name(&mut self, site: &str, device: IpAddr, synthetic: IpAddr, name: &str) {
-            self.maps
-                .push((site.to_string(), device, synthetic, name.to_string()));
+        fn map_name(&mut self, link: LinkId, device: IpAddr, synthetic: IpAddr, name: &str) {
+            self.maps.push((link, device, synthetic, name.to_string()));
         }
         fn app_dns(&mut self, record: AppDnsRecord) {
             self.dns.push(record);
@@ -1107,6 +1293,7 @@ applications = ["wiki-by-name"]
             panic!()
         };
         let mut io = Recorder::default();
+        core.link_up(1, "dc1", "c1");
         core.handle_wg(from, init, now, &mut io);
         assert_eq!(io.udp.len(), 1, "handshake response");
         let resp = io.udp[0].1.clone();
@@ -1302,7 +1489,7 @@ applications = ["wiki-by-name"]
         assert_eq!(
             io.maps,
             [(
-                "dc1".to_string(),
+                1,
                 IpAddr::from([100, 118, 0, 2]),
                 IpAddr::V4(wiki),
                 "wiki.corp.example".to_string()
@@ -1342,7 +1529,7 @@ applications = ["wiki-by-name"]
         f.send(&syn, &mut io);
         f.send(&syn, &mut io);
         assert_eq!(io.site.len(), 2);
-        assert_eq!(io.site[0], ("dc1".to_string(), syn.clone()));
+        assert_eq!(io.site[0], (1, syn.clone()));
         assert_eq!(io.decisions.len(), 1, "a flow is decided once");
         let d = &io.decisions[0];
         assert_eq!(
@@ -1356,16 +1543,148 @@ applications = ["wiki-by-name"]
         reply[20..22].copy_from_slice(&80u16.to_be_bytes());
         reply[22..24].copy_from_slice(&40000u16.to_be_bytes());
         let mut io2 = Recorder::default();
-        f.core.handle_site_packet("dc1", &reply, f.now, &mut io2);
+        f.core.handle_site_packet(1, &reply, f.now, &mut io2);
         assert_eq!(f.receive(&io2), vec![reply.clone()]);
         // The same packet from another site, or a packet of no flow, is not delivered.
         let mut io3 = Recorder::default();
-        f.core.handle_site_packet("dc2", &reply, f.now, &mut io3);
+        f.core.link_up(2, "dc2", "c9");
+        f.core.handle_site_packet(2, &reply, f.now, &mut io3);
         let mut stray = reply.clone();
         stray[22..24].copy_from_slice(&1234u16.to_be_bytes());
-        f.core.handle_site_packet("dc1", &stray, f.now, &mut io3);
+        f.core.handle_site_packet(1, &stray, f.now, &mut io3);
         assert!(io3.udp.is_empty());
         assert_eq!(f.core.stats().dropped_unsolicited_from_site, 2);
+    }
+
+    fn tcp_segment(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: u8) -> Vec<u8> {
+        let mut p = tcp_syn(src, sport, dst, dport);
+        p[33] = flags;
+        p
+    }
+
+    #[test]
+    fn flows_are_spread_over_connectors_stay_on_theirs_and_move_when_one_goes() {
+        let mut f = fixture();
+        f.core.link_up(2, "dc1", "c2");
+        let mut io = Recorder {
+            site_up: true,
+            ..Default::default()
+        };
+        let client = [100, 118, 0, 2];
+        // Four new flows: two per connector.
+        for port in 0..4 {
+            f.send(&tcp_syn(client, 41000 + port, [10, 20, 0, 10], 80), &mut io);
+        }
+        let on = |io: &Recorder, link: LinkId| io.site.iter().filter(|(l, _)| *l == link).count();
+        assert_eq!((on(&io, 1), on(&io, 2)), (2, 2));
+        // A flow stays on its connector.
+        let first = io.site[0].0;
+        io.site.clear();
+        f.send(&tcp_syn(client, 41000, [10, 20, 0, 10], 80), &mut io);
+        assert_eq!(io.site[0].0, first);
+        // Connector 2 drains: new flows avoid it, its flows carry on there.
+        f.core.link_health(2, true, &[]);
+        io.site.clear();
+        for port in 10..13 {
+            f.send(&tcp_syn(client, 41000 + port, [10, 20, 0, 10], 80), &mut io);
+        }
+        assert_eq!((on(&io, 1), on(&io, 2)), (3, 0));
+        let on_two = f
+            .core
+            .flows
+            .iter()
+            .find(|(_, fl, _)| fl.link == 2)
+            .map(|(k, _, _)| *k)
+            .unwrap();
+        // Once answered, the flow carries on through the draining connector.
+        let reply = tcp_segment([10, 20, 0, 10], 80, client, on_two.sport, 0x12);
+        f.core.handle_site_packet(2, &reply, f.now, &mut io);
+        io.site.clear();
+        f.send(&tcp_syn(client, on_two.sport, [10, 20, 0, 10], 80), &mut io);
+        assert_eq!(io.site[0].0, 2);
+        let links = f.core.connector_links();
+        assert_eq!(links[1].state, crate::pool::LinkState::Draining);
+        // Connector 2 goes away: its flows move to connector 1 on their next packet.
+        f.core.link_down(2);
+        io.site.clear();
+        f.send(&tcp_syn(client, on_two.sport, [10, 20, 0, 10], 80), &mut io);
+        assert_eq!(io.site[0].0, 1);
+        assert_eq!(f.core.stats().flows_moved, 1);
+        // With no connector at all the packet is dropped and counted, not sent.
+        f.core.link_down(1);
+        io.site.clear();
+        f.send(&tcp_syn(client, 41099, [10, 20, 0, 10], 80), &mut io);
+        assert!(io.site.is_empty());
+        assert_eq!(f.core.stats().dropped_no_connector, 1);
+    }
+
+    #[test]
+    fn a_syn_retry_leaves_a_silent_connector_but_answered_flows_stay() {
+        let mut f = fixture();
+        f.core.link_up(2, "dc1", "c2");
+        let mut io = Recorder {
+            site_up: true,
+            ..Default::default()
+        };
+        let client = [100, 118, 0, 2];
+        let app = [10, 20, 0, 10];
+        f.send(&tcp_syn(client, 43000, app, 80), &mut io);
+        f.send(&tcp_syn(client, 43001, app, 80), &mut io);
+        let first = io.site[0].0;
+        let other = if first == 1 { 2 } else { 1 };
+        assert_eq!(io.site[1].0, other);
+        // The second flow was answered through its connector.
+        let reply = tcp_segment(app, 80, client, 43001, 0x12);
+        f.core.handle_site_packet(other, &reply, f.now, &mut io);
+        // Both connectors go silent for a moment; the first flow's SYN retry moves, the
+        // answered flow stays put.
+        f.core.link_stale(first, true);
+        f.core.link_stale(other, true);
+        io.site.clear();
+        f.send(&tcp_syn(client, 43001, app, 80), &mut io);
+        assert_eq!(io.site[0].0, other);
+        f.core.link_stale(other, false);
+        f.send(&tcp_syn(client, 43000, app, 80), &mut io);
+        assert_eq!(
+            io.site[1].0, other,
+            "the unanswered flow moved off the silent one"
+        );
+    }
+
+    #[test]
+    fn ended_tcp_flows_stop_counting_as_open() {
+        let mut f = fixture();
+        let mut io = Recorder {
+            site_up: true,
+            ..Default::default()
+        };
+        let client = [100, 118, 0, 2];
+        f.send(&tcp_syn(client, 42000, [10, 20, 0, 10], 80), &mut io);
+        f.send(&tcp_syn(client, 42001, [10, 20, 0, 10], 80), &mut io);
+        f.core.tick(f.now + Duration::from_secs(1), 0, &mut io);
+        assert_eq!(f.core.connector_links()[0].flows, 2);
+        // FIN from the client and from the server end the first flow; a reset the second.
+        f.send(
+            &tcp_segment(client, 42000, [10, 20, 0, 10], 80, 0x11),
+            &mut io,
+        );
+        let fin_back = tcp_segment([10, 20, 0, 10], 80, client, 42000, 0x11);
+        f.core.handle_site_packet(1, &fin_back, f.now, &mut io);
+        f.core.tick(f.now + Duration::from_secs(2), 0, &mut io);
+        assert_eq!(f.core.connector_links()[0].flows, 1);
+        f.send(
+            &tcp_segment(client, 42001, [10, 20, 0, 10], 80, 0x04),
+            &mut io,
+        );
+        f.core.tick(f.now + Duration::from_secs(3), 0, &mut io);
+        assert_eq!(f.core.connector_links()[0].flows, 0);
+        // They linger briefly for late segments, then go.
+        assert_eq!(f.core.flow_count(), 2);
+        f.core.tick(f.now + Duration::from_secs(15), 0, &mut io);
+        assert_eq!(f.core.flow_count(), 0);
+        let decisions = f.core.decision_counts();
+        assert_eq!(decisions.values().sum::<u64>(), 2);
+        assert!(decisions.keys().all(|(result, _)| *result == "allow"));
     }
 
     #[test]

@@ -7,7 +7,9 @@ mod control;
 #[cfg(test)]
 mod control_tests;
 mod core;
+mod metrics;
 mod pki;
+mod pool;
 mod store;
 
 use std::collections::HashMap;
@@ -37,6 +39,7 @@ use sekisho_proto::sys::AsyncDevice;
 
 use crate::config::BrokerConfig;
 use crate::core::{AppDnsRecord, BUF_SIZE, BrokerCore, DecisionRecord, Io, PostureRecord};
+use crate::pool::LinkId;
 
 #[derive(Parser)]
 #[command(
@@ -182,7 +185,8 @@ const DECISION_QUEUE: usize = 65536;
 /// batches; nothing awaits while it is held.
 pub(crate) struct Shared {
     pub(crate) core: BrokerCore,
-    pub(crate) links: HashMap<String, quinn::Connection>,
+    /// Live connector links by id (the QUIC connection's stable id).
+    pub(crate) links: HashMap<LinkId, quinn::Connection>,
     /// Internet egress (full tunnel), when configured.
     pub(crate) egress: Option<Arc<AsyncDevice>>,
 }
@@ -205,7 +209,7 @@ enum LogLine {
 
 struct ShellIo<'a> {
     udp: &'a UdpSocket,
-    links: &'a HashMap<String, quinn::Connection>,
+    links: &'a HashMap<LinkId, quinn::Connection>,
     egress: Option<&'a AsyncDevice>,
     log: &'a mpsc::Sender<LogLine>,
 }
@@ -217,8 +221,8 @@ impl Io for ShellIo<'_> {
         }
     }
 
-    fn send_to_site(&mut self, site: &str, packet: &[u8]) -> bool {
-        match self.links.get(site) {
+    fn send_to_link(&mut self, link: LinkId, packet: &[u8]) -> bool {
+        match self.links.get(&link) {
             Some(conn) => conn.send_datagram(Bytes::copy_from_slice(packet)).is_ok(),
             None => false,
         }
@@ -234,8 +238,8 @@ impl Io for ShellIo<'_> {
         self.log.try_send(LogLine::Posture(record)).is_ok()
     }
 
-    fn map_name(&mut self, site: &str, device: IpAddr, synthetic: IpAddr, name: &str) {
-        let Some(conn) = self.links.get(site).cloned() else {
+    fn map_name(&mut self, link: LinkId, device: IpAddr, synthetic: IpAddr, name: &str) {
+        let Some(conn) = self.links.get(&link).cloned() else {
             return;
         };
         let message = SiteMessage::MapName {
@@ -243,17 +247,7 @@ impl Io for ShellIo<'_> {
             synthetic,
             name: name.to_string(),
         };
-        tokio::spawn(async move {
-            let sent = async {
-                let mut s = conn.open_uni().await?;
-                s.write_all(&serde_json::to_vec(&message)?).await?;
-                s.finish()?;
-                anyhow::Ok(())
-            };
-            if let Err(e) = sent.await {
-                debug!("cannot send a name mapping to the connector: {e:#}");
-            }
-        });
+        tokio::spawn(send_site_message(conn, message));
     }
 
     fn app_dns(&mut self, record: AppDnsRecord) {
@@ -266,6 +260,19 @@ impl Io for ShellIo<'_> {
             Some(tun) => tun.try_send(packet).is_ok(),
             None => false,
         }
+    }
+}
+
+/// Sends `message` to a connector on a stream of its own.
+async fn send_site_message(conn: quinn::Connection, message: SiteMessage) {
+    let sent = async {
+        let mut s = conn.open_uni().await?;
+        s.write_all(&serde_json::to_vec(&message)?).await?;
+        s.finish()?;
+        anyhow::Ok(())
+    };
+    if let Err(e) = sent.await {
+        debug!("cannot send a message to the connector: {e:#}");
     }
 }
 
@@ -349,6 +356,24 @@ async fn run(config_path: &Path) -> Result<()> {
     );
     info!(addr = %config.listen_wireguard, "WireGuard listening");
     let endpoint = quic_endpoint(&config)?;
+    if let Some(m) = &config.metrics {
+        let source = Arc::new(metrics::BrokerMetrics {
+            shared: shared.clone(),
+            control: control.clone(),
+        });
+        let listener = tokio::net::TcpListener::bind(m.listen)
+            .await
+            .with_context(|| format!("cannot bind the metrics endpoint {}", m.listen))?;
+        info!(addr = %m.listen, "metrics endpoint listening (/metrics, /healthz, /readyz)");
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, sekisho_proto::metrics::router(source)).await {
+                error!("metrics endpoint stopped: {e}");
+            }
+        });
+    }
+    if let Some(c) = control.clone() {
+        tokio::spawn(announce_brokers(shared.clone(), c));
+    }
     info!(addr = %config.listen_connectors, "connector QUIC listening");
 
     // Bounded: a flood of new flows must not grow memory without end; what the writer cannot
@@ -372,6 +397,7 @@ async fn run(config_path: &Path) -> Result<()> {
         udp.clone(),
         log_tx.clone(),
         control.clone(),
+        config.connectors.stale_after,
     ));
     let control_socket = control_server(&config.control_socket, shared.clone())?;
 
@@ -610,7 +636,7 @@ fn quic_endpoint(config: &BrokerConfig) -> Result<quinn::Endpoint> {
     let mut transport = quinn::TransportConfig::default();
     transport
         .keep_alive_interval(Some(Duration::from_secs(2)))
-        .max_idle_timeout(Some(Duration::from_secs(8).try_into()?))
+        .max_idle_timeout(Some(config.connectors.idle_timeout.try_into()?))
         // Client packets (MTU 1360 by default) must fit in one datagram from the start.
         .initial_mtu(1400)
         .datagram_receive_buffer_size(Some(8 << 20))
@@ -627,13 +653,15 @@ async fn accept_connectors(
     udp: Arc<UdpSocket>,
     log: mpsc::Sender<LogLine>,
     control: Option<Arc<control::Control>>,
+    stale_after: Duration,
 ) {
     while let Some(incoming) = endpoint.accept().await {
         let (shared, udp, log, control) =
             (shared.clone(), udp.clone(), log.clone(), control.clone());
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            if let Err(e) = serve_connector(incoming, shared, udp, log, control).await {
+            if let Err(e) = serve_connector(incoming, shared, udp, log, control, stale_after).await
+            {
                 warn!(%remote, "connector link ended: {e:#}");
             }
         });
@@ -671,17 +699,17 @@ pub(crate) fn peer_leaf(conn: &quinn::Connection) -> Option<Vec<u8>> {
 }
 
 /// With a control plane, a connector's certificate must belong to an enrolled, unrevoked
-/// connector of the site it claims.
+/// connector of the site it claims. Returns the connector's name.
 async fn check_enrolled(
     conn: &quinn::Connection,
     site: &str,
     control: &control::Control,
-) -> Result<(), String> {
+) -> Result<String, String> {
     let serial = peer_leaf(conn)
         .and_then(|der| pki::cert_serial(&der))
         .ok_or("cannot read the certificate serial")?;
     match control.store.connector_by_serial(&serial).await {
-        Ok(Some((_, enrolled_site))) if enrolled_site == site => Ok(()),
+        Ok(Some((name, enrolled_site))) if enrolled_site == site => Ok(name),
         Ok(Some((name, other))) => Err(format!(
             "certificate of connector {name} is for site {other:?}, not {site:?}"
         )),
@@ -696,6 +724,7 @@ async fn serve_connector(
     udp: Arc<UdpSocket>,
     log: mpsc::Sender<LogLine>,
     control: Option<Arc<control::Control>>,
+    stale_after: Duration,
 ) -> Result<()> {
     let conn = incoming.await.context("handshake failed")?;
     let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
@@ -706,20 +735,24 @@ async fn serve_connector(
         .await
         .context("reading hello")?;
     let hello: ConnectorHello = serde_json::from_slice(&hello_bytes).context("malformed hello")?;
-    let (mut check, ranges, app_ranges) = {
+    let (check, ranges, app_ranges, health_checks) = {
         let g = lock(&shared);
         let p = g.core.policy();
         (
             check_connector(&conn, &hello, p),
             vec![p.device_range],
             vec![IpNet::V4(p.dns.app_range)],
+            health_checks(p, &hello.site),
         )
     };
-    if let (Ok(()), Some(c)) = (&check, &control) {
-        check = check_enrolled(&conn, &hello.site, c).await;
-    }
+    // The connector's name: the enrolled name, else (no control plane) its address.
+    let check = match (check, &control) {
+        (Ok(()), Some(c)) => check_enrolled(&conn, &hello.site, c).await,
+        (Ok(()), None) => Ok(conn.remote_address().to_string()),
+        (Err(e), _) => Err(e),
+    };
     let welcome = match &check {
-        Ok(()) => BrokerWelcome::Accepted {
+        Ok(_) => BrokerWelcome::Accepted {
             site: hello.site.clone(),
             device_ranges: ranges,
             app_ranges,
@@ -727,6 +760,7 @@ async fn serve_connector(
                 .as_ref()
                 .map(|c| c.connector_endpoints())
                 .unwrap_or_default(),
+            health_checks,
         },
         Err(reason) => BrokerWelcome::Refused {
             reason: reason.clone(),
@@ -734,48 +768,136 @@ async fn serve_connector(
     };
     send.write_all(&serde_json::to_vec(&welcome)?).await?;
     send.finish()?;
-    if let Err(reason) = check {
-        // Give the refusal time to arrive before closing.
-        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
-        conn.close(1u32.into(), reason.as_bytes());
-        bail!("refused connector for site {:?}: {reason}", hello.site);
-    }
+    let name = match check {
+        Ok(name) => name,
+        Err(reason) => {
+            // Give the refusal time to arrive before closing.
+            let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+            conn.close(1u32.into(), reason.as_bytes());
+            bail!("refused connector for site {:?}: {reason}", hello.site);
+        }
+    };
     let site = hello.site;
-    info!(site = %site, version = %hello.version, remote = %conn.remote_address(), "connector linked");
-    lock(&shared).links.insert(site.clone(), conn.clone());
-    let requests =
-        control.map(|c| tokio::spawn(serve_link_requests(conn.clone(), site.clone(), c)));
+    let id = conn.stable_id() as LinkId;
+    info!(site = %site, connector = %name, version = %hello.version, remote = %conn.remote_address(), "connector linked");
+    {
+        let mut g = lock(&shared);
+        g.links.insert(id, conn.clone());
+        g.core.link_up(id, &site, &name);
+    }
+    let requests = tokio::spawn(serve_link_requests(
+        conn.clone(),
+        site.clone(),
+        shared.clone(),
+        control,
+    ));
+    let watch = tokio::spawn(watch_link(conn.clone(), shared.clone(), stale_after));
     let result = loop {
         match conn.read_datagram().await {
             Ok(pkt) => {
                 let now = Instant::now();
                 with_core(&shared, &udp, &log, |core, io| {
-                    core.handle_site_packet(&site, &pkt, now, io)
+                    core.handle_site_packet(id, &pkt, now, io)
                 });
             }
             Err(e) => break e,
         }
     };
-    if let Some(r) = requests {
-        r.abort();
-    }
-    let mut g = lock(&shared);
-    if g.links
-        .get(&site)
-        .is_some_and(|c| c.stable_id() == conn.stable_id())
+    requests.abort();
+    watch.abort();
     {
-        g.links.remove(&site);
+        let mut g = lock(&shared);
+        g.links.remove(&id);
+        g.core.link_down(id);
     }
-    drop(g);
-    info!(site = %site, "connector link closed: {result}");
+    info!(site = %site, connector = %name, "connector link closed: {result}");
     Ok(())
 }
 
-/// Requests a linked connector sends on its own streams (certificate renewal).
+/// The applications of `site` a connector checks it can reach: one host (an address or a
+/// plain name) and one TCP port each. Ranges and wildcard names have no single host to try.
+fn health_checks(p: &Policy, site: &str) -> Vec<sekisho_proto::link::HealthCheck> {
+    let Some(site_id) = p.sites.iter().position(|s| s == site) else {
+        return Vec::new();
+    };
+    p.applications
+        .iter()
+        .filter(|a| a.site as usize == site_id)
+        .filter(|a| {
+            a.protocols.is_empty() || a.protocols.contains(&sekisho_proto::policy::Protocol::Tcp)
+        })
+        .filter_map(|a| {
+            let port = a.ports.first().map(|r| r.0)?;
+            let host = a
+                .networks
+                .iter()
+                .find(|n| n.prefix_len() == n.max_prefix_len())
+                .map(|n| n.addr().to_string())
+                .or_else(|| a.names.iter().find(|n| !n.contains('*')).cloned())?;
+            Some(sekisho_proto::link::HealthCheck {
+                application: a.name.clone(),
+                host,
+                port,
+            })
+        })
+        .collect()
+}
+
+/// Marks the link stale while nothing arrives from the connector (it sends a keepalive every
+/// 300 ms), so new flows go to the site's other connectors well before the QUIC idle timeout
+/// closes the link.
+async fn watch_link(conn: quinn::Connection, shared: SharedRef, stale_after: Duration) {
+    let id = conn.stable_id() as LinkId;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut last = conn.stats().udp_rx.datagrams;
+    let mut heard = Instant::now();
+    let mut stale = false;
+    loop {
+        tick.tick().await;
+        let now_count = conn.stats().udp_rx.datagrams;
+        if now_count != last {
+            last = now_count;
+            heard = Instant::now();
+        }
+        let silent = heard.elapsed() > stale_after;
+        if silent != stale {
+            stale = silent;
+            lock(&shared).core.link_stale(id, stale);
+        }
+    }
+}
+
+/// Tells every linked connector when the set of brokers changed, so connectors link to a
+/// broker that joined and drop one that left.
+async fn announce_brokers(shared: SharedRef, control: Arc<control::Control>) {
+    let mut told = control.connector_endpoints();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = control.connector_endpoints();
+        if now == told {
+            continue;
+        }
+        info!(brokers = ?now, "the set of brokers changed; telling the connectors");
+        let links: Vec<quinn::Connection> = lock(&shared).links.values().cloned().collect();
+        for conn in links {
+            tokio::spawn(send_site_message(
+                conn,
+                SiteMessage::Brokers {
+                    brokers: now.clone(),
+                },
+            ));
+        }
+        told = now;
+    }
+}
+
+/// Requests a linked connector sends on its own streams (certificate renewal, health).
 async fn serve_link_requests(
     conn: quinn::Connection,
     site: String,
-    control: Arc<control::Control>,
+    shared: SharedRef,
+    control: Option<Arc<control::Control>>,
 ) {
     use sekisho_proto::link::{LinkAnswer, LinkRequest};
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
@@ -785,15 +907,29 @@ async fn serve_link_requests(
         let answer = match serde_json::from_slice::<LinkRequest>(&bytes) {
             Ok(LinkRequest::Renew { csr_pem }) => {
                 let serial = peer_leaf(&conn).and_then(|der| pki::cert_serial(&der));
-                match serial {
-                    Some(serial) => control.renew_connector(&serial, &site, &csr_pem).await,
-                    None => Err("cannot read the link's certificate".to_string()),
+                match (serial, &control) {
+                    (Some(serial), Some(control)) => {
+                        control.renew_connector(&serial, &site, &csr_pem).await
+                    }
+                    (None, _) => Err("cannot read the link's certificate".to_string()),
+                    (_, None) => Err("this broker has no control plane to renew".to_string()),
                 }
+                .map(Some)
+            }
+            Ok(LinkRequest::Health {
+                draining,
+                unreachable,
+            }) => {
+                lock(&shared)
+                    .core
+                    .link_health(conn.stable_id() as LinkId, draining, &unreachable);
+                Ok(None)
             }
             Err(e) => Err(format!("malformed request: {e}")),
         };
         let answer = match answer {
-            Ok(certificate_pem) => LinkAnswer::Renewed { certificate_pem },
+            Ok(Some(certificate_pem)) => LinkAnswer::Renewed { certificate_pem },
+            Ok(None) => LinkAnswer::Noted,
             Err(reason) => {
                 warn!(site = %site, "connector renewal refused: {reason}");
                 LinkAnswer::Refused { reason }
@@ -813,7 +949,9 @@ struct StatsReport<'a> {
     flows: usize,
     counters: &'a core::Stats,
     peers: Vec<core::PeerInfo>,
+    /// Sites with at least one linked connector.
     connector_links: Vec<String>,
+    connectors: Vec<pool::LinkInfo>,
 }
 
 fn control_server(path: &Path, shared: SharedRef) -> Result<tokio::task::JoinHandle<()>> {
@@ -828,8 +966,10 @@ fn control_server(path: &Path, shared: SharedRef) -> Result<tokio::task::JoinHan
         while let Ok((mut stream, _)) = listener.accept().await {
             let body = {
                 let g = lock(&shared);
-                let mut links: Vec<String> = g.links.keys().cloned().collect();
+                let connectors = g.core.connector_links();
+                let mut links: Vec<String> = connectors.iter().map(|l| l.site.clone()).collect();
                 links.sort();
+                links.dedup();
                 serde_json::to_string_pretty(&StatsReport {
                     public_key: g.core.public_key().to_string(),
                     policy_generation: g.core.stats().policy_generation,
@@ -837,6 +977,7 @@ fn control_server(path: &Path, shared: SharedRef) -> Result<tokio::task::JoinHan
                     counters: g.core.stats(),
                     peers: g.core.peers(),
                     connector_links: links,
+                    connectors,
                 })
             };
             if let Ok(body) = body {

@@ -2,6 +2,7 @@
 //! QUIC (mutual TLS) and forwards the packets of authorized flows into the site's network
 //! through a TUN device with source NAT. It listens on no port.
 
+mod health;
 mod names;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket as StdUdpSocket};
@@ -20,7 +21,14 @@ use serde::Deserialize;
 use tracing::{debug, info, warn};
 
 use sekisho_proto::config::{ConfigError, load_toml};
-use sekisho_proto::link::{ALPN, BrokerWelcome, ConnectorHello, MAX_CONTROL_MESSAGE, SiteMessage};
+use sekisho_proto::flow::{FlowEntry, FlowTable, IdleTimeouts};
+use sekisho_proto::link::{
+    ALPN, BrokerWelcome, ConnectorHello, HealthCheck, LinkAnswer, LinkRequest, MAX_CONTROL_MESSAGE,
+    SiteMessage,
+};
+use sekisho_proto::packet::{self, FlowKey, PacketKind};
+
+use crate::health::{State, add};
 use sekisho_proto::sys::{AsyncDevice, Netlink, create_tun};
 
 #[derive(Parser)]
@@ -32,7 +40,9 @@ use sekisho_proto::sys::{AsyncDevice, Netlink, create_tun};
 no port), receives the IP packets of flows the broker authorized as QUIC datagrams, writes them \
 into a TUN device and lets the kernel route them, with source NAT (nftables), to the site's \
 applications. Replies take the same way back. When the broker goes away it reconnects with \
-backoff.\n\nSignals: SIGTERM/SIGINT remove the nftables table and the interface, then exit."
+backoff.\n\nSignals: SIGTERM drains: the brokers stop sending new flows here, the open ones \
+finish (up to drain_timeout), then the connector removes its nftables table and interface and \
+exits. A second SIGTERM, or SIGINT, stops at once."
 )]
 struct Cli {
     /// Config file (documented example: deploy/examples/connector.toml).
@@ -96,7 +106,39 @@ struct ConnectorConfig {
     /// (/etc/resolv.conf).
     #[serde(default)]
     dns_servers: Vec<IpAddr>,
+    /// On SIGTERM, how long open flows may take to finish before the connector stops anyway.
+    #[serde(
+        default = "default_drain_timeout",
+        deserialize_with = "duration_text",
+        skip_serializing_if = "is_default_drain"
+    )]
+    drain_timeout: String,
     tls: TlsConfig,
+    /// Prometheus endpoint (`/metrics`, `/healthz`, `/readyz`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    metrics: Option<MetricsConfig>,
+}
+
+#[derive(Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsConfig {
+    /// TCP address, like "0.0.0.0:9465".
+    listen: SocketAddr,
+}
+
+fn default_drain_timeout() -> String {
+    "5m".into()
+}
+fn is_default_drain(v: &String) -> bool {
+    *v == default_drain_timeout()
+}
+/// A duration written like "5m" or "90s", kept as written.
+fn duration_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!("{text:?} is not a duration like \"5m\": {e}"))
+    })?;
+    Ok(text)
 }
 
 #[derive(Debug, Deserialize, serde::Serialize)]
@@ -203,6 +245,8 @@ fn enroll(server: &str, token: &str, dir: &Path, dns_servers: &[IpAddr]) -> Resu
         enable_forwarding: true,
         max_backoff_secs: default_backoff_max(),
         dns_servers: dns_servers.to_vec(),
+        drain_timeout: default_drain_timeout(),
+        metrics: None,
         tls: TlsConfig {
             ca: PathBuf::from("ca.pem"),
             cert: PathBuf::from("connector.pem"),
@@ -252,7 +296,9 @@ fn unix_now() -> i64 {
 /// Renews the certificate over the live link when it is due; the new key and certificate are
 /// used from the next connection on (the running one stays).
 async fn renew_loop(conn: quinn::Connection, tls: &TlsConfig) {
-    use sekisho_proto::link::{LinkAnswer, LinkRequest};
+    // Every link runs this loop; one renewal at a time, so two links never write different
+    // keys and certificates over each other.
+    static RENEWING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     loop {
         let (nb, na) = match cert_validity(&tls.cert) {
             Ok(v) => v,
@@ -264,6 +310,11 @@ async fn renew_loop(conn: quinn::Connection, tls: &TlsConfig) {
         let wait = (renew_at(nb, na) - unix_now()).max(0) as u64;
         if wait > 0 {
             tokio::time::sleep(Duration::from_secs(wait.min(3600))).await;
+            continue;
+        }
+        let guard = RENEWING.lock().await;
+        // Another link may have renewed while this one waited.
+        if cert_validity(&tls.cert).is_ok_and(|(nb2, na2)| (nb2, na2) != (nb, na)) {
             continue;
         }
         let attempt = async {
@@ -291,9 +342,12 @@ async fn renew_loop(conn: quinn::Connection, tls: &TlsConfig) {
                     anyhow::Ok(())
                 }
                 LinkAnswer::Refused { reason } => bail!("the broker refused: {reason}"),
+                LinkAnswer::Noted => bail!("unexpected answer to a renewal"),
             }
         };
-        match attempt.await {
+        let result = attempt.await;
+        drop(guard);
+        match result {
             // Never renew in a tight loop, whatever the certificate says.
             Ok(()) => tokio::time::sleep(Duration::from_secs(5)).await,
             Err(e) => {
@@ -354,7 +408,9 @@ fn tls_client_config(c: &TlsConfig) -> Result<quinn::ClientConfig> {
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport
-        .keep_alive_interval(Some(Duration::from_secs(2)))
+        // Brokers take a link that stays silent for a second (default) as stale and send new
+        // flows to the site's other connectors: keep it talking.
+        .keep_alive_interval(Some(KEEPALIVE))
         .max_idle_timeout(Some(Duration::from_secs(8).try_into()?))
         .initial_mtu(1400)
         .datagram_receive_buffer_size(Some(8 << 20))
@@ -362,6 +418,9 @@ fn tls_client_config(c: &TlsConfig) -> Result<quinn::ClientConfig> {
     client.transport_config(Arc::new(transport));
     Ok(client)
 }
+
+/// QUIC keepalive on every link.
+const KEEPALIVE: Duration = Duration::from_millis(300);
 
 /// nftables table name for this connector's TUN device.
 fn nft_table(tun: &str) -> String {
@@ -429,24 +488,168 @@ async fn run(config: ConnectorConfig) -> Result<()> {
     info!(site = %config.site, interface = %config.tun_name, "connector interface up");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let drain_timeout = humantime::parse_duration(&config.drain_timeout)?;
     let config = Arc::new(config);
-    tokio::select! {
-        _ = site_loop(config.clone(), &tun, &netlink, index) => {}
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let state = Arc::new(State::default());
+    if let Some(m) = &config.metrics {
+        let listener = tokio::net::TcpListener::bind(m.listen)
+            .await
+            .with_context(|| format!("cannot bind the metrics endpoint {}", m.listen))?;
+        info!(addr = %m.listen, "metrics endpoint listening (/metrics, /healthz, /readyz)");
+        let router = sekisho_proto::metrics::router(state.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                warn!("metrics endpoint stopped: {e}");
+            }
+        });
+    }
+    let (events, rx) = tokio::sync::mpsc::channel::<LinkEvent>(4096);
+    let site = site_loop(
+        config.clone(),
+        &tun,
+        &netlink,
+        index,
+        state.clone(),
+        events.clone(),
+        rx,
+    );
+    tokio::pin!(site);
+    let stop_now = tokio::select! {
+        _ = &mut site => true,
+        _ = term.recv() => false,
+        _ = tokio::signal::ctrl_c() => true,
+    };
+    if !stop_now {
+        state
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = events.send(LinkEvent::HealthChanged).await;
+        info!(
+            open_flows = state.flows.load(std::sync::atomic::Ordering::Relaxed),
+            timeout = ?drain_timeout,
+            "draining: brokers send no new flows here; waiting for the open ones to finish \
+             (SIGTERM again or SIGINT stops now)"
+        );
+        let deadline = Instant::now() + drain_timeout;
+        let mut poll = tokio::time::interval(Duration::from_millis(250));
+        // Done only when no flow was open for longer than one recount (every second).
+        let mut idle_since: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = &mut site => break,
+                _ = term.recv() => { info!("second SIGTERM: stopping now"); break }
+                _ = tokio::signal::ctrl_c() => break,
+                _ = poll.tick() => {
+                    let open = state.flows.load(std::sync::atomic::Ordering::Relaxed);
+                    if open > 0 {
+                        idle_since = None;
+                    } else if idle_since.get_or_insert_with(Instant::now).elapsed()
+                        > Duration::from_millis(1500)
+                    {
+                        info!("drained: no open flows left");
+                        break;
+                    }
+                    if Instant::now() >= deadline {
+                        warn!(open_flows = open, "drain timeout: stopping with flows open");
+                        break;
+                    }
+                }
+            }
+        }
     }
     info!("stopping: removing nftables table and interface");
     remove_nat(&config.tun_name).await;
-    drop(tun);
     Ok(())
 }
 
-/// What a link task tells the site loop.
+/// What a link task (or the health checker) tells the site loop.
 enum LinkEvent {
-    Up { broker: String, linked: Linked },
-    Down { broker: String, reason: String },
-    Packet { broker: String, packet: Bytes },
+    Up {
+        broker: String,
+        linked: Linked,
+    },
+    Down {
+        broker: String,
+        reason: String,
+    },
+    Packet {
+        broker: String,
+        packet: Bytes,
+    },
     Name(NameEvent),
+    /// A broker's list of every broker now.
+    Brokers(Vec<String>),
+    /// Draining started or the set of unreachable applications changed: tell every broker.
+    HealthChanged,
+}
+
+/// A flow through this connector, tracked to know when it ended (for draining and metrics).
+struct Tracked {
+    /// FIN from the client, FIN from the application, RST.
+    tcp: u8,
+}
+
+impl FlowEntry for Tracked {
+    fn allowed(&self) -> bool {
+        true
+    }
+    fn owner(&self) -> u32 {
+        0
+    }
+    fn closed(&self) -> bool {
+        self.tcp & 4 != 0 || self.tcp & 3 == 3
+    }
+}
+
+/// The flow-end bits of a TCP segment (1: FIN from the client side, 2: FIN from the app side,
+/// 4: RST).
+fn end_bits(pkt: &[u8], from_client: bool) -> u8 {
+    match packet::tcp_flags(pkt) {
+        Some(f) if f & packet::TCP_RST != 0 => 4,
+        Some(f) if f & packet::TCP_FIN != 0 => {
+            if from_client {
+                1
+            } else {
+                2
+            }
+        }
+        _ => 0,
+    }
+}
+
+/// The client-side 5-tuple of a packet (from the client when `from_client`).
+fn flow_key(pkt: &[u8], from_client: bool) -> Option<FlowKey> {
+    match packet::classify(pkt) {
+        Ok(PacketKind::Flow(k)) if from_client => Some(k),
+        Ok(PacketKind::Flow(k)) => Some(k.reversed()),
+        _ => None,
+    }
+}
+
+/// Tells the broker on `conn` whether this connector drains and what it cannot reach.
+async fn send_health(conn: quinn::Connection, draining: bool, unreachable: Vec<String>) {
+    let sent = async {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let req = LinkRequest::Health {
+            draining,
+            unreachable,
+        };
+        send.write_all(&serde_json::to_vec(&req)?).await?;
+        send.finish()?;
+        let answer = tokio::time::timeout(
+            Duration::from_secs(10),
+            recv.read_to_end(MAX_CONTROL_MESSAGE),
+        )
+        .await
+        .context("no answer")??;
+        match serde_json::from_slice::<LinkAnswer>(&answer)? {
+            LinkAnswer::Noted => Ok(()),
+            other => bail!("unexpected answer {other:?}"),
+        }
+    };
+    if let Err(e) = sent.await {
+        warn!("cannot tell the broker this connector's health: {e:#}");
+    }
 }
 
 /// An accepted link and what the broker said with it.
@@ -456,6 +659,8 @@ struct Linked {
     app_ranges: Vec<IpNet>,
     /// Every broker of the deployment (connector endpoints).
     brokers: Vec<String>,
+    /// The site's applications to check.
+    health_checks: Vec<HealthCheck>,
 }
 
 /// Keeps one link to the broker at `broker` up: connects, reads, and reconnects with
@@ -464,11 +669,13 @@ async fn link_task(
     config: Arc<ConnectorConfig>,
     broker: String,
     events: tokio::sync::mpsc::Sender<LinkEvent>,
+    state: Arc<State>,
 ) {
     let max = Duration::from_secs(config.max_backoff_secs.max(1));
     let mut backoff = Duration::from_millis(250);
     loop {
         let started = Instant::now();
+        add(&state.link_attempts, 1);
         let attempt = async {
             let client_config = tls_client_config(&config.tls)?;
             connect(&config, &broker, &client_config).await
@@ -540,6 +747,9 @@ async fn read_link(
                                 let ev = NameEvent::Map { key: (device, synthetic), name };
                                 let _ = events.send(LinkEvent::Name(ev)).await;
                             }
+                            Ok(SiteMessage::Brokers { brokers }) => {
+                                let _ = events.send(LinkEvent::Brokers(brokers)).await;
+                            }
                             Err(e) => warn!("malformed message from the broker: {e}"),
                         }
                     });
@@ -554,15 +764,50 @@ async fn read_link(
 /// a reply goes back over the link its device's packets last came from, so a device that
 /// moved to another broker gets its replies there (its TCP connections survive). Starts a
 /// link task for every broker configured or announced by a broker.
-async fn site_loop(config: Arc<ConnectorConfig>, tun: &AsyncDevice, netlink: &Netlink, index: u32) {
-    let (events, mut rx) = tokio::sync::mpsc::channel::<LinkEvent>(4096);
-    let mut known: Vec<String> = Vec::new();
-    for b in std::iter::once(&config.broker).chain(config.brokers.iter()) {
-        if !known.contains(b) {
-            known.push(b.clone());
-            tokio::spawn(link_task(config.clone(), b.clone(), events.clone()));
+async fn site_loop(
+    config: Arc<ConnectorConfig>,
+    tun: &AsyncDevice,
+    netlink: &Netlink,
+    index: u32,
+    state: Arc<State>,
+    events: tokio::sync::mpsc::Sender<LinkEvent>,
+    mut rx: tokio::sync::mpsc::Receiver<LinkEvent>,
+) {
+    // Brokers from the config are always linked; brokers announced by brokers come and go
+    // with the deployment's registry.
+    let configured: Vec<String> = std::iter::once(&config.broker)
+        .chain(config.brokers.iter())
+        .cloned()
+        .collect();
+    let mut tasks: std::collections::HashMap<String, tokio::task::JoinHandle<()>> =
+        std::collections::HashMap::new();
+    let start_link = |b: &str, tasks: &mut std::collections::HashMap<_, _>| {
+        tasks.insert(
+            b.to_string(),
+            tokio::spawn(link_task(
+                config.clone(),
+                b.to_string(),
+                events.clone(),
+                state.clone(),
+            )),
+        );
+    };
+    for b in &configured {
+        if !tasks.contains_key(b) {
+            start_link(b, &mut tasks);
         }
     }
+    let (checks_tx, checks_rx) = tokio::sync::watch::channel(Vec::<HealthCheck>::new());
+    let mut flows: FlowTable<Tracked> = FlowTable::new(
+        IdleTimeouts {
+            udp: Duration::from_secs(30),
+            other: Duration::from_secs(30),
+            closed: Duration::from_secs(2),
+            ..IdleTimeouts::default()
+        },
+        1_000_000,
+        1_000_000,
+    );
     let mut links: Vec<(String, quinn::Connection)> = Vec::new();
     let mut via: std::collections::HashMap<IpAddr, String> = std::collections::HashMap::new();
     let mut routes: Vec<IpNet> = Vec::new();
@@ -574,6 +819,17 @@ async fn site_loop(config: Arc<ConnectorConfig>, tun: &AsyncDevice, netlink: &Ne
             None
         }
     };
+    {
+        let events = events.clone();
+        tokio::spawn(health::check_loop(
+            state.clone(),
+            checks_rx,
+            resolver.clone(),
+            move || {
+                let _ = events.try_send(LinkEvent::HealthChanged);
+            },
+        ));
+    }
     let table = nft_table(&config.tun_name);
     let max = usize::from(TUN_MTU);
     let mut block = BytesMut::with_capacity(TUN_READ_BLOCK);
@@ -584,6 +840,21 @@ async fn site_loop(config: Arc<ConnectorConfig>, tun: &AsyncDevice, netlink: &Ne
         tokio::select! {
             Some(ev) = rx.recv() => match ev {
                 LinkEvent::Packet { broker, packet } => {
+                    add(&state.packets_to_site, 1);
+                    add(&state.bytes_to_site, packet.len() as u64);
+                    if let Some(key) = flow_key(&packet, true) {
+                        let now = Instant::now();
+                        let bits = end_bits(&packet, true);
+                        match flows.touch(&key, now) {
+                            Some(f) => f.tcp |= bits,
+                            None => {
+                                if flows.insert(key, Tracked { tcp: bits }, now).is_ok() {
+                                    // Counted at once (a drain must see it); recounted every second.
+                                    state.flows.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                }
+                            }
+                        }
+                    }
                     let admit = match sekisho_proto::packet::addresses(&packet) {
                         Ok((src, dst)) => {
                             if via.get(&src) != Some(&broker) {
@@ -600,6 +871,14 @@ async fn site_loop(config: Arc<ConnectorConfig>, tun: &AsyncDevice, netlink: &Ne
                     }
                 }
                 LinkEvent::Up { broker, linked } => {
+                    state.set_link(&broker, true);
+                    if *checks_tx.borrow() != linked.health_checks {
+                        let _ = checks_tx.send(linked.health_checks.clone());
+                    }
+                    let (draining, unreachable) = (state.draining(), state.unreachable());
+                    if draining || !unreachable.is_empty() {
+                        tokio::spawn(send_health(linked.conn.clone(), draining, unreachable));
+                    }
                     names.set_app_ranges(linked.app_ranges.clone());
                     let ranges: Vec<IpNet> =
                         linked.device_ranges.iter().chain(&linked.app_ranges).copied().collect();
@@ -612,10 +891,9 @@ async fn site_loop(config: Arc<ConnectorConfig>, tun: &AsyncDevice, netlink: &Ne
                         }
                     }
                     for b in linked.brokers {
-                        if !known.contains(&b) {
+                        if !tasks.contains_key(&b) {
                             info!(broker = %b, "a broker announced another broker; linking to it too");
-                            known.push(b.clone());
-                            tokio::spawn(link_task(config.clone(), b, events.clone()));
+                            start_link(&b, &mut tasks);
                         }
                     }
                     links.retain(|(b, _)| *b != broker);
@@ -623,12 +901,51 @@ async fn site_loop(config: Arc<ConnectorConfig>, tun: &AsyncDevice, netlink: &Ne
                 }
                 LinkEvent::Down { broker, reason } => {
                     debug!(broker = %broker, %reason, "link down");
+                    state.set_link(&broker, false);
                     links.retain(|(b, _)| *b != broker);
                     via.retain(|_, b| *b != broker);
                 }
+                LinkEvent::Brokers(list) => {
+                    for b in &list {
+                        if !tasks.contains_key(b) {
+                            info!(broker = %b, "a broker joined; linking to it");
+                            start_link(b, &mut tasks);
+                        }
+                    }
+                    let gone: Vec<String> = tasks
+                        .keys()
+                        .filter(|b| !list.contains(b) && !configured.contains(b))
+                        .cloned()
+                        .collect();
+                    for b in gone {
+                        info!(broker = %b, "a broker left the deployment; dropping its link");
+                        if let Some(t) = tasks.remove(&b) {
+                            t.abort();
+                        }
+                        if let Some((_, c)) = links.iter().find(|(l, _)| *l == b) {
+                            c.close(0u32.into(), b"broker left");
+                        }
+                        links.retain(|(l, _)| *l != b);
+                        via.retain(|_, l| *l != b);
+                        state.forget_link(&b);
+                    }
+                }
+                LinkEvent::HealthChanged => {
+                    let (draining, unreachable) = (state.draining(), state.unreachable());
+                    for (_, c) in &links {
+                        tokio::spawn(send_health(c.clone(), draining, unreachable.clone()));
+                    }
+                }
                 LinkEvent::Name(ev) => handle_name_event(ev, &mut names, resolver.as_ref(), &table, &events, tun).await,
             },
-            _ = expire.tick() => names.expire(Instant::now()),
+            _ = expire.tick() => {
+                let now = Instant::now();
+                names.expire(now);
+                flows.expire(now);
+                let open = flows.iter().filter(|(_, f, _)| !f.closed()).count();
+                state.flows.store(open, std::sync::atomic::Ordering::Relaxed);
+                state.dropped_name_queue.store(names.dropped, std::sync::atomic::Ordering::Relaxed);
+            }
             r = async {
                 if block.capacity() < max {
                     block = BytesMut::with_capacity(TUN_READ_BLOCK);
@@ -638,6 +955,13 @@ async fn site_loop(config: Arc<ConnectorConfig>, tun: &AsyncDevice, netlink: &Ne
             } => match r {
                 Ok(n) => {
                     let pkt = block.split_to(n).freeze();
+                    add(&state.packets_from_site, 1);
+                    add(&state.bytes_from_site, n as u64);
+                    if let Some(key) = flow_key(&pkt, false)
+                        && let Some(f) = flows.touch(&key, Instant::now())
+                    {
+                        f.tcp |= end_bits(&pkt, false);
+                    }
                     let dst = sekisho_proto::packet::addresses(&pkt).ok().map(|(_, d)| d);
                     let conn = dst
                         .and_then(|d| via.get(&d))
@@ -645,6 +969,7 @@ async fn site_loop(config: Arc<ConnectorConfig>, tun: &AsyncDevice, netlink: &Ne
                         .or_else(|| links.first())
                         .map(|(_, c)| c);
                     let Some(conn) = conn else {
+                        add(&state.dropped_no_link, 1);
                         no_link += 1;
                         if no_link.is_power_of_two() {
                             warn!(no_link, "reply packet while no broker is linked; dropped");
@@ -654,6 +979,7 @@ async fn site_loop(config: Arc<ConnectorConfig>, tun: &AsyncDevice, netlink: &Ne
                     match conn.send_datagram(pkt) {
                         Ok(()) => {}
                         Err(quinn::SendDatagramError::TooLarge) => {
+                            add(&state.dropped_too_large, 1);
                             too_large += 1;
                             if too_large.is_power_of_two() {
                                 warn!(too_large, size = n, "reply packet larger than the link carries; dropped");
@@ -771,12 +1097,14 @@ async fn connect(
             device_ranges,
             app_ranges,
             brokers,
+            health_checks,
             ..
         } => Ok(Linked {
             conn,
             device_ranges,
             app_ranges,
             brokers,
+            health_checks,
         }),
         BrokerWelcome::Refused { reason } => bail!("broker refused this connector: {reason}"),
     }
@@ -797,4 +1125,27 @@ enum NameEvent {
         name: String,
         result: Result<Ipv4Addr, String>,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_loads_and_a_bad_duration_is_named() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/connector.toml");
+        let c = load_config(&path).unwrap();
+        assert_eq!(c.drain_timeout, "5m");
+        assert!(c.metrics.is_some());
+        let dir = std::env::temp_dir().join(format!("sekisho-conn-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bad = dir.join("connector.toml");
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("drain_timeout = \"5m\"", "drain_timeout = \"soon\"");
+        std::fs::write(&bad, text).unwrap();
+        let e = load_config(&bad).unwrap_err().to_string();
+        std::fs::remove_dir_all(&dir).ok();
+        assert!(e.contains("drain_timeout") && e.contains("soon"), "{e}");
+    }
 }

@@ -14,6 +14,8 @@ pub struct IdleTimeouts {
     pub other: Duration,
     /// Denied flows are kept only to answer retries without re-evaluating and re-logging.
     pub denied: Duration,
+    /// Flows that ended (TCP reset, or FIN both ways) linger this long for late segments.
+    pub closed: Duration,
 }
 
 impl Default for IdleTimeouts {
@@ -23,14 +25,18 @@ impl Default for IdleTimeouts {
             udp: Duration::from_secs(120),
             other: Duration::from_secs(30),
             denied: Duration::from_secs(30),
+            closed: Duration::from_secs(10),
         }
     }
 }
 
 impl IdleTimeouts {
-    fn limit(&self, key: &FlowKey, allowed: bool) -> Duration {
-        if !allowed {
+    fn limit<V: FlowEntry>(&self, key: &FlowKey, entry: &V) -> Duration {
+        if !entry.allowed() {
             return self.denied;
+        }
+        if entry.closed() {
+            return self.closed;
         }
         match key.proto {
             PROTO_TCP => self.tcp,
@@ -45,6 +51,10 @@ pub trait FlowEntry {
     fn allowed(&self) -> bool;
     /// Who opened the flow (a peer); each owner may hold at most `per_owner` flows.
     fn owner(&self) -> u32;
+    /// The flow has ended (a TCP reset, or FIN both ways): it expires after `closed`.
+    fn closed(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Debug)]
@@ -110,9 +120,7 @@ impl<V: FlowEntry> FlowTable<V> {
         let timeouts = self.timeouts;
         let expired = match self.flows.get(key) {
             None => return None,
-            Some(s) => {
-                now.saturating_duration_since(s.last_seen) > timeouts.limit(key, s.value.allowed())
-            }
+            Some(s) => now.saturating_duration_since(s.last_seen) > timeouts.limit(key, &s.value),
         };
         if expired {
             self.remove(key);
@@ -174,12 +182,15 @@ impl<V: FlowEntry> FlowTable<V> {
         Some(slot.value)
     }
 
+    /// Every entry with the time it was last seen.
+    pub fn iter(&self) -> impl Iterator<Item = (&FlowKey, &V, Instant)> {
+        self.flows.iter().map(|(k, s)| (k, &s.value, s.last_seen))
+    }
+
     /// Drops idle flows; returns how many.
     pub fn expire(&mut self, now: Instant) -> usize {
         let t = self.timeouts;
-        self.retain(|k, v, last_seen| {
-            now.saturating_duration_since(last_seen) <= t.limit(k, v.allowed())
-        })
+        self.retain(|k, v, last_seen| now.saturating_duration_since(last_seen) <= t.limit(k, v))
     }
 
     /// Keeps the flows for which `keep(key, value, last_seen)` is true; returns how many went.
@@ -211,6 +222,38 @@ mod tests {
         fn owner(&self) -> u32 {
             self.1
         }
+    }
+
+    /// An allowed TCP flow that may have ended.
+    struct C(bool);
+    impl FlowEntry for C {
+        fn allowed(&self) -> bool {
+            true
+        }
+        fn owner(&self) -> u32 {
+            0
+        }
+        fn closed(&self) -> bool {
+            self.0
+        }
+    }
+
+    #[test]
+    fn ended_flows_go_after_the_closed_limit() {
+        let t0 = Instant::now();
+        let mut t = FlowTable::new(IdleTimeouts::default(), 10, 10);
+        t.insert(key(1, PROTO_TCP), C(false), t0).unwrap();
+        t.insert(key(2, PROTO_TCP), C(true), t0).unwrap();
+        assert_eq!(t.iter().count(), 2);
+        assert_eq!(t.expire(t0 + Duration::from_secs(11)), 1);
+        assert!(
+            t.touch(&key(1, PROTO_TCP), t0 + Duration::from_secs(11))
+                .is_some()
+        );
+        assert!(
+            t.touch(&key(2, PROTO_TCP), t0 + Duration::from_secs(11))
+                .is_none()
+        );
     }
 
     fn key(sport: u16, proto: u8) -> FlowKey {

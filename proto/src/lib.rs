@@ -23,3 +23,6 @@ pub mod sys;
 /// HTTPS client of the control API (enrollment, posture refresh, admin CLI).
 #[cfg(feature = "http")]
 pub mod http;
+
+#[cfg(feature = "metrics")]
+pub mod metrics;

@@ -33,10 +33,23 @@ pub enum BrokerWelcome {
         /// connector links to all of them, so a client's flows survive the loss of one.
         #[serde(default)]
         brokers: Vec<String>,
+        /// The site's applications the connector checks it can reach; a connector that cannot
+        /// reach one gets no new flows to it while another connector of the site can.
+        #[serde(default)]
+        health_checks: Vec<HealthCheck>,
     },
     Refused {
         reason: String,
     },
+}
+
+/// A TCP connect check of one application from the connector's network.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HealthCheck {
+    pub application: String,
+    /// An address or a DNS name (resolved with the site's DNS).
+    pub host: String,
+    pub port: u16,
 }
 
 /// DNS name a site's connector certificate must be valid for.
@@ -50,14 +63,26 @@ pub fn connector_cert_name(site: &str) -> String {
 pub enum LinkRequest {
     /// Renew this connector's certificate: a PKCS#10 request for a fresh key.
     Renew { csr_pem: String },
+    /// The connector's state: `draining` (finishing its flows before it stops: no new flows
+    /// please) and the applications it cannot reach now.
+    Health {
+        draining: bool,
+        unreachable: Vec<String>,
+    },
 }
 
 /// The broker's answer to a [`LinkRequest`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "lowercase")]
 pub enum LinkAnswer {
-    Renewed { certificate_pem: String },
-    Refused { reason: String },
+    Renewed {
+        certificate_pem: String,
+    },
+    Refused {
+        reason: String,
+    },
+    /// A [`LinkRequest::Health`] was taken into account.
+    Noted,
 }
 
 /// A message the broker sends a connector on a new unidirectional stream.
@@ -71,4 +96,7 @@ pub enum SiteMessage {
         synthetic: std::net::IpAddr,
         name: String,
     },
+    /// The connector endpoints of every broker now: link to new ones, drop links to brokers
+    /// that left.
+    Brokers { brokers: Vec<String> },
 }

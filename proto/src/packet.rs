@@ -326,6 +326,21 @@ fn write_ip_header(
     }
 }
 
+/// TCP flag bits as they appear in the header's flags byte.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+
+/// The flags byte of a TCP segment (FIN, SYN, RST, ...); None for anything else, fragments and
+/// segments too short to carry it.
+pub fn tcp_flags(pkt: &[u8]) -> Option<u8> {
+    let h = ip_header(pkt).ok()?;
+    if h.proto != PROTO_TCP || h.later_fragment {
+        return None;
+    }
+    pkt.get(h.header_len + 13).copied()
+}
+
 /// The payload of a UDP packet (checked against the UDP length field).
 pub fn udp_payload(pkt: &[u8]) -> Option<&[u8]> {
     let h = ip_header(pkt).ok()?;
@@ -594,6 +609,17 @@ pub(crate) mod testpkt {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn tcp_flags_are_read_from_tcp_segments_only() {
+        let syn = testpkt::tcp4([10, 0, 0, 1], 1000, [10, 0, 0, 2], 80, TCP_SYN, 1);
+        assert_eq!(tcp_flags(&syn), Some(TCP_SYN));
+        let fin = testpkt::tcp4([10, 0, 0, 1], 1000, [10, 0, 0, 2], 80, TCP_FIN | 0x10, 1);
+        assert_eq!(tcp_flags(&fin).map(|f| f & TCP_FIN), Some(TCP_FIN));
+        let udp = testpkt::udp4([10, 0, 0, 1], 1000, [10, 0, 0, 2], 53, b"x");
+        assert_eq!(tcp_flags(&udp), None);
+        assert_eq!(tcp_flags(&syn[..25]), None);
+    }
+
     use super::testpkt::*;
     use super::*;
     use proptest::prelude::*;

@@ -178,13 +178,20 @@ fn spoofed_sources_are_dropped_and_the_app_is_private() {
     );
     assert!(d.decisions().iter().all(|r| r["src"] != "100.118.0.3"));
 
-    // The connector listens on nothing.
+    // The connector listens on nothing but its metrics endpoint on loopback.
     let (ok, out, _) = d.sh("site", "ss -lntuH");
     assert!(ok);
-    assert_eq!(
-        out.trim(),
-        "",
+    let open: Vec<&str> = out
+        .lines()
+        .filter(|l| !l.contains("127.0.0.1:9465"))
+        .collect();
+    assert!(
+        open.is_empty(),
         "listening sockets in the connector's namespace:\n{out}"
+    );
+    assert!(
+        out.contains("127.0.0.1:9465"),
+        "the metrics endpoint on loopback: {out}"
     );
     let (_, out, _) = d.sh("site", "ss -ntuH");
     assert!(
