@@ -226,6 +226,10 @@ fn bad(status: StatusCode, msg: impl Into<String>) -> ApiErr {
 type ApiResult<T> = std::result::Result<Json<T>, ApiErr>;
 type Ctl = State<Arc<Control>>;
 
+/// A broker not seen in the registry for this long is left out of the lists devices and
+/// connectors get (brokers refresh their entry every 2 s).
+const BROKER_GONE_AFTER: Duration = Duration::from_secs(60);
+
 /// The control plane's state, opened before the data path it drives exists.
 pub struct Opened {
     /// Relative blocklist paths are read from here (the policy file's folder).
@@ -395,7 +399,10 @@ impl Control {
 
     /// Reads the broker registry.
     async fn refresh_registry(&self) {
-        match self.track(self.store.brokers().await) {
+        // A broker that has not registered for a while has left (or is down): devices and
+        // connectors stop trying it until it registers again.
+        let since = now_unix().saturating_sub(BROKER_GONE_AFTER.as_secs());
+        match self.track(self.store.brokers(since).await) {
             Ok(list) => {
                 let mut cache = self.brokers.lock().unwrap_or_else(|e| e.into_inner());
                 if *cache != list {

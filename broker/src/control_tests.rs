@@ -705,14 +705,21 @@ async fn suite(db: &str) {
         .register_broker(&rec("eu-west", "k1"), 2)
         .await
         .unwrap();
-    let names: Vec<String> = store
-        .brokers()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|b| b.name)
-        .collect();
-    assert_eq!(names, ["eu-west", "us"]);
+    let names = |since| {
+        let store = &store;
+        async move {
+            store
+                .brokers(since)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|b| b.name)
+                .collect::<Vec<String>>()
+        }
+    };
+    assert_eq!(names(0).await, ["eu-west", "us"]);
+    // A broker that stopped registering has left the list.
+    assert_eq!(names(2).await, ["eu-west"]);
     // The fingerprint changes with the directory.
     let before = store.fingerprint().await.unwrap();
     store.create_user("carol", &[], 3).await.unwrap();

@@ -944,12 +944,13 @@ impl Store {
         Ok(())
     }
 
-    /// Every registered broker, by name.
-    pub async fn brokers(&self) -> Result<Vec<BrokerRecord>> {
+    /// The brokers that registered at or after `seen_since` (Unix seconds), by name.
+    pub async fn brokers(&self, seen_since: u64) -> Result<Vec<BrokerRecord>> {
         let rows = sqlx::query(
             "SELECT public_key, name, wireguard_endpoint, connector_endpoint, api_url \
-             FROM brokers ORDER BY name, public_key",
+             FROM brokers WHERE seen_at >= $1 ORDER BY name, public_key",
         )
+        .bind(ts(seen_since))
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
