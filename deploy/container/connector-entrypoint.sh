@@ -20,11 +20,10 @@
 # than `run`, they are passed to sekisho-connector.
 set -eu
 
-say() { printf 'connector-entrypoint: %s\n' "$*" >&2; }
-die() {
-    say "error: $*"
-    exit 1
-}
+PROG=connector-entrypoint
+export PROG
+# shellcheck source=SCRIPTDIR/sekisho-entrypoint-lib.sh
+. "$(dirname "$0")/sekisho-entrypoint-lib.sh"
 
 BIN_DIR=${SEKISHO_BIN_DIR:-/usr/local/bin}
 STATE_DIR=${SEKISHO_STATE_DIR:-/var/lib/sekisho}
@@ -37,60 +36,8 @@ if [ $# -gt 0 ] && [ "$1" != run ]; then
     exec "$CONNECTOR" "$@"
 fi
 
-toml_str() {
-    printf '"%s"' "$(printf '%s' "$1" | sed -e 's/\\/\\\\/g' -e 's/"/\\"/g')"
-}
 
-# Value of the variable named $1, or of the file named by ${1}_FILE; empty when neither is set.
-from_env_or_file() {
-    eval "_v=\${$1:-}; _f=\${$1_FILE:-}"
-    if [ -n "$_v" ] && [ -n "$_f" ]; then
-        die "set $1 or $1_FILE, not both"
-    fi
-    if [ -n "$_f" ]; then
-        [ -r "$_f" ] || die "$1_FILE=$_f cannot be read"
-        _v=$(cat "$_f")
-    fi
-    printf '%s' "$_v"
-}
-
-# As in broker-entrypoint.sh: ${NAME} in file $1 replaced by the variable NAME, into file $2.
-expand_placeholders() {
-    awk '
-        function esc(s,    r, c, i) {
-            r = ""
-            for (i = 1; i <= length(s); i++) {
-                c = substr(s, i, 1)
-                if (c == "\\" || c == "\"") r = r "\\"
-                r = r c
-            }
-            return r
-        }
-        {
-            line = $0; out = ""
-            while (match(line, /\$\{[A-Za-z_][A-Za-z0-9_]*\}/)) {
-                name = substr(line, RSTART + 2, RLENGTH - 3)
-                if (!(name in ENVIRON)) {
-                    printf "connector-entrypoint: error: %s:%d uses ${%s}, but the environment variable %s is not set\n", FILENAME, NR, name, name > "/dev/stderr"
-                    failed = 1; exit 1
-                }
-                out = out substr(line, 1, RSTART - 1) esc(ENVIRON[name])
-                line = substr(line, RSTART + RLENGTH)
-            }
-            print out line
-        }
-        END { if (failed) exit 1 }
-    ' "$1" >"$2.tmp" || {
-        rm -f "$2.tmp"
-        exit 1
-    }
-    chmod 600 "$2.tmp"
-    mv "$2.tmp" "$2"
-}
-
-mkdir -p "$STATE_DIR" || die "cannot create the state folder $STATE_DIR (SEKISHO_STATE_DIR)"
-[ -w "$STATE_DIR" ] || die "the state folder $STATE_DIR (SEKISHO_STATE_DIR) is not writable by uid $(id -u)"
-umask 077
+prepare_state_dir
 
 MOUNTED=${SEKISHO_CONFIG:-$CONFIG_DIR/connector.toml}
 ENROLLED=$STATE_DIR/connector.toml
