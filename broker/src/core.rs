@@ -17,7 +17,7 @@ use crate::pool::{ConnectorPool, LinkId, LinkInfo};
 
 use sekisho_proto::api::{Denial, STATUS_PORT, TunnelStatus};
 use sekisho_proto::dns::{AppName, DNS_PORT, SyntheticMap};
-use sekisho_proto::flow::{FlowEntry, FlowTable, IdleTimeouts};
+use sekisho_proto::flow::{FlowEntry, FlowTable, IdleTimeouts, TcpEnd};
 use sekisho_proto::keys::{PrivateKey, PublicKeyBytes};
 use sekisho_proto::packet::{self, FlowKey, PacketKind};
 use sekisho_proto::policy::{Action, DeviceId, Policy, Reason, SiteId};
@@ -178,10 +178,11 @@ pub struct Flow {
     site: SiteId,
     /// The application (index into the policy's applications), `NO_APP` for internet flows.
     app: u32,
-    /// The connector link the flow goes through; 0 before one was found.
+    /// The connector link the flow goes through; 0 before one was found, `LINK_GONE` after
+    /// it closed.
     link: LinkId,
-    /// TCP end seen: FIN from the client, FIN from the server, RST.
-    tcp: u8,
+    /// How far the TCP flow has ended.
+    tcp: TcpEnd,
     /// A packet came back: the flow is set up at its connector.
     answered: bool,
     generation: u64,
@@ -189,24 +190,8 @@ pub struct Flow {
 }
 
 const NO_APP: u32 = u32::MAX;
-const FIN_CLIENT: u8 = 1;
-const FIN_SERVER: u8 = 2;
-const RESET: u8 = 4;
-
-/// The flow-end bits a TCP segment carries, from the client (`from_client`) or the server.
-fn tcp_end_bits(pkt: &[u8], from_client: bool) -> u8 {
-    match packet::tcp_flags(pkt) {
-        Some(f) if f & packet::TCP_RST != 0 => RESET,
-        Some(f) if f & packet::TCP_FIN != 0 => {
-            if from_client {
-                FIN_CLIENT
-            } else {
-                FIN_SERVER
-            }
-        }
-        _ => 0,
-    }
-}
+/// The `link` of a flow whose connector link closed (it gets another on its next packet).
+const LINK_GONE: LinkId = LinkId::MAX;
 
 impl FlowEntry for Flow {
     fn allowed(&self) -> bool {
@@ -216,7 +201,7 @@ impl FlowEntry for Flow {
         self.peer
     }
     fn closed(&self) -> bool {
-        self.tcp & RESET != 0 || self.tcp & (FIN_CLIENT | FIN_SERVER) == FIN_CLIENT | FIN_SERVER
+        self.tcp.ended()
     }
 }
 
@@ -428,7 +413,15 @@ impl BrokerCore {
     /// packet.
     pub fn link_down(&mut self, link: LinkId) {
         if let Some(name) = self.pool.down(link) {
-            let moving = self.flows.iter().filter(|(_, f, _)| f.link == link).count();
+            // Marked here, once, so the packet path needs no lookup to notice.
+            let mut moving = 0;
+            self.flows.retain(|_, f, _| {
+                if f.link == link {
+                    f.link = LINK_GONE;
+                    moving += 1;
+                }
+                true
+            });
             info!(connector = %name, flows = moving, "connector link gone; its flows go to another connector of the site");
         }
         self.link_sites.remove(&link);
@@ -554,7 +547,7 @@ impl BrokerCore {
         now: Instant,
         io: &mut impl Io,
         may_create: bool,
-        tcp: u8,
+        tcp: TcpEnd,
     ) -> Verdict {
         let generation = self.generation;
         let Some(peer) = self.peers.get(slot as usize).and_then(Option::as_ref) else {
@@ -567,7 +560,7 @@ impl BrokerCore {
                     && flow.peer_generation == peer_generation
                     && flow.peer == slot =>
             {
-                flow.tcp |= tcp;
+                flow.tcp.merge(tcp);
                 flow.answered |= !may_create;
                 if !flow.allowed {
                     return Verdict::Deny;
@@ -575,7 +568,8 @@ impl BrokerCore {
                 // A flow moves when its connector is gone (or there was none yet), or, while
                 // nothing came back yet (a SYN being retried), when its connector went silent
                 // or drains: the retry then reaches the application through another one.
-                let moves = !self.pool.contains(flow.link)
+                let moves = flow.link == 0
+                    || flow.link == LINK_GONE
                     || (!flow.answered && !self.pool.takes_new(flow.link));
                 if flow.site != EGRESS && may_create && moves {
                     let p = &self.policy;
@@ -604,7 +598,10 @@ impl BrokerCore {
             Some((true, site, link, _, _)) if self.pool.contains(link) => Some((site, link)),
             _ => None,
         };
-        let tcp = tcp | previous.map_or(0, |p| p.3);
+        let mut tcp = tcp;
+        if let Some(p) = previous {
+            tcp.merge(p.3);
+        }
         let answered = !may_create || previous.is_some_and(|p| p.4);
         let previous = previous.map(|p| p.0);
         let p = &self.policy;
@@ -785,7 +782,7 @@ impl BrokerCore {
             }
             return;
         }
-        match self.authorize(slot, &key, now, io, true, tcp_end_bits(pkt, true)) {
+        match self.authorize(slot, &key, now, io, true, TcpEnd::of(pkt, true)) {
             Verdict::Allow(EGRESS, _) => {
                 if io.send_to_egress(pkt) {
                     self.stats.packets_to_internet += 1;
@@ -1044,7 +1041,7 @@ impl BrokerCore {
         let Some(&slot) = self.by_addr.get(&key.src) else {
             return false;
         };
-        match self.authorize(slot, &key, now, io, false, tcp_end_bits(pkt, false)) {
+        match self.authorize(slot, &key, now, io, false, TcpEnd::of(pkt, false)) {
             Verdict::Allow(s, l) if from_ok(s, l) => {
                 self.send_to_peer(slot, pkt, io);
                 true

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use tracing::{debug, info, warn};
 
 use sekisho_proto::config::{ConfigError, load_toml};
-use sekisho_proto::flow::{FlowEntry, FlowTable, IdleTimeouts};
+use sekisho_proto::flow::{FlowEntry, FlowTable, IdleTimeouts, TcpEnd};
 use sekisho_proto::link::{
     ALPN, BrokerWelcome, ConnectorHello, HealthCheck, LinkAnswer, LinkRequest, MAX_CONTROL_MESSAGE,
     SiteMessage,
@@ -584,10 +584,7 @@ enum LinkEvent {
 }
 
 /// A flow through this connector, tracked to know when it ended (for draining and metrics).
-struct Tracked {
-    /// FIN from the client, FIN from the application, RST.
-    tcp: u8,
-}
+struct Tracked(TcpEnd);
 
 impl FlowEntry for Tracked {
     fn allowed(&self) -> bool {
@@ -597,23 +594,7 @@ impl FlowEntry for Tracked {
         0
     }
     fn closed(&self) -> bool {
-        self.tcp & 4 != 0 || self.tcp & 3 == 3
-    }
-}
-
-/// The flow-end bits of a TCP segment (1: FIN from the client side, 2: FIN from the app side,
-/// 4: RST).
-fn end_bits(pkt: &[u8], from_client: bool) -> u8 {
-    match packet::tcp_flags(pkt) {
-        Some(f) if f & packet::TCP_RST != 0 => 4,
-        Some(f) if f & packet::TCP_FIN != 0 => {
-            if from_client {
-                1
-            } else {
-                2
-            }
-        }
-        _ => 0,
+        self.0.ended()
     }
 }
 
@@ -844,11 +825,11 @@ async fn site_loop(
                     add(&state.bytes_to_site, packet.len() as u64);
                     if let Some(key) = flow_key(&packet, true) {
                         let now = Instant::now();
-                        let bits = end_bits(&packet, true);
+                        let end = TcpEnd::of(&packet, true);
                         match flows.touch(&key, now) {
-                            Some(f) => f.tcp |= bits,
+                            Some(f) => f.0.merge(end),
                             None => {
-                                if flows.insert(key, Tracked { tcp: bits }, now).is_ok() {
+                                if flows.insert(key, Tracked(end), now).is_ok() {
                                     // Counted at once (a drain must see it); recounted every second.
                                     state.flows.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 }
@@ -960,7 +941,7 @@ async fn site_loop(
                     if let Some(key) = flow_key(&pkt, false)
                         && let Some(f) = flows.touch(&key, Instant::now())
                     {
-                        f.tcp |= end_bits(&pkt, false);
+                        f.0.merge(TcpEnd::of(&pkt, false));
                     }
                     let dst = sekisho_proto::packet::addresses(&pkt).ok().map(|(_, d)| d);
                     let conn = dst

@@ -46,6 +46,41 @@ impl IdleTimeouts {
     }
 }
 
+/// The end of a TCP flow as its segments show it: a FIN each way, or a reset. Other protocols
+/// never end this way (they go idle).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpEnd(u8);
+
+impl TcpEnd {
+    const FIN_CLIENT: u8 = 1;
+    const FIN_SERVER: u8 = 2;
+    const RESET: u8 = 4;
+
+    /// What the IP packet `pkt` (from the flow's client when `from_client`) says of the end.
+    pub fn of(pkt: &[u8], from_client: bool) -> TcpEnd {
+        match crate::packet::tcp_flags(pkt) {
+            Some(f) if f & crate::packet::TCP_RST != 0 => TcpEnd(Self::RESET),
+            Some(f) if f & crate::packet::TCP_FIN != 0 => TcpEnd(if from_client {
+                Self::FIN_CLIENT
+            } else {
+                Self::FIN_SERVER
+            }),
+            _ => TcpEnd(0),
+        }
+    }
+
+    /// Adds what a later (or earlier) segment said.
+    pub fn merge(&mut self, other: TcpEnd) {
+        self.0 |= other.0;
+    }
+
+    /// Reset, or closed from both sides.
+    pub fn ended(self) -> bool {
+        self.0 & Self::RESET != 0
+            || self.0 & (Self::FIN_CLIENT | Self::FIN_SERVER) == Self::FIN_CLIENT | Self::FIN_SERVER
+    }
+}
+
 /// What the table needs to know of a cached entry.
 pub trait FlowEntry {
     fn allowed(&self) -> bool;
@@ -236,6 +271,20 @@ mod tests {
         fn closed(&self) -> bool {
             self.0
         }
+    }
+
+    #[test]
+    fn tcp_ends_with_a_fin_each_way_or_a_reset() {
+        use crate::packet::testpkt::tcp4;
+        let (c, a) = ([100, 118, 0, 2], [10, 20, 0, 10]);
+        let mut end = TcpEnd::of(&tcp4(c, 1000, a, 80, 0x11, 1), true);
+        assert!(!end.ended(), "FIN from the client only");
+        end.merge(TcpEnd::of(&tcp4(c, 1000, a, 80, 0x11, 2), true));
+        assert!(!end.ended(), "the same side twice");
+        end.merge(TcpEnd::of(&tcp4(a, 80, c, 1000, 0x11, 9), false));
+        assert!(end.ended());
+        assert!(TcpEnd::of(&tcp4(a, 80, c, 1000, 0x04, 9), false).ended());
+        assert!(!TcpEnd::of(&tcp4(c, 1000, a, 80, 0x02, 1), true).ended());
     }
 
     #[test]
