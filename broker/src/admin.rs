@@ -11,8 +11,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use sekisho_proto::api;
-use sekisho_proto::http::{ApiClient, ca_tls};
 use sekisho_proto::policy::{Action, Protocol, parse_destination};
+use sekisho_sys::http::{ApiClient, ca_tls};
 
 use crate::config::BrokerConfig;
 use crate::store::{Store, now_unix};
@@ -515,7 +515,7 @@ async fn apply(conn: &Conn, file: &Path, json: bool) -> Result<()> {
     let answer: Result<api::PolicyApplied, _> = conn
         .client()?
         .call(
-            sekisho_proto::http::Method::PUT,
+            sekisho_sys::http::Method::PUT,
             "/v1/admin/policy",
             Some(&api::ApplyPolicy { text }),
         )

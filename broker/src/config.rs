@@ -46,6 +46,27 @@ pub struct BrokerConfig {
     /// none.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+    /// The largest packet devices send (their tunnel MTU, 1360 by default). Connector links
+    /// never carry less than this in one datagram; TCP SYNs are clamped to it.
+    #[serde(default = "default_overlay_mtu")]
+    pub overlay_mtu: u16,
+    /// The data plane's workers.
+    #[serde(default)]
+    pub dataplane: DataplaneConfig,
+}
+
+fn default_overlay_mtu() -> u16 {
+    sekisho_proto::mtu::DEFAULT_OVERLAY_MTU
+}
+
+/// `[dataplane]`: how the packet work is spread.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataplaneConfig {
+    /// Worker threads, each owning a share of the devices with its own socket. Default: one
+    /// per core.
+    #[serde(default)]
+    pub workers: Option<u16>,
 }
 
 /// `[metrics]`: where the Prometheus endpoint listens.
@@ -264,7 +285,22 @@ fn default_control_socket() -> PathBuf {
 impl BrokerConfig {
     /// Loads the file; relative paths inside it are taken relative to the file's folder.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let (mut c, _): (BrokerConfig, _) = load_toml(path)?;
+        let (mut c, text): (BrokerConfig, String) = load_toml(path)?;
+        let src = sekisho_proto::config::Source {
+            file: path,
+            text: &text,
+        };
+        let at = |key: &str| text.find(key).map(|i| i..i);
+        if c.overlay_mtu < sekisho_proto::mtu::MIN_OVERLAY_MTU || c.overlay_mtu > 9000 {
+            return Err(src.error(
+                at("overlay_mtu"),
+                "overlay_mtu",
+                "must be between 576 and 9000 (the devices' tunnel MTU)",
+            ));
+        }
+        if c.dataplane.workers == Some(0) {
+            return Err(src.error(at("workers"), "dataplane.workers", "must be at least 1"));
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [
             &mut c.private_key_file,

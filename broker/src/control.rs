@@ -51,12 +51,12 @@ use sekisho_proto::posture::{PostureClaims, TokenSigner, TokenVerifier};
 use sekisho_proto::tunnel::OverrideKey;
 
 use crate::config::ControlConfig;
+use crate::dataplane::DataPlane;
 use crate::pki::{Ca, cert_serial};
 use crate::store::{
     CHANGES_CHANNEL, DeviceRecord, EnrollError, KEY_RETIRE_SLACK, SigningKeyRecord, Store,
     TokenKind, now_unix,
 };
-use crate::{SharedRef, lock};
 
 /// How the stored policy is named in error messages.
 const STORED_POLICY: &str = "policy.toml (stored)";
@@ -166,7 +166,7 @@ impl Drop for Follower {
 
 pub struct Control {
     pub store: Store,
-    shared: SharedRef,
+    dp: DataPlane,
     config: ControlConfig,
     ca: Ca,
     /// The signing keys in force; swapped whole on rotation and retirement.
@@ -291,10 +291,10 @@ impl Control {
         ))
     }
 
-    /// The control plane over the data path in `shared`, whose WireGuard key is `broker_key`.
+    /// The control plane over the data path `dp`, whose WireGuard key is `broker_key`.
     pub fn new(
         opened: Opened,
-        shared: SharedRef,
+        dp: DataPlane,
         config: ControlConfig,
         broker_key: String,
     ) -> Result<Arc<Control>> {
@@ -322,7 +322,7 @@ impl Control {
                     })?,
             )
         };
-        lock(&shared).core.set_token_keys(keys.verifier.clone());
+        dp.set_token_keys(keys.verifier.clone());
         let health = Health::default();
         health.store_ok.store(true, Ordering::Relaxed);
         health
@@ -330,7 +330,7 @@ impl Control {
             .store(keys.kids.len(), Ordering::Relaxed);
         Ok(Arc::new(Control {
             store,
-            shared,
+            dp,
             config,
             ca,
             keys: RwLock::new(Arc::new(keys)),
@@ -611,9 +611,7 @@ impl Control {
         }
         let changed = current.kids != ring.kids;
         if changed {
-            lock(&self.shared)
-                .core
-                .set_token_keys(ring.verifier.clone());
+            self.dp.set_token_keys(ring.verifier.clone());
             info!(
                 active = %ring.kids[0],
                 valid = ring.kids.len(),
@@ -759,7 +757,7 @@ impl Control {
                     .await
                     .map_err(|e| format!("blocklist {:?}: {}: {e}", list.name, path.display()))?
             }
-            ListSource::Url(u) => match sekisho_proto::http::fetch_public(u, MAX_LIST).await {
+            ListSource::Url(u) => match sekisho_sys::http::fetch_public(u, MAX_LIST).await {
                 Ok(b) => b,
                 Err(e) => {
                     // Keep serving the last good copy while the source is down.
@@ -845,7 +843,7 @@ impl Control {
     }
 
     fn policy(&self) -> Arc<Policy> {
-        lock(&self.shared).core.policy().clone()
+        self.dp.policy()
     }
 
     /// Rebuilds the effective policy from the policy text and the store's directory, and
@@ -877,12 +875,8 @@ impl Control {
         }
         let policy =
             Policy::parse_with(Path::new(STORED_POLICY), &text, &dir).map_err(|e| e.to_string())?;
-        let mut g = lock(&self.shared);
-        g.core.set_policy(policy);
-        info!(
-            generation = g.core.stats().policy_generation,
-            "policy rebuilt"
-        );
+        self.dp.set_policy(policy);
+        info!(generation = self.dp.generation(), "policy rebuilt");
         *applied = (text, dir);
         Ok(true)
     }
@@ -938,7 +932,7 @@ impl Control {
             .map_err(internal)?;
         *self.policy_text.lock().unwrap_or_else(|e| e.into_inner()) = text.to_string();
         *self.applied.lock().unwrap_or_else(|e| e.into_inner()) = (text.to_string(), dir);
-        lock(&self.shared).core.set_policy(policy);
+        self.dp.set_policy(policy);
         info!(version, by, "policy applied");
         self.audit(
             "policy",
@@ -1049,19 +1043,12 @@ impl Control {
     /// Closes the live links of connectors whose certificates are no longer active (a link
     /// whose status cannot be read now is left alone). Returns how many were closed.
     async fn drop_revoked_links(&self) -> usize {
-        let links: Vec<(String, quinn::Connection)> = {
-            let g = lock(&self.shared);
-            let sites: HashMap<crate::pool::LinkId, String> = g
-                .core
-                .connector_links()
-                .into_iter()
-                .map(|l| (l.id, l.site))
-                .collect();
-            g.links
-                .iter()
-                .map(|(id, c)| (sites.get(id).cloned().unwrap_or_default(), c.clone()))
-                .collect()
-        };
+        let links: Vec<(String, quinn::Connection)> = self
+            .dp
+            .links()
+            .into_iter()
+            .map(|(_, l)| (l.site, l.sender.connection().clone()))
+            .collect();
         let mut closed = 0;
         for (site, conn) in links {
             let serial = crate::peer_leaf(&conn).and_then(|der| cert_serial(&der));
@@ -1888,9 +1875,7 @@ async fn explain(State(ctl): Ctl, _: Admin, body: Bytes) -> ApiResult<api::Expla
                         format!("no active device {device:?}"),
                     )
                 })?;
-            let claims = lock(&ctl.shared)
-                .core
-                .posture_of(&policy.devices[id].public_key);
+            let claims = ctl.dp.posture_of(&policy.devices[id].public_key).await;
             let d = policy.evaluate(id as u32, &key, claims.as_ref());
             (d, if claims.is_some() { "token" } else { "none" })
         }

@@ -1,22 +1,21 @@
 //! Control-plane tests over real HTTPS (axum + rustls on loopback), against SQLite and against
 //! a PostgreSQL server started for the test (see `sekisho_tests::pg`).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sekisho_proto::api::{self, Credential, ENROLL_PREFIX};
 use sekisho_proto::flow::IdleTimeouts;
-use sekisho_proto::http::{ApiClient, CallError, ca_tls, pinned_tls};
 use sekisho_proto::keys::{PrivateKey, PublicKeyBytes};
 use sekisho_proto::posture::{TokenError, TokenVerifier};
+use sekisho_sys::http::{ApiClient, CallError, ca_tls, pinned_tls};
 
 use crate::config::ControlConfig;
 use crate::control::{Control, serve};
-use crate::core::BrokerCore;
+use crate::dataplane::{DataPlane, Outputs, Settings};
+use crate::pki;
 use crate::store::{Store, TokenKind, now_unix};
-use crate::{Shared, SharedRef, lock, pki};
 
 const POLICY: &str = r#"
 [[groups]]
@@ -88,7 +87,7 @@ struct Harness {
     dir: PathBuf,
     db: String,
     control: Arc<Control>,
-    shared: SharedRef,
+    dp: DataPlane,
     base: String,
     ca_pem: String,
     ca_sha256: [u8; 32],
@@ -149,20 +148,32 @@ async fn start_with(dir: &Path, db: &str, token_lifetime: Duration) -> Harness {
     let (policy, opened) = Control::open(&config, &dir.join("policy.toml"), &dir.join("ca.pem"))
         .await
         .unwrap();
-    let core = BrokerCore::new(
-        PrivateKey::generate(),
+    let key = PrivateKey::generate();
+    let broker_key = key.public().to_string();
+    let (log, _) = tokio::sync::mpsc::channel(16);
+    let dp = DataPlane::start(
+        Settings {
+            key,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            workers: 1,
+            worker: sekisho_proto::broker::WorkerConfig {
+                worker: sekisho_proto::broker::WorkerId(0),
+                name: "test".into(),
+                timeouts: IdleTimeouts::default(),
+                max_flows: 1000,
+                max_flows_per_device: 100,
+                overlay_mtu: 1360,
+            },
+        },
         policy,
-        IdleTimeouts::default(),
-        1000,
-        100,
-    );
-    let broker_key = core.public_key().to_string();
-    let shared: SharedRef = Arc::new(Mutex::new(Shared {
-        core,
-        links: HashMap::new(),
-        egress: None,
-    }));
-    let control = Control::new(opened, shared.clone(), config, broker_key).unwrap();
+        Outputs {
+            log,
+            egress: None,
+            runtime: tokio::runtime::Handle::current(),
+        },
+    )
+    .unwrap();
+    let control = Control::new(opened, dp.clone(), config, broker_key).unwrap();
     let (ca_pem, ca_sha256) = (control.ca().cert_pem.clone(), control.ca().sha256);
     let admin = {
         let (id, secret) = control
@@ -185,7 +196,7 @@ async fn start_with(dir: &Path, db: &str, token_lifetime: Duration) -> Harness {
         dir: dir.to_path_buf(),
         db: db.to_string(),
         control,
-        shared,
+        dp,
         base: format!("https://{bound}"),
         ca_pem,
         ca_sha256,
@@ -259,13 +270,13 @@ impl Harness {
     }
 
     fn generation(&self) -> u64 {
-        lock(&self.shared).core.stats().policy_generation
+        self.dp.generation()
     }
 
     fn has_device(&self, key: &PublicKeyBytes, name: &str) -> bool {
-        let g = lock(&self.shared);
-        g.core.policy().device_by_key(key).is_some()
-            && g.core.peers().iter().any(|p| p.device == name)
+        let p = self.dp.policy();
+        p.device_by_key(key)
+            .is_some_and(|id| p.device(id).name == name)
     }
 }
 
@@ -358,13 +369,7 @@ async fn suite(db: &str) {
     assert_eq!(r.config.user, "alice");
     assert_eq!(r.config.routes.len(), 1, "{:?}", r.config.routes);
     assert_eq!(r.config.checks.len(), 1);
-    assert!(
-        lock(&h.shared)
-            .core
-            .policy()
-            .device_by_key(&key.public())
-            .is_some()
-    );
+    assert!(h.dp.policy().device_by_key(&key.public()).is_some());
 
     // Reused, expired, made-up and malformed tokens: clear errors, nothing created.
     let (s, m) = refused(h.enroll(&token, "second", &PrivateKey::generate()).await);
@@ -500,7 +505,7 @@ async fn suite(db: &str) {
     let (s, m) = refused(
         h.admin()
             .call::<_, api::PolicyApplied>(
-                sekisho_proto::http::Method::PUT,
+                sekisho_sys::http::Method::PUT,
                 "/v1/admin/policy",
                 Some(&api::ApplyPolicy { text: bad_tests }),
             )
@@ -511,7 +516,7 @@ async fn suite(db: &str) {
     let (s, m) = refused(
         h.admin()
             .call::<_, api::PolicyApplied>(
-                sekisho_proto::http::Method::PUT,
+                sekisho_sys::http::Method::PUT,
                 "/v1/admin/policy",
                 Some(&api::ApplyPolicy {
                     text: "[[rules]]\nname = 1".into(),
@@ -524,7 +529,7 @@ async fn suite(db: &str) {
     let applied: api::PolicyApplied = h
         .admin()
         .call(
-            sekisho_proto::http::Method::PUT,
+            sekisho_sys::http::Method::PUT,
             "/v1/admin/policy",
             Some(&api::ApplyPolicy {
                 text: format!("{POLICY}{TESTS}"),
@@ -641,13 +646,7 @@ async fn suite(db: &str) {
         .post("/v1/admin/devices/alice-laptop/revoke", &())
         .await
         .unwrap();
-    assert!(
-        lock(&h.shared)
-            .core
-            .policy()
-            .device_by_key(&key.public())
-            .is_none()
-    );
+    assert!(h.dp.policy().device_by_key(&key.public()).is_none());
     let (s, _) = refused(
         device
             .post::<_, api::PostureResponse>(
@@ -746,14 +745,13 @@ async fn suite(db: &str) {
         .find(|d| d.name == "alice-desktop")
         .unwrap();
     assert!(
-        lock(&h2.shared)
-            .core
+        h2.dp
             .policy()
             .device_by_key(&PublicKeyBytes::parse(&desk.public_key).unwrap())
             .is_some()
     );
     assert_eq!(
-        lock(&h2.shared).core.policy().tests.len(),
+        h2.dp.policy().tests.len(),
         2,
         "the applied policy, not the file, is in force"
     );
@@ -976,11 +974,7 @@ async fn cluster(db: &str, poll: Duration) {
         .await
         .unwrap();
     let d = wait_for("alice at B", limit, || {
-        lock(&b.shared)
-            .core
-            .policy()
-            .user_by_name("alice")
-            .is_some()
+        b.dp.policy().user_by_name("alice").is_some()
     })
     .await;
     eprintln!("user created through A: in B's policy after {d:?}");
@@ -991,7 +985,7 @@ async fn cluster(db: &str, poll: Duration) {
     let applied: api::PolicyApplied = a
         .admin()
         .call(
-            sekisho_proto::http::Method::PUT,
+            sekisho_sys::http::Method::PUT,
             "/v1/admin/policy",
             Some(&api::ApplyPolicy {
                 text: format!("{POLICY}{TESTS}"),
@@ -1001,7 +995,7 @@ async fn cluster(db: &str, poll: Duration) {
         .unwrap();
     assert_eq!(applied.version, 2);
     wait_for("the new policy at B", limit, || {
-        lock(&b.shared).core.policy().tests.len() == 2
+        b.dp.policy().tests.len() == 2
     })
     .await;
     eprintln!(
@@ -1088,7 +1082,7 @@ async fn cluster(db: &str, poll: Duration) {
             .await
             .unwrap();
         let d = wait_for("alice disabled at A", limit, || {
-            let p = lock(&a.shared).core.policy().clone();
+            let p = a.dp.policy().clone();
             p.user_by_name("alice")
                 .is_some_and(|u| p.users[u as usize].disabled)
         })

@@ -2,47 +2,53 @@
 
 use std::sync::Arc;
 
-use sekisho_proto::metrics::{Readiness, Snapshot, Source};
+use sekisho_sys::metrics::{Readiness, Snapshot, Snapshotting, Source};
 
-use crate::{SharedRef, control, lock};
+use crate::control;
+use crate::dataplane::DataPlane;
+use crate::stats::KernelSources;
 
 pub struct BrokerMetrics {
-    pub shared: SharedRef,
+    pub dp: DataPlane,
     pub control: Option<Arc<control::Control>>,
+    pub kernel: KernelSources,
 }
 
 impl Source for BrokerMetrics {
-    fn snapshot(&self) -> Snapshot {
-        let mut m = Snapshot::new("sekisho_broker");
-        {
-            let g = lock(&self.shared);
-            let core = &g.core;
-            let s = core.stats();
-            let peers = core.peers();
+    fn snapshot(&self) -> Snapshotting<'_> {
+        Box::pin(async move {
+            let mut m = Snapshot::new("sekisho_broker");
+            let v = self.dp.view().await;
+            let c = &v.counters;
             m.gauge(
                 "peers",
                 "Devices in the policy known to this broker.",
-                peers.len() as f64,
+                v.peers.len() as f64,
             );
             m.gauge(
                 "peers_connected",
                 "Devices with a WireGuard handshake in the last 3 minutes.",
-                peers
+                v.peers
                     .iter()
                     .filter(|p| p.seconds_since_handshake.is_some_and(|s| s < 180))
                     .count() as f64,
             );
             m.gauge(
                 "flows",
-                "Flows in the flow table (allowed and denied).",
-                core.flow_count() as f64,
+                "Flows in the flow tables (allowed and denied).",
+                v.flows as f64,
             );
             m.gauge(
                 "policy_generation",
                 "Policy generation in force (bumped by every change).",
-                s.policy_generation as f64,
+                v.policy_generation as f64,
             );
-            for ((result, reason), n) in core.decision_counts() {
+            m.gauge(
+                "workers",
+                "Data-plane workers (threads, each with its share of the devices).",
+                v.workers.len() as f64,
+            );
+            for ((result, reason), n) in &v.decisions {
                 m.counter_with(
                     "decisions",
                     "Flow decisions by result and reason.",
@@ -50,83 +56,93 @@ impl Source for BrokerMetrics {
                     *n,
                 );
             }
-            for (dir, v) in [
-                ("from_clients", s.bytes_from_clients),
-                ("to_clients", s.bytes_to_clients),
-                ("to_connectors", s.bytes_to_sites),
-                ("from_connectors", s.bytes_from_sites),
-                ("to_internet", s.bytes_to_internet),
-                ("from_internet", s.bytes_from_internet),
+            for (dir, t) in [
+                ("from_clients", &c.from_clients),
+                ("to_clients", &c.to_clients),
+                ("to_connectors", &c.to_sites),
+                ("from_connectors", &c.from_sites),
+                ("to_internet", &c.to_internet),
+                ("from_internet", &c.from_internet),
             ] {
-                m.counter_with("bytes", "IP bytes by direction.", &[("direction", dir)], v);
-            }
-            for (dir, v) in [
-                ("from_clients", s.packets_from_clients),
-                ("to_clients", s.packets_to_clients),
-                ("to_connectors", s.packets_to_sites),
-                ("from_connectors", s.packets_from_sites),
-                ("to_internet", s.packets_to_internet),
-                ("from_internet", s.packets_from_internet),
-            ] {
+                m.counter_with(
+                    "bytes",
+                    "IP bytes by direction.",
+                    &[("direction", dir)],
+                    t.bytes,
+                );
                 m.counter_with(
                     "packets",
                     "IP packets by direction.",
                     &[("direction", dir)],
-                    v,
+                    t.packets,
                 );
             }
-            m.counter("handshakes", "WireGuard handshakes answered.", s.handshakes);
-            for (why, v) in [
-                ("spoofed_source", s.dropped_spoofed_source),
-                ("malformed", s.dropped_malformed),
-                ("invalid_wireguard", s.dropped_invalid_wireguard),
-                ("unknown_peer", s.dropped_unknown_peer),
-                ("no_connector", s.dropped_no_connector),
-                ("unsolicited_from_site", s.dropped_unsolicited_from_site),
-                ("denied", s.dropped_denied),
-                ("flow_table_full", s.dropped_flow_table_full),
-                ("no_endpoint", s.dropped_no_endpoint),
-                ("no_egress", s.dropped_no_egress),
-                (
-                    "unsolicited_from_internet",
-                    s.dropped_unsolicited_from_internet,
-                ),
-            ] {
+            m.counter(
+                "handshakes",
+                "WireGuard handshakes answered.",
+                c.handshakes.completed,
+            );
+            m.counter(
+                "cookie_replies",
+                "WireGuard cookie replies sent (handshake load).",
+                c.handshakes.cookie_replies,
+            );
+            for (why, n) in c.drops.fields() {
                 m.counter_with(
                     "dropped_packets",
                     "Packets dropped, by reason.",
                     &[("reason", why)],
-                    v,
+                    n,
                 );
             }
-            for (result, v) in [
-                ("accepted", s.posture_tokens_accepted),
-                ("refused", s.posture_tokens_refused),
-                ("expired", s.posture_tokens_expired),
+            let k = self.kernel.read(&v);
+            for (what, n) in [
+                ("wireguard_socket", Some(k.wireguard_socket)),
+                ("connector_socket", k.link_socket),
+                ("egress_tun", k.egress_tun),
+                ("egress_write_failed", Some(k.egress_write_failed)),
             ] {
+                if let Some(n) = n {
+                    m.counter_with(
+                        "kernel_dropped_packets",
+                        "Packets the kernel dropped for this broker (socket buffers full, TUN queue full).",
+                        &[("where", what)],
+                        n,
+                    );
+                }
+            }
+            for (result, n) in c.posture.fields() {
                 m.counter_with(
                     "posture_tokens",
                     "Posture tokens by result.",
                     &[("result", result)],
-                    v,
+                    n,
+                );
+            }
+            for (what, n) in c.flows.fields() {
+                m.counter_with(
+                    "flow_events",
+                    "Flow decisions and what became of them.",
+                    &[("event", what)],
+                    n,
                 );
             }
             m.counter(
                 "decisions_not_logged",
                 "Decisions the log writer could not take (queue full).",
-                s.decisions_not_logged,
+                c.drops.decisions_not_logged,
             );
             m.counter(
                 "flows_moved",
                 "Flows given another connector because theirs went away.",
-                s.flows_moved,
+                c.flows.moved,
             );
             m.counter(
                 "connector_stale",
-                "Times a connector link went silent.",
-                s.connector_stale_events,
+                "Times a connector link went silent (summed over workers).",
+                c.links.stale_events,
             );
-            for l in core.connector_links() {
+            for l in &v.connectors {
                 for state in ["up", "draining", "stale"] {
                     m.gauge_with(
                         "connector_link",
@@ -146,16 +162,16 @@ impl Source for BrokerMetrics {
                     l.flows as f64,
                 );
             }
-        }
-        if let Some(c) = &self.control {
-            control_metrics(c, &mut m);
-        }
-        m
+            if let Some(c) = &self.control {
+                control_metrics(c, &mut m);
+            }
+            m
+        })
     }
 
     fn ready(&self) -> Readiness<'_> {
         Box::pin(async move {
-            if lock(&self.shared).core.stats().policy_generation == 0 {
+            if self.dp.generation() == 0 {
                 return Err("no policy loaded".into());
             }
             match &self.control {

@@ -142,7 +142,7 @@ impl Ca {
             .context("bad PEM in the CA file")?;
         Ok(Ca {
             issuer: Issuer::new(ca_params()?, KeyPair::from_pem(&key_pem)?),
-            sha256: sekisho_proto::http::cert_sha256(&der),
+            sha256: sekisho_sys::http::cert_sha256(&der),
             cert_pem,
         })
     }

@@ -53,7 +53,7 @@ fn dns_log(path: &Path) -> Result<Box<dyn std::io::Write + Send>> {
 
 /// TLS trust for DoT/DoH upstreams: the system's CA bundle plus `extra`.
 fn upstream_tls(extra: Option<&Path>) -> Result<Option<rustls::ClientConfig>> {
-    let mut pem = sekisho_proto::http::system_roots_pem().unwrap_or_default();
+    let mut pem = sekisho_sys::http::system_roots_pem().unwrap_or_default();
     if let Some(p) = extra {
         pem.push('\n');
         pem.push_str(
@@ -63,7 +63,7 @@ fn upstream_tls(extra: Option<&Path>) -> Result<Option<rustls::ClientConfig>> {
     if pem.trim().is_empty() {
         return Ok(None);
     }
-    let mut tls = sekisho_proto::http::ca_tls(&pem)?;
+    let mut tls = sekisho_sys::http::ca_tls(&pem)?;
     // Resolvers pick the ALPN per transport (dot, h2) themselves.
     tls.alpn_protocols.clear();
     Ok(Some(tls))

@@ -27,8 +27,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use sekisho_proto::sys::{Netlink, Rule, nft, nft_delete_table};
 use sekisho_proto::tunnel::{LocalNetwork, OverrideKey, TunnelMode, UserTunnel, verify_override};
+use sekisho_sys::{Netlink, Rule, nft, nft_delete_table};
 
 pub const TABLE: &str = "sekisho_client";
 const PRIO_SUPPRESS: u32 = 21320;

@@ -18,12 +18,11 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 
 use sekisho_proto::config::{ConfigError, load_toml};
 use sekisho_proto::keys::{PrivateKey, PublicKeyBytes};
-use sekisho_proto::sys::{Netlink, create_tun};
+use sekisho_sys::{Netlink, create_tun};
 
 #[derive(Parser)]
 #[command(
@@ -379,7 +378,7 @@ fn enroll(
     check_interval: Duration,
 ) -> Result<()> {
     use sekisho_proto::api::{EnrollDeviceRequest, EnrollDeviceResponse};
-    let (token, ca_sha256) = sekisho_proto::http::enrollment_token(token)?;
+    let (token, ca_sha256) = sekisho_sys::http::enrollment_token(token)?;
     let name = match name {
         Some(n) => n,
         None => std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -401,7 +400,7 @@ fn enroll(
         name,
     };
     let resp: EnrollDeviceResponse =
-        sekisho_proto::http::enroll(server, ca_sha256, "/v1/enroll/device", &request)?;
+        sekisho_sys::http::enroll(server, ca_sha256, "/v1/enroll/device", &request)?;
     // Written only after the control plane accepted the key: a refused enrollment leaves
     // nothing behind.
     let key_file = dir.join("private.key");
@@ -544,29 +543,8 @@ fn run_blocking(config: &Path) -> Result<()> {
     rt.block_on(run(config))
 }
 
-/// Sets the firewall mark on a socket: its packets bypass the full tunnel's routing and pass
-/// the kill switch.
-fn set_mark(sock: &UdpSocket, mark: u32) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    let v: libc::c_uint = mark;
-    // SAFETY: a valid socket descriptor and a pointer to a c_uint of the given size.
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_MARK,
-            (&v as *const libc::c_uint).cast(),
-            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        anyhow::bail!(
-            "cannot mark the tunnel socket: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
-}
+/// The tunnel socket's buffers: room for a few milliseconds of traffic at full speed.
+const UDP_BUFFER: usize = 4 << 20;
 
 /// The control API's address (host and port of its URL), which the full tunnel lets through
 /// direct so the device can refresh its posture and settings while closed.
@@ -633,10 +611,15 @@ async fn run(config: ClientConfig) -> Result<()> {
     let routes = Arc::new(std::sync::Mutex::new(routes));
     info!(interface = %iface.name, mtu = iface.mtu, routes = iface.routes.len(), "tunnel interface up");
 
-    let udp = UdpSocket::bind("0.0.0.0:0")
-        .await
-        .context("cannot open UDP socket")?;
-    set_mark(&udp, iface.fwmark)?;
+    let udp = sekisho_sys::udp::BatchUdp::bind(
+        "0.0.0.0:0".parse()?,
+        sekisho_sys::udp::UdpOptions {
+            reuse_port: false,
+            buffer: UDP_BUFFER,
+            mark: Some(iface.fwmark),
+        },
+    )
+    .context("cannot open the tunnel's UDP socket (marking it needs CAP_NET_ADMIN)")?;
 
     let views = status::Views {
         data: Default::default(),
@@ -649,12 +632,12 @@ async fn run(config: ClientConfig) -> Result<()> {
         d.address = Some(iface.address);
         d.routes = iface.routes.clone();
     }
-    let mut dp = dataplane::DataPlane::new(
+    let mut dp = sekisho_proto::client::ClientState::new(
         key,
         config.brokers[0].keepalive_secs,
         iface.address,
         service.unwrap_or(iface.address),
-        views.data.clone(),
+        Instant::now(),
     );
     dp.set_brokers(&broker_infos(&config.brokers), Instant::now());
 
@@ -720,7 +703,13 @@ async fn run(config: ClientConfig) -> Result<()> {
         )));
     }
     let result = tokio::select! {
-        r = dataplane::run(dp, &tun, &udp, dp_rx, endpoints_tx) => r,
+        r = dataplane::run(
+            dp,
+            dataplane::Io { tun: &tun, mtu: iface.mtu, udp: &udp },
+            dp_rx,
+            endpoints_tx,
+            views.data.clone(),
+        ) => r,
         _ = term.recv() => Ok(()),
         _ = tokio::signal::ctrl_c() => Ok(()),
     };
@@ -748,7 +737,7 @@ async fn run(config: ClientConfig) -> Result<()> {
 /// What the posture loop needs: an API client with this device's credential, and the other
 /// brokers' control APIs to fall back to.
 struct PostureSetup {
-    api: sekisho_proto::http::ApiClient,
+    api: sekisho_sys::http::ApiClient,
     interval: Duration,
     config_refresh: Duration,
     ca: String,
@@ -764,9 +753,9 @@ impl PostureSetup {
         let credential = std::fs::read_to_string(&ctl.credential_file)
             .with_context(|| format!("cannot read {}", ctl.credential_file.display()))?;
         Ok(PostureSetup {
-            api: sekisho_proto::http::ApiClient::new(
+            api: sekisho_sys::http::ApiClient::new(
                 &ctl.url,
-                sekisho_proto::http::ca_tls(&ca)?,
+                sekisho_sys::http::ca_tls(&ca)?,
                 Some(credential.trim().to_string()),
             )?,
             interval: humantime::parse_duration(&ctl.check_interval)?,
@@ -800,8 +789,8 @@ impl PostureSetup {
                 if self.urls.len() > 1 {
                     self.current = (self.current + 1) % self.urls.len();
                     let url = &self.urls[self.current];
-                    match sekisho_proto::http::ca_tls(&self.ca).and_then(|tls| {
-                        sekisho_proto::http::ApiClient::new(url, tls, Some(self.credential.clone()))
+                    match sekisho_sys::http::ca_tls(&self.ca).and_then(|tls| {
+                        sekisho_sys::http::ApiClient::new(url, tls, Some(self.credential.clone()))
                     }) {
                         Ok(api) => {
                             info!(%url, "control API failed; trying another broker's next");

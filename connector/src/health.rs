@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
 use sekisho_proto::link::HealthCheck;
-use sekisho_proto::metrics::{Readiness, Snapshot, Source};
+use sekisho_sys::metrics::{Readiness, Snapshot, Snapshotting, Source};
 use tracing::{info, warn};
 
 /// How often every application is checked.
@@ -23,25 +23,30 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Counters and state shared by the site loop, the link tasks, the checker and the metrics
-/// endpoint.
+/// What the site loop publishes (every 250 ms) for the metrics endpoint.
+#[derive(Debug, Default, Clone)]
+pub struct DataView {
+    pub counters: sekisho_proto::connector::Counters,
+    pub links: Vec<sekisho_proto::connector::LinkView>,
+    /// The TUN device's drop counters (packets the kernel dropped for us).
+    pub tun: Option<sekisho_sys::tun::InterfaceDrops>,
+    /// Datagrams the kernel dropped on the link sockets (receive buffers full).
+    pub socket_drops: u64,
+}
+
+/// State shared by the site loop (which publishes it), the link tasks, the checker, the drain
+/// and the metrics endpoint. The packet path itself never takes these locks.
 #[derive(Default)]
 pub struct State {
     pub draining: AtomicBool,
-    /// Open flows through this connector (as of the last second).
+    /// Open flows through this connector (updated after every batch).
     pub flows: AtomicUsize,
-    pub packets_to_site: AtomicU64,
-    pub packets_from_site: AtomicU64,
-    pub bytes_to_site: AtomicU64,
-    pub bytes_from_site: AtomicU64,
-    pub dropped_too_large: AtomicU64,
-    pub dropped_no_link: AtomicU64,
-    pub dropped_name_queue: AtomicU64,
     pub link_attempts: AtomicU64,
     /// Broker endpoint → linked now.
     pub links: Mutex<BTreeMap<String, bool>>,
     /// Application → reachable by the latest checks.
     pub reachable: Mutex<BTreeMap<String, bool>>,
+    data: Mutex<DataView>,
 }
 
 pub fn add(c: &AtomicU64, n: u64) {
@@ -51,6 +56,14 @@ pub fn add(c: &AtomicU64, n: u64) {
 impl State {
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn set_flows(&self, n: usize) {
+        self.flows.store(n, Ordering::Relaxed);
+    }
+
+    pub fn publish(&self, view: DataView) {
+        *lock(&self.data) = view;
     }
 
     /// The applications the latest checks could not reach.
@@ -72,7 +85,23 @@ impl State {
 }
 
 impl Source for State {
-    fn snapshot(&self) -> Snapshot {
+    fn snapshot(&self) -> Snapshotting<'_> {
+        Box::pin(async move { self.metrics() })
+    }
+
+    fn ready(&self) -> Readiness<'_> {
+        Box::pin(async move {
+            if lock(&self.links).values().any(|up| *up) {
+                Ok(())
+            } else {
+                Err("no broker linked".into())
+            }
+        })
+    }
+}
+
+impl State {
+    fn metrics(&self) -> Snapshot {
         let mut m = Snapshot::new("sekisho_connector");
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         for (broker, up) in lock(&self.links).iter() {
@@ -98,33 +127,53 @@ impl Source for State {
             "1 while draining (no new flows; stops when its flows are done).",
             if self.draining() { 1.0 } else { 0.0 },
         );
-        for (dir, p, b) in [
-            ("to_site", &self.packets_to_site, &self.bytes_to_site),
-            ("from_site", &self.packets_from_site, &self.bytes_from_site),
-        ] {
+        let data = lock(&self.data).clone();
+        let c = &data.counters;
+        for (dir, t) in [("to_site", &c.to_site), ("from_site", &c.from_site)] {
             m.counter_with(
                 "packets",
                 "IP packets by direction.",
                 &[("direction", dir)],
-                get(p),
+                t.packets,
             );
             m.counter_with(
                 "bytes",
                 "IP bytes by direction.",
                 &[("direction", dir)],
-                get(b),
+                t.bytes,
             );
         }
-        for (why, c) in [
-            ("too_large", &self.dropped_too_large),
-            ("no_link", &self.dropped_no_link),
-            ("name_queue_full", &self.dropped_name_queue),
-        ] {
+        for (why, n) in c.drops.fields() {
             m.counter_with(
                 "dropped_packets",
                 "Packets dropped, by reason.",
                 &[("reason", why)],
-                get(c),
+                n,
+            );
+        }
+        m.counter(
+            "too_big_replies",
+            "ICMP fragmentation-needed / packet-too-big answers sent into the site.",
+            c.too_big_replies,
+        );
+        m.counter(
+            "socket_dropped_packets",
+            "Datagrams the kernel dropped on the link sockets (receive buffer full).",
+            data.socket_drops,
+        );
+        if let Some(t) = data.tun {
+            m.counter(
+                "tun_dropped_packets",
+                "Packets the kernel dropped on the TUN device (not read in time).",
+                t.tx_dropped + t.rx_dropped,
+            );
+        }
+        for l in &data.links {
+            m.gauge_with(
+                "link_max_datagram_bytes",
+                "The largest datagram each link carries now.",
+                &[("broker", &l.broker)],
+                l.max_datagram as f64,
             );
         }
         for (app, ok) in lock(&self.reachable).iter() {
@@ -136,16 +185,6 @@ impl Source for State {
             );
         }
         m
-    }
-
-    fn ready(&self) -> Readiness<'_> {
-        Box::pin(async move {
-            if lock(&self.links).values().any(|up| *up) {
-                Ok(())
-            } else {
-                Err("no broker linked".into())
-            }
-        })
     }
 }
 

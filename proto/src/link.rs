@@ -100,3 +100,14 @@ pub enum SiteMessage {
     /// that left.
     Brokers { brokers: Vec<String> },
 }
+
+/// A connector link (the QUIC connection's stable id), as both ends name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct LinkId(pub u64);
+
+impl std::fmt::Display for LinkId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}

@@ -516,16 +516,53 @@ pub fn deny_reply(pkt: &[u8], out: &mut [u8]) -> Option<usize> {
         tcp[16..18].copy_from_slice(&c.to_be_bytes());
         return Some(hl + 20);
     }
+    icmp_error_reply(pkt, &h, IcmpError::Prohibited, out)
+}
+
+/// Which ICMP error to send back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IcmpError {
+    /// Destination unreachable, communication administratively prohibited.
+    Prohibited,
+    /// Fragmentation needed (IPv4) or packet too big (IPv6): the path carries at most `mtu`.
+    TooBig { mtu: u16 },
+}
+
+/// Builds the answer to a packet too large for the way it must take: ICMP "fragmentation
+/// needed" (IPv4, only when the packet forbids fragmenting) or ICMPv6 "packet too big", from
+/// the packet's destination, announcing `mtu`. The sender's stack then sends smaller packets
+/// to that destination. Returns the length, or `None` when no answer is due (an ICMP error, a
+/// later fragment, an IPv4 packet that allows fragmenting, or unparsable). `out` should hold
+/// at least 1280 bytes.
+pub fn too_big_reply(pkt: &[u8], mtu: u16, out: &mut [u8]) -> Option<usize> {
+    classify(pkt).ok()?;
+    let h = ip_header(pkt).ok()?;
+    if h.later_fragment || (h.src.is_ipv4() && pkt[6] & 0x40 == 0) {
+        return None;
+    }
+    icmp_error_reply(pkt, &h, IcmpError::TooBig { mtu }, out)
+}
+
+/// True for an IPv4 packet whose sender allows routers to fragment it (DF clear).
+pub fn may_fragment(pkt: &[u8]) -> bool {
+    pkt.first().is_some_and(|b| b >> 4 == 4) && pkt.get(6).is_some_and(|f| f & 0x40 == 0)
+}
+
+fn icmp_error_reply(pkt: &[u8], h: &IpHeader, kind: IcmpError, out: &mut [u8]) -> Option<usize> {
+    let t = &pkt[h.header_len..];
     if (h.proto == PROTO_ICMP || h.proto == PROTO_ICMPV6)
         && (t.is_empty() || is_icmp_error(h.proto, t[0]))
     {
         return None; // never answer an ICMP error with an ICMP error
     }
-    let (icmp_proto, ty, code, quote_max) = match h.src {
-        IpAddr::V4(_) => (PROTO_ICMP, 3u8, 13u8, h.header_len + 8),
-        IpAddr::V6(_) => (PROTO_ICMPV6, 1u8, 1u8, 1280 - 48),
+    let v4 = h.src.is_ipv4();
+    let (icmp_proto, ty, code, quote_max) = match (v4, kind) {
+        (true, IcmpError::Prohibited) => (PROTO_ICMP, 3u8, 13u8, h.header_len + 8),
+        (true, IcmpError::TooBig { .. }) => (PROTO_ICMP, 3, 4, h.header_len + 8),
+        (false, IcmpError::Prohibited) => (PROTO_ICMPV6, 1, 1, 1280 - 48),
+        (false, IcmpError::TooBig { .. }) => (PROTO_ICMPV6, 2, 0, 1280 - 48),
     };
-    let hl_len = if h.src.is_ipv4() { 20 } else { 40 };
+    let hl_len = if v4 { 20 } else { 40 };
     let quote = pkt
         .len()
         .min(quote_max)
@@ -536,6 +573,13 @@ pub fn deny_reply(pkt: &[u8], out: &mut [u8]) -> Option<usize> {
     icmp[..8].fill(0);
     icmp[0] = ty;
     icmp[1] = code;
+    if let IcmpError::TooBig { mtu } = kind {
+        if v4 {
+            icmp[6..8].copy_from_slice(&mtu.to_be_bytes());
+        } else {
+            icmp[4..8].copy_from_slice(&u32::from(mtu).to_be_bytes());
+        }
+    }
     icmp[8..].copy_from_slice(&pkt[..quote]);
     let start = if icmp_proto == PROTO_ICMPV6 {
         pseudo_sum(h.dst, h.src, PROTO_ICMPV6, icmp_len)
@@ -545,6 +589,58 @@ pub fn deny_reply(pkt: &[u8], out: &mut [u8]) -> Option<usize> {
     let c = fold(sum16(start, icmp));
     icmp[2..4].copy_from_slice(&c.to_be_bytes());
     Some(hl + icmp_len)
+}
+
+/// Lowers the MSS option of a TCP SYN (or SYN-ACK) to at most `mss`, fixing the checksum in
+/// place (RFC 1624). True when the packet changed. Anything that is not a readable SYN is left
+/// alone.
+pub fn clamp_mss(pkt: &mut [u8], mss: u16) -> bool {
+    let Ok(h) = ip_header(pkt) else {
+        return false;
+    };
+    if h.proto != PROTO_TCP || h.later_fragment {
+        return false;
+    }
+    let t = h.header_len;
+    if pkt.len() < t + 20 || pkt[t + 13] & TCP_SYN == 0 {
+        return false;
+    }
+    let data_off = usize::from(pkt[t + 12] >> 4) * 4;
+    if data_off < 20 || pkt.len() < t + data_off {
+        return false;
+    }
+    let mut i = t + 20;
+    let end = t + data_off;
+    while i < end {
+        match pkt[i] {
+            0 => return false,
+            1 => i += 1,
+            kind => {
+                let Some(&len) = pkt.get(i + 1) else {
+                    return false;
+                };
+                let len = usize::from(len);
+                if len < 2 || i + len > end {
+                    return false;
+                }
+                if kind == 2 && len == 4 {
+                    let old = be16(pkt, i + 2);
+                    if old <= mss {
+                        return false;
+                    }
+                    pkt[i + 2..i + 4].copy_from_slice(&mss.to_be_bytes());
+                    // HC' = ~(~HC + ~m + m')
+                    let hc = be16(pkt, t + 16);
+                    let sum = u32::from(!hc) + u32::from(!old) + u32::from(mss);
+                    let c = fold(sum);
+                    pkt[t + 16..t + 18].copy_from_slice(&c.to_be_bytes());
+                    return true;
+                }
+                i += len;
+            }
+        }
+    }
+    false
 }
 
 #[cfg(test)]
@@ -626,6 +722,80 @@ mod tests {
 
     fn checksum_ok(data: &[u8]) -> bool {
         fold(sum16(0, data)) == 0
+    }
+
+    /// A TCP SYN with an MSS option and a correct checksum.
+    fn syn_with_mss(mss: u16) -> Vec<u8> {
+        let mut p = vec![0u8; 44];
+        let (src, dst) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
+        write_ip_header(&mut p, src, dst, PROTO_TCP, 24);
+        p[20..22].copy_from_slice(&1000u16.to_be_bytes());
+        p[22..24].copy_from_slice(&80u16.to_be_bytes());
+        p[32] = 6 << 4;
+        p[33] = TCP_SYN;
+        p[40] = 2;
+        p[41] = 4;
+        p[42..44].copy_from_slice(&mss.to_be_bytes());
+        let c = fold(sum16(pseudo_sum(src, dst, PROTO_TCP, 24), &p[20..]));
+        p[36..38].copy_from_slice(&c.to_be_bytes());
+        p
+    }
+
+    fn tcp_checksum_ok(p: &[u8]) -> bool {
+        let (src, dst) = addresses(p).unwrap();
+        fold(sum16(
+            pseudo_sum(src, dst, PROTO_TCP, p.len() - 20),
+            &p[20..],
+        )) == 0
+    }
+
+    #[test]
+    fn mss_is_clamped_with_a_valid_checksum_and_only_downwards() {
+        let mut p = syn_with_mss(1460);
+        assert!(tcp_checksum_ok(&p));
+        assert!(clamp_mss(&mut p, 1320));
+        assert_eq!(be16(&p, 42), 1320);
+        assert!(tcp_checksum_ok(&p));
+        assert!(!clamp_mss(&mut p, 1400), "never raised");
+        let mut ack = tcp4([10, 0, 0, 1], 1, [10, 0, 0, 2], 2, 0x10, 0);
+        let before = ack.clone();
+        assert!(!clamp_mss(&mut ack, 100));
+        assert_eq!(ack, before);
+        // Broken option lengths are left alone.
+        let mut p = syn_with_mss(1460);
+        p[41] = 9;
+        assert!(!clamp_mss(&mut p, 1000));
+    }
+
+    #[test]
+    fn too_big_replies_announce_the_mtu_and_quote_the_packet() {
+        let mut out = [0u8; 1500];
+        let mut big = tcp4([100, 118, 0, 2], 1000, [10, 20, 0, 10], 80, 0x10, 5);
+        big[6] |= 0x40; // don't fragment
+        let n = too_big_reply(&big, 1360, &mut out).unwrap();
+        let r = out[..n].to_vec();
+        let r = &r[..];
+        assert_eq!(
+            addresses(r).unwrap(),
+            addresses(&big).map(|(a, b)| (b, a)).unwrap()
+        );
+        assert_eq!((r[20], r[21]), (3, 4));
+        assert_eq!(be16(r, 26), 1360);
+        assert!(checksum_ok(&r[20..]));
+        let Ok(PacketKind::IcmpError { about, .. }) = classify(r) else {
+            panic!("not an ICMP error");
+        };
+        assert_eq!(about.dport, 80);
+        // Fragmenting allowed: no answer (the packet is dropped and counted instead).
+        let mut frag_ok = big.clone();
+        frag_ok[6] &= !0x40;
+        assert!(may_fragment(&frag_ok));
+        assert_eq!(too_big_reply(&frag_ok, 1360, &mut out), None);
+        // Never about an ICMP error.
+        assert_eq!(
+            too_big_reply(r.to_vec().as_slice(), 1000, &mut [0u8; 1500]),
+            None
+        );
     }
 
     #[test]

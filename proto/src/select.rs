@@ -96,7 +96,7 @@ pub type BrokerId = usize;
 /// What the selector knows of one broker's session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum BrokerState {
+pub enum Liveness {
     /// No handshake yet.
     Connecting,
     /// Reachable: a handshake completed or probes are answered.
@@ -107,13 +107,13 @@ pub enum BrokerState {
     Retired,
 }
 
-impl fmt::Display for BrokerState {
+impl fmt::Display for Liveness {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            BrokerState::Connecting => "connecting",
-            BrokerState::Up => "up",
-            BrokerState::Down => "down",
-            BrokerState::Retired => "retired",
+            Liveness::Connecting => "connecting",
+            Liveness::Up => "up",
+            Liveness::Down => "down",
+            Liveness::Retired => "retired",
         })
     }
 }
@@ -190,7 +190,7 @@ impl fmt::Display for Switch {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BrokerStatus {
     pub id: BrokerId,
-    pub state: BrokerState,
+    pub state: Liveness,
     /// Whether the traffic goes to this broker.
     pub active: bool,
     /// Smoothed round trip of in-tunnel probes (none before the first answer, or since down).
@@ -203,7 +203,7 @@ pub struct BrokerStatus {
 
 #[derive(Debug, Clone)]
 struct Broker {
-    state: BrokerState,
+    state: Liveness,
     state_since: Instant,
     /// Smoothed RTT; `None` until the first answer and again from going down.
     rtt: Option<Duration>,
@@ -222,7 +222,7 @@ struct Broker {
 impl Broker {
     fn new(now: Instant) -> Self {
         Broker {
-            state: BrokerState::Connecting,
+            state: Liveness::Connecting,
             state_since: now,
             rtt: None,
             last_answer: None,
@@ -235,7 +235,7 @@ impl Broker {
         }
     }
 
-    fn set_state(&mut self, state: BrokerState, now: Instant) {
+    fn set_state(&mut self, state: Liveness, now: Instant) {
         self.state = state;
         self.state_since = now;
         self.better_since = None;
@@ -250,7 +250,7 @@ impl Broker {
     }
 
     fn is_up(&self) -> bool {
-        self.state == BrokerState::Up
+        self.state == Liveness::Up
     }
 }
 
@@ -297,10 +297,10 @@ impl Selector {
     /// is `None` if no other broker is up — then the next tick picks one as soon as possible).
     pub fn retire(&mut self, id: BrokerId, now: Instant) -> Option<Switch> {
         let b = self.brokers.get_mut(id)?;
-        if b.state == BrokerState::Retired {
+        if b.state == Liveness::Retired {
             return None;
         }
-        b.set_state(BrokerState::Retired, now);
+        b.set_state(Liveness::Retired, now);
         b.unanswered_since = None;
         debug!(broker = id, "broker retired");
         if self.active != Some(id) {
@@ -317,13 +317,13 @@ impl Selector {
             return;
         };
         match b.state {
-            BrokerState::Connecting | BrokerState::Down => {
+            Liveness::Connecting | Liveness::Down => {
                 debug!(broker = id, was = %b.state, "broker up after handshake");
-                b.set_state(BrokerState::Up, now);
+                b.set_state(Liveness::Up, now);
                 b.unanswered_since = None;
                 b.last_probe = None;
             }
-            BrokerState::Up | BrokerState::Retired => {}
+            Liveness::Up | Liveness::Retired => {}
         }
     }
 
@@ -351,7 +351,7 @@ impl Selector {
         let Some(b) = self.brokers.get_mut(id) else {
             return false;
         };
-        if b.state == BrokerState::Retired {
+        if b.state == Liveness::Retired {
             return false;
         }
         let Some(sent) = b.take_inflight(seq) else {
@@ -364,9 +364,9 @@ impl Selector {
         });
         b.last_answer = Some(now);
         b.unanswered_since = None;
-        if b.state != BrokerState::Up {
+        if b.state != Liveness::Up {
             debug!(broker = id, was = %b.state, rtt_ms = ms(sample), "broker answers");
-            b.set_state(BrokerState::Up, now);
+            b.set_state(Liveness::Up, now);
         }
         true
     }
@@ -379,7 +379,7 @@ impl Selector {
         self.brokers
             .iter()
             .enumerate()
-            .filter(|(_, b)| matches!(b.state, BrokerState::Up | BrokerState::Down))
+            .filter(|(_, b)| matches!(b.state, Liveness::Up | Liveness::Down))
             .filter(|(id, b)| {
                 let interval = if searching || self.active == Some(*id) {
                     self.config.probe_interval_active
@@ -404,7 +404,7 @@ impl Selector {
             };
             if b.is_up() && now.saturating_duration_since(since) >= dead_after {
                 debug!(broker = id, "broker down: probes unanswered");
-                b.set_state(BrokerState::Down, now);
+                b.set_state(Liveness::Down, now);
                 b.rtt = None;
             }
         }
@@ -417,11 +417,11 @@ impl Selector {
                 Some(self.switch_to(Some(to), SwitchReason::First))
             }
             Some(a) => match self.brokers.get(a).map(|b| b.state) {
-                Some(BrokerState::Up) => self.hysteresis(a, now),
+                Some(Liveness::Up) => self.hysteresis(a, now),
                 state => {
                     let to = self.best_alive();
                     let reason = match (state, to) {
-                        (Some(BrokerState::Retired), _) => SwitchReason::Retired,
+                        (Some(Liveness::Retired), _) => SwitchReason::Retired,
                         (_, Some(_)) => SwitchReason::ActiveDown,
                         (_, None) => SwitchReason::AllDown,
                     };
@@ -443,7 +443,7 @@ impl Selector {
     }
 
     /// State of broker `id`; `None` for an unknown id.
-    pub fn state(&self, id: BrokerId) -> Option<BrokerState> {
+    pub fn state(&self, id: BrokerId) -> Option<Liveness> {
         self.brokers.get(id).map(|b| b.state)
     }
 
@@ -704,7 +704,7 @@ mod tests {
         let answering = sim.broker(Some(30));
         sim.run(millis(100));
         assert_eq!(sim.sel.active(), Some(answering));
-        assert_eq!(sim.sel.state(silent), Some(BrokerState::Up));
+        assert_eq!(sim.sel.state(silent), Some(Liveness::Up));
     }
 
     #[test]
@@ -756,7 +756,7 @@ mod tests {
             took >= cfg.dead_after - cfg.probe_interval_active,
             "took {took:?}"
         );
-        assert_eq!(sim.sel.state(a), Some(BrokerState::Down));
+        assert_eq!(sim.sel.state(a), Some(Liveness::Down));
         assert_eq!(sim.sel.rtt(a), None);
         assert_eq!(sim.switches.len(), 2);
     }
@@ -865,8 +865,8 @@ mod tests {
         sim.silence(b);
         sim.run(Duration::from_secs(6));
         assert_eq!(sim.sel.active(), None);
-        assert_eq!(sim.sel.state(a), Some(BrokerState::Down));
-        assert_eq!(sim.sel.state(b), Some(BrokerState::Down));
+        assert_eq!(sim.sel.state(a), Some(Liveness::Down));
+        assert_eq!(sim.sel.state(b), Some(Liveness::Down));
         // Down brokers are still probed, at the active rate while nothing is in use.
         sim.rtts[b] = Some(millis(30));
         let back = sim.elapsed();
@@ -930,7 +930,7 @@ mod tests {
                 reason: SwitchReason::Retired
             })
         );
-        assert_eq!(sim.sel.state(a), Some(BrokerState::Retired));
+        assert_eq!(sim.sel.state(a), Some(Liveness::Retired));
         assert_eq!(sim.retire(a), None, "twice");
         sim.run(Duration::from_secs(30));
         assert_eq!(sim.sel.active(), Some(b));
@@ -945,7 +945,7 @@ mod tests {
             "retired brokers take no samples"
         );
         sim.sel.on_handshake(a, sim.now);
-        assert_eq!(sim.sel.state(a), Some(BrokerState::Retired));
+        assert_eq!(sim.sel.state(a), Some(Liveness::Retired));
 
         // Retiring the last one leaves none; a standby retire changes nothing.
         assert_eq!(
@@ -973,10 +973,10 @@ mod tests {
         sim.silence(b);
         sim.run(Duration::from_secs(4));
         assert_eq!(sim.sel.active(), Some(a));
-        assert_eq!(sim.sel.state(b), Some(BrokerState::Down));
+        assert_eq!(sim.sel.state(b), Some(Liveness::Down));
         // New handshake: up, probed at once, but no RTT until answered.
         sim.sel.on_handshake(b, sim.now);
-        assert_eq!(sim.sel.state(b), Some(BrokerState::Up));
+        assert_eq!(sim.sel.state(b), Some(Liveness::Up));
         assert_eq!(sim.sel.rtt(b), None);
         assert!(sim.sel.due_probes(sim.now).contains(&b));
         sim.rtts[b] = Some(millis(10));
@@ -1212,7 +1212,7 @@ mod tests {
                         prop_assert_eq!(s.map(|s| s.from), s.map(|_| before));
                         prop_assert_eq!(s.map(|s| s.to).unwrap_or(before), sel.active());
                         let measured_up = (0..sel.len())
-                            .any(|i| sel.state(i) == Some(BrokerState::Up) && sel.rtt(i).is_some());
+                            .any(|i| sel.state(i) == Some(Liveness::Up) && sel.rtt(i).is_some());
                         prop_assert!(!measured_up || sel.active().is_some(), "a measured broker is up but none is active");
                     }
                     Op::Advance(ms) => offset_ms += u64::from(ms),
@@ -1221,10 +1221,10 @@ mod tests {
                 // Ticks mark brokers down and switch at once; retire switches at once: the active
                 // broker is always up.
                 if let Some(a) = sel.active() {
-                    prop_assert_eq!(sel.state(a), Some(BrokerState::Up));
+                    prop_assert_eq!(sel.state(a), Some(Liveness::Up));
                 }
                 for id in sel.due_probes(now) {
-                    prop_assert!(matches!(sel.state(id), Some(BrokerState::Up | BrokerState::Down)));
+                    prop_assert!(matches!(sel.state(id), Some(Liveness::Up | Liveness::Down)));
                 }
                 let snap = sel.snapshot(now);
                 prop_assert_eq!(snap.iter().filter(|s| s.active).count(), usize::from(sel.active().is_some()));
@@ -1272,7 +1272,7 @@ mod tests {
             }
             prop_assert!(switches <= 1, "{} switches", switches);
             for id in 0..sel.len() {
-                prop_assert_eq!(sel.state(id), Some(BrokerState::Up));
+                prop_assert_eq!(sel.state(id), Some(Liveness::Up));
             }
         }
     }

@@ -256,8 +256,15 @@ impl Deployment {
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
     }
 
-    pub fn counter(&self, name: &str) -> u64 {
-        self.stats()["counters"][name].as_u64().unwrap_or(0)
+    /// One of the broker's counters by its path, like `drops.spoofed_source` or
+    /// `from_clients.packets`.
+    pub fn counter(&self, path: &str) -> u64 {
+        let stats = self.stats();
+        let mut v = &stats["counters"];
+        for part in path.split('.') {
+            v = &v[part];
+        }
+        v.as_u64().unwrap_or(0)
     }
 
     /// Every line of the decision log.

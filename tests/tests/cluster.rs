@@ -484,7 +484,7 @@ fn changes_propagate_between_brokers_and_the_signing_key_rotates() {
 
     // The posture signing key rotates while alice is connected: the echo app (sensitivity 3,
     // needs an accepted token) keeps answering through token refreshes signed by the new key.
-    let refused = |b: &str| stats(&d, b)["counters"]["posture_tokens_refused"].as_u64();
+    let refused = |b: &str| stats(&d, b)["counters"]["posture"]["refused"].as_u64();
     let refused_before = (refused("broker"), refused("broker2"));
     let (ok, out, err) = at2(&["signing-key", "rotate"]);
     assert!(ok, "{out}{err}");
@@ -495,7 +495,7 @@ fn changes_propagate_between_brokers_and_the_signing_key_rotates() {
         "{list}"
     );
     let accepted = |b: &str| {
-        stats(&d, b)["counters"]["posture_tokens_accepted"]
+        stats(&d, b)["counters"]["posture"]["accepted"]
             .as_u64()
             .unwrap_or(0)
     };

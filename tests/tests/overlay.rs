@@ -158,7 +158,7 @@ fn spoofed_sources_are_dropped_and_the_app_is_private() {
     let Some(d) = Deployment::for_test() else {
         return;
     };
-    let before = d.counter("dropped_spoofed_source");
+    let before = d.counter("drops.spoofed_source");
     // Alice's laptop sends with bob's overlay address.
     let (ok, _, err) = d.sh(
         "laptop",
@@ -169,7 +169,7 @@ fn spoofed_sources_are_dropped_and_the_app_is_private() {
         err.contains("timed out") || err.contains("Timeout"),
         "{err}"
     );
-    let after = d.counter("dropped_spoofed_source");
+    let after = d.counter("drops.spoofed_source");
     println!("dropped_spoofed_source: {before} -> {after}");
     assert!(after > before, "spoofed packets are counted");
     assert!(

@@ -10,8 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-/// A connector link (the QUIC connection's stable id).
-pub type LinkId = u64;
+pub use crate::link::LinkId;
 
 /// A link's state, as the metrics and the stats show it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -42,6 +41,8 @@ struct Link {
     stale: bool,
     unreachable: BTreeSet<String>,
     flows: usize,
+    /// The largest QUIC datagram the link carries now (unknown: no limit known).
+    max_datagram: Option<usize>,
 }
 
 /// A link as reported.
@@ -75,6 +76,7 @@ impl ConnectorPool {
                 stale: false,
                 unreachable: BTreeSet::new(),
                 flows: 0,
+                max_datagram: None,
             },
         );
     }
@@ -166,6 +168,18 @@ impl ConnectorPool {
         }
     }
 
+    /// The link carries QUIC datagrams of at most `max` bytes now.
+    pub fn set_max_datagram(&mut self, id: LinkId, max: usize) {
+        if let Some(l) = self.links.get_mut(&id) {
+            l.max_datagram = Some(max);
+        }
+    }
+
+    /// The largest packet the link takes now, when known.
+    pub fn max_datagram(&self, id: LinkId) -> Option<usize> {
+        self.links.get(&id).and_then(|l| l.max_datagram)
+    }
+
     /// The connector name and site of a link.
     pub fn describe(&self, id: LinkId) -> Option<(&str, &str)> {
         self.links
@@ -201,9 +215,9 @@ mod tests {
 
     fn pool() -> ConnectorPool {
         let mut p = ConnectorPool::default();
-        p.up(1, "dc1", "c1");
-        p.up(2, "dc1", "c2");
-        p.up(3, "lab", "c3");
+        p.up(LinkId(1), "dc1", "c1");
+        p.up(LinkId(2), "dc1", "c2");
+        p.up(LinkId(3), "lab", "c3");
         p
     }
 
@@ -211,39 +225,39 @@ mod tests {
     fn new_flows_are_balanced_by_open_flows_within_the_site() {
         let mut p = pool();
         let picks: Vec<LinkId> = (0..6).map(|_| p.pick("dc1", "wiki").unwrap()).collect();
-        assert_eq!(picks.iter().filter(|&&i| i == 1).count(), 3);
-        assert_eq!(picks.iter().filter(|&&i| i == 2).count(), 3);
-        assert_eq!(p.pick("lab", "x"), Some(3));
+        assert_eq!(picks.iter().filter(|&&i| i == LinkId(1)).count(), 3);
+        assert_eq!(picks.iter().filter(|&&i| i == LinkId(2)).count(), 3);
+        assert_eq!(p.pick("lab", "x"), Some(LinkId(3)));
         assert_eq!(p.pick("nowhere", "x"), None);
         // Flows that ended on link 1 make it the less loaded one.
-        p.recount([2, 2, 2, 1].into_iter());
-        assert_eq!(p.pick("dc1", "wiki"), Some(1));
-        assert_eq!(p.pick("dc1", "wiki"), Some(1));
+        p.recount([2, 2, 2, 1].into_iter().map(LinkId));
+        assert_eq!(p.pick("dc1", "wiki"), Some(LinkId(1)));
+        assert_eq!(p.pick("dc1", "wiki"), Some(LinkId(1)));
     }
 
     #[test]
     fn draining_stale_and_unreachable_links_are_avoided() {
         let mut p = pool();
-        assert!(p.set_health(1, true, &[]));
-        assert!(!p.set_health(1, true, &[]));
+        assert!(p.set_health(LinkId(1), true, &[]));
+        assert!(!p.set_health(LinkId(1), true, &[]));
         for _ in 0..4 {
-            assert_eq!(p.pick("dc1", "wiki"), Some(2));
+            assert_eq!(p.pick("dc1", "wiki"), Some(LinkId(2)));
         }
         // The only other link drains too: no new flows at all.
-        p.set_health(2, true, &[]);
+        p.set_health(LinkId(2), true, &[]);
         assert_eq!(p.pick("dc1", "wiki"), None);
-        p.set_health(1, false, &["wiki".to_string()]);
-        p.set_health(2, false, &[]);
-        assert!(p.set_stale(2, true));
+        p.set_health(LinkId(1), false, &["wiki".to_string()]);
+        p.set_health(LinkId(2), false, &[]);
+        assert!(p.set_stale(LinkId(2), true));
         // Unreachable beats stale; for another app link 1 is healthy.
-        assert_eq!(p.pick("dc1", "wiki"), Some(1));
-        assert_eq!(p.pick("dc1", "git"), Some(1));
-        assert!(p.set_stale(2, false));
-        assert_eq!(p.pick("dc1", "wiki"), Some(2));
+        assert_eq!(p.pick("dc1", "wiki"), Some(LinkId(1)));
+        assert_eq!(p.pick("dc1", "git"), Some(LinkId(1)));
+        assert!(p.set_stale(LinkId(2), false));
+        assert_eq!(p.pick("dc1", "wiki"), Some(LinkId(2)));
         // A link that went down is gone.
-        assert_eq!(p.down(2).as_deref(), Some("c2"));
-        assert!(!p.contains(2));
-        assert_eq!(p.pick("dc1", "wiki"), Some(1));
+        assert_eq!(p.down(LinkId(2)).as_deref(), Some("c2"));
+        assert!(!p.contains(LinkId(2)));
+        assert_eq!(p.pick("dc1", "wiki"), Some(LinkId(1)));
         let info = p.links();
         assert_eq!(info.len(), 2);
         assert_eq!(info[0].unreachable, vec!["wiki".to_string()]);
@@ -259,11 +273,11 @@ mod tests {
             let mut p = ConnectorPool::default();
             for (op, id, flag) in ops {
                 match op {
-                    0 => p.up(id, if id % 2 == 0 { "a" } else { "b" }, "c"),
-                    1 => { p.down(id); }
-                    2 => { p.set_health(id, flag, &[]); }
-                    3 => { p.set_stale(id, flag); }
-                    4 => { p.set_health(id, false, &["app".to_string()]); }
+                    0 => p.up(LinkId(id), if id % 2 == 0 { "a" } else { "b" }, "c"),
+                    1 => { p.down(LinkId(id)); }
+                    2 => { p.set_health(LinkId(id), flag, &[]); }
+                    3 => { p.set_stale(LinkId(id), flag); }
+                    4 => { p.set_health(LinkId(id), false, &["app".to_string()]); }
                     _ => {
                         let before = p.links();
                         if let Some(got) = p.pick("a", "app") {

@@ -18,7 +18,7 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::api::ApiError;
+use sekisho_proto::api::ApiError;
 
 pub use reqwest::Method;
 
@@ -263,7 +263,7 @@ pub fn enrollment_token(arg: &str) -> Result<(String, [u8; 32]), CallError> {
         arg.to_string()
     };
     let text = text.trim().to_string();
-    let cred = crate::api::Credential::parse(crate::api::ENROLL_PREFIX, &text)
+    let cred = sekisho_proto::api::Credential::parse(sekisho_proto::api::ENROLL_PREFIX, &text)
         .map_err(|e| CallError::Token(e.to_string()))?;
     let ca = cred
         .ca_sha256

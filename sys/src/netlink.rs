@@ -1,4 +1,4 @@
-//! TUN devices and netlink (addresses, routes) for the client and the connector.
+//! Addresses, routes and policy routing rules over netlink (rtnetlink).
 
 use std::net::IpAddr;
 
@@ -6,89 +6,7 @@ use futures::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::{Handle, RouteMessageBuilder};
 
-pub use tun_rs::AsyncDevice;
-
-#[derive(Debug, thiserror::Error)]
-pub enum SysError {
-    #[error(
-        "cannot create TUN device {name:?}: {source} (is /dev/net/tun present, and do we have CAP_NET_ADMIN?)"
-    )]
-    Tun {
-        name: String,
-        source: std::io::Error,
-    },
-    #[error("netlink: {0}")]
-    Netlink(String),
-    #[error("no network interface named {0:?}")]
-    NoSuchLink(String),
-    #[error("cannot run `nft` (install the nftables package): {0}")]
-    NftMissing(std::io::Error),
-    #[error("nft failed: {0}")]
-    Nft(String),
-    #[error(
-        "cannot enable IPv4 forwarding (in a container, set the sysctl net.ipv4.ip_forward=1): {0}"
-    )]
-    Forwarding(std::io::Error),
-}
-
-/// Runs an nftables script (`nft -f -`), atomically: all of it applies or none.
-pub async fn nft(script: &str) -> Result<(), SysError> {
-    use tokio::io::AsyncWriteExt;
-    let mut child = tokio::process::Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(SysError::NftMissing)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .await
-            .map_err(|e| SysError::Nft(e.to_string()))?;
-    }
-    let out = child
-        .wait_with_output()
-        .await
-        .map_err(|e| SysError::Nft(e.to_string()))?;
-    if !out.status.success() {
-        return Err(SysError::Nft(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
-    }
-    Ok(())
-}
-
-/// The script that removes table `family name` if it exists (and nothing else).
-pub fn nft_delete_table(family: &str, name: &str) -> String {
-    format!("table {family} {name} {{}}\ndelete table {family} {name}\n")
-}
-
-/// Turns on IPv4 forwarding in this network namespace; true when it was off.
-pub fn enable_ipv4_forwarding() -> Result<bool, SysError> {
-    let path = "/proc/sys/net/ipv4/ip_forward";
-    if std::fs::read_to_string(path)
-        .map(|v| v.trim() == "1")
-        .unwrap_or(false)
-    {
-        return Ok(false);
-    }
-    std::fs::write(path, "1").map_err(SysError::Forwarding)?;
-    Ok(true)
-}
-
-/// Creates a TUN device (no packet-information header), sets its MTU and brings it up.
-pub fn create_tun(name: &str, mtu: u16) -> Result<AsyncDevice, SysError> {
-    tun_rs::DeviceBuilder::new()
-        .name(name)
-        .mtu(mtu)
-        .enable(true)
-        .build_async()
-        .map_err(|source| SysError::Tun {
-            name: name.to_string(),
-            source,
-        })
-}
+use crate::SysError;
 
 /// A policy routing rule (see [`Netlink::add_rule`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

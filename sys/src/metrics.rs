@@ -151,16 +151,19 @@ impl Collector for Rendered {
 /// Whether a daemon is ready; `Err` says why not.
 pub type Readiness<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
 
+/// A snapshot on its way (a daemon may have to ask its workers).
+pub type Snapshotting<'a> = Pin<Box<dyn Future<Output = Snapshot> + Send + 'a>>;
+
 /// What the endpoint asks the daemon for.
 pub trait Source: Send + Sync + 'static {
-    fn snapshot(&self) -> Snapshot;
+    fn snapshot(&self) -> Snapshotting<'_>;
     fn ready(&self) -> Readiness<'_>;
 }
 
 async fn metrics(State(s): State<Arc<dyn Source>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, CONTENT_TYPE)],
-        s.snapshot().render(),
+        s.snapshot().await.render(),
     )
 }
 

@@ -1,0 +1,109 @@
+//! The broker's control socket: `sekisho-broker stats` reads counters, peers, connector links
+//! and the kernel's own drop counters as JSON, from snapshots the workers answer with.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixListener;
+
+use crate::dataplane::{DataPlane, View};
+
+/// What the kernel dropped outside Sekisho's own counters.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct KernelDrops {
+    /// Datagrams dropped on the workers' WireGuard sockets (receive buffers full).
+    pub wireguard_socket: u64,
+    /// Datagrams dropped on the connector link socket.
+    pub link_socket: Option<u64>,
+    /// Packets the egress TUN device dropped (not read in time), and egress writes that failed.
+    pub egress_tun: Option<u64>,
+    pub egress_write_failed: u64,
+}
+
+/// Where the kernel's counters are read.
+#[derive(Clone, Default)]
+pub struct KernelSources {
+    pub link_socket: Option<Arc<std::net::UdpSocket>>,
+    pub egress_interface: Option<String>,
+    pub egress_write_failed: Arc<AtomicU64>,
+}
+
+impl KernelSources {
+    pub fn read(&self, view: &View) -> KernelDrops {
+        KernelDrops {
+            wireguard_socket: view.workers.iter().filter_map(|w| w.socket_drops).sum(),
+            link_socket: self
+                .link_socket
+                .as_deref()
+                .and_then(sekisho_sys::udp::socket_drops),
+            egress_tun: self
+                .egress_interface
+                .as_deref()
+                .and_then(sekisho_sys::tun::interface_drops)
+                .map(|d| d.tx_dropped + d.rx_dropped),
+            egress_write_failed: self.egress_write_failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct StatsReport<'a> {
+    public_key: String,
+    policy_generation: u64,
+    flows: usize,
+    counters: &'a sekisho_proto::broker::Counters,
+    kernel: KernelDrops,
+    peers: &'a [sekisho_proto::broker::PeerInfo],
+    /// Sites with at least one linked connector.
+    connector_links: Vec<String>,
+    connectors: &'a [sekisho_proto::broker::LinkInfo],
+    workers: &'a [crate::dataplane::WorkerStats],
+}
+
+/// The stats as JSON.
+pub async fn report(dp: &DataPlane, kernel: &KernelSources) -> Result<String> {
+    let v = dp.view().await;
+    let mut sites: Vec<String> = v.connectors.iter().map(|l| l.site.clone()).collect();
+    sites.sort();
+    sites.dedup();
+    Ok(serde_json::to_string_pretty(&StatsReport {
+        public_key: dp.public_key().to_string(),
+        policy_generation: v.policy_generation,
+        flows: v.flows,
+        counters: &v.counters,
+        kernel: kernel.read(&v),
+        peers: &v.peers,
+        connector_links: sites,
+        connectors: &v.connectors,
+        workers: &v.workers,
+    })?)
+}
+
+/// Serves the control socket at `path` (mode 0600).
+pub fn serve(
+    path: &Path,
+    dp: DataPlane,
+    kernel: KernelSources,
+) -> Result<tokio::task::JoinHandle<()>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot bind control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let (dp, kernel) = (dp.clone(), kernel.clone());
+            tokio::spawn(async move {
+                if let Ok(body) = report(&dp, &kernel).await {
+                    let _ = stream.write_all(body.as_bytes()).await;
+                }
+            });
+        }
+    }))
+}

@@ -1,0 +1,77 @@
+//! What a broker worker reports besides packets: decisions, posture events and application
+//! names for the decision log, and name mappings for connectors.
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use super::links::LinkId;
+use crate::policy::Action;
+
+/// Something the I/O shell should know, in the order it happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A flow was decided (one line in the decision log).
+    Decision(DecisionRecord),
+    /// A posture token was accepted, refused or expired.
+    Posture(PostureRecord),
+    /// An application name was asked through the tunnel.
+    AppDns(AppDnsRecord),
+    /// Tell the connector on `link` that `synthetic`, for flows from `device`, stands for the
+    /// host name `name` (sent before the flow's first packet).
+    MapName {
+        link: LinkId,
+        device: IpAddr,
+        synthetic: IpAddr,
+        name: String,
+    },
+}
+
+/// One flow decision, as written to the decision log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DecisionRecord {
+    pub event: &'static str,
+    pub decision: Action,
+    pub device: String,
+    pub user: String,
+    pub application: Option<String>,
+    pub site: Option<String>,
+    pub rule: Option<String>,
+    pub reason: &'static str,
+    /// The posture check that failed, when that decided.
+    pub check: Option<String>,
+    pub proto: &'static str,
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+}
+
+/// A posture token presented, refused or expired, as written to the decision log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PostureRecord {
+    pub event: &'static str,
+    pub result: &'static str,
+    /// The device whose tunnel it came on.
+    pub device: String,
+    pub user: String,
+    /// For refusals: the error kind (bad-signature, expired, wrong-device, ...) and text.
+    pub reason: Option<String>,
+    /// Checks that fail according to an accepted token.
+    pub failing_checks: Vec<String>,
+    pub exp: Option<u64>,
+}
+
+/// An application name asked through the tunnel, as written to the decision log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AppDnsRecord {
+    pub event: &'static str,
+    pub device: String,
+    pub user: String,
+    pub name: String,
+    /// "synthetic" (answered with an address), "nxdomain" (an application this user may not
+    /// use), "not-an-application" or "full" (no synthetic address left for this device).
+    pub result: &'static str,
+    pub application: Option<String>,
+    pub address: Option<IpAddr>,
+}

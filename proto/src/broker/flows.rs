@@ -1,0 +1,305 @@
+//! Flow authorization: a new flow is decided once against the policy (user, groups, posture,
+//! application, port, protocol) and cached by 5-tuple with the connector it goes through; a
+//! policy or posture change makes the cached decision stale, so it is decided anew on the
+//! flow's next packet.
+
+use std::time::Instant;
+
+use super::BrokerState;
+use super::events::{DecisionRecord, Event};
+use super::links::LinkId;
+use super::peers::PeerSlot;
+use crate::api::Denial;
+use crate::flow::{FlowEntry, TcpEnd};
+use crate::packet::FlowKey;
+use crate::policy::{Action, AppId, Decision, DeviceId, Reason, SiteId};
+
+/// Where an allowed flow goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FlowRoute {
+    /// To the application `app` of site `site`, through a connector.
+    Site { site: SiteId, app: AppId },
+    /// To the internet, through this broker's egress (full tunnel).
+    Internet,
+    /// Nowhere: the flow is denied.
+    Nowhere,
+}
+
+/// The connector link of a flow to a site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FlowLink {
+    /// No connector found yet (none took new flows when it was decided).
+    None,
+    Via(LinkId),
+    /// Its link closed; it gets another on its next packet.
+    Gone,
+}
+
+impl FlowLink {
+    pub(super) fn id(self) -> Option<LinkId> {
+        match self {
+            FlowLink::Via(l) => Some(l),
+            _ => None,
+        }
+    }
+}
+
+/// A cached decision for one flow.
+#[derive(Debug, Clone)]
+pub struct Flow {
+    allowed: bool,
+    pub(super) peer: PeerSlot,
+    route: FlowRoute,
+    pub(super) link: FlowLink,
+    /// How far the TCP flow has ended.
+    tcp: TcpEnd,
+    /// A packet came back: the flow is set up at its connector.
+    answered: bool,
+    generation: u64,
+    peer_generation: u64,
+}
+
+impl Flow {
+    /// Allowed, through a connector, and not ended: it counts towards the link's load.
+    pub(super) fn open(&self) -> bool {
+        self.allowed && self.link.id().is_some() && !self.closed()
+    }
+}
+
+impl FlowEntry for Flow {
+    fn allowed(&self) -> bool {
+        self.allowed
+    }
+    fn owner(&self) -> u32 {
+        self.peer.0
+    }
+    fn closed(&self) -> bool {
+        self.tcp.ended()
+    }
+}
+
+/// What to do with a packet of a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Verdict {
+    /// Forward: the flow is allowed, this way.
+    Allow(FlowRoute, FlowLink),
+    /// Answer with a deny reply.
+    Deny,
+    /// Drop silently (no such peer, connector-initiated, or no room in the flow table).
+    Drop,
+}
+
+impl BrokerState {
+    /// Looks up the flow `key` of peer `slot`, or decides it when it is new or its decision is
+    /// stale (policy or posture changed). A flow that does not exist is only created when
+    /// `may_create`: connectors and the internet cannot open flows. One table lookup when the
+    /// decision is current.
+    pub(super) fn authorize(
+        &mut self,
+        slot: PeerSlot,
+        key: &FlowKey,
+        now: Instant,
+        may_create: bool,
+        tcp: TcpEnd,
+    ) -> Verdict {
+        let generation = self.generation;
+        let Some(peer) = self.peers.get(&slot) else {
+            return Verdict::Drop;
+        };
+        let peer_generation = peer.generation;
+        let device = peer.device;
+        let previous = match self.flows.touch(key, now) {
+            Some(flow)
+                if flow.generation == generation
+                    && flow.peer_generation == peer_generation
+                    && flow.peer == slot =>
+            {
+                flow.tcp.merge(tcp);
+                flow.answered |= !may_create;
+                if !flow.allowed {
+                    return Verdict::Deny;
+                }
+                // A flow moves when its connector is gone (or there was none yet), or, while
+                // nothing came back yet (a SYN being retried), when its connector went silent
+                // or drains: the retry then reaches the application through another one.
+                let moves = match flow.link {
+                    FlowLink::None | FlowLink::Gone => true,
+                    FlowLink::Via(l) => !flow.answered && !self.pool.takes_new(l),
+                };
+                if let FlowRoute::Site { app, .. } = flow.route
+                    && may_create
+                    && moves
+                {
+                    let p = &self.policy;
+                    let app = &p.applications[app as usize];
+                    if let Some(link) = self.pool.pick(&p.sites[app.site as usize], &app.name) {
+                        if flow.link != FlowLink::None {
+                            self.counters.flows.moved += 1;
+                        }
+                        if let Some(b) = peer.names.lookup(key.dst) {
+                            self.events.push_back(Event::MapName {
+                                link,
+                                device: key.src,
+                                synthetic: key.dst,
+                                name: b.name.clone(),
+                            });
+                        }
+                        flow.link = FlowLink::Via(link);
+                    } else {
+                        flow.link = FlowLink::None;
+                    }
+                }
+                return Verdict::Allow(flow.route, flow.link);
+            }
+            Some(flow) => Some((flow.allowed, flow.route, flow.link, flow.tcp, flow.answered)),
+            None if may_create => None,
+            None => return Verdict::Drop,
+        };
+        let previous_link = match previous {
+            Some((true, FlowRoute::Site { site, .. }, FlowLink::Via(link), _, _))
+                if self.pool.contains(link) =>
+            {
+                Some((site, link))
+            }
+            _ => None,
+        };
+        let mut tcp = tcp;
+        if let Some(p) = previous {
+            tcp.merge(p.3);
+        }
+        let answered = !may_create || previous.is_some_and(|p| p.4);
+        let previous = previous.map(|p| p.0);
+        let p = &self.policy;
+        let binding = peer.names.lookup(key.dst);
+        let decision = if peer.names.contains(key.dst) {
+            // A synthetic address: the flow is to the application whose name it stands for.
+            match binding.and_then(|b| p.app_by_name(&b.app)) {
+                Some(app) => p.evaluate_named(peer.device, key, peer.posture.as_ref(), app),
+                None => Decision {
+                    action: Action::Deny,
+                    application: None,
+                    reason: Reason::DefaultDeny,
+                },
+            }
+        } else {
+            p.evaluate(peer.device, key, peer.posture.as_ref())
+        };
+        let allowed = decision.allowed();
+        let route = match (allowed, decision.application) {
+            (true, Some(a)) => FlowRoute::Site {
+                site: p.applications[a as usize].site,
+                app: a,
+            },
+            (true, None) => FlowRoute::Internet,
+            (false, _) => FlowRoute::Nowhere,
+        };
+        // The flow's connector: the one it had (a flow stays on its connector), else the
+        // least loaded healthy one of the site.
+        let link = match route {
+            FlowRoute::Site { site, app } => match previous_link {
+                Some((s, link)) if s == site => FlowLink::Via(link),
+                _ if may_create => {
+                    let app = &p.applications[app as usize];
+                    match self.pool.pick(&p.sites[app.site as usize], &app.name) {
+                        Some(picked) => {
+                            if let Some(b) = binding {
+                                self.events.push_back(Event::MapName {
+                                    link: picked,
+                                    device: key.src,
+                                    synthetic: key.dst,
+                                    name: b.name.clone(),
+                                });
+                            }
+                            FlowLink::Via(picked)
+                        }
+                        None => FlowLink::None,
+                    }
+                }
+                _ => FlowLink::None,
+            },
+            _ => FlowLink::None,
+        };
+        // A flow re-checked after a policy change is logged only when its answer changed.
+        if previous != Some(allowed) {
+            self.note_decision(slot, device, key, &decision);
+        }
+        let flow = Flow {
+            allowed,
+            peer: slot,
+            route,
+            link,
+            tcp,
+            answered,
+            generation,
+            peer_generation,
+        };
+        match self.flows.insert(*key, flow, now) {
+            Ok(_) if allowed => Verdict::Allow(route, link),
+            Ok(_) => Verdict::Deny,
+            Err(_) => {
+                self.counters.drops.flow_table_full += 1;
+                Verdict::Drop
+            }
+        }
+    }
+
+    /// Counts and logs a decision; a denial is also kept for the device's status.
+    fn note_decision(&mut self, slot: PeerSlot, device: DeviceId, key: &FlowKey, d: &Decision) {
+        let allowed = d.allowed();
+        if allowed {
+            self.counters.flows.allowed += 1;
+        } else {
+            self.counters.flows.denied += 1;
+        }
+        let result = if allowed { "allow" } else { "deny" };
+        *self
+            .decisions
+            .entry((result, self.policy.reason_text(d.reason)))
+            .or_insert(0) += 1;
+        let record = self.record(device, key, d.action, d.application, d.reason);
+        if !allowed && let Some(peer) = self.peers.get_mut(&slot) {
+            peer.note_denial(Denial {
+                at: self.unix_now,
+                application: record.application.clone(),
+                proto: record.proto.to_string(),
+                dst: record.dst,
+                dport: record.dport,
+                rule: record.rule.clone(),
+                reason: record.reason.to_string(),
+                check: record.check.clone(),
+            });
+        }
+        self.events.push_back(Event::Decision(record));
+    }
+
+    fn record(
+        &self,
+        device: DeviceId,
+        key: &FlowKey,
+        action: Action,
+        app: Option<AppId>,
+        reason: Reason,
+    ) -> DecisionRecord {
+        let p = &self.policy;
+        let internet = matches!(reason, Reason::Egress(_) | Reason::EgressRefused(_));
+        DecisionRecord {
+            event: "flow",
+            decision: action,
+            device: p.device(device).name.clone(),
+            user: p.user_of(device).name.clone(),
+            application: match app {
+                None if internet => Some("internet".to_string()),
+                _ => p.app_name(app).map(str::to_string),
+            },
+            site: app.map(|a| p.sites[p.applications[a as usize].site as usize].clone()),
+            rule: p.rule_name(reason).map(str::to_string),
+            reason: p.reason_text(reason),
+            check: p.check_name(reason).map(str::to_string),
+            proto: key.proto_name(),
+            src: key.src,
+            sport: key.sport,
+            dst: key.dst,
+            dport: key.dport,
+        }
+    }
+}

@@ -1,0 +1,495 @@
+//! The connector's data plane as a state machine without I/O.
+//!
+//! Inputs: packets from broker links ([`ConnectorState::handle_link_packet`]), packets from
+//! the site ([`ConnectorState::handle_site_packet`], read from the TUN device), links coming
+//! and going, name translations resolved, and [`ConnectorState::handle_timeout`]. Outputs:
+//! [`ConnectorState::poll_transmit`] (packets for the site or a link, without copies),
+//! [`ConnectorState::poll_event`] (names to resolve, routes to add) and
+//! [`ConnectorState::poll_timeout`].
+//!
+//! A device's replies go back over the link its packets last came from: a device that moved
+//! to another broker gets its replies there, so its TCP connections survive the move.
+
+pub mod names;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::counters;
+use crate::counters::Traffic;
+use crate::flow::{FlowEntry, FlowTable, IdleTimeouts, TcpEnd};
+use crate::link::LinkId;
+use crate::packet::{self, FlowKey, PacketKind};
+use crate::timers::{TimerName, Timers};
+
+pub use names::{Admit, Key};
+
+/// How often flows and waiting packets expire.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+
+counters! {
+    /// Packets the connector dropped, by reason.
+    pub struct Drops {
+        /// A reply while no broker is linked.
+        no_link,
+        /// Larger than the link carries (the sender gets ICMP "fragmentation needed" or
+        /// "packet too big" when it forbids fragmenting).
+        too_large,
+        /// Waited too long for its name translation, or the queue for it was full, or the
+        /// name did not resolve.
+        name_queue,
+        /// The link's send queue was full.
+        link_congested,
+        /// The link closed while the packet was on its way to it.
+        link_closed,
+        /// The TUN device refused the write.
+        site_write_failed,
+        /// A packet from the site that does not parse.
+        malformed,
+    }
+}
+
+/// The connector's counters.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct Counters {
+    /// Packets from brokers into the site.
+    pub to_site: Traffic,
+    /// Packets from the site to brokers.
+    pub from_site: Traffic,
+    pub drops: Drops,
+    /// ICMP "fragmentation needed" / "packet too big" answers sent into the site.
+    pub too_big_replies: u64,
+}
+
+/// The connector's named timers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timer {
+    Housekeeping,
+}
+
+impl TimerName for Timer {
+    const ALL: &'static [Timer] = &[Timer::Housekeeping];
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transmit {
+    /// Into the site (the TUN device).
+    Site(Bytes),
+    /// To the broker on `link`.
+    Link { link: LinkId, packet: Bytes },
+}
+
+/// Something the shell must do besides moving packets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Resolve `name` on the site's DNS and install `key → address` (replacing `previous`),
+    /// then call [`ConnectorState::handle_name_resolved`].
+    Resolve {
+        key: Key,
+        name: String,
+        previous: Option<Ipv4Addr>,
+    },
+    /// Route this network (devices, synthetic addresses) into the TUN device.
+    Route(IpNet),
+}
+
+/// What a broker said when it accepted the link.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkParams {
+    pub device_ranges: Vec<IpNet>,
+    pub app_ranges: Vec<IpNet>,
+    /// The largest datagram the link carries now.
+    pub max_datagram: usize,
+}
+
+#[derive(Debug)]
+struct Link {
+    broker: String,
+    max_datagram: usize,
+}
+
+/// A flow through this connector, tracked to know when it ended (draining, metrics).
+struct Tracked(TcpEnd);
+
+impl FlowEntry for Tracked {
+    fn allowed(&self) -> bool {
+        true
+    }
+    fn owner(&self) -> u32 {
+        0
+    }
+    fn closed(&self) -> bool {
+        self.0.ended()
+    }
+}
+
+/// A link as the status shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LinkView {
+    pub link: LinkId,
+    pub broker: String,
+    pub max_datagram: usize,
+}
+
+/// The connector's data plane.
+pub struct ConnectorState {
+    links: BTreeMap<LinkId, Link>,
+    /// The link each device's packets last came from.
+    via: HashMap<IpAddr, LinkId>,
+    flows: FlowTable<Tracked>,
+    names: names::Translations,
+    routes: BTreeSet<IpNet>,
+    counters: Counters,
+    /// Open flows as of the last count.
+    open_flows: usize,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    timers: Timers<Timer, 1>,
+    scratch: Vec<u8>,
+}
+
+impl ConnectorState {
+    pub fn new(now: Instant) -> ConnectorState {
+        let mut timers = Timers::default();
+        timers.set(Timer::Housekeeping, now + HOUSEKEEPING);
+        ConnectorState {
+            links: BTreeMap::new(),
+            via: HashMap::new(),
+            flows: FlowTable::new(
+                IdleTimeouts {
+                    udp: Duration::from_secs(30),
+                    other: Duration::from_secs(30),
+                    closed: Duration::from_secs(2),
+                    ..IdleTimeouts::default()
+                },
+                1_000_000,
+                1_000_000,
+            ),
+            names: names::Translations::default(),
+            routes: BTreeSet::new(),
+            counters: Counters::default(),
+            open_flows: 0,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            timers,
+            scratch: vec![0; 1500],
+        }
+    }
+
+    pub fn counters(&self) -> Counters {
+        let mut c = self.counters.clone();
+        c.drops.name_queue = self.names.dropped;
+        c
+    }
+
+    /// Open flows through this connector (as of the last second, plus new ones since).
+    pub fn open_flows(&self) -> usize {
+        self.open_flows
+    }
+
+    pub fn links(&self) -> Vec<LinkView> {
+        self.links
+            .iter()
+            .map(|(id, l)| LinkView {
+                link: *id,
+                broker: l.broker.clone(),
+                max_datagram: l.max_datagram,
+            })
+            .collect()
+    }
+
+    /// A broker accepted the link.
+    pub fn handle_link_up(&mut self, link: LinkId, broker: &str, params: LinkParams) {
+        self.links.insert(
+            link,
+            Link {
+                broker: broker.to_string(),
+                max_datagram: params.max_datagram,
+            },
+        );
+        self.names.set_app_ranges(params.app_ranges.clone());
+        for net in params.device_ranges.iter().chain(&params.app_ranges) {
+            if self.routes.insert(*net) {
+                self.events.push_back(Event::Route(*net));
+            }
+        }
+    }
+
+    /// The largest datagram the link carries changed.
+    pub fn handle_link_mtu(&mut self, link: LinkId, max_datagram: usize) {
+        if let Some(l) = self.links.get_mut(&link) {
+            l.max_datagram = max_datagram;
+        }
+    }
+
+    /// The link closed: devices that used it get their replies over another one until their
+    /// next packet says where they are.
+    pub fn handle_link_down(&mut self, link: LinkId) {
+        self.links.remove(&link);
+        self.via.retain(|_, l| *l != link);
+    }
+
+    /// A packet from a device, through the broker on `link`.
+    pub fn handle_link_packet(&mut self, link: LinkId, packet: Bytes, now: Instant) {
+        self.counters.to_site.count(packet.len());
+        let Ok((src, dst)) = packet::addresses(&packet) else {
+            // The broker checked it; a connector still never writes garbage into the site.
+            self.counters.drops.malformed += 1;
+            return;
+        };
+        if let Ok(PacketKind::Flow(key)) = packet::classify(&packet) {
+            let end = TcpEnd::of(&packet, true);
+            match self.flows.touch(&key, now) {
+                Some(f) => f.0.merge(end),
+                None => {
+                    if self.flows.insert(key, Tracked(end), now).is_ok() {
+                        // Counted at once (a drain must see it); recounted every second.
+                        self.open_flows += 1;
+                    }
+                }
+            }
+        }
+        if self.via.get(&src) != Some(&link) {
+            self.via.insert(src, link);
+        }
+        match self.names.admit(src, dst, &packet, now) {
+            Admit::Forward => self.transmits.push_back(Transmit::Site(packet)),
+            Admit::Queued | Admit::Dropped => {}
+        }
+    }
+
+    /// A packet from the site (a reply) for a device: back over the link its device's packets
+    /// last came from, else any link.
+    pub fn handle_site_packet(&mut self, packet: Bytes, now: Instant) {
+        self.counters.from_site.count(packet.len());
+        let dst = match packet::addresses(&packet) {
+            Ok((_, d)) => d,
+            Err(_) => {
+                self.counters.drops.malformed += 1;
+                return;
+            }
+        };
+        if let Some(key) = client_key(&packet)
+            && let Some(f) = self.flows.touch(&key, now)
+        {
+            f.0.merge(TcpEnd::of(&packet, false));
+        }
+        let link = self
+            .via
+            .get(&dst)
+            .filter(|l| self.links.contains_key(l))
+            .copied()
+            .or_else(|| self.links.keys().next().copied());
+        let Some(link) = link else {
+            self.counters.drops.no_link += 1;
+            return;
+        };
+        let max = self.links.get(&link).map_or(usize::MAX, |l| l.max_datagram);
+        if packet.len() > max {
+            self.counters.drops.too_large += 1;
+            let mtu = max.min(u16::MAX as usize) as u16;
+            if let Some(n) = packet::too_big_reply(&packet, mtu, &mut self.scratch) {
+                self.counters.too_big_replies += 1;
+                let reply = Bytes::copy_from_slice(&self.scratch[..n]);
+                self.transmits.push_back(Transmit::Site(reply));
+            }
+            return;
+        }
+        self.transmits.push_back(Transmit::Link { link, packet });
+    }
+
+    /// A broker says `key` (device, synthetic address) stands for the host name `name`.
+    pub fn handle_map_name(&mut self, key: Key, name: String) {
+        if self.names.has(&key, &name) {
+            return;
+        }
+        let previous = self.names.previous(&key);
+        self.events.push_back(Event::Resolve {
+            key,
+            name,
+            previous,
+        });
+    }
+
+    /// The shell resolved and installed a translation (or failed to).
+    pub fn handle_name_resolved(&mut self, key: Key, name: String, result: Result<Ipv4Addr, ()>) {
+        match result {
+            Ok(real) => {
+                for pkt in self.names.installed(key, name, real) {
+                    self.transmits.push_back(Transmit::Site(pkt));
+                }
+            }
+            Err(()) => self.names.failed(&key),
+        }
+    }
+
+    /// The shell could not write these site packets, or send these link packets.
+    pub fn count_drops(&mut self, f: impl FnOnce(&mut Drops)) {
+        f(&mut self.counters.drops);
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for t in self.timers.take_due(now) {
+            match t {
+                Timer::Housekeeping => {
+                    self.names.expire(now);
+                    self.flows.expire(now);
+                    self.open_flows = self.flows.iter().filter(|(_, f, _)| !f.closed()).count();
+                    self.timers.set(Timer::Housekeeping, now + HOUSEKEEPING);
+                }
+            }
+        }
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next()
+    }
+}
+
+/// The client-side 5-tuple of a packet from the site.
+fn client_key(pkt: &[u8]) -> Option<FlowKey> {
+    match packet::classify(pkt) {
+        Ok(PacketKind::Flow(k)) => Some(k.reversed()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::testpkt::{tcp4, udp4};
+
+    fn up(c: &mut ConnectorState, link: u64, max: usize) {
+        c.handle_link_up(
+            LinkId(link),
+            &format!("b{link}"),
+            LinkParams {
+                device_ranges: vec!["100.118.0.0/16".parse().unwrap()],
+                app_ranges: vec!["100.119.0.0/16".parse().unwrap()],
+                max_datagram: max,
+            },
+        );
+    }
+
+    fn drain(c: &mut ConnectorState) -> Vec<Transmit> {
+        std::iter::from_fn(|| c.poll_transmit()).collect()
+    }
+
+    #[test]
+    fn replies_follow_the_link_the_device_used_last() {
+        let now = Instant::now();
+        let mut c = ConnectorState::new(now);
+        up(&mut c, 1, 1400);
+        up(&mut c, 2, 1400);
+        let routes: Vec<Event> = std::iter::from_fn(|| c.poll_event()).collect();
+        assert_eq!(routes.len(), 2, "each range routed once: {routes:?}");
+        let out = Bytes::from(tcp4([100, 118, 0, 2], 4000, [10, 20, 0, 10], 80, 0x02, 1));
+        c.handle_link_packet(LinkId(2), out.clone(), now);
+        assert_eq!(drain(&mut c), vec![Transmit::Site(out)]);
+        let back = Bytes::from(tcp4([10, 20, 0, 10], 80, [100, 118, 0, 2], 4000, 0x12, 9));
+        c.handle_site_packet(back.clone(), now);
+        assert_eq!(
+            drain(&mut c),
+            vec![Transmit::Link {
+                link: LinkId(2),
+                packet: back.clone()
+            }]
+        );
+        // The device moves to link 1; then link 1 goes and replies take link 2 again.
+        let again = Bytes::from(tcp4([100, 118, 0, 2], 4000, [10, 20, 0, 10], 80, 0x10, 2));
+        c.handle_link_packet(LinkId(1), again, now);
+        drain(&mut c);
+        c.handle_site_packet(back.clone(), now);
+        assert!(matches!(
+            &drain(&mut c)[..],
+            [Transmit::Link {
+                link: LinkId(1),
+                ..
+            }]
+        ));
+        c.handle_link_down(LinkId(1));
+        c.handle_site_packet(back.clone(), now);
+        assert!(matches!(
+            &drain(&mut c)[..],
+            [Transmit::Link {
+                link: LinkId(2),
+                ..
+            }]
+        ));
+        c.handle_link_down(LinkId(2));
+        c.handle_site_packet(back, now);
+        assert!(drain(&mut c).is_empty());
+        assert_eq!(c.counters().drops.no_link, 1);
+        assert_eq!(c.open_flows(), 1);
+    }
+
+    #[test]
+    fn a_reply_too_large_for_the_link_is_answered_into_the_site() {
+        let now = Instant::now();
+        let mut c = ConnectorState::new(now);
+        up(&mut c, 1, 1000);
+        let big = Bytes::from(udp4(
+            [10, 20, 0, 10],
+            53,
+            [100, 118, 0, 2],
+            5000,
+            &[7; 1200],
+        ));
+        c.handle_site_packet(big, now);
+        let out = drain(&mut c);
+        let [Transmit::Site(icmp)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        let Ok(PacketKind::IcmpError { outer, .. }) = packet::classify(icmp) else {
+            panic!("not an ICMP error")
+        };
+        assert_eq!(outer.dst, "10.20.0.10".parse::<IpAddr>().unwrap());
+        assert_eq!(icmp[20..22], [3, 4]);
+        assert_eq!(u16::from_be_bytes([icmp[26], icmp[27]]), 1000);
+        assert_eq!(c.counters().drops.too_large, 1);
+    }
+
+    #[test]
+    fn packets_for_names_wait_for_their_translation() {
+        let now = Instant::now();
+        let mut c = ConnectorState::new(now);
+        up(&mut c, 1, 1400);
+        while c.poll_event().is_some() {}
+        let dev: IpAddr = "100.118.0.2".parse().unwrap();
+        let syn: IpAddr = "100.119.0.9".parse().unwrap();
+        c.handle_map_name((dev, syn), "wiki.corp.example".into());
+        assert!(matches!(
+            c.poll_event(),
+            Some(Event::Resolve { previous: None, .. })
+        ));
+        let p = Bytes::from(tcp4([100, 118, 0, 2], 4000, [100, 119, 0, 9], 80, 0x02, 1));
+        c.handle_link_packet(LinkId(1), p.clone(), now);
+        assert!(drain(&mut c).is_empty(), "waits");
+        c.handle_name_resolved(
+            (dev, syn),
+            "wiki.corp.example".into(),
+            Ok(Ipv4Addr::new(10, 20, 0, 10)),
+        );
+        assert_eq!(drain(&mut c), vec![Transmit::Site(p)]);
+        // Asked again for the same name: nothing to do.
+        c.handle_map_name((dev, syn), "wiki.corp.example".into());
+        assert_eq!(c.poll_event(), None);
+    }
+}

@@ -1,0 +1,18 @@
+//! Sekisho's OS glue, shared by the binaries and kept out of the pure `sekisho-proto`: TUN
+//! devices with offloads, batched UDP with GSO/GRO, the kernel's drop counters, netlink
+//! (addresses, routes, rules), nftables, the control API's HTTPS client and the Prometheus
+//! endpoint.
+
+mod error;
+pub mod http;
+pub mod link;
+pub mod metrics;
+mod netlink;
+mod nft;
+pub mod tun;
+pub mod udp;
+
+pub use error::SysError;
+pub use netlink::{Netlink, Rule};
+pub use nft::{enable_ipv4_forwarding, nft, nft_delete_table};
+pub use tun::{AsyncDevice, create_tun};
