@@ -41,6 +41,10 @@
 #                       same private network: flows are spread over both
 #   SK_DATABASE         the brokers' store (default sqlite://broker.db in SK_STATE); a
 #                       postgres://… URL makes the brokers a cluster on PostgreSQL
+#   SK_LINK_RELAY       "DELAY_MS LOSS": connectors reach the first broker through a userspace
+#                       UDP relay on the internet router (10.99.0.61:4433) that delays each
+#                       datagram and drops that fraction of them; $SK_STATE/link-loss, when
+#                       written, changes the loss while it runs (tests of a lossy link)
 #   SK_BROKER_DELAY_MS  one-way delays to the brokers, like "30 0": each nonzero one puts a
 #                       userspace UDP delay relay (tests/tools/udp_delay.py) on the internet
 #                       router, at 10.99.0.(51+i):51820, and that is the endpoint devices get
@@ -110,6 +114,10 @@ ALL_HOSTS="laptop laptop2 inet broker broker2 site site2 app nas web"
 broker_host() { if [ "$1" = 1 ]; then echo broker; else echo "broker$1"; fi; }
 broker_addr() { if [ "$1" = 1 ]; then echo 10.99.2.2; else echo 10.99.8.2; fi; }
 broker_delay() { local d; read -r -a d <<<"${SK_BROKER_DELAY_MS:-}"; echo "${d[$(($1 - 1))]:-0}"; }
+# The QUIC endpoint connectors are given: the link relay's for the first broker when there is one.
+broker_link_endpoint() {
+    if [ "$1" = 1 ] && [ -n "${SK_LINK_RELAY:-}" ]; then echo "10.99.0.61:4433"; else echo "$(broker_addr "$1"):4433"; fi
+}
 broker_wg_endpoint() {
     if [ "$(broker_delay "$1")" != 0 ]; then echo "10.99.0.$((50 + $1)):51820"; else echo "$(broker_addr "$1"):51820"; fi
 }
@@ -150,6 +158,7 @@ topology() {
     for i in 1 2; do
         if [ "$(broker_delay $i)" != 0 ]; then ip -n "$(ns inet)" addr add "10.99.0.$((50 + i))/32" dev lo; fi
     done
+    if [ -n "${SK_LINK_RELAY:-}" ]; then ip -n "$(ns inet)" addr add 10.99.0.61/32 dev lo; fi
     link inet to-site 10.99.3.1/24 site eth0 10.99.3.2/24
     # The site's private network: a bridge on the app host; each connector host has a leg.
     ip -n "$(ns app)" link add br0 type bridge
@@ -255,7 +264,7 @@ url = "https://$addr:8443"
 database = "${SK_DATABASE:-sqlite://broker.db}"
 ca_key = "pki/ca.key"
 wireguard_endpoint = "$(broker_wg_endpoint "$i")"
-connector_endpoint = "$addr:4433"
+connector_endpoint = "$(broker_link_endpoint "$i")"
 posture_token_lifetime = "${SK_TOKEN_LIFETIME:-5m}"
 connector_cert_lifetime = "${SK_CERT_LIFETIME:-30d}"
 admin_token_file = "admin.token"
@@ -318,7 +327,7 @@ daemon_ns() {
     case $1 in
         broker) echo broker ;;
         broker2) echo broker2 ;;
-        relay1 | relay2) echo inet ;;
+        relay1 | relay2 | link-relay) echo inet ;;
         nas) echo nas ;;
         web) echo web ;;
         connector) echo site ;;
@@ -341,6 +350,11 @@ daemon_cmd() {
             local i=${1#relay}
             echo "python3 $ROOT/tests/tools/udp_delay.py --listen 10.99.0.$((50 + i)):51820 \
 --to $(broker_addr "$i"):51820 --delay-ms $(broker_delay "$i")" ;;
+        link-relay)
+            local r
+            read -r -a r <<<"$SK_LINK_RELAY"
+            echo "python3 $ROOT/tests/tools/udp_delay.py --listen 10.99.0.61:4433 \
+--to 10.99.2.2:4433 --delay-ms ${r[0]:-0} --loss ${r[1]:-0} --loss-file $STATE/link-loss --verbose" ;;
         nas) echo "python3 $HERE/demo/app-services.py $STATE/www-nas" ;;
         web) echo "python3 $HERE/demo/app-services.py $STATE/www-web" ;;
         connector) echo "$BIN/sekisho-connector run --config $STATE/connector/connector.toml" ;;
@@ -434,6 +448,7 @@ up() {
     for i in 1 2; do
         if [ "$(broker_delay $i)" != 0 ]; then start "relay$i"; fi
     done
+    if [ -n "${SK_LINK_RELAY:-}" ]; then start link-relay; fi
     enroll_all
     start connector
     if [ "$NCONNECTORS" -ge 2 ]; then start connector2; fi
@@ -479,8 +494,8 @@ EOF
 
 down() {
     need_root
-    for d in client-alice client-bob connector connector2 broker broker2 relay1 relay2 nas web \
-        app edr site-dns inet-dns; do stop "$d"; done
+    for d in client-alice client-bob connector connector2 broker broker2 relay1 relay2 link-relay \
+        nas web app edr site-dns inet-dns; do stop "$d"; done
     for h in $ALL_HOSTS; do
         local n
         n=$(ns "$h")
@@ -497,8 +512,8 @@ down() {
 status() {
     SK_BIN=${SK_BIN:-$ROOT/target/release}
     binaries
-    for d in broker broker2 relay1 relay2 connector connector2 client-alice client-bob app nas \
-        web edr site-dns inet-dns; do
+    for d in broker broker2 relay1 relay2 link-relay connector connector2 client-alice client-bob \
+        app nas web edr site-dns inet-dns; do
         if [ -f "$STATE/$d.pid" ] && kill -0 "$(cat "$STATE/$d.pid")" 2>/dev/null; then
             say "$d: running (pid $(cat "$STATE/$d.pid"))"
         else

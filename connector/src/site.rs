@@ -317,7 +317,13 @@ pub async fn site_loop(
                 Err(e) => debug!("TUN read error: {e}"),
             },
             _ = tokio::time::sleep_until(wake.into()) => core.handle_timeout(Instant::now()),
-            _ = publish.tick() => publish_state(&core, &links, retired_drops, &state, io.tun_name),
+            _ = publish.tick() => {
+                // QUIC's path MTU moves (discovery up, black-hole detection down to the floor).
+                for (id, l) in &links {
+                    core.handle_link_mtu(*id, l.sender.max_datagram());
+                }
+                publish_state(&core, &links, retired_drops, &state, io.tun_name)
+            }
         }
         // Output: packets, then what else the state asks for.
         let mut write_failed = 0u64;

@@ -5,14 +5,17 @@ The end-to-end tests use it inside network namespaces instead of `tc netem`, whi
 kernel may not have:
 
     python3 udp_delay.py --listen 10.99.0.1:51821 --to 10.30.0.2:51820 --delay-ms 40 \
-        [--loss 0.0] [--ready-file PATH] [--verbose]
+        [--loss 0.0] [--loss-file PATH] [--ready-file PATH] [--verbose]
 
 Every datagram that arrives on --listen from a client address C is sent to --to from an
 upstream socket of C's own (created on C's first datagram, connected to --to), so the target
 sees one source port per client and its replies map back to C without ambiguity. Datagrams the
 target sends to that upstream socket go back to C from the listen socket. Each direction is
 delayed by --delay-ms (a round trip grows by twice that), order preserved; --loss drops that
-fraction of datagrams at random, in each direction.
+fraction of datagrams at random, in each direction. With --loss-file, the loss is read again
+from that file (a number from 0 to 1) every 0.2 s, so a test can start and end a lossy period
+while traffic flows; "P above N" drops that fraction of the datagrams larger than N bytes only
+(a path that lost its large packets: what MTU black-hole detection reacts to).
 
 One thread, one `selectors` loop, one FIFO of (due, socket, data, address): the delay is the
 same for every datagram, so due times are already in order and a deque serves as the timer
@@ -48,6 +51,8 @@ EARLY = 0.0005
 SWEEP_EVERY = 1.0
 # Verbose counter line period.
 REPORT_EVERY = 10.0
+# How often --loss-file is read.
+LOSS_FILE_EVERY = 0.2
 
 
 def parse_addr(text, what):
@@ -96,6 +101,9 @@ class Relay:
     def __init__(self, args):
         self.delay = args.delay_ms / 1000.0
         self.loss = args.loss
+        # Loss applies only to datagrams larger than this (0: to all).
+        self.loss_above = 0
+        self.loss_file = args.loss_file
         self.idle = args.idle_secs
         self.verbose = args.verbose
         self.lfamily, self.laddr = parse_addr(args.listen, "--listen")
@@ -116,7 +124,7 @@ class Relay:
     # -- receiving -----------------------------------------------------------------------------
 
     def enqueue(self, now, sock, data, addr, direction):
-        if self.loss and random.random() < self.loss:
+        if self.loss and len(data) > self.loss_above and random.random() < self.loss:
             self.c[direction + "_lost"] += 1
             return
         if self.queued_bytes + len(data) > MAX_QUEUED_BYTES:
@@ -226,6 +234,22 @@ class Relay:
                 m.sock.close()
                 self.c["mappings_expired"] += 1
 
+    def reread_loss(self):
+        """Takes the loss from --loss-file when it holds a valid fraction."""
+        try:
+            with open(self.loss_file) as f:
+                words = f.read().split()
+            v = float(words[0]) if words else 0.0
+            above = int(words[2]) if len(words) == 3 and words[1] == "above" else 0
+        except (OSError, ValueError):
+            return
+        if 0.0 <= v <= 1.0 and (v, above) != (self.loss, self.loss_above):
+            self.loss, self.loss_above = v, above
+            self.c["loss_changes"] += 1
+            if self.verbose:
+                print(f"udp_delay: loss now {v} above {above} bytes", file=sys.stderr,
+                      flush=True)
+
     def report(self):
         fields = " ".join(f"{k}={v}" for k, v in sorted(self.c.items()))
         print(f"udp_delay: mappings={len(self.by_client)} queued={len(self.queue)} {fields}",
@@ -238,6 +262,7 @@ class Relay:
         now = time.monotonic()
         next_sweep = now + SWEEP_EVERY
         next_report = now + REPORT_EVERY
+        next_loss = now
         blocked = False
         while not self.stop:
             now = time.monotonic()
@@ -248,6 +273,8 @@ class Relay:
             else:
                 timeout = SWEEP_EVERY
             timeout = min(timeout, max(0.0, next_sweep - now))
+            if self.loss_file:
+                timeout = min(timeout, max(0.0, next_loss - now))
             events = self.sel.select(timeout)
             now = time.monotonic()
             for key, _ in events:
@@ -263,6 +290,9 @@ class Relay:
                 else:
                     self.read_upstream(d, now)
             blocked = not self.flush(time.monotonic())
+            if self.loss_file and now >= next_loss:
+                next_loss = now + LOSS_FILE_EVERY
+                self.reread_loss()
             if now >= next_sweep:
                 next_sweep = now + SWEEP_EVERY
                 self.sweep(now)
@@ -283,6 +313,7 @@ def main():
     p.add_argument("--to", required=True, help="HOST:PORT of the target")
     p.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay, each direction")
     p.add_argument("--loss", type=float, default=0.0, help="drop probability, each direction")
+    p.add_argument("--loss-file", help="file with the drop probability, read every 0.2 s")
     p.add_argument("--idle-secs", type=float, default=120.0, help="idle mapping lifetime")
     p.add_argument("--ready-file", help="written with the pid once the listen socket is bound")
     p.add_argument("--verbose", action="store_true", help="counters on stderr every 10 s")
