@@ -510,8 +510,9 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
 async fn apply(conn: &Conn, file: &Path, json: bool) -> Result<()> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    // Check syntax locally first, so errors name the admin's own file and line.
-    sekisho_proto::policy::Policy::parse(file, &text).map_err(anyhow::Error::from)?;
+    // Check syntax locally first, so errors name the admin's own file and line; users and
+    // groups may live in the control plane's directory, which resolves them.
+    sekisho_proto::policy::Policy::check_syntax(file, &text).map_err(anyhow::Error::from)?;
     let answer: Result<api::PolicyApplied, _> = conn
         .client()?
         .call(

@@ -624,6 +624,13 @@ impl Policy {
         Policy::parse(path, &text)
     }
 
+    /// Checks only what can be checked without the control plane's directory: TOML syntax and
+    /// the type of every field (errors name the file, line and field). Names of users and
+    /// groups the directory holds are resolved where the policy is applied.
+    pub fn check_syntax(path: &Path, text: &str) -> Result<(), ConfigError> {
+        parse_toml::<RawPolicy>(path, text).map(|_| ())
+    }
+
     /// Parses and checks policy text; `path` is only used in error messages.
     pub fn parse(path: &Path, text: &str) -> Result<Policy, ConfigError> {
         Policy::parse_with(path, text, &Directory::default())
@@ -1788,6 +1795,19 @@ fn compile_dns(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_syntax_check_leaves_directory_names_to_the_control_plane() {
+        let p = Path::new("policy.toml");
+        let text = "[[sites]]\nname = \"dc1\"\n[[applications]]\nname = \"a\"\nsite = \"dc1\"\naddresses = [\"10.0.0.1\"]\nprotocols = [\"tcp\"]\n[[rules]]\nname = \"r\"\naction = \"allow\"\nusers = [\"alice\"]\napplications = [\"a\"]\n";
+        assert!(Policy::check_syntax(p, text).is_ok());
+        assert!(
+            Policy::parse(p, text).is_err(),
+            "alice is only in the directory"
+        );
+        let e = Policy::check_syntax(p, &text.replace("allow", "alow")).unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (10, "rules[0].action"));
+    }
+
     use super::*;
     use crate::keys::PrivateKey;
     use crate::packet::PROTO_TCP;

@@ -1,25 +1,31 @@
 #!/usr/bin/env bash
-# Throughput and latency benchmark: Sekisho next to references measured in the same run.
+# Throughput benchmark: Sekisho next to references measured in the same run, in the shapes
+# users create.
 #
 #   tests/bench/throughput.sh            (as root; builds release binaries if needed)
 #
-# On the quickstart's namespaces it measures, laptop -> app host:
-#   1. raw veth     a direct veth pair between the laptop and app namespaces (the ceiling)
-#   2. wireguard-go a plain WireGuard tunnel over that veth (Debian's wireguard-go)
-#   3. sekisho      the real path: laptop -> internet router -> broker -> router -> connector
-#                   -> app, every flow authorized, WireGuard then QUIC
-# with iperf3 (one TCP stream, BENCH_SECONDS each, BENCH_RUNS times per path: the median is
-# reported with the range, because a lossy path gives bimodal results) and ping RTT (BENCH_PINGS
-# pings), and prints the figures and the ratios. Figures are only comparable within one run on
-# one machine. Settings: BENCH_SECONDS (default 10), BENCH_RUNS (default 3), BENCH_PINGS
-# (default 50), SK_BIN (prebuilt binaries).
+# On the quickstart's namespaces it measures with iperf3, laptop -> app host unless said:
+#   raw veth      a direct veth pair between the laptop and app namespaces (the ceiling)
+#   wireguard-go  a plain WireGuard tunnel over that veth (Debian's wireguard-go), the
+#                 reference; a second one between bob's laptop and the app for two laptops
+#   sekisho       the real path: laptop -> internet router -> broker -> router -> connector
+#                 -> app, every flow authorized, WireGuard then QUIC
+#   egress        sekisho's internet egress: alice's laptop in full tunnel -> broker (source
+#                 NAT) -> a web host (one WireGuard hop)
+# each in these shapes: one TCP stream, four streams (-P 4), the reverse direction (-R), two
+# laptops at once (alice and bob, each one stream). Every run reports throughput, TCP
+# retransmits, the drop counters of Sekisho (broker, connector, client) and of the kernel
+# (UDP receive-buffer overflows in every namespace, interface drops), and the CPU seconds
+# each Sekisho process spent per gigabyte moved. Runs are BENCH_RUNS (default 3) of
+# BENCH_SECONDS (default 10) each: the median is reported with the range, because a lossy
+# path gives bimodal results. Figures are only comparable within one run on one machine.
+# Settings: BENCH_SECONDS, BENCH_RUNS, BENCH_PINGS (default 50), BENCH_SHAPES (default
+# "one four reverse two"), SK_BIN (prebuilt binaries), BENCH_JSON (also write the results
+# there as JSON).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
-SECS=${BENCH_SECONDS:-10}
-PINGS=${BENCH_PINGS:-50}
-RUNS=${BENCH_RUNS:-3}
 export SK_PREFIX=${SK_PREFIX:-skb$$-}
 export SK_STATE=${SK_STATE:-/tmp/sekisho-bench-$$}
 P=$SK_PREFIX
@@ -28,7 +34,7 @@ inns() { local n=$1; shift; ip netns exec "$(ns "$n")" "$@"; }
 
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
 missing=()
-for c in iperf3:iperf3 wireguard-go:wireguard-go wg:wireguard-tools ping:iputils-ping nft:nftables; do
+for c in iperf3:iperf3 wireguard-go:wireguard-go wg:wireguard-tools ping:iputils-ping nft:nftables nstat:iproute2; do
     command -v "${c%%:*}" >/dev/null || missing+=("${c##*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -49,7 +55,7 @@ trap cleanup EXIT
 
 "$ROOT/deploy/quickstart.sh" up >/dev/null
 
-# Allow iperf3 (TCP 5201) for alice through Sekisho.
+# iperf3 (TCP 5201-5202) for alice and bob through Sekisho.
 cat >>"$SK_STATE/policy.toml" <<'EOF'
 
 [[applications]]
@@ -57,75 +63,47 @@ name = "iperf3"
 site = "dc1"
 addresses = ["10.20.0.10"]
 protocols = ["tcp"]
-ports = [5201]
+ports = ["5201-5202"]
 
 [[rules]]
 name = "bench-iperf3"
 action = "allow"
-users = ["alice"]
+users = ["alice", "bob"]
 applications = ["iperf3"]
 EOF
-kill -HUP "$(cat "$SK_STATE/broker.pid")"
-for _ in $(seq 50); do grep -q '"result":"applied"' "$SK_STATE/decisions.jsonl" 2>/dev/null && break; sleep 0.1; done
+"$ROOT/deploy/quickstart.sh" admin policy apply "$SK_STATE/policy.toml" >/dev/null
 
-# The reference paths: a direct veth, and wireguard-go over it.
-ip link add bv-laptop netns "$(ns laptop)" type veth peer name bv-app netns "$(ns app)"
-inns laptop ip addr add 10.250.0.1/30 dev bv-laptop
-inns app ip addr add 10.250.0.2/30 dev bv-app
-inns laptop ip link set bv-laptop up
-inns app ip link set bv-app up
-
+# The reference paths: direct veths to the app host, and wireguard-go over them.
 export WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1
-kl=$(wg genkey); ka=$(wg genkey)
-# Interface names differ per namespace: wireguard-go's control sockets share /var/run/wireguard.
-WL=wgl$$; WA=wga$$
-WL=${WL:0:15}; WA=${WA:0:15}
-inns laptop wireguard-go -f "$WL" >/dev/null 2>&1 & WG_PIDS+=($!)
-inns app wireguard-go -f "$WA" >/dev/null 2>&1 & WG_PIDS+=($!)
-for _ in $(seq 50); do [ -S "/var/run/wireguard/$WL.sock" ] && [ -S "/var/run/wireguard/$WA.sock" ] && break; sleep 0.1; done
-inns laptop wg set "$WL" listen-port 51900 private-key <(echo "$kl") peer "$(echo "$ka" | wg pubkey)" endpoint 10.250.0.2:51901 allowed-ips 10.251.0.2/32
-inns app wg set "$WA" listen-port 51901 private-key <(echo "$ka") peer "$(echo "$kl" | wg pubkey)" endpoint 10.250.0.1:51900 allowed-ips 10.251.0.1/32
-inns laptop ip addr add 10.251.0.1/30 dev "$WL"
-inns app ip addr add 10.251.0.2/30 dev "$WA"
-inns laptop ip link set "$WL" mtu 1420 up
-inns app ip link set "$WA" mtu 1420 up
-
-measure() { # name address -> "name rtt gbps gbps ..."
-    local name=$1 addr=$2 all="" gbps rtt
-    inns app pkill -f "iperf3 -s" >/dev/null 2>&1 || true
-    inns app iperf3 -s -D >/dev/null
-    sleep 0.3
-    for _ in $(seq "$RUNS"); do
-        gbps=$(inns laptop iperf3 -c "$addr" -t "$SECS" -J 2>/dev/null |
-            python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.3f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))' || echo "nan")
-        all="$all $gbps"
-    done
-    rtt=$(inns laptop ping -c "$PINGS" -i 0.02 -q "$addr" 2>/dev/null | awk -F/ '/^rtt/ {print $5}')
-    printf '%s %s%s\n' "$name" "${rtt:-nan}" "$all"
+wg_pair() { # laptop-host index: veth 10.250.I.0/30, tunnel 10.251.I.0/30
+    local host=$1 i=$2 kl ka wl wa
+    ip link add "bv$i-l" netns "$(ns "$host")" type veth peer name "bv$i-a" netns "$(ns app)"
+    inns "$host" ip addr add "10.250.$i.1/30" dev "bv$i-l"
+    inns app ip addr add "10.250.$i.2/30" dev "bv$i-a"
+    inns "$host" ip link set "bv$i-l" up
+    inns app ip link set "bv$i-a" up
+    kl=$(wg genkey); ka=$(wg genkey)
+    # Interface names differ per namespace: wireguard-go's control sockets share /var/run/wireguard.
+    wl="wl$i$$"; wa="wa$i$$"; wl=${wl:0:15}; wa=${wa:0:15}
+    inns "$host" wireguard-go -f "$wl" >/dev/null 2>&1 & WG_PIDS+=($!)
+    inns app wireguard-go -f "$wa" >/dev/null 2>&1 & WG_PIDS+=($!)
+    for _ in $(seq 50); do [ -S "/var/run/wireguard/$wl.sock" ] && [ -S "/var/run/wireguard/$wa.sock" ] && break; sleep 0.1; done
+    inns "$host" wg set "$wl" listen-port $((51900 + 2 * i)) private-key <(echo "$kl") \
+        peer "$(echo "$ka" | wg pubkey)" endpoint "10.250.$i.2:$((51901 + 2 * i))" allowed-ips "10.251.$i.2/32"
+    inns app wg set "$wa" listen-port $((51901 + 2 * i)) private-key <(echo "$ka") \
+        peer "$(echo "$kl" | wg pubkey)" endpoint "10.250.$i.1:$((51900 + 2 * i))" allowed-ips "10.251.$i.1/32"
+    inns "$host" ip addr add "10.251.$i.1/30" dev "$wl"
+    inns app ip addr add "10.251.$i.2/30" dev "$wa"
+    inns "$host" ip link set "$wl" mtu 1420 up
+    inns app ip link set "$wa" mtu 1420 up
 }
+wg_pair laptop 0
+wg_pair laptop2 1
+inns app iperf3 -s -D -p 5201 >/dev/null
+inns app iperf3 -s -D -p 5202 >/dev/null
+inns web iperf3 -s -D -p 5201 >/dev/null
+sleep 0.5
 
-results=$(
-    measure raw-veth 10.250.0.2
-    measure wireguard-go 10.251.0.2
-    measure sekisho 10.20.0.10
-)
-inns app pkill -f "iperf3 -s" >/dev/null 2>&1 || true
-
-python3 - "$results" "$SECS" "$PINGS" "$RUNS" <<'EOF'
-import statistics, sys
-rows = [l.split() for l in sys.argv[1].strip().splitlines()]
-secs, pings, runs = sys.argv[2], sys.argv[3], sys.argv[4]
-d, spread = {}, {}
-for r in rows:
-    g = [float(x) for x in r[2:]]
-    d[r[0]] = (statistics.median(g), float(r[1]))
-    spread[r[0]] = (min(g), max(g))
-print(f"iperf3 one TCP stream laptop -> app, {runs} runs of {secs} s per path (median, min-max); ping RTT average of {pings}")
-print(f"{'path':<14}{'Gbit/s':>10}{'min-max':>18}{'RTT ms':>10}")
-for name, (g, r) in d.items():
-    lo, hi = spread[name]
-    print(f"{name:<14}{g:>10.3f}{f'{lo:.3f}-{hi:.3f}':>18}{r:>10.3f}")
-s, w, v = d["sekisho"], d["wireguard-go"], d["raw-veth"]
-print(f"sekisho / wireguard-go throughput: {s[0]/w[0]:.2f}x   RTT: {s[1]/w[1]:.2f}x")
-print(f"sekisho / raw veth     throughput: {s[0]/v[0]:.3f}x   RTT: {s[1]/v[1]:.2f}x")
-EOF
+python3 "$HERE/throughput.py" --prefix "$P" --state "$SK_STATE" --bin "$SK_BIN" --root "$ROOT" \
+    --seconds "${BENCH_SECONDS:-10}" --runs "${BENCH_RUNS:-3}" --pings "${BENCH_PINGS:-50}" \
+    --shapes "${BENCH_SHAPES:-one four reverse two}" ${BENCH_JSON:+--json "$BENCH_JSON"}
