@@ -290,7 +290,17 @@ impl BrokerConfig {
             file: path,
             text: &text,
         };
-        let at = |key: &str| text.find(key).map(|i| i..i);
+        // Where `key` is set: the first line that starts with it.
+        let at = |key: &str| {
+            let mut offset = 0;
+            for line in text.split_inclusive('\n') {
+                if line.trim_start().starts_with(key) {
+                    return Some(offset..offset);
+                }
+                offset += line.len();
+            }
+            None
+        };
         if c.overlay_mtu < sekisho_proto::mtu::MIN_OVERLAY_MTU || c.overlay_mtu > 9000 {
             return Err(src.error(
                 at("overlay_mtu"),
@@ -346,5 +356,25 @@ mod tests {
             Some(SocketAddr::from(([0, 0, 0, 0], 9464)))
         );
         assert!(c.control.is_some() && c.egress.is_some());
+        assert_eq!((c.overlay_mtu, c.dataplane.workers), (1360, Some(2)));
+    }
+
+    #[test]
+    fn a_bad_overlay_mtu_or_no_workers_is_named_with_its_line() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/broker.toml");
+        let text = std::fs::read_to_string(&example).unwrap();
+        let dir = std::env::temp_dir().join(format!("sekisho-brk-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bad = dir.join("broker.toml");
+        for (from, to, field) in [
+            ("overlay_mtu = 1360", "overlay_mtu = 100", "overlay_mtu"),
+            ("workers = 2", "workers = 0", "dataplane.workers"),
+        ] {
+            std::fs::write(&bad, text.replace(from, to)).unwrap();
+            let e = BrokerConfig::load(&bad).unwrap_err();
+            let line = text.lines().position(|l| l.starts_with(from)).unwrap() + 1;
+            assert_eq!((e.field.as_str(), e.line), (field, line), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -57,6 +57,8 @@ async fn resolve(st: &mut ClientState) {
 /// The I/O resources of the loop.
 pub struct Io<'a> {
     pub tun: &'a AsyncDevice,
+    /// The TUN device's name (its kernel drop counters are read by name).
+    pub tun_name: &'a str,
     pub mtu: u16,
     pub udp: &'a BatchUdp,
 }
@@ -111,7 +113,11 @@ pub async fn run(
                 st.handle_timeout(Instant::now(), unix_now());
             }
             _ = publish.tick() => {
-                *view.lock().unwrap_or_else(|e| e.into_inner()) = st.snapshot(Instant::now());
+                let mut snap = st.snapshot(Instant::now());
+                snap.kernel.socket = io.udp.drops();
+                snap.kernel.tun = sekisho_sys::tun::interface_drops(io.tun_name)
+                    .map(|d| d.rx_dropped + d.tx_dropped);
+                *view.lock().unwrap_or_else(|e| e.into_inner()) = snap;
             }
             _ = resolve_tick.tick() => {
                 resolve(&mut st).await;

@@ -705,7 +705,12 @@ async fn run(config: ClientConfig) -> Result<()> {
     let result = tokio::select! {
         r = dataplane::run(
             dp,
-            dataplane::Io { tun: &tun, mtu: iface.mtu, udp: &udp },
+            dataplane::Io {
+                tun: &tun,
+                tun_name: &iface.name,
+                mtu: iface.mtu,
+                udp: &udp,
+            },
             dp_rx,
             endpoints_tx,
             views.data.clone(),

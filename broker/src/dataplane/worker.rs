@@ -210,11 +210,14 @@ impl Output {
         ctx: &Sinks,
     ) {
         let (mut congested, mut too_large, mut closed, mut no_egress) = (0u64, 0, 0, 0);
+        let mut send_failed = 0u64;
         while let Some(t) = state.poll_transmit() {
             match t {
                 Transmit::Peer(d) => {
                     if let Err(e) = udp.send(d.to, d.contents, d.segment_size).await {
                         debug!("WireGuard send failed: {e}");
+                        send_failed +=
+                            d.segment_size.map_or(1, |s| d.contents.len().div_ceil(s)) as u64;
                     }
                 }
                 Transmit::Link { link, packet } => match links.get(&link) {
@@ -295,8 +298,9 @@ impl Output {
                 queue_full += n;
             }
         }
-        if congested + too_large + closed + no_egress + unlogged + queue_full > 0 {
+        if congested + too_large + closed + no_egress + unlogged + queue_full + send_failed > 0 {
             state.count_drops(|d| {
+                d.send_failed += send_failed;
                 d.link_congested += congested;
                 d.too_large += too_large;
                 d.link_closed += closed;

@@ -42,6 +42,8 @@ counters! {
         no_session,
         /// The worker's queue towards another worker was full.
         worker_queue_full,
+        /// The WireGuard socket refused a send (counted per datagram).
+        send_failed,
         /// The decision log could not take a record (its writer is behind).
         decisions_not_logged,
     }

@@ -151,6 +151,16 @@ pub struct Snapshot {
     pub counters: Counters,
     /// Packets from apps dropped because no broker was up (also in `counters`).
     pub dropped_no_broker: u64,
+    /// What the kernel dropped for this client: datagrams on the tunnel socket (receive buffer
+    /// full), packets on the TUN device (not read in time). Filled in by the I/O shell.
+    pub kernel: KernelDrops,
+}
+
+/// The kernel's drop counters the client reads.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct KernelDrops {
+    pub socket: Option<u64>,
+    pub tun: Option<u64>,
 }
 
 struct Link {
@@ -734,6 +744,7 @@ impl ClientState {
             broker_status: status,
             counters: self.counters.clone(),
             dropped_no_broker: self.counters.drops.no_broker,
+            kernel: KernelDrops::default(),
         }
     }
 }
