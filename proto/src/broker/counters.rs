@@ -23,6 +23,9 @@ counters! {
         unsolicited_from_site,
         /// A packet of a denied flow (answered with a TCP RST or ICMP prohibited).
         denied,
+        /// An ICMP error from a device whose outer destination is not the other end of the
+        /// flow it quotes (or that quotes no flow of the device's).
+        icmp_mismatch,
         /// No room in the flow table (in all, or for this device).
         flow_table_full,
         /// An answer for a device whose address is not known yet.

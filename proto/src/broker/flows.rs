@@ -155,11 +155,14 @@ impl BrokerState {
             None if may_create => None,
             None => return Verdict::Drop,
         };
+        // The connector it had, if that is still linked. (Its site is compared below by the
+        // link's site in the current policy: a site index of the old policy may now name
+        // another site.)
         let previous_link = match previous {
-            Some((true, FlowRoute::Site { site, .. }, FlowLink::Via(link), _, _))
+            Some((true, FlowRoute::Site { .. }, FlowLink::Via(link), _, _))
                 if self.pool.contains(link) =>
             {
-                Some((site, link))
+                Some(link)
             }
             _ => None,
         };
@@ -197,7 +200,7 @@ impl BrokerState {
         // least loaded healthy one of the site.
         let link = match route {
             FlowRoute::Site { site, app } => match previous_link {
-                Some((s, link)) if s == site => FlowLink::Via(link),
+                Some(link) if self.link_sites.get(&link) == Some(&site) => FlowLink::Via(link),
                 _ if may_create => {
                     let app = &p.applications[app as usize];
                     match self.pool.pick(&p.sites[app.site as usize], &app.name) {

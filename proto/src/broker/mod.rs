@@ -16,6 +16,8 @@ pub mod counters;
 pub mod events;
 mod flows;
 pub mod links;
+#[doc(hidden)]
+pub mod oracle;
 pub mod peers;
 mod services;
 
@@ -470,11 +472,13 @@ impl BrokerState {
         };
         let mut rx = std::mem::take(&mut self.rx);
         let pkt = &rx[..len];
-        let (key, src) = match packet::classify(pkt) {
-            Ok(PacketKind::Flow(k)) => (k, k.src),
+        let (key, src, error_to) = match packet::classify(pkt) {
+            Ok(PacketKind::Flow(k)) => (k, k.src, None),
             // The device reports an error about a packet it got from an app: it belongs to the
-            // device's flow towards that app.
-            Ok(PacketKind::IcmpError { outer, about }) => (about.reversed(), outer.src),
+            // device's flow towards that app, and may go only to that app.
+            Ok(PacketKind::IcmpError { outer, about }) => {
+                (about.reversed(), outer.src, Some(outer.dst))
+            }
             Err(e) => {
                 self.counters.drops.malformed += 1;
                 trace!(%e, "malformed packet from a device");
@@ -493,7 +497,22 @@ impl BrokerState {
             self.rx = rx;
             return;
         }
-        let verdict = self.authorize(slot, &key, now, true, crate::flow::TcpEnd::of(pkt, true));
+        if error_to.is_some_and(|to| to != key.dst) {
+            // Its quoted header names an allowed flow, its outer header another host: that
+            // would carry arbitrary bytes anywhere.
+            self.counters.drops.icmp_mismatch += 1;
+            self.rx = rx;
+            return;
+        }
+        // An error is part of a flow that exists; it never opens one.
+        let may_create = error_to.is_none();
+        let verdict = self.authorize(
+            slot,
+            &key,
+            now,
+            may_create,
+            crate::flow::TcpEnd::of(pkt, true),
+        );
         match verdict {
             Verdict::Allow(FlowRoute::Internet, _) => {
                 self.counters.to_internet.count(len);
@@ -613,7 +632,10 @@ impl BrokerState {
     ) -> bool {
         let key = match packet::classify(pkt) {
             Ok(PacketKind::Flow(k)) => k.reversed(),
-            Ok(PacketKind::IcmpError { about, .. }) => about,
+            // An error about a packet the device sent (from the app or a router on its way):
+            // only to the device that sent it.
+            Ok(PacketKind::IcmpError { outer, about }) if outer.dst == about.src => about,
+            Ok(PacketKind::IcmpError { .. }) => return false,
             Err(_) => {
                 self.counters.drops.malformed += 1;
                 return true;
