@@ -8,7 +8,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tracing::error;
 
-use sekisho_proto::broker::{AppDnsRecord, DecisionRecord, PostureRecord};
+use sekisho_proto::broker::{AppDnsRecord, DecisionRecord, PostureRecord, SummaryRecord};
 
 /// Records waiting for the writer. Bounded: a flood of new flows must not grow memory
 /// without end; what the writer cannot take is counted (`drops.decisions_not_logged`).
@@ -18,6 +18,7 @@ pub enum LogLine {
     Decision(DecisionRecord),
     Posture(PostureRecord),
     AppDns(AppDnsRecord),
+    Summary(SummaryRecord),
     Policy {
         result: &'static str,
         detail: String,
@@ -63,6 +64,7 @@ pub async fn decision_writer(path: PathBuf, mut rx: mpsc::Receiver<LogLine>) {
             LogLine::Decision(r) => serde_json::to_string(&Stamped { ts, record: r }),
             LogLine::Posture(r) => serde_json::to_string(&Stamped { ts, record: r }),
             LogLine::AppDns(r) => serde_json::to_string(&Stamped { ts, record: r }),
+            LogLine::Summary(r) => serde_json::to_string(&Stamped { ts, record: r }),
             LogLine::Policy { result, detail } => serde_json::to_string(&Stamped {
                 ts,
                 record: &PolicyEvent {

@@ -96,10 +96,21 @@ pub trait FlowEntry {
 struct Slot<V> {
     value: V,
     last_seen: Instant,
+    /// The second (since the table's origin) its expiry check is scheduled for in the wheel.
+    check_at: u64,
 }
+
+/// Seconds the expiry wheel spans; a later check is scheduled at the wheel's far end and
+/// pushed on from there.
+const WHEEL_SECONDS: u64 = 4096;
 
 /// Flows keyed by their client-side 5-tuple, with a cap on their number in all and per owner,
 /// so that one misbehaving client cannot fill the table for everyone.
+///
+/// Expiry costs nothing per packet and never scans the table: every flow has one entry in a
+/// wheel of one-second slots, at the second it could go idle; when that second comes, the
+/// flow either went idle (removed) or was seen since (scheduled again for its new deadline).
+/// A table at its cap refuses a new flow after looking only at what is due now.
 #[derive(Debug)]
 pub struct FlowTable<V> {
     flows: HashMap<FlowKey, Slot<V>>,
@@ -107,6 +118,11 @@ pub struct FlowTable<V> {
     capacity: usize,
     per_owner: usize,
     owned: HashMap<u32, usize>,
+    wheel: Vec<Vec<(FlowKey, u64)>>,
+    /// The time second 0 of the wheel stands for (the first time the table saw).
+    origin: Option<Instant>,
+    /// The next second of the wheel to look at.
+    cursor: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -134,7 +150,27 @@ impl<V: FlowEntry> FlowTable<V> {
             capacity,
             per_owner,
             owned: HashMap::new(),
+            wheel: (0..WHEEL_SECONDS).map(|_| Vec::new()).collect(),
+            origin: None,
+            cursor: 0,
         }
+    }
+
+    /// `t` as whole seconds since the origin (rounded up: a check is never early). The
+    /// origin is the first `now` the table is given.
+    fn second(&self, t: Instant) -> u64 {
+        let Some(origin) = self.origin else {
+            return 0;
+        };
+        let d = t.saturating_duration_since(origin);
+        d.as_secs() + u64::from(d.subsec_nanos() > 0)
+    }
+
+    /// Files the check of `key` at the second `at` (at most the wheel's span ahead).
+    fn schedule(&mut self, key: FlowKey, at: u64) -> u64 {
+        let at = at.clamp(self.cursor, self.cursor + WHEEL_SECONDS - 1);
+        self.wheel[(at % WHEEL_SECONDS) as usize].push((key, at));
+        at
     }
 
     /// Flows currently held by `owner`.
@@ -166,8 +202,51 @@ impl<V: FlowEntry> FlowTable<V> {
         Some(&mut slot.value)
     }
 
-    /// Inserts or replaces the entry for `key`.
+    /// Like [`FlowTable::touch`], then runs `update` on the entry; when that shortened its idle
+    /// limit (a TCP flow that ended), its expiry check moves earlier.
+    pub fn touch_with<R>(
+        &mut self,
+        key: &FlowKey,
+        now: Instant,
+        update: impl FnOnce(&mut V) -> R,
+    ) -> Option<R> {
+        self.origin.get_or_insert(now);
+        let timeouts = self.timeouts;
+        let before = timeouts.limit(key, self.touch(key, now)?);
+        let slot = self.flows.get_mut(key)?;
+        let out = update(&mut slot.value);
+        let after = timeouts.limit(key, &slot.value);
+        if after < before {
+            let due = self.second(now + after);
+            if due < self.flows.get(key).map_or(u64::MAX, |s| s.check_at) {
+                let at = self.schedule(*key, due);
+                if let Some(s) = self.flows.get_mut(key) {
+                    s.check_at = at;
+                }
+            }
+        }
+        Some(out)
+    }
+
+    /// The entry of `key` may have a shorter idle limit now (it ended, or was denied): its
+    /// expiry check moves earlier if so.
+    pub fn reschedule(&mut self, key: &FlowKey) {
+        let Some(slot) = self.flows.get(key) else {
+            return;
+        };
+        let due = self.second(slot.last_seen + self.timeouts.limit(key, &slot.value));
+        if due < slot.check_at {
+            let at = self.schedule(*key, due);
+            if let Some(s) = self.flows.get_mut(key) {
+                s.check_at = at;
+            }
+        }
+    }
+
+    /// Inserts or replaces the entry for `key`. At a cap, only what is due to expire now is
+    /// looked at before the answer.
     pub fn insert(&mut self, key: FlowKey, value: V, now: Instant) -> Result<&mut V, TableFull> {
+        self.origin.get_or_insert(now);
         let owner = value.owner();
         let same_owner = self
             .flows
@@ -179,9 +258,18 @@ impl<V: FlowEntry> FlowTable<V> {
                 return Err(e);
             }
         }
+        let check_at = match self.flows.get(&key) {
+            Some(old) => old.check_at,
+            None => {
+                let limit = self.timeouts.limit(&key, &value);
+                let due = self.second(now + limit);
+                self.schedule(key, due)
+            }
+        };
         let slot = Slot {
             value,
             last_seen: now,
+            check_at,
         };
         let owned = &mut self.owned;
         let slot = match self.flows.entry(key) {
@@ -199,6 +287,18 @@ impl<V: FlowEntry> FlowTable<V> {
             }
         };
         Ok(&mut slot.value)
+    }
+
+    /// Whether a new entry for `key` of `owner` would fit now (after expiring what is due): a
+    /// constant-time answer, so a device at its cap costs no decision at all.
+    pub fn room_for(&mut self, key: &FlowKey, owner: u32, now: Instant) -> Result<(), TableFull> {
+        if self.full(key, owner).is_some() {
+            self.expire(now);
+        }
+        match self.full(key, owner) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     fn full(&self, key: &FlowKey, owner: u32) -> Option<TableFull> {
@@ -222,13 +322,52 @@ impl<V: FlowEntry> FlowTable<V> {
         self.flows.iter().map(|(k, s)| (k, &s.value, s.last_seen))
     }
 
-    /// Drops idle flows; returns how many.
+    /// Drops the flows that went idle by `now`, looking only at the wheel's seconds up to
+    /// `now`; returns how many went.
     pub fn expire(&mut self, now: Instant) -> usize {
-        let t = self.timeouts;
-        self.retain(|k, v, last_seen| now.saturating_duration_since(last_seen) <= t.limit(k, v))
+        self.origin.get_or_insert(now);
+        let until = self.second(now);
+        let timeouts = self.timeouts;
+        let mut gone = 0;
+        while self.cursor <= until {
+            let i = (self.cursor % WHEEL_SECONDS) as usize;
+            let due = std::mem::take(&mut self.wheel[i]);
+            let mut later = Vec::new();
+            for (key, at) in due {
+                if at > self.cursor {
+                    later.push((key, at)); // a lap further on
+                    continue;
+                }
+                let Some(slot) = self.flows.get(&key) else {
+                    continue; // removed meanwhile
+                };
+                if slot.check_at != at {
+                    continue; // replaced and scheduled again
+                }
+                let deadline = slot.last_seen + timeouts.limit(&key, &slot.value);
+                if deadline <= now {
+                    if let Some(s) = self.flows.remove(&key) {
+                        release(&mut self.owned, s.value.owner());
+                        gone += 1;
+                    }
+                } else {
+                    let next = self.second(deadline).max(self.cursor + 1);
+                    let next = self.schedule(key, next);
+                    if let Some(s) = self.flows.get_mut(&key) {
+                        s.check_at = next;
+                    }
+                }
+            }
+            // Entries of a later lap stay; the slot keeps its memory for the next second.
+            let slot = &mut self.wheel[i];
+            slot.extend(later);
+            self.cursor += 1;
+        }
+        gone
     }
 
     /// Keeps the flows for which `keep(key, value, last_seen)` is true; returns how many went.
+    /// (A whole pass: for policy changes and closed links, not for routine expiry.)
     pub fn retain(&mut self, mut keep: impl FnMut(&FlowKey, &mut V, Instant) -> bool) -> usize {
         let before = self.flows.len();
         let owned = &mut self.owned;
@@ -303,6 +442,83 @@ mod tests {
             t.touch(&key(2, PROTO_TCP), t0 + Duration::from_secs(11))
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_flow_that_ends_goes_after_the_closed_limit_not_its_idle_one() {
+        let t0 = Instant::now();
+        let mut t = FlowTable::new(IdleTimeouts::default(), 10, 10);
+        t.insert(key(1, PROTO_TCP), C(false), t0).unwrap();
+        t.touch_with(&key(1, PROTO_TCP), t0 + Duration::from_secs(1), |c| {
+            c.0 = true
+        })
+        .unwrap();
+        assert_eq!(t.expire(t0 + Duration::from_secs(5)), 0);
+        assert_eq!(
+            t.expire(t0 + Duration::from_secs(12)),
+            1,
+            "closed limit is 10 s"
+        );
+        assert_eq!(t.len(), 0);
+    }
+
+    proptest::proptest! {
+        /// Expiry by the wheel removes exactly what a full scan would, at any time.
+        #[test]
+        fn the_wheel_expires_what_a_scan_would(
+            ops in proptest::collection::vec((0u8..4, 0u16..40, 0u64..5000), 1..200)
+        ) {
+            let t0 = Instant::now();
+            let timeouts = IdleTimeouts {
+                tcp: Duration::from_secs(3600),
+                udp: Duration::from_secs(120),
+                other: Duration::from_secs(30),
+                denied: Duration::from_secs(30),
+                closed: Duration::from_secs(10),
+            };
+            let mut t = FlowTable::new(timeouts, 1000, 1000);
+            // The model: key -> (last seen, closed).
+            let mut model: HashMap<FlowKey, (Instant, bool)> = HashMap::new();
+            let limit = |k: &FlowKey, closed: bool| timeouts.limit(k, &C(closed));
+            let mut now = t0;
+            for (op, port, ms) in ops {
+                now += Duration::from_millis(ms * 7);
+                let k = key(port, if port % 2 == 0 { PROTO_TCP } else { PROTO_UDP });
+                let live = |m: &HashMap<FlowKey, (Instant, bool)>| {
+                    m.get(&k).is_some_and(|&(seen, c)| now.saturating_duration_since(seen) <= limit(&k, c))
+                };
+                match op {
+                    0 => {
+                        let _ = t.insert(k, C(false), now);
+                        model.insert(k, (now, false));
+                    }
+                    1 | 2 => {
+                        let was = live(&model);
+                        let got = if op == 1 {
+                            t.touch(&k, now).is_some()
+                        } else {
+                            t.touch_with(&k, now, |c| c.0 = true).is_some()
+                        };
+                        proptest::prop_assert_eq!(got, was, "touch of {:?}", k);
+                        if was {
+                            let closed = model[&k].1 || op == 2;
+                            model.insert(k, (now, closed));
+                        } else {
+                            model.remove(&k);
+                        }
+                    }
+                    _ => {
+                        t.expire(now);
+                        model.retain(|k, &mut (seen, c)| seen + limit(k, c) > now);
+                        let mut keys: Vec<FlowKey> = t.iter().map(|(k, _, _)| *k).collect();
+                        let mut want: Vec<FlowKey> = model.keys().copied().collect();
+                        keys.sort_by_key(|k| k.sport);
+                        want.sort_by_key(|k| k.sport);
+                        proptest::prop_assert_eq!(keys, want);
+                    }
+                }
+            }
+        }
     }
 
     fn key(sport: u16, proto: u8) -> FlowKey {

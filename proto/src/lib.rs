@@ -17,6 +17,7 @@ pub mod mtu;
 pub mod packet;
 pub mod policy;
 pub mod posture;
+pub mod ratelimit;
 pub mod select;
 pub mod timers;
 pub mod transmit;

@@ -285,6 +285,11 @@ impl Output {
                         unlogged += 1;
                     }
                 }
+                Event::Summary(r) => {
+                    if ctx.log.try_send(LogLine::Summary(r)).is_err() {
+                        unlogged += 1;
+                    }
+                }
             }
         }
         let mut queue_full = 0u64;

@@ -17,6 +17,10 @@ counters! {
         invalid_wireguard,
         /// A handshake from a key not in the policy, or a session index nobody has.
         unknown_peer,
+        /// A handshake message over its source address's limit (dropped before any work).
+        handshake_per_source,
+        /// A handshake over the worker's budget of handshakes per second.
+        handshake_budget,
         /// An allowed flow whose site has no connector that takes it.
         no_connector,
         /// A packet from a connector that belongs to no flow a device opened there.
@@ -47,6 +51,8 @@ counters! {
         worker_queue_full,
         /// The WireGuard socket refused a send (counted per datagram).
         send_failed,
+        /// An in-tunnel service request (token, DNS, status, echo) over the device's rate.
+        service_rate_limited,
         /// The decision log could not take a record (its writer is behind).
         decisions_not_logged,
     }
@@ -65,6 +71,9 @@ counters! {
         too_big_replies,
         /// TCP SYNs whose MSS was lowered to what the link carries.
         mss_clamped,
+        /// Decisions counted but summed into a device's summary line instead of logged one by
+        /// one (the device decided more than its share of the log).
+        summarized,
     }
 }
 

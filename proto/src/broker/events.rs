@@ -17,6 +17,9 @@ pub enum Event {
     Posture(PostureRecord),
     /// An application name was asked through the tunnel.
     AppDns(AppDnsRecord),
+    /// Decisions of one device left out of the log over the last second (it decided more
+    /// flows than its share of the log).
+    Summary(SummaryRecord),
     /// Tell the connector on `link` that `synthetic`, for flows from `device`, stands for the
     /// host name `name` (sent before the flow's first packet).
     MapName {
@@ -74,4 +77,18 @@ pub struct AppDnsRecord {
     pub result: &'static str,
     pub application: Option<String>,
     pub address: Option<IpAddr>,
+}
+
+/// Decisions of one device that were counted but not logged one by one, as written to the
+/// decision log: "1,234 more denied flows in 1 s".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SummaryRecord {
+    pub event: &'static str,
+    pub device: String,
+    pub user: String,
+    /// Allowed and denied flows not logged one by one.
+    pub allowed: u64,
+    pub denied: u64,
+    /// The period they were decided in.
+    pub seconds: u64,
 }

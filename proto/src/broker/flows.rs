@@ -102,6 +102,22 @@ impl BrokerState {
         may_create: bool,
         tcp: TcpEnd,
     ) -> Verdict {
+        let verdict = self.decide_flow(slot, key, now, may_create, tcp);
+        if tcp != TcpEnd::default() {
+            // A FIN or reset may have ended the flow: it goes after the closed limit.
+            self.flows.reschedule(key);
+        }
+        verdict
+    }
+
+    fn decide_flow(
+        &mut self,
+        slot: PeerSlot,
+        key: &FlowKey,
+        now: Instant,
+        may_create: bool,
+        tcp: TcpEnd,
+    ) -> Verdict {
         let generation = self.generation;
         let Some(peer) = self.peers.get(&slot) else {
             return Verdict::Drop;
@@ -152,7 +168,15 @@ impl BrokerState {
                 return Verdict::Allow(flow.route, flow.link);
             }
             Some(flow) => Some((flow.allowed, flow.route, flow.link, flow.tcp, flow.answered)),
-            None if may_create => None,
+            None if may_create => {
+                // A device at its cap (or a full table) is refused before any decision work
+                // or log line.
+                if self.flows.room_for(key, slot.0, now).is_err() {
+                    self.counters.drops.flow_table_full += 1;
+                    return Verdict::Drop;
+                }
+                None
+            }
             None => return Verdict::Drop,
         };
         // The connector it had, if that is still linked. (Its site is compared below by the
@@ -224,7 +248,7 @@ impl BrokerState {
         };
         // A flow re-checked after a policy change is logged only when its answer changed.
         if previous != Some(allowed) {
-            self.note_decision(slot, device, key, &decision);
+            self.note_decision(slot, device, key, &decision, now);
         }
         let flow = Flow {
             allowed,
@@ -247,7 +271,14 @@ impl BrokerState {
     }
 
     /// Counts and logs a decision; a denial is also kept for the device's status.
-    fn note_decision(&mut self, slot: PeerSlot, device: DeviceId, key: &FlowKey, d: &Decision) {
+    fn note_decision(
+        &mut self,
+        slot: PeerSlot,
+        device: DeviceId,
+        key: &FlowKey,
+        d: &Decision,
+        now: Instant,
+    ) {
         let allowed = d.allowed();
         if allowed {
             self.counters.flows.allowed += 1;
@@ -259,6 +290,15 @@ impl BrokerState {
             .decisions
             .entry((result, self.policy.reason_text(d.reason)))
             .or_insert(0) += 1;
+        let logged = self
+            .peers
+            .get_mut(&slot)
+            .is_some_and(|p| p.may_log(allowed, now));
+        if !logged {
+            // Counted above; it shows in the device's summary line.
+            self.counters.flows.summarized += 1;
+            return;
+        }
         let record = self.record(device, key, d.action, d.application, d.reason);
         if !allowed && let Some(peer) = self.peers.get_mut(&slot) {
             peer.note_denial(Denial {

@@ -39,10 +39,10 @@ use crate::policy::{Policy, SiteId};
 use crate::posture::{PostureClaims, TokenVerifier, service_address};
 use crate::timers::{TimerName, Timers};
 use crate::transmit::{DatagramQueue, Datagrams};
-use crate::wg::{Output, Responder, Route, Session};
+use crate::wg::{Limit, Output, Responder, Route, Session};
 
 pub use counters::Counters;
-pub use events::{AppDnsRecord, DecisionRecord, Event, PostureRecord};
+pub use events::{AppDnsRecord, DecisionRecord, Event, PostureRecord, SummaryRecord};
 pub use flows::Flow;
 use flows::{FlowLink, FlowRoute, Verdict};
 pub use links::{ConnectorPool, LinkId, LinkInfo, LinkState};
@@ -54,6 +54,8 @@ const SYNTHETIC_NAMES_PER_DEVICE: usize = 4096;
 const WIREGUARD_TICK: Duration = Duration::from_millis(250);
 /// How often flows expire, posture tokens are checked and rate limits reset.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// How often connector loads are recounted (a pass over the flow table).
+const LINK_LOAD: Duration = Duration::from_secs(5);
 /// Fresh memory for decrypted packets comes in blocks this large; each packet for a link or
 /// egress leaves as a slice of one.
 const RX_BLOCK: usize = 256 * 1024;
@@ -65,10 +67,13 @@ const SCRATCH: usize = 4096;
 pub enum Timer {
     WireGuard,
     Housekeeping,
+    /// Recounting each connector's open flows (a correction: counts follow picks as they
+    /// happen; ended and expired flows are taken off here).
+    LinkLoad,
 }
 
 impl TimerName for Timer {
-    const ALL: &'static [Timer] = &[Timer::WireGuard, Timer::Housekeeping];
+    const ALL: &'static [Timer] = &[Timer::WireGuard, Timer::Housekeeping, Timer::LinkLoad];
     fn index(self) -> usize {
         self as usize
     }
@@ -165,7 +170,7 @@ pub struct BrokerState {
     /// Packets for links and egress.
     packets: VecDeque<Transmit<'static>>,
     events: VecDeque<Event>,
-    timers: Timers<Timer, 2>,
+    timers: Timers<Timer, 3>,
 }
 
 impl BrokerState {
@@ -184,6 +189,7 @@ impl BrokerState {
         let mut timers = Timers::default();
         timers.set(Timer::WireGuard, now + WIREGUARD_TICK);
         timers.set(Timer::Housekeeping, now + HOUSEKEEPING);
+        timers.set(Timer::LinkLoad, now + LINK_LOAD);
         let mut state = BrokerState {
             responder: Responder::new(key),
             service: service_address(&policy.device_range),
@@ -278,20 +284,13 @@ impl BrokerState {
                     );
                     self.peers.insert(
                         slot,
-                        Peer {
-                            device: id as u32,
-                            key: dev.public_key,
-                            address: dev.address,
+                        Peer::new(
+                            id as u32,
+                            dev.public_key,
+                            dev.address,
                             session,
-                            endpoint: None,
-                            posture: None,
-                            generation: 0,
-                            names: SyntheticMap::new(
-                                policy.dns.app_range,
-                                SYNTHETIC_NAMES_PER_DEVICE,
-                            ),
-                            denials: Default::default(),
-                        },
+                            SyntheticMap::new(policy.dns.app_range, SYNTHETIC_NAMES_PER_DEVICE),
+                        ),
                     );
                 }
             }
@@ -383,7 +382,18 @@ impl BrokerState {
 
     /// A datagram arrived on the WireGuard socket.
     pub fn handle_wg(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) -> Routed {
-        let slot = match self.responder.route(from.ip(), datagram, &mut self.scratch) {
+        let slot = match self
+            .responder
+            .route(from.ip(), datagram, &mut self.scratch, now)
+        {
+            Route::Limited(Limit::PerSource) => {
+                self.counters.drops.handshake_per_source += 1;
+                return Routed::Here;
+            }
+            Route::Limited(Limit::Budget) => {
+                self.counters.drops.handshake_budget += 1;
+                return Routed::Here;
+            }
             Route::Cookie(cookie) => {
                 self.counters.handshakes.cookie_replies += 1;
                 self.out.push(from, cookie);
@@ -493,7 +503,7 @@ impl BrokerState {
             return;
         }
         if key.dst == self.service {
-            self.handle_service(slot, &key, pkt);
+            self.handle_service(slot, &key, pkt, now);
             self.rx = rx;
             return;
         }
@@ -671,6 +681,15 @@ impl BrokerState {
                     self.housekeeping(now, unix_now);
                     self.timers.set(Timer::Housekeeping, now + HOUSEKEEPING);
                 }
+                Timer::LinkLoad => {
+                    self.pool.recount(
+                        self.flows
+                            .iter()
+                            .filter(|(_, f, _)| f.open())
+                            .filter_map(|(_, f, _)| f.link.id()),
+                    );
+                    self.timers.set(Timer::LinkLoad, now + LINK_LOAD);
+                }
             }
         }
     }
@@ -705,17 +724,25 @@ impl BrokerState {
                 }));
             }
         }
+        for peer in self.peers.values_mut() {
+            let (allowed, denied) = std::mem::take(&mut peer.unlogged);
+            if allowed + denied > 0 {
+                self.events.push_back(Event::Summary(SummaryRecord {
+                    event: "flow-summary",
+                    device: policy.device(peer.device).name.clone(),
+                    user: policy.user_of(peer.device).name.clone(),
+                    allowed,
+                    denied,
+                    seconds: HOUSEKEEPING.as_secs(),
+                }));
+            }
+        }
         self.responder.reset_rate_limit();
+        self.responder.forget_quiet_sources(now);
         let expired = self.flows.expire(now);
         if expired > 0 {
             trace!(expired, "idle flows expired");
         }
-        self.pool.recount(
-            self.flows
-                .iter()
-                .filter(|(_, f, _)| f.open())
-                .filter_map(|(_, f, _)| f.link.id()),
-        );
     }
 
     /// The next output, oldest first: packets for links and egress, then datagrams.

@@ -12,7 +12,9 @@ use crate::dns::SyntheticMap;
 use crate::keys::PublicKeyBytes;
 use crate::policy::{DeviceId, Policy};
 use crate::posture::PostureClaims;
+use crate::ratelimit::{Bucket, Rate};
 use crate::wg::Session;
+use std::time::Instant;
 
 /// A device's place in the broker: stable while its key stays in the policy. Its WireGuard
 /// session index is the slot plus one, so index 0 never names a peer.
@@ -180,9 +182,70 @@ pub struct Peer {
     pub names: SyntheticMap,
     /// The latest denials, oldest first (the device's status command shows them).
     pub denials: VecDeque<Denial>,
+    /// Decision records this device may cause in the log (made at its first decision).
+    pub log_budget: Option<Bucket>,
+    /// Decisions left out of the log since the last summary: (allowed, denied).
+    pub unlogged: (u64, u64),
+    /// In-tunnel service requests (token, DNS, status, echo) this device may make.
+    pub service_budget: Option<Bucket>,
 }
 
+/// Decision records one device may cause per second, and as a burst; the rest are summed into
+/// one line a second ("1,234 more denied flows in 1 s"), so a scan writes a summary, not a
+/// line per port.
+pub const DECISION_LOG: Rate = Rate::new(50.0, 200.0);
+/// In-tunnel service requests one device may make per second, and as a burst (its client
+/// makes a few a second: probes, token, status; DNS for application names).
+pub const SERVICE_REQUESTS: Rate = Rate::new(100.0, 200.0);
+
 impl Peer {
+    /// A fresh peer for `device` with `session`.
+    pub fn new(
+        device: DeviceId,
+        key: PublicKeyBytes,
+        address: IpAddr,
+        session: Session,
+        names: SyntheticMap,
+    ) -> Peer {
+        Peer {
+            device,
+            key,
+            address,
+            session,
+            endpoint: None,
+            posture: None,
+            generation: 0,
+            names,
+            denials: VecDeque::new(),
+            log_budget: None,
+            unlogged: (0, 0),
+            service_budget: None,
+        }
+    }
+
+    /// Whether a decision of this device goes to the log (else it is summed up later).
+    pub fn may_log(&mut self, allowed: bool, now: Instant) -> bool {
+        let b = self
+            .log_budget
+            .get_or_insert_with(|| Bucket::new(DECISION_LOG, now));
+        if b.take(DECISION_LOG, now) {
+            return true;
+        }
+        if allowed {
+            self.unlogged.0 += 1;
+        } else {
+            self.unlogged.1 += 1;
+        }
+        false
+    }
+
+    /// Whether this device may make another in-tunnel service request now.
+    pub fn may_ask(&mut self, now: Instant) -> bool {
+        self.service_budget
+            .get_or_insert_with(|| Bucket::new(SERVICE_REQUESTS, now))
+            .take(SERVICE_REQUESTS, now)
+    }
+
     pub fn note_denial(&mut self, d: Denial) {
         if self.denials.len() == DENIALS_KEPT {
             self.denials.pop_front();

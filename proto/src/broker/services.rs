@@ -13,7 +13,17 @@ use std::net::IpAddr;
 
 impl BrokerState {
     /// A packet from peer `slot` to the service address.
-    pub(super) fn handle_service(&mut self, slot: PeerSlot, key: &FlowKey, pkt: &[u8]) {
+    pub(super) fn handle_service(
+        &mut self,
+        slot: PeerSlot,
+        key: &FlowKey,
+        pkt: &[u8],
+        now: std::time::Instant,
+    ) {
+        if !self.peers.get_mut(&slot).is_some_and(|p| p.may_ask(now)) {
+            self.counters.drops.service_rate_limited += 1;
+            return;
+        }
         if key.proto == packet::PROTO_UDP && key.dport == POSTURE_PORT {
             self.handle_token(slot, key, pkt);
         } else if key.proto == packet::PROTO_UDP && key.dport == DNS_PORT {

@@ -19,6 +19,7 @@ struct Recorder {
     maps: Vec<(LinkId, IpAddr, IpAddr, String)>,
     dns: Vec<AppDnsRecord>,
     egress: Vec<Vec<u8>>,
+    summaries: Vec<SummaryRecord>,
 }
 
 impl Recorder {
@@ -41,6 +42,7 @@ impl Recorder {
                 Event::Decision(d) => self.decisions.push(d),
                 Event::Posture(p) => self.postures.push(p),
                 Event::AppDns(r) => self.dns.push(r),
+                Event::Summary(r) => self.summaries.push(r),
                 Event::MapName {
                     link,
                     device,
@@ -148,12 +150,16 @@ fn worker_config() -> WorkerConfig {
 
 /// A broker worker (the only one) and a client session with a completed handshake.
 fn fixture() -> Fixture {
+    fixture_with(worker_config())
+}
+
+fn fixture_with(config: WorkerConfig) -> Fixture {
     let client_key = PrivateKey::generate();
     let broker_key = PrivateKey::generate();
     let policy = Arc::new(Policy::parse(Path::new("p.toml"), &policy_text(&client_key)).unwrap());
     let assignment = Arc::new(Assignment::new(1).next(&policy));
     let now = Instant::now();
-    let core = BrokerState::new(broker_key.clone(), worker_config(), policy, assignment, now);
+    let core = BrokerState::new(broker_key.clone(), config, policy, assignment, now);
     let mut client = Session::new(&client_key, broker_key.public(), None, 1, None);
     let from: SocketAddr = "10.99.1.2:40000".parse().unwrap();
     let mut buf = vec![0u8; 2048];
@@ -210,6 +216,13 @@ impl Fixture {
     fn tick(&mut self, now: Instant, unix: u64, io: &mut Recorder) {
         self.clock = self.clock.max(now) + Duration::from_secs(1);
         self.core.handle_timeout(self.clock, unix);
+        io.drain(&mut self.core);
+    }
+
+    /// Runs the timers at exactly `t` (later than any time given before).
+    fn tick_to(&mut self, t: Instant, io: &mut Recorder) {
+        self.clock = t;
+        self.core.handle_timeout(t, 0);
         io.drain(&mut self.core);
     }
 
@@ -543,28 +556,29 @@ fn ended_tcp_flows_stop_counting_as_open() {
     let mut f = fixture();
     let mut io = Recorder::default();
     let client = [100, 118, 0, 2];
+    let t0 = f.now;
     f.send(&tcp_syn(client, 42000, [10, 20, 0, 10], 80), &mut io);
     f.send(&tcp_syn(client, 42001, [10, 20, 0, 10], 80), &mut io);
-    f.tick(f.now + Duration::from_secs(1), 0, &mut io);
+    // Connector loads are recounted every 5 s.
+    f.tick_to(t0 + Duration::from_secs(5), &mut io);
     assert_eq!(f.core.snapshot().links[0].flows, 2);
     // FIN from the client and from the server end the first flow; a reset the second.
+    f.now = t0 + Duration::from_secs(6);
     f.send(
         &tcp_segment(client, 42000, [10, 20, 0, 10], 80, 0x11),
         &mut io,
     );
     let fin_back = tcp_segment([10, 20, 0, 10], 80, client, 42000, 0x11);
     f.site_packet(LinkId(1), &fin_back, &mut io);
-    f.tick(f.now + Duration::from_secs(2), 0, &mut io);
-    assert_eq!(f.core.snapshot().links[0].flows, 1);
     f.send(
         &tcp_segment(client, 42001, [10, 20, 0, 10], 80, 0x04),
         &mut io,
     );
-    f.tick(f.now + Duration::from_secs(3), 0, &mut io);
+    f.tick_to(t0 + Duration::from_secs(10), &mut io);
     assert_eq!(f.core.snapshot().links[0].flows, 0);
-    // They linger briefly for late segments, then go.
+    // They linger briefly for late segments (10 s), then go.
     assert_eq!(f.core.flow_count(), 2);
-    f.tick(f.now + Duration::from_secs(15), 0, &mut io);
+    f.tick_to(t0 + Duration::from_secs(17), &mut io);
     assert_eq!(f.core.flow_count(), 0);
     let decisions = f.core.snapshot().decisions;
     assert_eq!(decisions.values().sum::<u64>(), 2);
@@ -949,5 +963,56 @@ fn an_icmp_error_from_a_device_goes_only_to_the_flows_other_end() {
         io.site.is_empty(),
         "an ICMP error for 10.20.0.99 went to the site: {:?}",
         io.site
+    );
+}
+
+#[test]
+fn a_port_scan_is_summed_up_in_the_log_and_stops_at_the_device_cap() {
+    let mut f = fixture_with(WorkerConfig {
+        max_flows_per_device: 2000,
+        max_flows: 10_000,
+        ..worker_config()
+    });
+    let mut io = Recorder::default();
+    // 5,000 new flows to the database port range in one go: denied by rule, answered, but
+    // the log gets its share of lines and one summary for the rest.
+    for port in 0..5000u16 {
+        f.send(
+            &tcp_syn([100, 118, 0, 2], 20000 + port, [10, 20, 0, 10], 5432),
+            &mut io,
+        );
+    }
+    let logged = io.decisions.len() as u64;
+    assert!(logged <= 200 + 1, "{logged} lines for one device's scan");
+    f.tick(f.now, 0, &mut io);
+    let s = io.summaries.last().expect("a summary line");
+    assert_eq!(s.device, "alice-laptop");
+    assert_eq!(s.denied + s.allowed + logged, 2000);
+    assert_eq!(f.core.counters().flows.denied, 2000);
+    assert_eq!(f.core.counters().flows.summarized, 2000 - logged);
+    // The device's cap (2,000 flows here) stops the scan: the flows past it are dropped and
+    // counted, not decided or logged.
+    assert_eq!(f.core.counters().drops.flow_table_full, 3000);
+}
+
+#[test]
+fn in_tunnel_services_are_rate_limited_per_device() {
+    let mut f = fixture();
+    let mut io = Recorder::default();
+    let me = IpAddr::from([100, 118, 0, 2]);
+    let service = IpAddr::from([100, 118, 0, 1]);
+    let mut pkt = vec![0u8; 256];
+    for seq in 0..1000u16 {
+        let n = packet::build_echo(me, service, true, 7, seq, b"probe", &mut pkt).unwrap();
+        f.send(&pkt[..n], &mut io);
+    }
+    let answers = f.receive(&io).len();
+    assert!(
+        (200..=202).contains(&answers),
+        "{answers} answers to 1,000 requests at once"
+    );
+    assert_eq!(
+        f.core.counters().drops.service_rate_limited as usize,
+        1000 - answers
     );
 }

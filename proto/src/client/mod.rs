@@ -42,6 +42,9 @@ const STATUS_EVERY: Duration = Duration::from_secs(2);
 const TOKEN_RETRY: Duration = Duration::from_secs(1);
 /// A broker whose session expired is asked for a new handshake this often.
 const HANDSHAKE_RETRY: Duration = Duration::from_secs(2);
+/// A broker that stopped answering probes is asked for a new handshake this often: it may have
+/// restarted and lost the session (WireGuard itself would wait for its rekey timers).
+const DOWN_RETRY: Duration = Duration::from_secs(1);
 /// How often sessions, probes and the broker choice are looked after.
 const TICK: Duration = Duration::from_millis(50);
 /// Broker switches kept for the status.
@@ -581,6 +584,20 @@ impl ClientState {
                 }
                 _ => {}
             }
+            if self.selector.state(l.id) == Some(Liveness::Down)
+                && l.handshake_at.is_some()
+                && now >= l.next_retry
+            {
+                // Silent although the session looks fine: a restarted broker no longer knows
+                // it. A new handshake gets the device back in one round trip.
+                l.next_retry = now + DOWN_RETRY;
+                let out = self.net.reserve(crate::wg::MIN_BUFFER * 2);
+                if let (Some(a), Output::Network(d)) = (l.addr, l.session.initiate(out, true)) {
+                    let n = d.len();
+                    self.net.commit(a, n);
+                    debug!(broker = %display_name(&l.info), "broker silent: new handshake");
+                }
+            }
             if l.session.time_since_handshake().is_none() && l.handshake_at.is_none() {
                 // Never connected yet: keep asking (the engine gives up after a while).
                 if now >= l.next_retry {
@@ -796,6 +813,7 @@ mod tests {
     struct Pair {
         client: ClientState,
         broker: BrokerState,
+        broker_key: PrivateKey,
         client_addr: SocketAddr,
         broker_addr: SocketAddr,
         now: Instant,
@@ -848,6 +866,7 @@ mod tests {
             Pair {
                 client,
                 broker,
+                broker_key: bk,
                 client_addr: "10.99.1.2:40000".parse().unwrap(),
                 broker_addr,
                 now,
@@ -910,6 +929,48 @@ mod tests {
             self.broker.handle_timeout(self.now, 1_000_000);
             self.run();
         }
+    }
+
+    #[test]
+    fn a_restarted_broker_gets_a_new_handshake_and_traffic_within_two_seconds() {
+        let mut p = Pair::new();
+        for _ in 0..10 {
+            p.advance(Duration::from_millis(60));
+        }
+        assert!(p.client.snapshot(p.now).connected);
+        // The broker restarts: same key, no sessions.
+        let policy = p.broker.policy().clone();
+        let assignment = Arc::new(Assignment::new(1).next(&policy));
+        p.broker = BrokerState::new(
+            p.broker_key.clone(),
+            WorkerConfig {
+                worker: WorkerId(0),
+                name: "b".into(),
+                timeouts: IdleTimeouts::default(),
+                max_flows: 100,
+                max_flows_per_device: 100,
+                overlay_mtu: 1360,
+            },
+            policy,
+            assignment,
+            p.now,
+        );
+        p.broker.link_up(crate::broker::LinkId(1), "s", "c", 1400);
+        let restarted = p.now;
+        let mut seg = tcp4([100, 118, 0, 2], 4000, [10, 20, 0, 10], 80, 0x10, 1);
+        let mut back = None;
+        for _ in 0..60 {
+            p.advance(Duration::from_millis(50));
+            seg[24] = seg[24].wrapping_add(1);
+            p.client.handle_tun(&seg, p.now);
+            p.run();
+            if !p.to_site.is_empty() {
+                back = Some(p.now - restarted);
+                break;
+            }
+        }
+        let gap = back.expect("traffic came back");
+        assert!(gap <= Duration::from_secs(2), "back after {gap:?}");
     }
 
     #[test]

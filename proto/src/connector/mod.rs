@@ -249,7 +249,12 @@ impl ConnectorState {
         if let Ok(PacketKind::Flow(key)) = packet::classify(&packet) {
             let end = TcpEnd::of(&packet, true);
             match self.flows.touch(&key, now) {
-                Some(f) => f.0.merge(end),
+                Some(f) => {
+                    f.0.merge(end);
+                    if end != TcpEnd::default() {
+                        self.flows.reschedule(&key);
+                    }
+                }
                 None => {
                     if self.flows.insert(key, Tracked(end), now).is_ok() {
                         // Counted at once (a drain must see it); recounted every second.
@@ -281,7 +286,11 @@ impl ConnectorState {
         if let Some(key) = client_key(&packet)
             && let Some(f) = self.flows.touch(&key, now)
         {
-            f.0.merge(TcpEnd::of(&packet, false));
+            let end = TcpEnd::of(&packet, false);
+            f.0.merge(end);
+            if end != TcpEnd::default() {
+                self.flows.reschedule(&key);
+            }
         }
         let link = self
             .via
