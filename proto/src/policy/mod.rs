@@ -5,6 +5,8 @@
 //! a flow is allowed when an allow rule covers the user (directly or by group) and an application
 //! that matches the flow, unless a deny rule covers them, which wins.
 
+mod index;
+
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
@@ -573,6 +575,8 @@ pub struct Policy {
     pub dns: DnsPolicy,
     pub tunnels: Vec<TunnelRule>,
     device_by_key: HashMap<PublicKeyBytes, DeviceId>,
+    /// Rules and destinations compiled for the decision of new flows.
+    index: index::PolicyIndex,
 }
 
 /// Why a flow was allowed or denied.
@@ -997,7 +1001,9 @@ impl Policy {
         self.decide(user_id, key, posture, None)
     }
 
-    fn decide(
+    /// The straightforward evaluation: every rule in order. The reference the compiled
+    /// evaluation ([`Policy::decide`]) is held against in the property test and the benchmark.
+    pub fn decide_scan(
         &self,
         user_id: UserId,
         key: &FlowKey,
@@ -1032,6 +1038,84 @@ impl Policy {
                 }
             }
         }
+        let first_app = self
+            .applications
+            .iter()
+            .position(|a| a.matches(key))
+            .map(|a| a as AppId);
+        self.conclude(user_id, key, posture, named, allow, first_app)
+    }
+
+    /// Decides a flow through the compiled index: only the rules that name an application the
+    /// flow matches are looked at, in rule order. Same answers as [`Policy::decide_scan`].
+    fn decide(
+        &self,
+        user_id: UserId,
+        key: &FlowKey,
+        posture: Option<&PostureClaims>,
+        named: Option<AppId>,
+    ) -> Decision {
+        if self.users[user_id as usize].disabled {
+            return Decision {
+                action: Action::Deny,
+                application: None,
+                reason: Reason::UserDisabled,
+            };
+        }
+        let mut apps: Vec<AppId> = Vec::new();
+        match named {
+            Some(n) => {
+                if self.applications[n as usize].matches_target(key, true) {
+                    apps.push(n);
+                }
+            }
+            None => index::matching_apps(&self.index, &self.applications, key, &mut apps),
+        }
+        let mut rules: Vec<RuleId> = Vec::new();
+        self.index.rules_naming(&apps, &mut rules);
+        let mut allow: Option<(RuleId, AppId)> = None;
+        for &r in &rules {
+            let rule = &self.rules[r as usize];
+            if rule.action == Action::Allow && allow.is_some() {
+                continue;
+            }
+            if !self.subject_matches(rule, user_id) {
+                continue;
+            }
+            // The rule's first application (in its own order) that the flow matches.
+            let Some(app) = rule
+                .applications
+                .iter()
+                .copied()
+                .find(|a| apps.binary_search(a).is_ok())
+            else {
+                continue;
+            };
+            match rule.action {
+                Action::Deny => {
+                    return Decision {
+                        action: Action::Deny,
+                        application: Some(app),
+                        reason: Reason::Rule(r),
+                    };
+                }
+                Action::Allow => allow = Some((r, app)),
+            }
+        }
+        self.conclude(user_id, key, posture, named, allow, apps.first().copied())
+    }
+
+    /// The end of a decision: the allowing rule (if any) against the posture, else default
+    /// deny or, for a full-tunnel user and no application, the internet.
+    fn conclude(
+        &self,
+        user_id: UserId,
+        key: &FlowKey,
+        posture: Option<&PostureClaims>,
+        named: Option<AppId>,
+        allow: Option<(RuleId, AppId)>,
+        first_app: Option<AppId>,
+    ) -> Decision {
         match allow {
             Some((rule, app)) => {
                 let required = self.required_checks(app);
@@ -1057,12 +1141,7 @@ impl Policy {
                 }
             }
             None => {
-                let application = named.or_else(|| {
-                    self.applications
-                        .iter()
-                        .position(|a| a.matches(key))
-                        .map(|a| a as AppId)
-                });
+                let application = named.or(first_app);
                 // Not an application at all: the internet, for a full-tunnel user.
                 if application.is_none()
                     && let Some(t) = self.tunnel_rule_for_user(user_id)
@@ -1511,8 +1590,9 @@ fn compile(src: &Source, raw: RawPolicy) -> Result<Policy, ConfigError> {
         users,
         devices,
         sites: raw.sites.iter().map(|s| s.name.get_ref().clone()).collect(),
-        applications,
+        index: index::PolicyIndex::build(&applications, &rules),
         rules,
+        applications,
         device_by_key,
     })
 }
