@@ -161,6 +161,20 @@ pub struct ControlConfig {
     /// Audit log of admin changes, enrollments and posture refreshes (JSON lines; "-" = stdout).
     #[serde(default = "default_audit_log")]
     pub audit_log: PathBuf,
+    /// Most connections the API holds at once, and from one source address. A connection has
+    /// 5 s for its TLS handshake and 5 s for its request headers, carries one request, and
+    /// lasts 2 minutes at most.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_max_connections_per_address")]
+    pub max_connections_per_address: usize,
+}
+
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_max_connections_per_address() -> usize {
+    64
 }
 
 /// Durations written like "5m", "30d", "90s".

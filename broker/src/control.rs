@@ -63,6 +63,8 @@ const STORED_POLICY: &str = "policy.toml (stored)";
 
 /// Largest request body accepted (policy files included).
 const MAX_BODY: usize = 4 << 20;
+/// Body limit of requests that carry only a few fields (enrollment, posture).
+const SMALL_BODY: usize = 64 << 10;
 
 /// How often the LISTEN connection is checked by sending a probe notification through the
 /// store, and how long the probe may take to come back before the connection is deemed dead.
@@ -189,6 +191,10 @@ pub struct Control {
     /// What the policy in force was built from: the policy text and the directory.
     applied: Mutex<(String, Directory)>,
     health: Health,
+    /// What the API's limits refused (connections, rates, timeouts), for metrics.
+    pub api_refusals: Arc<crate::api_limits::Refusals>,
+    /// The API's connection caps, once it serves (for the open-connection gauge).
+    pub api_gate: Mutex<Option<Arc<crate::api_limits::Gate>>>,
 }
 
 struct CachedList {
@@ -337,6 +343,8 @@ impl Control {
             broker_key,
             applied: Mutex::new((policy_text.clone(), directory)),
             health,
+            api_refusals: Arc::default(),
+            api_gate: Mutex::new(None),
             policy_text: Mutex::new(policy_text),
             change: tokio::sync::Mutex::new(()),
             audit: Mutex::new(audit),
@@ -1102,6 +1110,14 @@ pub async fn serve(
         .with_context(|| format!("cannot bind the control API on {listen}"))?;
     let bound = listener.local_addr()?;
     info!(addr = %bound, "control API listening (HTTPS)");
+    use crate::api_limits::{CONNECTION_LIFETIME, Gate, HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, Remote};
+    let gate = Gate::new(
+        control.config.max_connections,
+        control.config.max_connections_per_address,
+        control.api_refusals.clone(),
+    );
+    *control.api_gate.lock().unwrap_or_else(|e| e.into_inner()) = Some(gate.clone());
+    let refusals = control.api_refusals.clone();
     let app = router(control);
     let task = tokio::spawn(async move {
         loop {
@@ -1113,24 +1129,51 @@ pub async fn serve(
                     continue;
                 }
             };
-            let (acceptor, app) = (acceptor.clone(), app.clone());
+            // Over a cap: closed at once (counted), so the slots stay with other clients.
+            let Some(admitted) = gate.admit(remote.ip()) else {
+                drop(tcp);
+                continue;
+            };
+            let (acceptor, app, refusals) = (acceptor.clone(), app.clone(), refusals.clone());
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
-                    .await
+                let _admitted = admitted;
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
                 {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
-                        info!(%remote, "control API TLS handshake failed: {e}");
+                        debug!(%remote, "control API TLS handshake failed: {e}");
                         return;
                     }
-                    Err(_) => return,
+                    Err(_) => {
+                        refusals.timed_out.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
                 };
+                let app = tower::ServiceExt::map_request(
+                    app,
+                    move |mut req: hyper::Request<hyper::body::Incoming>| {
+                        req.extensions_mut().insert(Remote(remote.ip()));
+                        req
+                    },
+                );
                 let service = TowerToHyperService::new(app);
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await
-                {
-                    tracing::debug!(%remote, "control API connection: {e}");
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    // One request per connection: an idle connection is gone after its answer.
+                    .keep_alive(false)
+                    .serve_connection(TokioIo::new(tls), service);
+                match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        if e.is_timeout() {
+                            refusals.timed_out.fetch_add(1, Ordering::Relaxed);
+                        }
+                        debug!(%remote, "control API connection: {e}");
+                    }
+                    Err(_) => {
+                        refusals.timed_out.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             });
         }
@@ -1139,10 +1182,24 @@ pub async fn serve(
 }
 
 pub fn router(control: Arc<Control>) -> Router {
-    Router::new()
+    let rate = crate::api_limits::RateGate::new(control.api_refusals.clone());
+    // Anyone may call these (a one-time token is checked inside): a rate per source address,
+    // and small bodies.
+    let open = Router::new()
         .route("/v1/enroll/device", post(enroll_device))
         .route("/v1/enroll/connector", post(enroll_connector))
+        .layer(DefaultBodyLimit::max(SMALL_BODY))
+        .route_layer(axum::middleware::from_fn_with_state(
+            rate,
+            crate::api_limits::limit_unauthenticated,
+        ));
+    let devices = Router::new()
         .route("/v1/posture", post(posture))
+        .route("/v1/device/override-used", post(override_used))
+        .layer(DefaultBodyLimit::max(SMALL_BODY));
+    Router::new()
+        .merge(open)
+        .merge(devices)
         .route("/v1/device/dns", get(device_dns))
         .route("/v1/device/dns/lists/{name}", get(device_dns_list))
         .route("/v1/admin/users", get(list_users).post(create_user))
@@ -1153,7 +1210,6 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/admin/devices", get(list_devices))
         .route("/v1/admin/devices/{name}/revoke", post(revoke_device))
         .route("/v1/admin/devices/{name}/override", post(issue_override))
-        .route("/v1/device/override-used", post(override_used))
         .route("/v1/admin/connectors", get(list_connectors))
         .route("/v1/admin/connectors/{name}/revoke", post(revoke_connector))
         .route("/v1/admin/policy", get(get_policy).put(put_policy))
@@ -1242,12 +1298,40 @@ fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<(T, serde_json::Value
     Ok((parsed, value))
 }
 
-/// The request as received, for the audit log, with its one-time token blanked.
-fn redacted(mut value: serde_json::Value) -> serde_json::Value {
-    if let Some(t) = value.get_mut("token") {
-        *t = serde_json::Value::String("[redacted]".into());
+/// Longest text of a request field kept in the audit log.
+const AUDIT_FIELD: usize = 128;
+
+/// The request as received, for the audit log: only the fields an admin needs (name, public
+/// key, site), each cut to [`AUDIT_FIELD`] characters; the one-time token never, other fields
+/// (a certificate request, say) only by their size. A refused request full of megabytes
+/// leaves a line of a few hundred bytes.
+fn redacted(value: serde_json::Value) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    let serde_json::Value::Object(fields) = value else {
+        return serde_json::json!({"malformed": true});
+    };
+    for (k, v) in fields {
+        let text = match &v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let kept = match k.as_str() {
+            "token" => serde_json::Value::String("[redacted]".into()),
+            "name" | "public_key" | "site" | "hostname" => {
+                let mut t: String = text.chars().take(AUDIT_FIELD).collect();
+                if t.len() < text.len() {
+                    t.push_str(&format!("… ({} bytes)", text.len()));
+                }
+                serde_json::Value::String(t)
+            }
+            _ => serde_json::Value::String(format!("({} bytes)", text.len())),
+        };
+        if out.len() < 8 {
+            let key: String = k.chars().take(32).collect();
+            out.insert(key, kept);
+        }
     }
-    value
+    serde_json::Value::Object(out)
 }
 
 fn enroll_refusal(e: EnrollError) -> ApiErr {

@@ -144,6 +144,8 @@ async fn start_with(dir: &Path, db: &str, token_lifetime: Duration) -> Harness {
         connector_cert_lifetime: Duration::from_secs(3600),
         admin_token_file: dir.join("admin.token"),
         audit_log: dir.join("audit.log"),
+        max_connections: 4096,
+        max_connections_per_address: 64,
     };
     let (policy, opened) = Control::open(&config, &dir.join("policy.toml"), &dir.join("ca.pem"))
         .await
@@ -1365,5 +1367,90 @@ async fn signing_key_rotation_on_sqlite() {
         Duration::from_millis(200),
     )
     .await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The API's limits: idle connections from one address take only that address's slots and go
+/// after the handshake timeout, a refused enrollment with a huge field leaves a short audit
+/// line, and enrollment from one address is rate limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_keeps_answering_under_idle_connections_and_floods() {
+    let dir = scratch("limits");
+    let h = start(&dir, &format!("sqlite://{}/state/broker.db", dir.display())).await;
+    let api: std::net::SocketAddr = h.base.trim_start_matches("https://").parse().unwrap();
+    // 200 idle TCP connections from another loopback address (no TLS handshake, nothing sent).
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.9:0".parse().unwrap()).unwrap();
+        if let Ok(c) = s.connect(api).await {
+            idle.push(c);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let gate = h.control.api_gate.lock().unwrap().clone().unwrap();
+    assert!(
+        gate.open() <= 64,
+        "{} connections held from one address",
+        gate.open()
+    );
+    // The admin (another address) is answered at once.
+    let t0 = Instant::now();
+    let users: Vec<api::UserInfo> = h.admin().get("/v1/admin/users").await.unwrap();
+    let took = t0.elapsed();
+    eprintln!("admin call with 200 idle connections from another address: {took:?}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    drop(users);
+    // The idle ones are closed after the handshake timeout.
+    let closed = wait_for("idle connections closed", Duration::from_secs(10), || {
+        gate.open() == 0
+    })
+    .await;
+    eprintln!("idle connections closed after {closed:?}");
+    drop(idle);
+
+    // A refused enrollment carrying a 60 KB name: a short audit line, without the name.
+    let big = "x".repeat(60_000);
+    let (status, _) = refused(
+        h.enrollee()
+            .post::<_, api::EnrollDeviceResponse>(
+                "/v1/enroll/device",
+                &api::EnrollDeviceRequest {
+                    token: "SKE1.nothing".into(),
+                    public_key: "AAAA".into(),
+                    name: big,
+                },
+            )
+            .await,
+    );
+    assert_eq!(status, 401);
+    let audit = std::fs::read_to_string(dir.join("audit.log")).unwrap();
+    let last = audit.lines().last().unwrap();
+    assert!(
+        last.len() < 1000,
+        "audit line of {} bytes: {last}",
+        last.len()
+    );
+    assert!(last.contains("60000 bytes"), "{last}");
+
+    // Enrollment from one address: 20 at once, then about 2 a second.
+    let mut limited = 0;
+    for _ in 0..40 {
+        let r = h
+            .enrollee()
+            .post::<_, api::EnrollDeviceResponse>(
+                "/v1/enroll/device",
+                &api::EnrollDeviceRequest {
+                    token: "SKE1.nothing".into(),
+                    public_key: "AAAA".into(),
+                    name: "n".into(),
+                },
+            )
+            .await;
+        if let Err(CallError::Refused { status: 429, .. }) = r {
+            limited += 1;
+        }
+    }
+    assert!(limited >= 15, "{limited} of 40 rate limited");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -2,6 +2,7 @@
 //! the policy, and forwards allowed packets to the connector of the application's site.
 
 mod admin;
+mod api_limits;
 mod config;
 mod control;
 #[cfg(test)]

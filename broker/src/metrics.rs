@@ -216,4 +216,31 @@ fn control_metrics(c: &control::Control, m: &mut Snapshot) {
         "Brokers in the deployment's registry.",
         h.brokers as f64,
     );
+    if let Some(gate) = c
+        .api_gate
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+    {
+        m.gauge(
+            "api_connections",
+            "Connections the control API holds now.",
+            gate.open() as f64,
+        );
+    }
+    let r = &c.api_refusals;
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    for (why, n) in [
+        ("connections_total", get(&r.connections_total)),
+        ("connections_per_address", get(&r.connections_per_address)),
+        ("rate_limited", get(&r.rate_limited)),
+        ("timed_out", get(&r.timed_out)),
+    ] {
+        m.counter_with(
+            "api_refused",
+            "Control API connections and requests refused by its limits, by reason.",
+            &[("reason", why)],
+            n,
+        );
+    }
 }
