@@ -60,13 +60,30 @@ fn default_overlay_mtu() -> u16 {
 }
 
 /// `[dataplane]`: how the packet work is spread.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataplaneConfig {
     /// Worker threads, each owning a share of the devices with its own socket. Default: one
     /// per core.
     #[serde(default)]
     pub workers: Option<u16>,
+    /// Drop handshake initiations over a source address's limit in the kernel (nftables)
+    /// before they reach the workers. Default: on.
+    #[serde(default = "yes")]
+    pub handshake_shield: bool,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        DataplaneConfig {
+            workers: None,
+            handshake_shield: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `[metrics]`: where the Prometheus endpoint listens.

@@ -219,6 +219,9 @@ async fn run(config_path: &Path) -> Result<()> {
         }
         None => None,
     };
+    if config.dataplane.handshake_shield {
+        kernel.handshake_shield = dataplane::shield::install(config.listen_wireguard.port()).await;
+    }
     let workers = config
         .dataplane
         .workers
@@ -285,6 +288,7 @@ async fn run(config_path: &Path) -> Result<()> {
         control.clone(),
         config.connectors.stale_after,
     ));
+    let kernel_shield = kernel.handshake_shield.is_some();
     let control_socket = stats::serve(&config.control_socket, dp.clone(), kernel)?;
 
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
@@ -305,6 +309,9 @@ async fn run(config_path: &Path) -> Result<()> {
         if let Err(e) = sekisho_sys::nft(&sekisho_sys::nft_delete_table("ip", &table)).await {
             warn!("cannot remove nftables table {table}: {e}");
         }
+    }
+    if kernel_shield {
+        dataplane::shield::remove(config.listen_wireguard.port()).await;
     }
     endpoint.close(0u32.into(), b"broker stopping");
     control_socket.abort();

@@ -22,6 +22,8 @@ pub struct KernelDrops {
     /// Packets the egress TUN device dropped (not read in time), and egress writes that failed.
     pub egress_tun: Option<u64>,
     pub egress_write_failed: u64,
+    /// Handshake initiations the kernel dropped over their source's limit (the shield).
+    pub handshake_shield: Option<u64>,
 }
 
 /// Where the kernel's counters are read.
@@ -30,6 +32,7 @@ pub struct KernelSources {
     pub link_socket: Option<Arc<std::net::UdpSocket>>,
     pub egress_interface: Option<String>,
     pub egress_write_failed: Arc<AtomicU64>,
+    pub handshake_shield: Option<Arc<AtomicU64>>,
 }
 
 impl KernelSources {
@@ -46,6 +49,10 @@ impl KernelSources {
                 .and_then(sekisho_sys::tun::interface_drops)
                 .map(|d| d.tx_dropped + d.rx_dropped),
             egress_write_failed: self.egress_write_failed.load(Ordering::Relaxed),
+            handshake_shield: self
+                .handshake_shield
+                .as_ref()
+                .map(|n| n.load(Ordering::Relaxed)),
         }
     }
 }

@@ -30,6 +30,11 @@ pub const SERVER_HANDSHAKE_RATE: u64 = 100;
 /// any other work, always; a NAT with many devices behind one address still fits (every device
 /// handshakes every two minutes, 20 at once after an outage).
 pub const PER_SOURCE: Rate = Rate::new(50.0, 100.0);
+/// Cookie replies one source address gets while the server is under load: per second, and as a
+/// burst. A device that got one comes back with mac2 (one reply is all it needs); a flood from
+/// many addresses, each within [`PER_SOURCE`], would otherwise make the server answer (and send)
+/// thousands of replies a second.
+pub const COOKIES_PER_SOURCE: Rate = Rate::new(10.0, 20.0);
 /// Handshakes a server works through (Diffie-Hellman) per second at most, whatever passed the
 /// limits above (cookie-bearing floods included), so packets always get the CPU.
 pub const HANDSHAKE_BUDGET: Rate = Rate::new(2000.0, 500.0);
@@ -163,6 +168,8 @@ pub enum Limit {
     PerSource,
     /// The server's handshake budget ([`HANDSHAKE_BUDGET`]) is spent for now.
     Budget,
+    /// Under load, its source address had the cookie replies [`COOKIES_PER_SOURCE`] allows.
+    Cookies,
 }
 
 /// The server side of many sessions sharing one socket and one static key, with the
@@ -179,6 +186,7 @@ pub struct Responder {
     /// taken here, once).
     session_limiter: Arc<RateLimiter>,
     per_source: Buckets<IpAddr>,
+    cookies_per_source: Buckets<IpAddr>,
     /// Made full at the first handshake (time comes in with the messages).
     budget: Option<Bucket>,
 }
@@ -194,6 +202,7 @@ impl Responder {
             limiter,
             session_limiter,
             per_source: Buckets::new(PER_SOURCE, SOURCES_TRACKED),
+            cookies_per_source: Buckets::new(COOKIES_PER_SOURCE, SOURCES_TRACKED),
             budget: None,
         }
     }
@@ -214,7 +223,7 @@ impl Responder {
 
     /// Drops the per-source state of sources that have been quiet (call now and then).
     pub fn forget_quiet_sources(&mut self, now: Instant) -> usize {
-        self.per_source.forget_idle(now)
+        self.per_source.forget_idle(now) + self.cookies_per_source.forget_idle(now)
     }
 
     /// Applies the handshake defence, checks the datagram's MACs (cheap) before any
@@ -247,7 +256,14 @@ impl Responder {
             Ok(Packet::HandshakeResponse(p)) => Route::Session(p.receiver_idx >> 8),
             Ok(Packet::PacketCookieReply(p)) => Route::Session(p.receiver_idx >> 8),
             Ok(Packet::PacketData(p)) => Route::Session(p.receiver_idx >> 8),
-            Err(TunnResult::WriteToNetwork(cookie)) => Route::Cookie(cookie),
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                // The reply is computed (cheap) but not sent: sending is what costs.
+                if self.cookies_per_source.take(&from, now) {
+                    Route::Cookie(cookie)
+                } else {
+                    Route::Limited(Limit::Cookies)
+                }
+            }
             Err(TunnResult::Err(e)) => Route::Invalid(e),
             Err(_) => Route::Invalid(WireGuardError::InvalidPacket),
         }
@@ -374,6 +390,32 @@ mod tests {
             cookies >= 300 - SERVER_HANDSHAKE_RATE as usize,
             "{cookies} cookies"
         );
+    }
+
+    #[test]
+    fn under_load_one_source_gets_a_bounded_number_of_cookie_replies() {
+        let mut server = Responder::new(PrivateKey::generate());
+        let pk = server.private_key().public();
+        let now = Instant::now();
+        let mut cookie = vec![0u8; 256];
+        let flood = initiations(&pk, 400);
+        // Load the server from many other addresses first.
+        for (i, m) in flood[..200].iter().enumerate() {
+            let from: IpAddr = [198, 51, 100, i as u8].into();
+            server.route(from, m, &mut cookie, now);
+        }
+        // Then one address, within its per-source burst: cookie replies up to their burst.
+        let one: IpAddr = [192, 0, 2, 9].into();
+        let (mut cookies, mut limited) = (0, 0);
+        for m in &flood[200..200 + PER_SOURCE.burst as usize] {
+            match server.route(one, m, &mut cookie, now) {
+                Route::Cookie(_) => cookies += 1,
+                Route::Limited(Limit::Cookies) => limited += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(cookies, COOKIES_PER_SOURCE.burst as usize);
+        assert_eq!(limited, PER_SOURCE.burst as usize - cookies);
     }
 
     #[test]

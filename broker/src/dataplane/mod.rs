@@ -7,6 +7,7 @@
 
 pub mod egress;
 pub mod links;
+pub mod shield;
 mod worker;
 
 use std::collections::{BTreeMap, HashMap};
@@ -21,8 +22,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use sekisho_proto::broker::{
-    Assignment, Counters, LinkId, LinkInfo, PeerInfo, Snapshot as WorkerSnapshot, WorkerConfig,
-    WorkerId,
+    Assignment, Counters, LinkId, LinkInfo, PeerInfo, PeerSlot, Snapshot as WorkerSnapshot,
+    WorkerConfig, WorkerId,
 };
 use sekisho_proto::keys::{PrivateKey, PublicKeyBytes};
 use sekisho_proto::policy::Policy;
@@ -43,8 +44,9 @@ pub enum WorkerInput {
     Link { link: LinkId, packets: Vec<Bytes> },
     /// From the internet (egress interface), for devices of this worker.
     Egress(Vec<Bytes>),
-    /// Datagrams that arrived at another worker's socket for a device of this one.
-    Handover(Vec<(SocketAddr, Bytes)>),
+    /// Datagrams that arrived at another worker's socket for a device (slot) of this one;
+    /// that worker applied the handshake defence.
+    Handover(Vec<(PeerSlot, SocketAddr, Bytes)>),
 }
 
 /// Changes and questions for a worker.

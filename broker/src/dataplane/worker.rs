@@ -12,7 +12,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::{debug, error};
 
-use sekisho_proto::broker::{BrokerState, Event, LinkId, Routed, Transmit};
+use sekisho_proto::broker::{BrokerState, Event, LinkId, PeerSlot, Routed, Transmit};
 use sekisho_proto::link::SiteMessage;
 use sekisho_sys::link::{LinkSender, Sent};
 use sekisho_sys::udp::{BatchUdp, RecvBatch};
@@ -98,8 +98,8 @@ async fn worker(mut state: BrokerState, ctx: Context) {
                 Ok(_) => {
                     let now = Instant::now();
                     for (from, d) in batch.datagrams() {
-                        if let Routed::Worker(w) = state.handle_wg(from, d, now) {
-                            out.handover[w.0 as usize].push((from, Bytes::copy_from_slice(d)));
+                        if let Routed::Worker(w, slot) = state.handle_wg(from, d, now) {
+                            out.handover[w.0 as usize].push((slot, from, Bytes::copy_from_slice(d)));
                         }
                     }
                 }
@@ -122,9 +122,8 @@ async fn worker(mut state: BrokerState, ctx: Context) {
                             }
                         }
                         WorkerInput::Handover(datagrams) => {
-                            for (from, d) in &datagrams {
-                                // Steered by its owner's index: it is ours now.
-                                let _ = state.handle_wg(*from, d, now);
+                            for (slot, from, d) in &datagrams {
+                                state.handle_handover(*slot, *from, d, now);
                             }
                         }
                     }
@@ -190,7 +189,7 @@ struct Sinks {
 
 /// Output gathered over a turn.
 struct Output {
-    handover: Vec<Vec<(SocketAddr, Bytes)>>,
+    handover: Vec<Vec<(PeerSlot, SocketAddr, Bytes)>>,
     egress: Vec<Bytes>,
 }
 

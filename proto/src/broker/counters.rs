@@ -21,6 +21,8 @@ counters! {
         handshake_per_source,
         /// A handshake over the worker's budget of handshakes per second.
         handshake_budget,
+        /// Under load, a handshake from a source address that had its cookie replies.
+        cookie_per_source,
         /// An allowed flow whose site has no connector that takes it.
         no_connector,
         /// A packet from a connector that belongs to no flow a device opened there.

@@ -110,8 +110,9 @@ pub enum Transmit<'a> {
 pub enum Routed {
     /// Handled here.
     Here,
-    /// Its peer lives on that worker: hand the datagram over unchanged.
-    Worker(WorkerId),
+    /// Its peer (in `slot`) lives on that worker: hand the datagram over unchanged, for
+    /// [`BrokerState::handle_handover`]. The handshake defence was applied here, once.
+    Worker(WorkerId, PeerSlot),
 }
 
 /// A device as the stats show it.
@@ -275,20 +276,12 @@ impl BrokerState {
                     }
                 }
                 None => {
-                    let session = Session::new(
-                        self.responder.private_key(),
-                        dev.public_key,
-                        None,
-                        slot.session_index(),
-                        Some(self.responder.limiter()),
-                    );
                     self.peers.insert(
                         slot,
                         Peer::new(
                             id as u32,
                             dev.public_key,
                             dev.address,
-                            session,
                             SyntheticMap::new(policy.dns.app_range, SYNTHETIC_NAMES_PER_DEVICE),
                         ),
                     );
@@ -394,6 +387,10 @@ impl BrokerState {
                 self.counters.drops.handshake_budget += 1;
                 return Routed::Here;
             }
+            Route::Limited(Limit::Cookies) => {
+                self.counters.drops.cookie_per_source += 1;
+                return Routed::Here;
+            }
             Route::Cookie(cookie) => {
                 self.counters.handshakes.cookie_replies += 1;
                 self.out.push(from, cookie);
@@ -425,11 +422,34 @@ impl BrokerState {
             if datagram.first() == Some(&1) {
                 self.counters.handshakes.handed_over += 1;
             }
-            return Routed::Worker(owner);
+            return Routed::Worker(owner, slot);
         }
+        self.handle_for(slot, from, datagram, now);
+        Routed::Here
+    }
+
+    /// A datagram another worker received for peer `slot` of this one (it applied the
+    /// handshake defence and found the peer: nothing of that is done again, so a cookie of
+    /// that worker's is never checked against this one's).
+    pub fn handle_handover(
+        &mut self,
+        slot: PeerSlot,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+    ) {
+        if self.assignment.owner(slot) != self.config.worker {
+            self.counters.drops.unknown_peer += 1;
+            return;
+        }
+        self.handle_for(slot, from, datagram, now);
+    }
+
+    /// A datagram for peer `slot` of this worker.
+    fn handle_for(&mut self, slot: PeerSlot, from: SocketAddr, datagram: &[u8], now: Instant) {
         let Some(peer) = self.peers.get_mut(&slot) else {
             self.counters.drops.unknown_peer += 1;
-            return Routed::Here;
+            return;
         };
         if self.rx.len() < datagram.len().max(mtu::WIREGUARD_OVERHEAD as usize * 8) {
             self.rx = BytesMut::zeroed(RX_BLOCK.max(datagram.len()));
@@ -437,17 +457,31 @@ impl BrokerState {
         // Data messages (type 4) and handshake messages authenticate their sender; a cookie
         // reply (type 3) does not, so it never moves the peer's endpoint.
         let authenticating = datagram.first() != Some(&3);
-        match peer
-            .session
-            .decapsulate(Some(from.ip()), datagram, &mut self.rx)
-        {
+        if peer.session.is_none() {
+            if datagram.first() != Some(&1) {
+                // Nothing but an initiation can be for a device that never handshook here.
+                self.counters.drops.unknown_peer += 1;
+                return;
+            }
+            peer.session = Some(Box::new(Session::new(
+                self.responder.private_key(),
+                peer.key,
+                None,
+                slot.session_index(),
+                Some(self.responder.limiter()),
+            )));
+        }
+        let Some(session) = peer.session.as_deref_mut() else {
+            return;
+        };
+        match session.decapsulate(Some(from.ip()), datagram, &mut self.rx) {
             Output::Network(reply) => {
                 peer.endpoint = Some(from);
                 self.counters.handshakes.completed += 1;
                 self.out.push(from, reply);
                 loop {
                     let buf = self.out.reserve(crate::transmit::MAX_TRAIN_BYTES);
-                    match peer.session.flush(buf) {
+                    match session.flush(buf) {
                         Output::Network(d) => {
                             let n = d.len();
                             self.out.commit(from, n);
@@ -472,7 +506,6 @@ impl BrokerState {
                 trace!(?e, "WireGuard rejected a datagram");
             }
         }
-        Routed::Here
     }
 
     /// A decrypted packet from peer `slot` is in `self.rx[..len]`.
@@ -587,7 +620,11 @@ impl BrokerState {
             return false;
         };
         let room = (pkt.len() + mtu::WIREGUARD_OVERHEAD as usize).max(crate::wg::MIN_BUFFER);
-        match peer.session.encapsulate(pkt, self.out.reserve(room)) {
+        let Some(session) = peer.session.as_deref_mut() else {
+            self.counters.drops.no_session += 1;
+            return false;
+        };
+        match session.encapsulate(pkt, self.out.reserve(room)) {
             Output::Network(d) => {
                 let n = d.len();
                 self.out.commit(endpoint, n);
@@ -697,7 +734,10 @@ impl BrokerState {
     fn wireguard_timers(&mut self) {
         for peer in self.peers.values_mut() {
             let buf = self.out.reserve(256);
-            if let Output::Network(d) = peer.session.tick(buf) {
+            let Some(session) = peer.session.as_deref_mut() else {
+                continue;
+            };
+            if let Output::Network(d) = session.tick(buf) {
                 let n = d.len();
                 if let Some(ep) = peer.endpoint {
                     self.out.commit(ep, n);
@@ -773,7 +813,7 @@ impl BrokerState {
                 .peers
                 .values()
                 .map(|peer| {
-                    let (tx, rx) = peer.session.traffic();
+                    let (tx, rx) = peer.session.as_ref().map_or((0, 0), |s| s.traffic());
                     PeerInfo {
                         device: p.device(peer.device).name.clone(),
                         user: p.user_of(peer.device).name.clone(),
@@ -782,7 +822,8 @@ impl BrokerState {
                         worker: self.config.worker,
                         seconds_since_handshake: peer
                             .session
-                            .time_since_handshake()
+                            .as_ref()
+                            .and_then(|s| s.time_since_handshake())
                             .map(|d| d.as_secs()),
                         tx_bytes: tx,
                         rx_bytes: rx,

@@ -171,7 +171,9 @@ pub struct Peer {
     pub device: DeviceId,
     pub key: PublicKeyBytes,
     pub address: IpAddr,
-    pub session: Session,
+    /// The WireGuard engine of this device, made at its first handshake (about 11 KB each:
+    /// devices that never connect cost none of it).
+    pub session: Option<Box<Session>>,
     /// Where its datagrams come from; moved only by input that authenticated as this peer.
     pub endpoint: Option<SocketAddr>,
     /// The verified posture of the device, from its latest accepted token.
@@ -204,14 +206,13 @@ impl Peer {
         device: DeviceId,
         key: PublicKeyBytes,
         address: IpAddr,
-        session: Session,
         names: SyntheticMap,
     ) -> Peer {
         Peer {
             device,
             key,
             address,
-            session,
+            session: None,
             endpoint: None,
             posture: None,
             generation: 0,
