@@ -67,13 +67,39 @@ pub fn quic_endpoint(config: &BrokerConfig) -> Result<(quinn::Endpoint, Arc<std:
     sekisho_sys::udp::set_buffers(&socket, sekisho_sys::link::SOCKET_BUFFER);
     let watch = Arc::new(socket.try_clone()?);
     let runtime = quinn::default_runtime().context("no async runtime")?;
-    let endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(server),
-        socket,
-        runtime,
-    )?;
+    let (reset_key, cid_key) = restart_keys(config)?;
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    let endpoint = quinn::Endpoint::new(endpoint_config, Some(server), socket, runtime)?;
     Ok((endpoint, watch))
+}
+
+/// The keys of QUIC stateless resets and of connection IDs, derived from the broker's WireGuard
+/// private key so that they survive a restart: a restarted broker recognises the connection IDs
+/// of links it no longer knows as its own and answers them with a reset their connector accepts,
+/// and the connector links again at once instead of waiting out its idle timeout (8 s). quinn's
+/// defaults are random per process: after a restart, packets of old links are dropped as bearing
+/// foreign connection IDs and no reset is ever sent.
+fn restart_keys(config: &BrokerConfig) -> Result<(ring::hmac::Key, u64)> {
+    let secret = std::fs::read(&config.private_key_file).with_context(|| {
+        format!(
+            "cannot read private key {}",
+            config.private_key_file.display()
+        )
+    })?;
+    let derive = |label: &[u8]| {
+        let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, label);
+        ring::hmac::sign(&k, secret.trim_ascii())
+    };
+    let reset = derive(b"sekisho quic stateless reset v1");
+    let cid = derive(b"sekisho quic connection id v1");
+    let cid_key = u64::from_le_bytes(cid.as_ref()[..8].try_into().expect("32-byte tag"));
+    Ok((
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset.as_ref()),
+        cid_key,
+    ))
 }
 
 /// Accepts connector links for as long as the endpoint is open.
