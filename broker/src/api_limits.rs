@@ -1,6 +1,9 @@
 //! What keeps the control API answering under abuse: connections capped in all and per source
-//! address (so idle or slow connections from a few hosts cannot take every slot), and a rate
-//! per source address on the routes anyone may call without a credential (enrollment).
+//! address (so idle or slow connections from a few hosts cannot take every slot), at most
+//! [`MAX_HANDSHAKING`] connections still in their TLS handshake (a new one evicts the oldest:
+//! connections that never speak cannot pile up to the cap, however many addresses they come
+//! from), and a rate per source address on the routes anyone may call without a credential
+//! (enrollment).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -24,6 +27,8 @@ pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
 pub const UNAUTHENTICATED: Rate = Rate::new(2.0, 20.0);
 /// Source addresses tracked by that rate.
 const ADDRESSES_TRACKED: usize = 65536;
+/// Connections in their TLS handshake at once; the oldest goes when another comes.
+pub const MAX_HANDSHAKING: usize = 512;
 
 /// The source address of the connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -45,12 +50,17 @@ pub struct Refusals {
     /// Connections closed for a slow TLS handshake or slow request headers, or for lasting
     /// too long.
     pub timed_out: AtomicU64,
+    /// Connections closed during their TLS handshake to make room for a newer one.
+    pub evicted: AtomicU64,
 }
 
 #[derive(Default)]
 struct Open {
     total: usize,
     per_address: HashMap<IpAddr, usize>,
+    /// Connections still in their handshake, oldest first: (id, how to close it).
+    handshaking: std::collections::VecDeque<(u64, Arc<tokio::sync::Notify>)>,
+    next_id: u64,
 }
 
 /// The connection caps.
@@ -65,11 +75,23 @@ pub struct Gate {
 pub struct Admitted {
     gate: Arc<Gate>,
     address: IpAddr,
+    id: u64,
+    /// Notified when a newer connection evicts this one during its handshake.
+    pub evicted: Arc<tokio::sync::Notify>,
+}
+
+impl Admitted {
+    /// The TLS handshake is done: the connection can no longer be evicted.
+    pub fn handshake_done(&self) {
+        let mut o = lock(&self.gate.open);
+        o.handshaking.retain(|(id, _)| *id != self.id);
+    }
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
         let mut o = lock(&self.gate.open);
+        o.handshaking.retain(|(id, _)| *id != self.id);
         o.total = o.total.saturating_sub(1);
         if let Some(n) = o.per_address.get_mut(&self.address) {
             *n -= 1;
@@ -108,9 +130,21 @@ impl Gate {
         }
         *n += 1;
         o.total += 1;
+        if o.handshaking.len() >= MAX_HANDSHAKING
+            && let Some((_, oldest)) = o.handshaking.pop_front()
+        {
+            oldest.notify_one();
+            self.refusals.evicted.fetch_add(1, Ordering::Relaxed);
+        }
+        let id = o.next_id;
+        o.next_id += 1;
+        let evicted = Arc::new(tokio::sync::Notify::new());
+        o.handshaking.push_back((id, evicted.clone()));
         Some(Admitted {
             gate: self.clone(),
             address,
+            id,
+            evicted,
         })
     }
 
@@ -160,6 +194,32 @@ pub async fn limit_unauthenticated(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_oldest_connection_in_its_handshake_makes_room() {
+        let gate = Gate::new(100_000, 100_000, Arc::default());
+        let mut held = Vec::new();
+        for i in 0..MAX_HANDSHAKING as u32 {
+            held.push(gate.admit(IpAddr::from(i.to_be_bytes())).unwrap());
+        }
+        let first = held[0].evicted.clone();
+        let done = held[1].evicted.clone();
+        held[1].handshake_done();
+        // One more fills the handshake queue again; the next evicts its oldest.
+        let _fill = gate.admit([10, 0, 0, 3].into()).unwrap();
+        let _next = gate.admit([10, 0, 0, 1].into()).unwrap();
+        // The oldest still handshaking was told to go; one that finished is not.
+        tokio::time::timeout(std::time::Duration::from_secs(1), first.notified())
+            .await
+            .expect("evicted");
+        let _again = gate.admit([10, 0, 0, 2].into()).unwrap();
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), done.notified())
+                .await
+                .is_err()
+        );
+        assert_eq!(gate.refusals.evicted.load(Ordering::Relaxed), 2);
+    }
 
     #[test]
     fn connections_are_capped_per_address_and_in_all_and_slots_come_back() {

@@ -1136,19 +1136,24 @@ pub async fn serve(
             };
             let (acceptor, app, refusals) = (acceptor.clone(), app.clone(), refusals.clone());
             tokio::spawn(async move {
-                let _admitted = admitted;
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        debug!(%remote, "control API TLS handshake failed: {e}");
-                        return;
-                    }
-                    Err(_) => {
-                        refusals.timed_out.fetch_add(1, Ordering::Relaxed);
-                        return;
-                    }
+                let evicted = admitted.evicted.clone();
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+                let tls = tokio::select! {
+                    r = handshake => match r {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            debug!(%remote, "control API TLS handshake failed: {e}");
+                            return;
+                        }
+                        Err(_) => {
+                            refusals.timed_out.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                    },
+                    _ = evicted.notified() => return,
                 };
+                admitted.handshake_done();
+                let _admitted = admitted;
                 let app = tower::ServiceExt::map_request(
                     app,
                     move |mut req: hyper::Request<hyper::body::Incoming>| {
@@ -1207,7 +1212,10 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/admin/users/{name}/enable", post(enable_user))
         .route("/v1/admin/groups", post(create_group))
         .route("/v1/admin/enrollment-tokens", post(create_token))
-        .route("/v1/admin/devices", get(list_devices))
+        .route(
+            "/v1/admin/devices",
+            get(list_devices).post(register_devices),
+        )
         .route("/v1/admin/devices/{name}/revoke", post(revoke_device))
         .route("/v1/admin/devices/{name}/override", post(issue_override))
         .route("/v1/admin/connectors", get(list_connectors))
@@ -1762,6 +1770,55 @@ async fn list_devices(State(ctl): Ctl, _: Admin) -> ApiResult<Vec<api::DeviceInf
 #[derive(Serialize)]
 pub struct Done {
     pub done: String,
+}
+
+/// Devices registered in bulk by an admin (keys made elsewhere; no token).
+async fn register_devices(
+    State(ctl): Ctl,
+    Admin(admin): Admin,
+    Json(req): Json<api::RegisterDevices>,
+) -> ApiResult<Vec<api::RegisteredDevice>> {
+    if req.devices.len() > api::MAX_BULK_DEVICES {
+        return Err(bad(
+            StatusCode::BAD_REQUEST,
+            format!("at most {} devices at once", api::MAX_BULK_DEVICES),
+        ));
+    }
+    let mut list = Vec::with_capacity(req.devices.len());
+    for d in &req.devices {
+        check_name("device", &d.name)?;
+        PublicKeyBytes::parse(&d.public_key).map_err(|e| {
+            bad(
+                StatusCode::BAD_REQUEST,
+                format!("bad public key of {}: {e}", d.name),
+            )
+        })?;
+        list.push((d.name.clone(), d.public_key.clone()));
+    }
+    let _g = ctl.change.lock().await;
+    let range = ctl.policy().device_range;
+    let registered = ctl
+        .store
+        .register_devices(&req.user, &list, now_unix(), range)
+        .await?
+        .map_err(enroll_refusal)?;
+    ctl.rebuild().await?;
+    info!(user = %req.user, devices = registered.len(), by = %admin, "devices registered");
+    ctl.audit(
+        "devices_registered",
+        &admin,
+        serde_json::json!({"user": req.user, "devices": registered.len()}),
+    );
+    Ok(Json(
+        registered
+            .into_iter()
+            .map(|(d, id, secret)| api::RegisteredDevice {
+                name: d.name,
+                address: d.address,
+                credential: Credential::format(DEVICE_PREFIX, &id, &secret, None),
+            })
+            .collect(),
+    ))
 }
 
 async fn revoke_device(

@@ -101,11 +101,12 @@ impl Source for BrokerMetrics {
                 ("connector_socket", k.link_socket),
                 ("egress_tun", k.egress_tun),
                 ("egress_write_failed", Some(k.egress_write_failed)),
+                ("handshake_shield", k.handshake_shield),
             ] {
                 if let Some(n) = n {
                     m.counter_with(
                         "kernel_dropped_packets",
-                        "Packets the kernel dropped for this broker (socket buffers full, TUN queue full).",
+                        "Packets the kernel dropped for this broker (socket buffers full, TUN queue full, handshakes over a source's limit).",
                         &[("where", what)],
                         n,
                     );
@@ -235,6 +236,7 @@ fn control_metrics(c: &control::Control, m: &mut Snapshot) {
         ("connections_per_address", get(&r.connections_per_address)),
         ("rate_limited", get(&r.rate_limited)),
         ("timed_out", get(&r.timed_out)),
+        ("evicted", get(&r.evicted)),
     ] {
         m.counter_with(
             "api_refused",

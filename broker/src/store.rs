@@ -650,6 +650,87 @@ impl Store {
         )))
     }
 
+    /// Registers devices of `user` whose keys were made elsewhere (no token): each gets the
+    /// next free address of `range` and a credential. All or nothing; a name or key already
+    /// enrolled refuses the whole batch.
+    pub async fn register_devices(
+        &self,
+        user: &str,
+        devices: &[(String, String)],
+        now: u64,
+        range: IpNet,
+    ) -> Result<std::result::Result<Vec<(DeviceRecord, String, String)>, EnrollError>> {
+        let mut tx = self.pool.begin().await?;
+        let exists = sqlx::query("SELECT name FROM users WHERE name = $1")
+            .bind(user)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_none() {
+            return Ok(Err(EnrollError::Conflict(format!("no user {user:?}"))));
+        }
+        let rows = sqlx::query("SELECT name, public_key, address FROM devices")
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut names = std::collections::HashSet::new();
+        let mut keys = std::collections::HashSet::new();
+        let mut used = std::collections::HashSet::new();
+        for r in &rows {
+            names.insert(r.try_get::<String, _>(0)?);
+            keys.insert(r.try_get::<String, _>(1)?);
+            if let Ok(a) = r.try_get::<String, _>(2)?.parse::<IpAddr>() {
+                used.insert(a);
+            }
+        }
+        let service = sekisho_proto::posture::service_address(&range);
+        let mut free = range.hosts().filter(|a| *a != service && !used.contains(a));
+        let mut out = Vec::with_capacity(devices.len());
+        for (name, key) in devices {
+            if !names.insert(name.clone()) {
+                return Ok(Err(EnrollError::Conflict(format!(
+                    "a device named {name:?} is already enrolled"
+                ))));
+            }
+            if !keys.insert(key.clone()) {
+                return Ok(Err(EnrollError::Conflict(format!(
+                    "the key of {name:?} is already enrolled"
+                ))));
+            }
+            let Some(address) = free.next() else {
+                return Ok(Err(EnrollError::NoAddress(range)));
+            };
+            let cred_id = random_text(9);
+            let cred_secret = random_text(24);
+            sqlx::query(
+                "INSERT INTO devices (name, user_name, public_key, address, credential_id, \
+                 credential_hash, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(name.as_str())
+            .bind(user)
+            .bind(key.as_str())
+            .bind(address.to_string())
+            .bind(cred_id.as_str())
+            .bind(hash_secret(&cred_secret))
+            .bind(ts(now))
+            .execute(&mut *tx)
+            .await?;
+            out.push((
+                DeviceRecord {
+                    name: name.clone(),
+                    user: user.to_string(),
+                    public_key: key.clone(),
+                    address,
+                    created_at: now,
+                    revoked_at: None,
+                },
+                cred_id,
+                cred_secret,
+            ));
+        }
+        tx.commit().await?;
+        self.announce("device_enrolled").await;
+        Ok(Ok(out))
+    }
+
     fn device_row(r: &sqlx::any::AnyRow) -> Result<DeviceRecord> {
         let address: String = r.try_get(3)?;
         Ok(DeviceRecord {

@@ -332,6 +332,34 @@ pub struct DeviceInfo {
     pub revoked_at: Option<u64>,
 }
 
+/// `POST /v1/admin/devices` (admin): devices whose keys were made elsewhere, registered in
+/// bulk for one user (fleet tooling, load tests). Each gets an address and a credential, as
+/// enrollment would give it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterDevices {
+    pub user: String,
+    pub devices: Vec<NewDevice>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewDevice {
+    pub name: String,
+    pub public_key: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisteredDevice {
+    pub name: String,
+    pub address: IpAddr,
+    /// The device's credential for posture refresh (`SKD1.…`).
+    pub credential: String,
+}
+
+/// The most devices one bulk registration takes.
+pub const MAX_BULK_DEVICES: usize = 20_000;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConnectorInfo {
     pub name: String,
