@@ -41,6 +41,8 @@
 #                       same private network: flows are spread over both
 #   SK_DATABASE         the brokers' store (default sqlite://broker.db in SK_STATE); a
 #                       postgres://… URL makes the brokers a cluster on PostgreSQL
+#   SK_LOAD=1           a host for load tests (sk-load) on the internet router, with the
+#                       addresses 10.99.16.1-10.99.18.254 (tests/src/bin/sekisho-load.rs)
 #   SK_LINK_RELAY       "DELAY_MS LOSS": connectors reach the first broker through a userspace
 #                       UDP relay on the internet router (10.99.0.61:4433) that delays each
 #                       datagram and drops that fraction of them; $SK_STATE/link-loss, when
@@ -107,8 +109,9 @@ NCONNECTORS=${SK_CONNECTORS:-1}
 SITES="site"
 if [ "$NCONNECTORS" -ge 2 ]; then SITES="site site2"; fi
 HOSTS="laptop laptop2 inet $BROKERS $SITES app nas web"
+if [ "${SK_LOAD:-0}" = 1 ]; then HOSTS="$HOSTS load"; fi
 # Every host this script may have made (down removes what exists of them).
-ALL_HOSTS="laptop laptop2 inet broker broker2 site site2 app nas web"
+ALL_HOSTS="laptop laptop2 inet broker broker2 site site2 app nas web load"
 
 # Broker i (1 or 2): its host, address, and the WireGuard endpoint devices are given.
 broker_host() { if [ "$1" = 1 ]; then echo broker; else echo "broker$1"; fi; }
@@ -159,6 +162,16 @@ topology() {
         if [ "$(broker_delay $i)" != 0 ]; then ip -n "$(ns inet)" addr add "10.99.0.$((50 + i))/32" dev lo; fi
     done
     if [ -n "${SK_LINK_RELAY:-}" ]; then ip -n "$(ns inet)" addr add 10.99.0.61/32 dev lo; fi
+    if [ "${SK_LOAD:-0}" = 1 ]; then
+        link inet to-load 10.99.19.254/22 load eth0 10.99.16.1/22
+        local a b
+        for b in 16 17 18; do
+            for a in $(seq 1 254); do
+                [ "$b.$a" = 16.1 ] || echo "address add 10.99.$b.$a/22 dev eth0"
+            done
+        done | ip -n "$(ns load)" -batch -
+        ip -n "$(ns load)" route add default via 10.99.19.254
+    fi
     link inet to-site 10.99.3.1/24 site eth0 10.99.3.2/24
     # The site's private network: a bridge on the app host; each connector host has a leg.
     ip -n "$(ns app)" link add br0 type bridge
