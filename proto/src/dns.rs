@@ -156,37 +156,71 @@ fn error_for_bytes(bytes: &[u8], code: ResponseCode) -> Option<Vec<u8>> {
     m.to_vec().ok()
 }
 
-/// Parses and checks a query. Err carries the plan for a bad one (FORMERR, NOTIMP or drop).
+/// Error answer to a query that parsed: its ID, opcode and flags, its question section as it
+/// came (RFC 1035 4.1.1 lets a server echo it; resolvers match answers on it), and an OPT
+/// record of version 0 when the query had one (RFC 6891 7).
+fn error_for_message(message: &Message, code: ResponseCode) -> Plan {
+    let mut m = Message::error_msg(message.metadata.id, message.metadata.op_code, code);
+    m.metadata.recursion_desired = message.metadata.recursion_desired;
+    m.metadata.recursion_available = true;
+    m.add_queries(message.queries.iter().cloned());
+    if message.edns.is_some() {
+        let mut edns = Edns::new();
+        edns.set_max_payload(UDP_MAX as u16);
+        m.set_edns(edns);
+    }
+    match m.to_vec() {
+        Ok(b) if b.len() <= UDP_MIN => Plan::Reply(b),
+        // Too long to echo within the smallest UDP answer: header only.
+        _ => {
+            let mut m = Message::error_msg(message.metadata.id, message.metadata.op_code, code);
+            m.metadata.recursion_desired = message.metadata.recursion_desired;
+            m.metadata.recursion_available = true;
+            m.to_vec().map_or(Plan::Drop, Plan::Reply)
+        }
+    }
+}
+
+/// Parses and checks a query. Err carries the plan for a bad one (FORMERR, NOTIMP, BADVERS,
+/// REFUSED or drop).
 pub fn parse(bytes: &[u8], udp: bool) -> Result<Request, Plan> {
-    let reply = |code| error_for_bytes(bytes, code).map_or(Plan::Drop, Plan::Reply);
     let message = match Message::from_vec(bytes) {
         Ok(m) => m,
-        Err(_) => return Err(reply(ResponseCode::FormErr)),
+        Err(_) => {
+            return Err(
+                error_for_bytes(bytes, ResponseCode::FormErr).map_or(Plan::Drop, Plan::Reply)
+            );
+        }
     };
+    let reply = |code| Err(error_for_message(&message, code));
     if message.metadata.message_type != MessageType::Query {
         return Err(Plan::Drop);
     }
     if message.metadata.op_code != OpCode::Query {
-        return Err(reply(ResponseCode::NotImp));
+        return reply(ResponseCode::NotImp);
     }
     if message.queries.len() != 1 || !message.answers.is_empty() {
-        return Err(reply(ResponseCode::FormErr));
+        return reply(ResponseCode::FormErr);
+    }
+    // EDNS versions above 0 are not spoken here: BADVERS, so the asker falls back (RFC 6891 6.1.3).
+    if message.edns.as_ref().is_some_and(|e| e.version() > 0) {
+        return reply(ResponseCode::BADVERS);
     }
     let query = message.queries[0].clone();
     if query.query_class() != DNSClass::IN {
-        return Err(reply(ResponseCode::NotImp));
+        return reply(ResponseCode::NotImp);
     }
     if matches!(
         query.query_type(),
         RecordType::AXFR | RecordType::IXFR | RecordType::ANY
     ) {
-        return Err(reply(ResponseCode::NotImp));
+        return reply(ResponseCode::NotImp);
     }
     // A dot inside a label would read as a label boundary in the text form that zones, lists
     // and application names are matched on ("x.fine" under "bad.example" would pass for
     // "x.fine.bad.example"): no host name has one, so such questions are refused.
     if query.name().iter().any(|label| label.contains(&b'.')) {
-        return Err(reply(ResponseCode::Refused));
+        return reply(ResponseCode::Refused);
     }
     let mut name = query.name().to_ascii();
     if name.ends_with('.') {
@@ -272,7 +306,17 @@ pub fn answer(
     m.metadata.recursion_available = true;
     m.metadata.response_code = code;
     m.add_query(req.query.clone());
-    m.add_answers(answers);
+    // Records for the question's own name carry its letter case, as the asker wrote it
+    // (upstream resolvers and our own tables may have it in lower case; 0x20 randomisation
+    // compares it).
+    let asked = req.query.name();
+    m.add_answers(answers.into_iter().map(|mut r| {
+        if r.name.eq_case(asked) || r.name != *asked {
+            return r;
+        }
+        r.name = asked.clone();
+        r
+    }));
     m.add_authorities(authorities);
     if let Some(e) = &req.message.edns {
         let mut edns = Edns::new();
@@ -701,6 +745,127 @@ mod tests {
             panic!()
         };
         assert_eq!(decode(&r).metadata.response_code, ResponseCode::NotImp);
+    }
+
+    /// A query with an EDNS OPT record of `version`.
+    fn query_with_edns_version(id: u16, name: &str, version: u8) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = id;
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        let mut e = Edns::new();
+        e.set_max_payload(1232);
+        e.set_version(version);
+        m.set_edns(e);
+        m.to_vec().unwrap()
+    }
+
+    #[test]
+    fn an_unknown_edns_version_gets_badvers_with_an_opt_of_version_zero() {
+        let q = query_with_edns_version(0x77, "example.org", 1);
+        let Plan::Reply(r) = plan(&q, true, &[], &filter(), &BlockAnswer::NxDomain).0 else {
+            panic!("EDNS version 1 must get an answer")
+        };
+        let m = decode(&r);
+        assert_eq!(m.metadata.id, 0x77);
+        // Code 16 decodes as BADSIG in hickory (BADVERS and BADSIG share it).
+        assert_eq!(u16::from(m.metadata.response_code), 16, "BADVERS");
+        let edns = m.edns.as_ref().expect("BADVERS travels in an OPT record");
+        assert_eq!(edns.version(), 0, "we speak version 0");
+        assert_eq!(m.queries.len(), 1, "the question is echoed");
+        // The broker's application-name service answers the same way.
+        let a = app_answer(&q, |_| AppName::NotApp).expect("answer");
+        assert_eq!(u16::from(decode(&a).metadata.response_code), 16);
+        // Version 0 is served as before.
+        let q0 = query_with_edns_version(0x78, "example.org", 0);
+        assert!(matches!(
+            plan(&q0, true, &[], &filter(), &BlockAnswer::NxDomain).0,
+            Plan::Upstream(_)
+        ));
+    }
+
+    #[test]
+    fn errors_echo_the_question_when_it_parses() {
+        let f = filter();
+        let b = BlockAnswer::NxDomain;
+        for (q, code) in [
+            (
+                build_query(2, "Example.ORG", RecordType::AXFR, false),
+                ResponseCode::NotImp,
+            ),
+            (
+                build_query(3, "Example.ORG", RecordType::ANY, false),
+                ResponseCode::NotImp,
+            ),
+        ] {
+            let Plan::Reply(r) = plan(&q, false, &[], &f, &b).0 else {
+                panic!()
+            };
+            let m = decode(&r);
+            assert_eq!(m.metadata.response_code, code);
+            assert_eq!(m.queries.len(), 1, "{code}: question echoed");
+            assert_eq!(m.queries[0].name().to_ascii(), "Example.ORG.");
+        }
+        // A non-IN class: NOTIMP with the question.
+        let mut m = Message::query();
+        m.metadata.id = 4;
+        let mut q = Query::query(Name::from_ascii("example.org").unwrap(), RecordType::A);
+        q.set_query_class(DNSClass::CH);
+        m.add_query(q);
+        let Plan::Reply(r) = plan(&m.to_vec().unwrap(), true, &[], &f, &b).0 else {
+            panic!()
+        };
+        let m = decode(&r);
+        assert_eq!(m.metadata.response_code, ResponseCode::NotImp);
+        assert_eq!(m.queries.len(), 1);
+        // Two questions: FORMERR; both echoed as they parsed.
+        let mut m = Message::query();
+        m.metadata.id = 5;
+        for n in ["a.example", "b.example"] {
+            m.add_query(Query::query(Name::from_ascii(n).unwrap(), RecordType::A));
+        }
+        let Plan::Reply(r) = plan(&m.to_vec().unwrap(), true, &[], &f, &b).0 else {
+            panic!()
+        };
+        let m = decode(&r);
+        assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+        assert_eq!(m.queries.len(), 2);
+    }
+
+    #[test]
+    fn answers_keep_the_letter_case_of_the_question() {
+        // Resolvers using 0x20 randomisation compare the echoed question byte for byte.
+        let f = filter();
+        let name = "wWw.BlOcKeD.eXaMpLe.";
+        let q = build_query(7, name, RecordType::A, false);
+        let (Plan::Reply(r), _) = plan(&q, true, &zones(), &f, &BlockAnswer::Null) else {
+            panic!()
+        };
+        let m = decode(&r);
+        assert_eq!(m.queries[0].name().to_ascii(), name);
+        assert_eq!(m.answers[0].name.to_ascii(), name);
+        let req = parse(&build_query(8, "ExAmPlE.oRg.", RecordType::A, false), true).unwrap();
+        assert_eq!(req.name, "example.org", "matching is case-insensitive");
+        let upstream = Record::from_rdata(
+            Name::from_ascii("example.org.").unwrap(),
+            60,
+            RData::A(A(Ipv4Addr::new(192, 0, 2, 1))),
+        );
+        let m = decode(&answer(&req, ResponseCode::NoError, vec![upstream], vec![]));
+        assert_eq!(m.queries[0].name().to_ascii(), "ExAmPlE.oRg.");
+        assert_eq!(
+            m.answers[0].name.to_ascii(),
+            "ExAmPlE.oRg.",
+            "an answer for the question's own name carries its case"
+        );
+        let q = build_query(9, "WiKi.Corp.Example.", RecordType::A, false);
+        let a = app_answer(&q, |_| {
+            AppName::Entitled(vec!["100.119.0.7".parse().unwrap()])
+        })
+        .unwrap();
+        let m = decode(&a);
+        assert_eq!(m.queries[0].name().to_ascii(), "WiKi.Corp.Example.");
+        assert_eq!(m.answers[0].name.to_ascii(), "WiKi.Corp.Example.");
     }
 
     #[test]
