@@ -454,9 +454,11 @@ impl BrokerState {
         if self.rx.len() < datagram.len().max(mtu::WIREGUARD_OVERHEAD as usize * 8) {
             self.rx = BytesMut::zeroed(RX_BLOCK.max(datagram.len()));
         }
-        // Data messages (type 4) and handshake messages authenticate their sender; a cookie
-        // reply (type 3) does not, so it never moves the peer's endpoint.
-        let authenticating = datagram.first() != Some(&3);
+        // The endpoint moves only on input that authenticated as this device: a data message
+        // (type 4, keepalives included) that decrypted, or an initiation whose handshake
+        // verified (answered with a response, type 2). A cookie reply in either direction
+        // (type 3) proves nothing, so it never moves it.
+        let authenticating = datagram.first() == Some(&4);
         if peer.session.is_none() {
             if datagram.first() != Some(&1) {
                 // Nothing but an initiation can be for a device that never handshook here.
@@ -475,6 +477,12 @@ impl BrokerState {
             return;
         };
         match session.decapsulate(Some(from.ip()), datagram, &mut self.rx) {
+            Output::Network(reply) if reply.first() != Some(&2) => {
+                // Only a cookie reply comes out here without a verified handshake: it goes to
+                // the asker and nothing else changes.
+                self.counters.handshakes.cookie_replies += 1;
+                self.out.push(from, reply);
+            }
             Output::Network(reply) => {
                 peer.endpoint = Some(from);
                 self.counters.handshakes.completed += 1;

@@ -944,26 +944,83 @@ fn icmp_error(src: [u8; 4], dst: [u8; 4], quoted: &[u8]) -> Vec<u8> {
     p
 }
 
-/// Known bug: an ICMP error from a device is authorized by the flow it quotes and forwarded
-/// whatever its own destination is. A device allowed to reach web (10.20.0.10:80) can send
-/// ICMP errors, carrying bytes of its choosing, to any host of the site through its
-/// connector (and, with a full tunnel, to private addresses through egress).
+/// An ICMP error from a device is forwarded only when the flow it quotes exists for that
+/// device and its outer destination is that flow's other end: an error quoting an allowed flow
+/// (web, 10.20.0.10:80) but addressed elsewhere would carry bytes of the device's choosing to
+/// any host of the site (the report: five "port unreachable" errors reached the site's DNS
+/// server 10.20.0.53), or through egress to private ranges.
 #[test]
 fn an_icmp_error_from_a_device_goes_only_to_the_flows_other_end() {
     let mut f = fixture();
     let mut io = Recorder::default();
-    // The device says it could not deliver a packet web sent it; the error is addressed to
-    // 10.20.0.99, which is no application at all.
     let from_web = tcp_syn([10, 20, 0, 10], 80, [100, 118, 0, 2], 40000);
+    // No flow yet: an error never opens one.
     f.send(
-        &icmp_error([100, 118, 0, 2], [10, 20, 0, 99], &from_web),
+        &icmp_error([100, 118, 0, 2], [10, 20, 0, 10], &from_web),
         &mut io,
     );
-    assert!(
-        io.site.is_empty(),
-        "an ICMP error for 10.20.0.99 went to the site: {:?}",
-        io.site
+    assert!(io.site.is_empty(), "an error opened a flow");
+    // The flow exists; errors addressed to another host of the site or to an address that is
+    // no application at all are dropped and counted.
+    f.send(
+        &tcp_syn([100, 118, 0, 2], 40000, [10, 20, 0, 10], 80),
+        &mut io,
     );
+    assert_eq!(io.site.len(), 1);
+    io.site.clear();
+    for dst in [[10, 20, 0, 53], [10, 20, 0, 99]] {
+        f.send(&icmp_error([100, 118, 0, 2], dst, &from_web), &mut io);
+    }
+    assert!(io.site.is_empty(), "errors went to the site: {:?}", io.site);
+    assert_eq!(f.core.counters().drops.icmp_mismatch, 2);
+    // The error that belongs to the flow goes to its other end.
+    let good = icmp_error([100, 118, 0, 2], [10, 20, 0, 10], &from_web);
+    f.send(&good, &mut io);
+    assert_eq!(io.site, vec![(LinkId(1), good)]);
+
+    // The same at internet egress: an error quoting a carried flow reaches only that flow's
+    // remote end, never a private address.
+    let key = f.core.policy().devices[0].public_key.to_string();
+    let full = format!(
+        "{}\n[dns]\nupstreams = [\"udp://10.99.0.53\"]\n[[tunnels]]\nname = \"eng-full\"\ngroups = [\"eng\"]\nmode = \"full\"\n",
+        POLICY.replace("@KEY@", &key)
+    );
+    f.set_policy(Policy::parse(Path::new("p.toml"), &full).unwrap());
+    io = Recorder::default();
+    f.send(
+        &tcp_syn([100, 118, 0, 2], 40003, [203, 0, 113, 80], 80),
+        &mut io,
+    );
+    assert_eq!(io.egress.len(), 1);
+    let from_site = tcp_syn([203, 0, 113, 80], 80, [100, 118, 0, 2], 40003);
+    for dst in [[192, 168, 1, 1], [10, 20, 0, 53], [198, 51, 100, 1]] {
+        f.send(&icmp_error([100, 118, 0, 2], dst, &from_site), &mut io);
+    }
+    assert_eq!(
+        io.egress.len(),
+        1,
+        "an error left through egress to another host"
+    );
+    assert!(io.site.is_empty());
+    assert_eq!(f.core.counters().drops.icmp_mismatch, 5);
+    f.send(
+        &icmp_error([100, 118, 0, 2], [203, 0, 113, 80], &from_site),
+        &mut io,
+    );
+    assert_eq!(io.egress.len(), 2, "the flow's own error is carried");
+}
+
+/// Later IP fragments carry no transport header, so no flow can be found for them: dropped
+/// and counted as malformed. (A first fragment is decided by its ports like any packet.)
+#[test]
+fn later_fragments_from_a_device_are_dropped_and_counted() {
+    let mut f = fixture();
+    let mut io = Recorder::default();
+    let mut frag = tcp_syn([100, 118, 0, 2], 40000, [10, 20, 0, 10], 80);
+    frag[6..8].copy_from_slice(&(0x2000u16 | 185).to_be_bytes());
+    f.send(&frag, &mut io);
+    assert!(io.site.is_empty());
+    assert_eq!(f.core.counters().drops.malformed, 1);
 }
 
 #[test]
@@ -1015,4 +1072,78 @@ fn in_tunnel_services_are_rate_limited_per_device() {
         f.core.counters().drops.service_rate_limited as usize,
         1000 - answers
     );
+}
+
+/// A device's endpoint moves only on input that authenticates as that device: a packet that
+/// decrypted for its session or a fully verified handshake. Everything an unauthenticated host
+/// can send from elsewhere (a replayed initiation, a cookie reply naming the session, a replayed
+/// or forged data message, an initiation claiming the device's public key) leaves it in place.
+#[test]
+fn only_authenticated_input_moves_a_devices_endpoint() {
+    let mut f = fixture();
+    let mut io = Recorder::default();
+    let mut buf = vec![0u8; 2048];
+    // A fresh handshake from the device's own address; its initiation is captured.
+    let Output::Network(init) = f.client.initiate(&mut buf, true) else {
+        panic!()
+    };
+    let init = init.to_vec();
+    f.wg(&init, &mut io);
+    let resp = io.udp.last().expect("handshake response").1.clone();
+    assert_eq!(resp[0], 2);
+    let _ = f.client.decapsulate(Some(f.from.ip()), &resp, &mut buf);
+    // A flow, and one data message captured on the way.
+    let syn = tcp_syn([100, 118, 0, 2], 40001, [10, 20, 0, 10], 80);
+    let Output::Network(data) = f.client.encapsulate(&syn, &mut buf) else {
+        panic!()
+    };
+    let data = data.to_vec();
+    f.wg(&data, &mut io);
+    assert_eq!(io.site.len(), 1);
+
+    let attacker: SocketAddr = "203.0.113.9:4444".parse().unwrap();
+    let broker_index = &resp[4..8];
+    let mut cookie_reply = vec![3u8, 0, 0, 0];
+    cookie_reply.extend_from_slice(broker_index);
+    cookie_reply.extend_from_slice(&[0x5a; 24 + 16 + 16]);
+    let mut forged_data = vec![4u8, 0, 0, 0];
+    forged_data.extend_from_slice(broker_index);
+    forged_data.extend_from_slice(&[0xa5; 8 + 16 + 20]);
+    let mut keepalive_like = forged_data[..32].to_vec();
+    keepalive_like[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    for d in [&init, &cookie_reply, &data, &forged_data, &keepalive_like] {
+        f.core.handle_wg(attacker, d, f.now);
+        io.drain(&mut f.core);
+    }
+    assert!(
+        io.udp.iter().all(|(to, d)| *to != attacker || d[0] == 3),
+        "nothing but a cookie reply goes to the attacker: {:?}",
+        io.udp.iter().map(|(to, d)| (to, d[0])).collect::<Vec<_>>()
+    );
+    // The app's answer still goes to the device's own address.
+    let mut reply = syn.clone();
+    reply[12..16].copy_from_slice(&[10, 20, 0, 10]);
+    reply[16..20].copy_from_slice(&[100, 118, 0, 2]);
+    reply[20..22].copy_from_slice(&80u16.to_be_bytes());
+    reply[22..24].copy_from_slice(&40001u16.to_be_bytes());
+    let mut io2 = Recorder::default();
+    f.site_packet(LinkId(1), &reply, &mut io2);
+    assert_eq!(
+        io2.udp.iter().map(|(to, _)| *to).collect::<Vec<_>>(),
+        vec![f.from],
+        "the device's return traffic was redirected"
+    );
+    assert_eq!(f.receive(&io2), vec![reply]);
+    assert_eq!(f.core.counters().handshakes.completed, 2);
+
+    // The device really moving (a new handshake from its new address) does move it.
+    let roamed: SocketAddr = "198.51.100.7:5555".parse().unwrap();
+    let Output::Network(init) = f.client.initiate(&mut buf, true) else {
+        panic!()
+    };
+    let init = init.to_vec();
+    f.core.handle_wg(roamed, &init, f.now);
+    let mut io3 = Recorder::default();
+    io3.drain(&mut f.core);
+    assert_eq!(io3.udp.last().map(|(to, d)| (*to, d[0])), Some((roamed, 2)));
 }
