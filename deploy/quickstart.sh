@@ -288,9 +288,9 @@ audit_log = "audit.jsonl"
 interface = "sekisho-egress"
 uplink = "eth0"
 
-# Prometheus metrics, liveness and readiness.
+# Prometheus metrics, liveness and readiness: on loopback, inside the broker's host only.
 [metrics]
-listen = "$addr:9464"
+listen = "127.0.0.1:9464"
 EOF
     # The first broker's decision log keeps its historical name.
     if [ "$i" = 1 ]; then sed -i 's|decisions-broker.jsonl|decisions.jsonl|' "$conf"; fi

@@ -86,12 +86,22 @@ fn yes() -> bool {
     true
 }
 
-/// `[metrics]`: where the Prometheus endpoint listens.
+/// `[metrics]`: where the Prometheus endpoint listens, and who may read it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// TCP address, like "0.0.0.0:9464".
+    /// TCP address; loopback unless set ("127.0.0.1:9464"): the endpoint tells a reader the
+    /// broker's load, peers and drops, so it is not for the internet side.
+    #[serde(default = "default_metrics_listen")]
     pub listen: SocketAddr,
+    /// A file holding a bearer token that `GET /metrics` must carry
+    /// (`Authorization: Bearer …`); `/healthz` and `/readyz` stay open.
+    #[serde(default)]
+    pub bearer_token_file: Option<PathBuf>,
+}
+
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
 }
 
 /// `[connectors]`: how quickly a silent connector stops getting new flows, and when its link
@@ -356,6 +366,13 @@ impl BrokerConfig {
         if c.decision_log != Path::new("-") {
             c.decision_log = base.join(&c.decision_log);
         }
+        if let Some(p) = c
+            .metrics
+            .as_mut()
+            .and_then(|m| m.bearer_token_file.as_mut())
+        {
+            *p = base.join(&*p);
+        }
         if let Some(ctl) = c.control.as_mut() {
             ctl.ca_key = base.join(&ctl.ca_key);
             ctl.admin_token_file = base.join(&ctl.admin_token_file);
@@ -384,7 +401,7 @@ mod tests {
         assert_eq!(c.connectors.stale_after, Duration::from_secs(1));
         assert_eq!(
             c.metrics.map(|m| m.listen),
-            Some(SocketAddr::from(([0, 0, 0, 0], 9464)))
+            Some(SocketAddr::from(([127, 0, 0, 1], 9464)))
         );
         assert!(c.control.is_some() && c.egress.is_some());
         assert_eq!((c.overlay_mtu, c.dataplane.workers), (1360, Some(2)));

@@ -1020,7 +1020,7 @@ impl Control {
         let internal = |e: anyhow::Error| format!("{e:#}");
         let (name, enrolled_site) = self
             .store
-            .connector_by_serial(serial)
+            .connector_by_issued_serial(serial)
             .await
             .map_err(internal)?
             .ok_or("this connector is not enrolled or was revoked")?;
@@ -1061,7 +1061,7 @@ impl Control {
         for (site, conn) in links {
             let serial = crate::peer_leaf(&conn).and_then(|der| cert_serial(&der));
             let active = match &serial {
-                Some(s) => match self.track(self.store.connector_by_serial(s).await) {
+                Some(s) => match self.track(self.store.connector_by_issued_serial(s).await) {
                     Ok(a) => a,
                     Err(e) => {
                         warn!(site = %site, "cannot check a connector's certificate: {e:#}");

@@ -602,7 +602,9 @@ async fn suite(db: &str) {
             .await,
     );
     assert_eq!(s, 401);
-    // Renewal over the link records the new serial; the old one stays valid until it expires.
+    // Renewal over the link records the new serial and revokes the old one for new links
+    // (a stolen predecessor is worth nothing); the live link made with it carries on, and may
+    // ask again if the answer was lost.
     let renewed = h
         .control
         .renew_connector(&serial, "hq", &csr())
@@ -619,6 +621,20 @@ async fn suite(db: &str) {
             .await
             .unwrap()
             .is_some()
+    );
+    assert_eq!(
+        h.control.store.connector_by_serial(&serial).await.unwrap(),
+        None,
+        "the renewed certificate's predecessor still opens links"
+    );
+    assert!(
+        h.control
+            .store
+            .connector_by_issued_serial(&serial)
+            .await
+            .unwrap()
+            .is_some(),
+        "links made before the renewal are closed"
     );
     let before = h.control.store.fingerprint().await.unwrap();
     let _: serde_json::Value = h

@@ -265,12 +265,18 @@ async fn run(config_path: &Path) -> Result<()> {
             control: control.clone(),
             kernel: kernel.clone(),
         });
+        let bearer = m
+            .bearer_token_file
+            .as_deref()
+            .map(sekisho_sys::metrics::read_bearer_token)
+            .transpose()?;
         let listener = tokio::net::TcpListener::bind(m.listen)
             .await
             .with_context(|| format!("cannot bind the metrics endpoint {}", m.listen))?;
-        info!(addr = %m.listen, "metrics endpoint listening (/metrics, /healthz, /readyz)");
+        info!(addr = %m.listen, bearer_token = bearer.is_some(), "metrics endpoint listening (/metrics, /healthz, /readyz)");
+        let router = sekisho_sys::metrics::router(source, bearer);
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, sekisho_sys::metrics::router(source)).await {
+            if let Err(e) = axum::serve(listener, router).await {
                 error!("metrics endpoint stopped: {e}");
             }
         });
@@ -287,6 +293,7 @@ async fn run(config_path: &Path) -> Result<()> {
         dp.clone(),
         control.clone(),
         config.connectors.stale_after,
+        kernel.quic_retries.clone(),
     ));
     let kernel_shield = kernel.handshake_shield.is_some();
     let control_socket = stats::serve(&config.control_socket, dp.clone(), kernel)?;

@@ -95,6 +95,11 @@ impl Source for BrokerMetrics {
                     n,
                 );
             }
+            m.counter(
+                "connector_quic_retries",
+                "Connection attempts on the connector port answered with a QUIC Retry (address validation).",
+                self.kernel.quic_retries.load(std::sync::atomic::Ordering::Relaxed),
+            );
             let k = self.kernel.read(&v);
             for (what, n) in [
                 ("wireguard_socket", Some(k.wireguard_socket)),

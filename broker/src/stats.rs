@@ -33,6 +33,9 @@ pub struct KernelSources {
     pub egress_interface: Option<String>,
     pub egress_write_failed: Arc<AtomicU64>,
     pub handshake_shield: Option<Arc<AtomicU64>>,
+    /// QUIC connection attempts on the connector port answered with a Retry (address
+    /// validation) before any TLS work.
+    pub quic_retries: Arc<AtomicU64>,
 }
 
 impl KernelSources {
@@ -64,6 +67,8 @@ struct StatsReport<'a> {
     flows: usize,
     counters: &'a sekisho_proto::broker::Counters,
     kernel: KernelDrops,
+    /// Connection attempts on the connector port answered with a QUIC Retry.
+    quic_retries: u64,
     peers: &'a [sekisho_proto::broker::PeerInfo],
     /// Sites with at least one linked connector.
     connector_links: Vec<String>,
@@ -83,6 +88,7 @@ pub async fn report(dp: &DataPlane, kernel: &KernelSources) -> Result<String> {
         flows: v.flows,
         counters: &v.counters,
         kernel: kernel.read(&v),
+        quic_retries: kernel.quic_retries.load(Ordering::Relaxed),
         peers: &v.peers,
         connector_links: sites,
         connectors: &v.connectors,

@@ -894,8 +894,29 @@ impl Store {
         .collect()
     }
 
-    /// The connector a certificate serial was issued to, if that connector is active.
+    /// The connector whose current certificate has this serial, if that connector is active:
+    /// a renewed certificate revokes its predecessor for new links (links made before the
+    /// renewal carry on, see [`Store::connector_by_issued_serial`]).
     pub async fn connector_by_serial(&self, serial: &str) -> Result<Option<(String, String)>> {
+        let row = sqlx::query(
+            "SELECT name, site FROM connectors WHERE serial = $1 AND revoked_at IS NULL",
+        )
+        .bind(serial)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some(r) => Some((r.try_get(0)?, r.try_get(1)?)),
+            None => None,
+        })
+    }
+
+    /// The connector any of its certificates (current or replaced) was issued to, if that
+    /// connector is active. For links authenticated before a renewal: they stay up, and a
+    /// renewal whose answer was lost can be asked for again over them.
+    pub async fn connector_by_issued_serial(
+        &self,
+        serial: &str,
+    ) -> Result<Option<(String, String)>> {
         let row = sqlx::query(
             "SELECT c.name, c.site FROM connector_certs s JOIN connectors c ON c.name = s.connector \
              WHERE s.serial = $1 AND c.revoked_at IS NULL",

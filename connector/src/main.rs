@@ -120,8 +120,17 @@ pub(crate) struct ConnectorConfig {
 #[derive(Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 struct MetricsConfig {
-    /// TCP address, like "0.0.0.0:9465".
+    /// TCP address; loopback unless set ("127.0.0.1:9465").
+    #[serde(default = "default_metrics_listen")]
     listen: SocketAddr,
+    /// A file holding a bearer token `GET /metrics` must carry; `/healthz` and `/readyz` stay
+    /// open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    bearer_token_file: Option<PathBuf>,
+}
+
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9465))
 }
 
 fn default_overlay_mtu() -> u16 {
@@ -277,6 +286,13 @@ fn load_config(path: &Path) -> Result<ConnectorConfig, ConfigError> {
     for p in [&mut c.tls.ca, &mut c.tls.cert, &mut c.tls.key] {
         *p = base.join(&*p);
     }
+    if let Some(p) = c
+        .metrics
+        .as_mut()
+        .and_then(|m| m.bearer_token_file.as_mut())
+    {
+        *p = base.join(&*p);
+    }
     Ok(c)
 }
 
@@ -327,11 +343,16 @@ async fn run(config: ConnectorConfig) -> Result<()> {
     let config = Arc::new(config);
     let state = Arc::new(State::default());
     if let Some(m) = &config.metrics {
+        let bearer = m
+            .bearer_token_file
+            .as_deref()
+            .map(sekisho_sys::metrics::read_bearer_token)
+            .transpose()?;
         let listener = tokio::net::TcpListener::bind(m.listen)
             .await
             .with_context(|| format!("cannot bind the metrics endpoint {}", m.listen))?;
-        info!(addr = %m.listen, "metrics endpoint listening (/metrics, /healthz, /readyz)");
-        let router = sekisho_sys::metrics::router(state.clone());
+        info!(addr = %m.listen, bearer_token = bearer.is_some(), "metrics endpoint listening (/metrics, /healthz, /readyz)");
+        let router = sekisho_sys::metrics::router(state.clone(), bearer);
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, router).await {
                 warn!("metrics endpoint stopped: {e}");

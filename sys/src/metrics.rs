@@ -181,29 +181,151 @@ async fn readyz(State(s): State<Arc<dyn Source>>) -> (StatusCode, String) {
     }
 }
 
-/// The endpoint's routes.
-pub fn router(source: Arc<dyn Source>) -> Router {
-    Router::new()
+/// Whether `header` (an `Authorization` value) carries `token` as a bearer token. Digests are
+/// compared, so the time taken says nothing about how much of the token was right.
+fn bearer_matches(header: Option<&header::HeaderValue>, token: &str) -> bool {
+    let Some(given) = header
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let digest = |b: &[u8]| ring::digest::digest(&ring::digest::SHA256, b);
+    digest(given.trim().as_bytes()).as_ref() == digest(token.as_bytes()).as_ref()
+}
+
+/// The endpoint's routes. With `bearer`, `/metrics` answers only requests carrying
+/// `Authorization: Bearer <token>` (401 otherwise); `/healthz` and `/readyz` stay open for
+/// orchestrators' probes and say nothing but ready or not and why.
+pub fn router(source: Arc<dyn Source>, bearer: Option<String>) -> Router {
+    let bearer: Option<Arc<str>> = bearer.map(Arc::from);
+    let guarded = Router::new()
         .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let bearer = bearer.clone();
+                async move {
+                    if let Some(token) = bearer
+                        && !bearer_matches(req.headers().get(header::AUTHORIZATION), &token)
+                    {
+                        return (
+                            StatusCode::UNAUTHORIZED,
+                            [(header::WWW_AUTHENTICATE, "Bearer")],
+                            "a bearer token is required\n",
+                        )
+                            .into_response();
+                    }
+                    next.run(req).await
+                }
+            },
+        ));
+    guarded
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(source)
 }
 
+/// Reads a bearer token file (one line; surrounding white space ignored). Errors name the file.
+pub fn read_bearer_token(path: &std::path::Path) -> std::io::Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "cannot read the metrics bearer token {}: {e}",
+                path.display()
+            ),
+        )
+    })?;
+    let token = text.trim().to_string();
+    if token.is_empty() || token.contains(char::is_whitespace) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{}: the metrics bearer token must be one word on one line",
+                path.display()
+            ),
+        ));
+    }
+    Ok(token)
+}
+
 /// Binds `listen` (errors name it) and serves the endpoint until the process ends.
-pub async fn serve(listen: SocketAddr, source: Arc<dyn Source>) -> std::io::Result<()> {
+pub async fn serve(
+    listen: SocketAddr,
+    source: Arc<dyn Source>,
+    bearer: Option<String>,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
         std::io::Error::new(
             e.kind(),
             format!("cannot bind the metrics endpoint {listen}: {e}"),
         )
     })?;
-    axum::serve(listener, router(source)).await
+    axum::serve(listener, router(source, bearer)).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Fixed;
+    impl Source for Fixed {
+        fn snapshot(&self) -> Snapshotting<'_> {
+            Box::pin(async {
+                let mut s = Snapshot::new("sekisho_test");
+                s.counter("packets", "Packets seen.", 7);
+                s
+            })
+        }
+        fn ready(&self) -> Readiness<'_> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// One GET through a real socket; returns the status code.
+    async fn get_status(addr: SocketAddr, path: &str, auth: Option<&str>) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let auth = auth
+            .map(|a| format!("Authorization: {a}\r\n"))
+            .unwrap_or_default();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out[9..12].parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_bearer_token_guards_metrics_but_not_the_probes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = router(Arc::new(Fixed), Some("s3cret".into()));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        assert_eq!(get_status(addr, "/metrics", None).await, 401);
+        assert_eq!(
+            get_status(addr, "/metrics", Some("Bearer wrong")).await,
+            401
+        );
+        assert_eq!(
+            get_status(addr, "/metrics", Some("Basic czNjcmV0")).await,
+            401
+        );
+        assert_eq!(
+            get_status(addr, "/metrics", Some("Bearer s3cret")).await,
+            200
+        );
+        assert_eq!(get_status(addr, "/healthz", None).await, 200);
+        assert_eq!(get_status(addr, "/readyz", None).await, 200);
+        // Without a token the endpoint is open (it listens on loopback by default).
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router(Arc::new(Fixed), None)).await });
+        assert_eq!(get_status(addr, "/metrics", None).await, 200);
+    }
 
     #[test]
     fn snapshot_renders_counters_gauges_and_labelled_families() {

@@ -177,8 +177,8 @@ fn broker_and_connector_failures_drain_and_metrics() {
         dc1_links(&d, "broker"),
         dc1_links(&d, "broker2")
     );
-    let b1 = "http://10.99.2.2:9464/metrics";
-    let b2 = "http://10.99.8.2:9464/metrics";
+    let b1 = "http://127.0.0.1:9464/metrics";
+    let b2 = "http://127.0.0.1:9464/metrics";
     let c1 = "http://127.0.0.1:9465/metrics";
     let before = [
         scrape(&d, "broker", b1),
@@ -271,7 +271,7 @@ fn broker_and_connector_failures_drain_and_metrics() {
         assert_eq!(metric(t, "sekisho_connector_link_up", &[]), 2.0, "{t}");
     }
     assert!(metric(&after[0], "sekisho_broker_handshakes_total", &[]) >= 1.0);
-    let (ok, _, _) = d.sh("broker", "curl -sf -m 3 http://10.99.2.2:9464/readyz");
+    let (ok, _, _) = d.sh("broker", "curl -sf -m 3 http://127.0.0.1:9464/readyz");
     assert!(ok, "broker 1 is ready");
     let (ok, _, _) = d.sh("site", "curl -sf -m 3 http://127.0.0.1:9465/readyz");
     assert!(ok, "connector 1 is ready");

@@ -208,6 +208,20 @@ fn spoofed_sources_are_dropped_and_the_app_is_private() {
         &format!("curl -sS -m 3 --interface eth0 http://{APP}/"),
     );
     assert!(!ok, "the laptop reached the app outside the tunnel");
+
+    // The connector's link was made after a QUIC Retry (address validation): the broker did
+    // no TLS work for an address that had not shown it receives there.
+    let retries = d.stats()["quic_retries"].as_u64().unwrap_or(0);
+    assert!(retries >= 1, "no QUIC Retry counted");
+
+    // The broker's metrics listen on its loopback, not on its internet-facing address.
+    let (ok, _, _) = d.sh("inet", "curl -sS -m 3 http://10.99.2.2:9464/metrics");
+    assert!(!ok, "the broker's metrics answered on its public address");
+    let (ok, out, _) = d.sh("broker", "curl -sS -m 3 http://127.0.0.1:9464/metrics");
+    assert!(
+        ok && out.contains("sekisho_broker"),
+        "metrics on loopback: {out}"
+    );
 }
 
 #[test]

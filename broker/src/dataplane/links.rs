@@ -108,8 +108,19 @@ pub async fn accept_connectors(
     dp: DataPlane,
     control: Option<Arc<control::Control>>,
     stale_after: Duration,
+    retries: Arc<std::sync::atomic::AtomicU64>,
 ) {
     while let Some(incoming) = endpoint.accept().await {
+        // Address validation first: a connection attempt from an address that has not shown
+        // it can receive there gets a Retry (a token bound to its address) and costs no TLS
+        // work, so spoofed sources cannot make the broker handshake or amplify.
+        if !incoming.remote_address_validated() {
+            retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Err(e) = incoming.retry() {
+                debug!("QUIC retry refused: {e}");
+            }
+            continue;
+        }
         let (dp, control) = (dp.clone(), control.clone());
         tokio::spawn(async move {
             let remote = incoming.remote_address();
@@ -165,7 +176,10 @@ async fn check_enrolled(
         Ok(Some((name, other))) => Err(format!(
             "certificate of connector {name} is for site {other:?}, not {site:?}"
         )),
-        Ok(None) => Err("certificate is not of an enrolled connector, or it was revoked".into()),
+        Ok(None) => Err(
+            "certificate is not the current one of an enrolled connector (revoked, or replaced by a renewal)"
+                .into(),
+        ),
         Err(e) => Err(format!("store unavailable: {e:#}")),
     }
 }
