@@ -41,6 +41,8 @@
 #                       same private network: flows are spread over both
 #   SK_DATABASE         the brokers' store (default sqlite://broker.db in SK_STATE); a
 #                       postgres://… URL makes the brokers a cluster on PostgreSQL
+#   SK_CONNECTOR_ALLOW  the connectors' allowlist, space-separated `--allow` entries
+#                       (default "10.20.0.0/24 corp.example")
 #   SK_LOAD=1           a host for load tests (sk-load) on the internet router, with the
 #                       addresses 10.99.16.1-10.99.18.254 (tests/src/bin/sekisho-load.rs)
 #   SK_LINK_RELAY       "DELAY_MS LOSS": connectors reach the first broker through a userspace
@@ -324,8 +326,11 @@ enroll_all() {
         dir=$(connector_dir "$h")
         t=$(admin token create --site dc1 --ttl 10m)
         echo "$t" >"$STATE/tokens/dc1-$h.token"
+        # The connector's own allowlist: whatever the brokers ask, it reaches only these.
+        local allow=() a
+        for a in ${SK_CONNECTOR_ALLOW:-10.20.0.0/24 corp.example}; do allow+=(--allow "$a"); done
         inns "$h" "$BIN/sekisho-connector" enroll --server https://10.99.2.2:8443 --token "$t" \
-            --dir "$STATE/$dir" --dns-server 10.20.0.53 >/dev/null
+            --dir "$STATE/$dir" --dns-server 10.20.0.53 "${allow[@]}" >/dev/null
         # The connector accepts no connections from the network: its metrics endpoint listens
         # on loopback only (scrape it from the connector's host).
         printf '\n[metrics]\nlisten = "127.0.0.1:9465"\n' >>"$STATE/$dir/connector.toml"

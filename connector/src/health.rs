@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
+use sekisho_proto::connector::Allowlist;
 use sekisho_proto::link::HealthCheck;
 use sekisho_sys::metrics::{Readiness, Snapshot, Snapshotting, Source};
 use tracing::{info, warn};
@@ -46,6 +47,8 @@ pub struct State {
     pub links: Mutex<BTreeMap<String, bool>>,
     /// Application → reachable by the latest checks.
     pub reachable: Mutex<BTreeMap<String, bool>>,
+    /// Packets the nftables forward chain refused (read every few seconds).
+    pub kernel_refused: AtomicU64,
     data: Mutex<DataView>,
 }
 
@@ -152,6 +155,21 @@ impl State {
             );
         }
         m.counter(
+            "refused_names",
+            "Name translations a broker asked for outside the allowlist (zone or resolved address).",
+            c.refused_names,
+        );
+        m.counter(
+            "refused_routes",
+            "Routes a broker asked for over the allowed networks, or too wide.",
+            c.refused_routes,
+        );
+        m.counter(
+            "kernel_refused_packets",
+            "Packets from the tunnel the kernel's copy of the allowlist (nftables forward chain) dropped.",
+            self.kernel_refused.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        m.counter(
             "too_big_replies",
             "ICMP fragmentation-needed / packet-too-big answers sent into the site.",
             c.too_big_replies,
@@ -189,14 +207,28 @@ impl State {
 }
 
 /// One TCP connect to the check's host and port.
-async fn probe(check: &HealthCheck, resolver: Option<&TokioResolver>) -> Result<(), String> {
+async fn probe(
+    check: &HealthCheck,
+    resolver: Option<&TokioResolver>,
+    allow: &Allowlist,
+) -> Result<(), String> {
     let addr: IpAddr = match check.host.parse() {
         Ok(a) => a,
-        Err(_) => match resolver {
-            Some(r) => crate::names::resolve(r, &check.host).await?.into(),
-            None => return Err("no resolver for names".into()),
-        },
+        Err(_) => {
+            allow
+                .permits_name(&check.host)
+                .map_err(|why| why.text().to_string())?;
+            match resolver {
+                Some(r) => crate::names::resolve(r, &check.host).await?.into(),
+                None => return Err("no resolver for names".into()),
+            }
+        }
     };
+    // Probes go where the connector may forward, nowhere else: a broker cannot use them to
+    // scan the site.
+    allow
+        .permits_probe(addr, check.port)
+        .map_err(|why| why.text().to_string())?;
     match tokio::time::timeout(
         CHECK_TIMEOUT,
         tokio::net::TcpStream::connect(SocketAddr::new(addr, check.port)),
@@ -215,6 +247,7 @@ pub async fn check_loop(
     state: Arc<State>,
     mut checks: tokio::sync::watch::Receiver<Vec<HealthCheck>>,
     resolver: Option<Arc<TokioResolver>>,
+    allow: Allowlist,
     changed: impl Fn(),
 ) {
     let mut failures: BTreeMap<String, u32> = BTreeMap::new();
@@ -222,7 +255,7 @@ pub async fn check_loop(
         let list = checks.borrow_and_update().clone();
         let mut results = Vec::with_capacity(list.len());
         for c in &list {
-            results.push((c, probe(c, resolver.as_deref()).await));
+            results.push((c, probe(c, resolver.as_deref(), &allow).await));
         }
         let before: BTreeSet<String> = state.unreachable().into_iter().collect();
         {

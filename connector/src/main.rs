@@ -18,6 +18,7 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 use sekisho_proto::config::{ConfigError, load_toml};
+use sekisho_proto::connector::Allowlist;
 
 use crate::health::State;
 use sekisho_sys::{Netlink, create_tun};
@@ -67,6 +68,12 @@ enum Command {
         /// the system's resolvers).
         #[arg(long = "dns-server", value_name = "IP")]
         dns_servers: Vec<IpAddr>,
+        /// What this connector may reach on the site, whatever a broker asks (repeat; at least
+        /// one): a network (10.20.0.0/24, 10.20.0.10), a network with TCP/UDP ports
+        /// (10.20.0.10:80,443 or [fd00::1]:443), or a DNS zone for name-based applications
+        /// (corp.example). Kept as `allow` in connector.toml, where it can be edited.
+        #[arg(long = "allow", value_name = "ENTRY", required = true)]
+        allow: Vec<String>,
     },
 }
 
@@ -87,7 +94,14 @@ pub(crate) struct ConnectorConfig {
     /// TUN interface name.
     #[serde(default = "default_tun")]
     tun_name: String,
-    /// Enable IPv4 forwarding in this network namespace at start (the connector routes).
+    /// What this connector may reach on its site, whatever a broker asks: networks
+    /// ("10.20.0.0/24"), networks with TCP/UDP ports ("10.20.0.10:80,443"), DNS zones for
+    /// name-based applications ("corp.example"). Required: an empty list reaches nothing.
+    #[serde(default)]
+    allow: Allowlist,
+    /// Turn on IPv4 forwarding at start, on the TUN device and the interfaces towards the
+    /// allowed networks only (never host-wide); forwarding it turned on carries nothing but
+    /// Sekisho's traffic.
     #[serde(default = "yes")]
     enable_forwarding: bool,
     /// Longest wait between reconnection attempts.
@@ -187,9 +201,10 @@ fn main() {
                 token,
                 dir,
                 dns_servers,
+                allow,
             }),
             _,
-        ) => enroll(&server, &token, &dir, &dns_servers),
+        ) => enroll(&server, &token, &dir, &dns_servers, &allow),
         (None, None) => Err(anyhow::anyhow!(
             "nothing to do: pass -c FILE to run, or `enroll` (see --help)"
         )),
@@ -224,8 +239,15 @@ pub(crate) fn new_key_and_csr() -> Result<(String, String)> {
     Ok((key.serialize_pem(), csr.pem()?))
 }
 
-fn enroll(server: &str, token: &str, dir: &Path, dns_servers: &[IpAddr]) -> Result<()> {
+fn enroll(
+    server: &str,
+    token: &str,
+    dir: &Path,
+    dns_servers: &[IpAddr],
+    allow: &[String],
+) -> Result<()> {
     use sekisho_proto::api::{EnrollConnectorRequest, EnrollConnectorResponse};
+    let allow = Allowlist::parse(allow).map_err(|e| anyhow::anyhow!("--allow: {e}"))?;
     let (token, ca_sha256) = sekisho_sys::http::enrollment_token(token)?;
     let config_path = dir.join("connector.toml");
     if config_path.exists() {
@@ -252,6 +274,7 @@ fn enroll(server: &str, token: &str, dir: &Path, dns_servers: &[IpAddr]) -> Resu
         brokers: resp.brokers.iter().skip(1).cloned().collect(),
         broker_name: resp.broker_name.clone(),
         tun_name: default_tun(),
+        allow,
         enable_forwarding: true,
         max_backoff_secs: default_backoff_max(),
         dns_servers: dns_servers.to_vec(),
@@ -312,11 +335,42 @@ fn run_blocking(config: &Path) -> Result<()> {
     rt.block_on(run(config))
 }
 
-fn enable_forwarding() -> Result<()> {
-    if sekisho_sys::enable_ipv4_forwarding()? {
-        info!("enabled IPv4 forwarding");
+/// Turns on IPv4 forwarding on the TUN device and on the interfaces the allowed networks are
+/// reached through, never host-wide. Returns the site interfaces whose forwarding was off
+/// (the nftables table then forwards nothing from them but replies to the tunnel).
+fn enable_forwarding(tun: &str, allow: &Allowlist) -> Result<Vec<String>> {
+    use sekisho_proto::connector::allow::Item;
+    if sekisho_sys::enable_ipv4_forwarding_on(tun)? {
+        info!(interface = tun, "enabled IPv4 forwarding");
     }
-    Ok(())
+    let mut site_interfaces: Vec<String> = Vec::new();
+    for item in allow.items() {
+        let Item::Net(n) = item else { continue };
+        // An address of the network that is not the host's own (that one routes via lo).
+        let ipnet::IpNet::V4(v4) = n.net else {
+            continue;
+        };
+        let first = v4.hosts().next().unwrap_or(v4.addr());
+        let last = std::net::Ipv4Addr::from(u32::from(v4.broadcast()).saturating_sub(1));
+        let dev = [first, last, v4.addr()]
+            .into_iter()
+            .filter(|a| v4.contains(a))
+            .filter_map(|a| sekisho_sys::route_interface(a.into()))
+            .find(|d| d != "lo");
+        match dev {
+            Some(dev) if dev != tun && !site_interfaces.contains(&dev) => site_interfaces.push(dev),
+            Some(_) => {}
+            None => warn!(network = %n.net, "no route to an allowed network"),
+        }
+    }
+    let mut guarded = Vec::new();
+    for dev in site_interfaces {
+        if sekisho_sys::enable_ipv4_forwarding_on(&dev)? {
+            info!(interface = %dev, "enabled IPv4 forwarding (for replies to the tunnel only)");
+            guarded.push(dev);
+        }
+    }
+    Ok(guarded)
 }
 
 async fn run(config: ConnectorConfig) -> Result<()> {
@@ -329,19 +383,49 @@ async fn run(config: ConnectorConfig) -> Result<()> {
             sekisho_proto::mtu::MIN_OVERLAY_MTU
         );
     }
-    if config.enable_forwarding {
-        enable_forwarding()?;
+    if config.allow.is_empty() {
+        bail!(
+            "connector.toml has no `allow` list: the connector forwards only inside its own \
+             allowlist, whatever a broker asks. Add the networks, ports and DNS zones of the \
+             site's applications, e.g. allow = [\"10.20.0.0/24\", \"10.20.1.5:443\", \
+             \"corp.example\"] (or enroll with --allow)"
+        );
     }
     let tun = create_tun(&config.tun_name, site::TUN_MTU)?;
     let netlink = Netlink::open()?;
     let index = netlink.link_index(&config.tun_name).await?;
-    site::install_nat(&config.tun_name).await?;
-    info!(site = %config.site, interface = %config.tun_name, "connector interface up");
+    let guarded = if config.enable_forwarding {
+        enable_forwarding(&config.tun_name, &config.allow)?
+    } else {
+        Vec::new()
+    };
+    site::install_nat(&config.tun_name, &config.allow, &guarded).await?;
+    info!(
+        site = %config.site,
+        interface = %config.tun_name,
+        allow = ?Vec::<String>::from(config.allow.clone()),
+        "connector interface up; forwarding only inside the allowlist"
+    );
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let drain_timeout = humantime::parse_duration(&config.drain_timeout)?;
     let config = Arc::new(config);
     let state = Arc::new(State::default());
+    {
+        // The kernel's refusals, read every few seconds for the metrics.
+        let (state, table) = (state.clone(), site::nft_table(&config.tun_name));
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                every.tick().await;
+                if let Some(n) = sekisho_sys::counter_packets("inet", &table, "refused").await {
+                    state
+                        .kernel_refused
+                        .store(n, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+    }
     if let Some(m) = &config.metrics {
         let bearer = m
             .bearer_token_file
@@ -441,5 +525,31 @@ mod tests {
         let e = load_config(&bad).unwrap_err().to_string();
         std::fs::remove_dir_all(&dir).ok();
         assert!(e.contains("drain_timeout") && e.contains("soon"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_allowlist_entry_is_named_with_file_line_and_field() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/connector.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let c = load_config(&path).unwrap();
+        assert_eq!(
+            Vec::<String>::from(c.allow),
+            vec!["10.20.0.0/24".to_string(), "corp.example".to_string()]
+        );
+        let dir = std::env::temp_dir().join(format!("sekisho-conn-allow-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bad = dir.join("connector.toml");
+        let from = "allow = [\"10.20.0.0/24\", \"corp.example\"]";
+        assert!(text.contains(from));
+        std::fs::write(&bad, text.replace(from, "allow = [\"10.20.0.0/24:http\"]")).unwrap();
+        let e = load_config(&bad).unwrap_err();
+        std::fs::remove_dir_all(&dir).ok();
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("allow = "))
+            .unwrap()
+            + 1;
+        assert_eq!((e.field.as_str(), e.line), ("allow", line), "{e}");
+        assert!(e.to_string().contains("is no port"), "{e}");
     }
 }

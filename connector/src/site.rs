@@ -12,7 +12,7 @@ use anyhow::Result;
 use bytes::Bytes;
 use tracing::{debug, info, warn};
 
-use sekisho_proto::connector::{ConnectorState, Event, Key, LinkParams, Transmit};
+use sekisho_proto::connector::{Allowlist, ConnectorState, Event, Key, LinkParams, Transmit};
 use sekisho_proto::link::{HealthCheck, LinkId};
 use sekisho_sys::link::{LinkSender, Sent};
 use sekisho_sys::tun::{TunReader, TunWriter};
@@ -79,14 +79,37 @@ async fn nft(script: &str) -> Result<()> {
     Ok(sekisho_sys::nft(script).await?)
 }
 
-/// Source NAT for packets from the tunnel into the site, and nothing from the site into the
-/// tunnel that is not a reply.
-pub async fn install_nat(tun: &str) -> Result<()> {
+/// The connector's nftables table: source NAT for packets from the tunnel into the site; the
+/// kernel's copy of the allowlist (a packet from the tunnel is forwarded only to an allowed
+/// network, protocol and port, after destination NAT so names are checked by the address
+/// they resolved to; the rest is counted in `refused` and dropped); nothing from the site into
+/// the tunnel that is not a reply; nothing from the tunnel to the connector host itself; and,
+/// on the site interfaces whose forwarding the connector turned on (`guarded`), nothing
+/// forwarded that does not go to the tunnel, so the host routes for Sekisho only.
+pub fn nat_script(tun: &str, allow: &Allowlist, guarded: &[String]) -> String {
     let t = nft_table(tun);
-    nft(&format!(
+    let sets = allow.nft_sets();
+    let elements = |v: &[String]| {
+        if v.is_empty() {
+            String::new()
+        } else {
+            format!(" elements = {{ {} }};", v.join(", "))
+        }
+    };
+    let guards: String = guarded
+        .iter()
+        .map(|i| format!("             iifname \"{i}\" oifname != \"{tun}\" counter drop\n"))
+        .collect();
+    format!(
         "table inet {t} {{}}\n\
          delete table inet {t}\n\
          table inet {t} {{\n\
+           counter refused {{}}\n\
+           counter to_host {{}}\n\
+           set allow_any4 {{ type ipv4_addr; flags interval;{any4} }}\n\
+           set allow_ports4 {{ type ipv4_addr . inet_service; flags interval;{ports4} }}\n\
+           set allow_any6 {{ type ipv6_addr; flags interval;{any6} }}\n\
+           set allow_ports6 {{ type ipv6_addr . inet_service; flags interval;{ports6} }}\n\
            map synth4 {{ type ipv4_addr . ipv4_addr : ipv4_addr; }}\n\
            chain prerouting {{\n\
              type nat hook prerouting priority dstnat; policy accept;\n\
@@ -96,14 +119,32 @@ pub async fn install_nat(tun: &str) -> Result<()> {
              type nat hook postrouting priority srcnat; policy accept;\n\
              iifname \"{tun}\" oifname != \"{tun}\" masquerade\n\
            }}\n\
+           chain input {{\n\
+             type filter hook input priority filter; policy accept;\n\
+             iifname \"{tun}\" counter name to_host drop\n\
+           }}\n\
            chain forward {{\n\
              type filter hook forward priority filter; policy accept;\n\
              oifname \"{tun}\" ct state established,related accept\n\
              oifname \"{tun}\" counter drop\n\
+             iifname \"{tun}\" ct state established,related accept\n\
+             iifname \"{tun}\" ip daddr @allow_any4 accept\n\
+             iifname \"{tun}\" meta l4proto {{ tcp, udp }} ip daddr . th dport @allow_ports4 accept\n\
+             iifname \"{tun}\" ip6 daddr @allow_any6 accept\n\
+             iifname \"{tun}\" meta l4proto {{ tcp, udp }} ip6 daddr . th dport @allow_ports6 accept\n\
+             iifname \"{tun}\" counter name refused drop\n\
+{guards}\
            }}\n\
-         }}\n"
-    ))
-    .await
+         }}\n",
+        any4 = elements(&sets.any4),
+        ports4 = elements(&sets.ports4),
+        any6 = elements(&sets.any6),
+        ports6 = elements(&sets.ports6),
+    )
+}
+
+pub async fn install_nat(tun: &str, allow: &Allowlist, guarded: &[String]) -> Result<()> {
+    nft(&nat_script(tun, allow, guarded)).await
 }
 
 pub async fn remove_nat(tun: &str) {
@@ -173,13 +214,14 @@ pub async fn site_loop(
             state.clone(),
             checks_rx,
             resolver.clone(),
+            config.allow.clone(),
             move || {
                 let _ = events.try_send(LinkEvent::HealthChanged);
             },
         ));
     }
     let table = nft_table(io.tun_name);
-    let mut core = ConnectorState::new(Instant::now());
+    let mut core = ConnectorState::new(Instant::now(), config.allow.clone());
     let mut links: HashMap<LinkId, LinkHandle> = HashMap::new();
     let mut reader = TunReader::new(TUN_MTU);
     let mut writer = TunWriter::default();
@@ -359,6 +401,15 @@ pub async fn site_loop(
         state.set_flows(core.open_flows());
         while let Some(ev) = core.poll_event() {
             match ev {
+                Event::Refused { what, why } => {
+                    warn!(refused = %what, "refused: {}", why.text());
+                }
+                Event::RefusedMore(n) => {
+                    warn!(
+                        count = n,
+                        "refused {n} more in the last second (not logged one by one)"
+                    );
+                }
                 Event::Route(net) => {
                     if let Err(e) = io.netlink.add_route(io.index, net).await {
                         warn!("cannot route {net} into the tunnel: {e}");
@@ -376,8 +427,13 @@ pub async fn site_loop(
                     };
                     let events = events.clone();
                     let table = table.clone();
+                    let allow = config.allow.clone();
                     tokio::spawn(async move {
                         let result = match names::resolve(&resolver, &name).await {
+                            // Never installed when the address is outside the allowlist.
+                            Ok(real) if allow.permits_resolved(real.into()).is_err() => Err(
+                                format!("resolved to {real}, outside the connector's allowlist"),
+                            ),
                             Ok(real) => nft(&names::map_script(&table, &key, real, previous))
                                 .await
                                 .map(|()| real)
@@ -417,4 +473,52 @@ fn publish_state(
         view.socket_drops += sekisho_sys::udp::socket_drops(l.socket.as_ref()).unwrap_or(0);
     }
     state.publish(view);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table is valid nftables, checked by `nft -c` when it can run here (root).
+    #[test]
+    fn nft_accepts_the_table_with_and_without_entries() {
+        use std::io::Write;
+        for (items, guarded) in [
+            (
+                &[
+                    "10.20.0.0/24",
+                    "10.20.1.10:80,443,8000-8100",
+                    "[fd00::5]:443",
+                    "fd00:1::/64",
+                    "corp.example",
+                ][..],
+                vec!["eth0".to_string()],
+            ),
+            (&["corp.example"][..], vec![]),
+        ] {
+            let allow = Allowlist::parse(items).unwrap();
+            let script = nat_script("sekisho0", &allow, &guarded);
+            assert!(script.contains("counter name refused drop"), "{script}");
+            let Ok(mut child) = std::process::Command::new("nft")
+                .args(["-c", "-f", "-"])
+                .stdin(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+            else {
+                return;
+            };
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(script.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("Operation not permitted") {
+                return;
+            }
+            assert!(out.status.success(), "{err}\n{script}");
+        }
+    }
 }

@@ -61,9 +61,13 @@ else
         [ -n "${SEKISHO_SERVER:-}" ] || die "SEKISHO_SERVER is not set: the broker's control API URL, like https://broker.example.net:8443 (needed once, to enroll: $ENROLLED does not exist yet)"
         TOKEN=$(from_env_or_file SEKISHO_ENROLL_TOKEN)
         [ -n "$TOKEN" ] || die "SEKISHO_ENROLL_TOKEN is not set (nor SEKISHO_ENROLL_TOKEN_FILE): this connector is not enrolled yet ($ENROLLED does not exist); an admin makes a one-time token with \`sekisho-broker admin token create --site SITE\`"
+        [ -n "${SEKISHO_ALLOW:-}" ] || die "SEKISHO_ALLOW is not set: what this connector may reach on the site, whatever a broker asks (space-separated: networks like 10.20.0.0/24, hosts with ports like 10.20.0.10:80,443, DNS zones like corp.example)"
         dns_args=
         for ip in $(printf '%s' "${SEKISHO_DNS_SERVERS:-}" | tr ',' ' '); do
             dns_args="$dns_args --dns-server $ip"
+        done
+        for a in $SEKISHO_ALLOW; do
+            dns_args="$dns_args --allow $a"
         done
         say "enrolling with $SEKISHO_SERVER"
         # The token goes through standard input, not the command line (visible in ps).

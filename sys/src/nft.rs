@@ -1,4 +1,4 @@
-//! nftables scripts and the namespace's forwarding switch.
+//! nftables scripts, named counters, and forwarding switches (per namespace or per interface).
 
 use crate::SysError;
 
@@ -46,4 +46,84 @@ pub fn enable_ipv4_forwarding() -> Result<bool, SysError> {
     }
     std::fs::write(path, "1").map_err(SysError::Forwarding)?;
     Ok(true)
+}
+
+/// The packets counted so far by the named counter `name` of table `family table`; None when
+/// it cannot be read.
+pub async fn counter_packets(family: &str, table: &str, name: &str) -> Option<u64> {
+    let out = tokio::process::Command::new("nft")
+        .args(["-j", "list", "counter", family, table, name])
+        .output()
+        .await
+        .ok()?;
+    packets_of(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The packet count in `nft -j list counter` output.
+pub fn packets_of(json: &str) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    v["nftables"]
+        .as_array()?
+        .iter()
+        .find_map(|o| o["counter"]["packets"].as_u64())
+}
+
+/// Turns on IPv4 forwarding for packets arriving on one interface only
+/// (`net.ipv4.conf.<name>.forwarding`), leaving the namespace's other interfaces as they are.
+/// True when it was off.
+pub fn enable_ipv4_forwarding_on(interface: &str) -> Result<bool, SysError> {
+    if interface.is_empty() || interface.contains('/') || interface.starts_with('.') {
+        return Err(SysError::Forwarding(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("bad interface name {interface:?}"),
+        )));
+    }
+    let path = format!("/proc/sys/net/ipv4/conf/{interface}/forwarding");
+    if std::fs::read_to_string(&path)
+        .map(|v| v.trim() == "1")
+        .unwrap_or(false)
+    {
+        return Ok(false);
+    }
+    std::fs::write(&path, "1").map_err(SysError::Forwarding)?;
+    Ok(true)
+}
+
+/// The interface the kernel would send a packet to `addr` through (`ip route get`); None when
+/// there is no route.
+pub fn route_interface(addr: std::net::IpAddr) -> Option<String> {
+    let out = std::process::Command::new("ip")
+        .args(["-o", "route", "get", &addr.to_string()])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "dev" {
+            return words.next().map(str::to_string);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_counter_is_read_from_nft_json() {
+        let j = r#"{"nftables": [{"metainfo": {"version": "1.0.9"}}, {"counter": {"family": "inet", "name": "limited", "table": "sekisho_wg_51820", "handle": 1, "packets": 846058, "bytes": 148906208}}]}"#;
+        assert_eq!(packets_of(j), Some(846058));
+        assert_eq!(packets_of("not json"), None);
+    }
+
+    #[test]
+    fn loopback_routes_through_lo() {
+        if let Some(dev) = route_interface("127.0.0.1".parse().unwrap()) {
+            assert_eq!(dev, "lo");
+        }
+    }
 }

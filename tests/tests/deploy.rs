@@ -453,6 +453,7 @@ fn connector_entrypoint_enrolls_once_links_and_carries_flows() {
         ("SEKISHO_SERVER", "https://10.99.2.2:8443"),
         ("SEKISHO_ENROLL_TOKEN", &token),
         ("SEKISHO_DNS_SERVERS", "10.20.0.53"),
+        ("SEKISHO_ALLOW", "10.20.0.0/24 corp.example"),
         (
             "SEKISHO_METRICS_LISTEN",
             if metrics { "127.0.0.1:9465" } else { "" },
@@ -851,6 +852,15 @@ fn entrypoints_name_what_is_missing() {
         ],
     );
     assert!(err.contains("SEKISHO_ENROLL_TOKEN_FILE"), "{err}");
+    let err = entry(
+        "connector-entrypoint.sh",
+        &[
+            ("SEKISHO_BIN_DIR", &bin),
+            ("SEKISHO_SERVER", "https://127.0.0.1:9"),
+            ("SEKISHO_ENROLL_TOKEN", "SKE1.x"),
+        ],
+    );
+    assert!(err.contains("SEKISHO_ALLOW is not set"), "{err}");
     let err = entry("broker-entrypoint.sh", &[("SEKISHO_BIN_DIR", &bin)]);
     assert!(err.contains("SEKISHO_PUBLIC_HOST is not set"), "{err}");
     let err = entry(

@@ -81,21 +81,7 @@ pub async fn remove(port: u16) {
 }
 
 async fn read_counter(port: u16) -> Option<u64> {
-    let out = tokio::process::Command::new("nft")
-        .args(["-j", "list", "counter", "inet", &table(port), "limited"])
-        .output()
-        .await
-        .ok()?;
-    packets_of(&String::from_utf8_lossy(&out.stdout))
-}
-
-/// The packet count in `nft -j list counter` output.
-fn packets_of(json: &str) -> Option<u64> {
-    let v: serde_json::Value = serde_json::from_str(json).ok()?;
-    v["nftables"]
-        .as_array()?
-        .iter()
-        .find_map(|o| o["counter"]["packets"].as_u64())
+    sekisho_sys::counter_packets("inet", &table(port), "limited").await
 }
 
 #[cfg(test)]
@@ -109,13 +95,6 @@ mod tests {
         assert!(s.contains("udp dport 51820 @th,64,8 1"));
         assert!(s.contains("limit rate over 50/second burst 100 packets"));
         assert!(s.starts_with("table inet sekisho_wg_51820 {}\ndelete table"));
-    }
-
-    #[test]
-    fn the_counter_is_read_from_nft_json() {
-        let j = r#"{"nftables": [{"metainfo": {"version": "1.0.9"}}, {"counter": {"family": "inet", "name": "limited", "table": "sekisho_wg_51820", "handle": 1, "packets": 846058, "bytes": 148906208}}]}"#;
-        assert_eq!(packets_of(j), Some(846058));
-        assert_eq!(packets_of("not json"), None);
     }
 
     /// The script is valid nftables, checked by `nft -c` when it can run here (root).

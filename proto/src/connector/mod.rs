@@ -10,6 +10,7 @@
 //! A device's replies go back over the link its packets last came from: a device that moved
 //! to another broker gets its replies there, so its TCP connections survive the move.
 
+pub mod allow;
 pub mod names;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -27,6 +28,7 @@ use crate::link::LinkId;
 use crate::packet::{self, FlowKey, PacketKind};
 use crate::timers::{TimerName, Timers};
 
+pub use allow::{Allowlist, Refusal};
 pub use names::{Admit, Key};
 
 /// How often flows and waiting packets expire.
@@ -51,6 +53,8 @@ counters! {
         site_write_failed,
         /// A packet from the site that does not parse.
         malformed,
+        /// A packet from a broker to a destination outside the connector's allowlist.
+        not_allowed,
     }
 }
 
@@ -64,6 +68,11 @@ pub struct Counters {
     pub drops: Drops,
     /// ICMP "fragmentation needed" / "packet too big" answers sent into the site.
     pub too_big_replies: u64,
+    /// Name translations a broker asked for outside the allowed zones, or whose address fell
+    /// outside the allowed networks.
+    pub refused_names: u64,
+    /// Routes a broker asked for over the allowed networks, or too wide.
+    pub refused_routes: u64,
 }
 
 /// The connector's named timers.
@@ -100,7 +109,16 @@ pub enum Event {
     },
     /// Route this network (devices, synthetic addresses) into the TUN device.
     Route(IpNet),
+    /// Something a broker asked for was refused by the allowlist: log it. At most
+    /// [`REFUSALS_LOGGED_PER_SECOND`] a second; the rest are summed up in the next
+    /// [`Event::RefusedMore`].
+    Refused { what: String, why: Refusal },
+    /// This many more refusals in the last second than were logged one by one.
+    RefusedMore(u64),
 }
+
+/// Refusals logged one by one per second (the counters count them all).
+pub const REFUSALS_LOGGED_PER_SECOND: u32 = 10;
 
 /// What a broker said when it accepted the link.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -155,10 +173,15 @@ pub struct ConnectorState {
     events: VecDeque<Event>,
     timers: Timers<Timer, 1>,
     scratch: Vec<u8>,
+    allow: Allowlist,
+    /// Refusals logged in the current second, and those past the limit.
+    refusals_logged: u32,
+    refusals_unlogged: u64,
 }
 
 impl ConnectorState {
-    pub fn new(now: Instant) -> ConnectorState {
+    /// A connector that forwards only inside `allow`.
+    pub fn new(now: Instant, allow: Allowlist) -> ConnectorState {
         let mut timers = Timers::default();
         timers.set(Timer::Housekeeping, now + HOUSEKEEPING);
         ConnectorState {
@@ -182,6 +205,23 @@ impl ConnectorState {
             events: VecDeque::new(),
             timers,
             scratch: vec![0; 1500],
+            allow,
+            refusals_logged: 0,
+            refusals_unlogged: 0,
+        }
+    }
+
+    pub fn allowlist(&self) -> &Allowlist {
+        &self.allow
+    }
+
+    /// Notes a refusal for the log (rate-limited).
+    fn refused(&mut self, why: Refusal, what: impl FnOnce() -> String) {
+        if self.refusals_logged < REFUSALS_LOGGED_PER_SECOND {
+            self.refusals_logged += 1;
+            self.events.push_back(Event::Refused { what: what(), why });
+        } else {
+            self.refusals_unlogged += 1;
         }
     }
 
@@ -216,8 +256,30 @@ impl ConnectorState {
                 max_datagram: params.max_datagram,
             },
         );
-        self.names.set_app_ranges(params.app_ranges.clone());
-        for net in params.device_ranges.iter().chain(&params.app_ranges) {
+        // Ranges a broker names are routed into the tunnel only where they cannot capture
+        // the site's own networks.
+        let allowed = |net: &IpNet, this: &mut Self| match this.allow.permits_route(net) {
+            Ok(()) => true,
+            Err(why) => {
+                this.counters.refused_routes += 1;
+                this.refused(why, || format!("route {net} from broker {broker}"));
+                false
+            }
+        };
+        let app_ranges: Vec<IpNet> = params
+            .app_ranges
+            .iter()
+            .filter(|n| allowed(n, self))
+            .copied()
+            .collect();
+        let device_ranges: Vec<IpNet> = params
+            .device_ranges
+            .iter()
+            .filter(|n| allowed(n, self))
+            .copied()
+            .collect();
+        self.names.set_app_ranges(app_ranges.clone());
+        for net in device_ranges.iter().chain(&app_ranges) {
             if self.routes.insert(*net) {
                 self.events.push_back(Event::Route(*net));
             }
@@ -246,6 +308,21 @@ impl ConnectorState {
             self.counters.drops.malformed += 1;
             return;
         };
+        // The allowlist, whatever the broker decided. A packet to a synthetic address is
+        // checked against the address its name translates to; one still waiting for its
+        // translation is checked when the translation comes.
+        let pending = match self.names.translation(&(src, dst)) {
+            Some(real) => Some(IpAddr::V4(real)),
+            None if self.names.is_synthetic(dst) => None,
+            None => Some(dst),
+        };
+        if let Some(real) = pending
+            && let Err(why) = self.allow.permits_packet(&packet, Some(real))
+        {
+            self.counters.drops.not_allowed += 1;
+            self.refused(why, || describe(&packet, src, real));
+            return;
+        }
         if let Ok(PacketKind::Flow(key)) = packet::classify(&packet) {
             let end = TcpEnd::of(&packet, true);
             match self.flows.touch(&key, now) {
@@ -321,6 +398,12 @@ impl ConnectorState {
         if self.names.has(&key, &name) {
             return;
         }
+        if let Err(why) = self.allow.permits_name(&name) {
+            self.counters.refused_names += 1;
+            self.names.failed(&key);
+            self.refused(why, || format!("name {name} for {}", key.0));
+            return;
+        }
         let previous = self.names.previous(&key);
         self.events.push_back(Event::Resolve {
             key,
@@ -332,9 +415,23 @@ impl ConnectorState {
     /// The shell resolved and installed a translation (or failed to).
     pub fn handle_name_resolved(&mut self, key: Key, name: String, result: Result<Ipv4Addr, ()>) {
         match result {
+            Ok(real) if self.allow.permits_resolved(IpAddr::V4(real)).is_err() => {
+                // The shell checks before installing; this is the core's own word on it.
+                self.counters.refused_names += 1;
+                self.names.failed(&key);
+                self.refused(Refusal::Address, || {
+                    format!("name {name} resolved to {real}")
+                });
+            }
             Ok(real) => {
                 for pkt in self.names.installed(key, name, real) {
-                    self.transmits.push_back(Transmit::Site(pkt));
+                    match self.allow.permits_packet(&pkt, Some(IpAddr::V4(real))) {
+                        Ok(()) => self.transmits.push_back(Transmit::Site(pkt)),
+                        Err(why) => {
+                            self.counters.drops.not_allowed += 1;
+                            self.refused(why, || describe(&pkt, key.0, IpAddr::V4(real)));
+                        }
+                    }
                 }
             }
             Err(()) => self.names.failed(&key),
@@ -350,6 +447,11 @@ impl ConnectorState {
         for t in self.timers.take_due(now) {
             match t {
                 Timer::Housekeeping => {
+                    if self.refusals_unlogged > 0 {
+                        self.events
+                            .push_back(Event::RefusedMore(self.refusals_unlogged));
+                    }
+                    (self.refusals_logged, self.refusals_unlogged) = (0, 0);
                     self.names.expire(now);
                     self.flows.expire(now);
                     self.open_flows = self.flows.iter().filter(|(_, f, _)| !f.closed()).count();
@@ -369,6 +471,23 @@ impl ConnectorState {
 
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.timers.next()
+    }
+}
+
+/// A refused packet for the log: protocol, source, destination and port.
+fn describe(pkt: &[u8], src: IpAddr, dst: IpAddr) -> String {
+    match packet::classify(pkt) {
+        Ok(PacketKind::Flow(k)) if matches!(k.proto, packet::PROTO_TCP | packet::PROTO_UDP) => {
+            let proto = if k.proto == packet::PROTO_TCP {
+                "tcp"
+            } else {
+                "udp"
+            };
+            format!("{proto} {src} -> {dst}:{}", k.dport)
+        }
+        Ok(PacketKind::Flow(k)) => format!("protocol {} {src} -> {dst}", k.proto),
+        Ok(PacketKind::IcmpError { .. }) => format!("icmp error {src} -> {dst}"),
+        Err(_) => format!("packet {src} -> {dst}"),
     }
 }
 
@@ -397,6 +516,10 @@ mod tests {
         );
     }
 
+    fn site_allowlist() -> Allowlist {
+        Allowlist::parse(&["10.20.0.0/24", "corp.example"]).unwrap()
+    }
+
     fn drain(c: &mut ConnectorState) -> Vec<Transmit> {
         std::iter::from_fn(|| c.poll_transmit()).collect()
     }
@@ -404,7 +527,7 @@ mod tests {
     #[test]
     fn replies_follow_the_link_the_device_used_last() {
         let now = Instant::now();
-        let mut c = ConnectorState::new(now);
+        let mut c = ConnectorState::new(now, site_allowlist());
         up(&mut c, 1, 1400);
         up(&mut c, 2, 1400);
         let routes: Vec<Event> = std::iter::from_fn(|| c.poll_event()).collect();
@@ -452,7 +575,7 @@ mod tests {
     #[test]
     fn a_reply_too_large_for_the_link_is_answered_into_the_site() {
         let now = Instant::now();
-        let mut c = ConnectorState::new(now);
+        let mut c = ConnectorState::new(now, site_allowlist());
         up(&mut c, 1, 1000);
         let big = Bytes::from(udp4(
             [10, 20, 0, 10],
@@ -478,7 +601,7 @@ mod tests {
     #[test]
     fn packets_for_names_wait_for_their_translation() {
         let now = Instant::now();
-        let mut c = ConnectorState::new(now);
+        let mut c = ConnectorState::new(now, site_allowlist());
         up(&mut c, 1, 1400);
         while c.poll_event().is_some() {}
         let dev: IpAddr = "100.118.0.2".parse().unwrap();
@@ -500,5 +623,117 @@ mod tests {
         // Asked again for the same name: nothing to do.
         c.handle_map_name((dev, syn), "wiki.corp.example".into());
         assert_eq!(c.poll_event(), None);
+    }
+
+    /// A broker that grants everything still gets only what the site's allowlist holds:
+    /// other hosts and ports, names outside the zones, names resolving outside the networks,
+    /// and routes over the site's own networks are refused, counted and logged.
+    #[test]
+    fn the_allowlist_holds_whatever_a_broker_asks() {
+        let now = Instant::now();
+        let allow =
+            Allowlist::parse(&["10.20.0.10:80", "10.20.0.0/25:443", "corp.example"]).unwrap();
+        let mut c = ConnectorState::new(now, allow);
+        c.handle_link_up(
+            LinkId(1),
+            "b1",
+            LinkParams {
+                device_ranges: vec![
+                    "100.118.0.0/16".parse().unwrap(),
+                    "10.20.0.0/16".parse().unwrap(),
+                    "0.0.0.0/0".parse().unwrap(),
+                ],
+                app_ranges: vec!["100.119.0.0/16".parse().unwrap()],
+                max_datagram: 1400,
+            },
+        );
+        let routes: Vec<Event> = std::iter::from_fn(|| c.poll_event())
+            .filter(|e| matches!(e, Event::Route(_)))
+            .collect();
+        assert_eq!(
+            routes,
+            vec![
+                Event::Route("100.118.0.0/16".parse().unwrap()),
+                Event::Route("100.119.0.0/16".parse().unwrap())
+            ]
+        );
+        assert_eq!(c.counters().refused_routes, 2);
+        let dev = [100, 118, 0, 2];
+        let ok = Bytes::from(tcp4(dev, 4000, [10, 20, 0, 10], 80, 0x02, 1));
+        c.handle_link_packet(LinkId(1), ok.clone(), now);
+        assert_eq!(drain(&mut c), vec![Transmit::Site(ok)]);
+        for refused in [
+            tcp4(dev, 4001, [10, 20, 0, 10], 22, 0x02, 1),
+            udp4(dev, 4002, [10, 20, 0, 53], 53, b"q"),
+            tcp4(dev, 4003, [10, 20, 0, 200], 443, 0x02, 1),
+            tcp4(dev, 4004, [192, 168, 1, 1], 80, 0x02, 1),
+        ] {
+            c.handle_link_packet(LinkId(1), Bytes::from(refused), now);
+        }
+        assert!(drain(&mut c).is_empty());
+        assert_eq!(c.counters().drops.not_allowed, 4);
+        assert_eq!(c.open_flows(), 1, "refused packets open no flows");
+        // Names: outside the zones, no resolution at all; inside but resolving elsewhere,
+        // the waiting packets are dropped.
+        let d: IpAddr = "100.118.0.2".parse().unwrap();
+        let syn: IpAddr = "100.119.0.9".parse().unwrap();
+        c.handle_map_name((d, syn), "intranet.evil.example".into());
+        assert!(!std::iter::from_fn(|| c.poll_event()).any(|e| matches!(e, Event::Resolve { .. })));
+        c.handle_map_name((d, syn), "wiki.corp.example".into());
+        assert!(matches!(c.poll_event(), Some(Event::Resolve { .. })));
+        let p = Bytes::from(tcp4(dev, 4005, [100, 119, 0, 9], 80, 0x02, 1));
+        c.handle_link_packet(LinkId(1), p.clone(), now);
+        c.handle_name_resolved(
+            (d, syn),
+            "wiki.corp.example".into(),
+            Ok(Ipv4Addr::new(10, 20, 0, 200)),
+        );
+        assert!(drain(&mut c).is_empty());
+        assert_eq!(c.counters().refused_names, 2);
+        // Resolving to the allowed host: port 80 passes, port 22 to the same name does not.
+        c.handle_map_name((d, syn), "wiki.corp.example".into());
+        c.handle_link_packet(LinkId(1), p.clone(), now);
+        c.handle_name_resolved(
+            (d, syn),
+            "wiki.corp.example".into(),
+            Ok(Ipv4Addr::new(10, 20, 0, 10)),
+        );
+        assert_eq!(drain(&mut c), vec![Transmit::Site(p)]);
+        c.handle_link_packet(
+            LinkId(1),
+            Bytes::from(tcp4(dev, 4006, [100, 119, 0, 9], 22, 0x02, 1)),
+            now,
+        );
+        assert!(drain(&mut c).is_empty());
+        assert_eq!(c.counters().drops.not_allowed, 5);
+        // Every refusal was logged (under the per-second limit), with what and why.
+        let logged: Vec<Event> = std::iter::from_fn(|| c.poll_event()).collect();
+        assert!(
+            logged.iter().any(|e| matches!(e, Event::Refused { what, why: Refusal::Port } if what == "tcp 100.118.0.2 -> 10.20.0.10:22")),
+            "{logged:?}"
+        );
+    }
+
+    #[test]
+    fn refusals_past_the_log_limit_are_summed_up() {
+        let now = Instant::now();
+        let mut c = ConnectorState::new(now, site_allowlist());
+        up(&mut c, 1, 1400);
+        for port in 0..100u16 {
+            c.handle_link_packet(
+                LinkId(1),
+                Bytes::from(tcp4([100, 118, 0, 2], port, [10, 20, 1, 1], 80, 0x02, 1)),
+                now,
+            );
+        }
+        c.handle_timeout(now + Duration::from_secs(1));
+        let events: Vec<Event> = std::iter::from_fn(|| c.poll_event()).collect();
+        let lines = events
+            .iter()
+            .filter(|e| matches!(e, Event::Refused { .. }))
+            .count();
+        assert_eq!(lines, REFUSALS_LOGGED_PER_SECOND as usize);
+        assert!(events.contains(&Event::RefusedMore(90)), "{events:?}");
+        assert_eq!(c.counters().drops.not_allowed, 100);
     }
 }

@@ -69,6 +69,16 @@ impl Translations {
         Admit::Queued
     }
 
+    /// Whether `dst` is in a synthetic (name-based application) range.
+    pub fn is_synthetic(&self, dst: IpAddr) -> bool {
+        self.app_ranges.iter().any(|r| r.contains(&dst))
+    }
+
+    /// The address `key` translates to, if its translation is in place.
+    pub fn translation(&self, key: &Key) -> Option<Ipv4Addr> {
+        self.installed.get(key).map(|(_, a)| *a)
+    }
+
     /// Whether `key` already translates to a resolution of `name`.
     pub fn has(&self, key: &Key, name: &str) -> bool {
         self.installed.get(key).is_some_and(|(n, _)| n == name)
