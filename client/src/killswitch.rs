@@ -25,7 +25,7 @@ use anyhow::Result;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use sekisho_proto::tunnel::{LocalNetwork, OverrideKey, TunnelMode, UserTunnel, verify_override};
 use sekisho_sys::{Netlink, Rule, nft, nft_delete_table};
@@ -74,8 +74,13 @@ pub struct Open {
 pub struct GuardView {
     pub mode: String,
     pub tunnel_policy: String,
-    /// "closed" (full tunnel, kill switch in place), "open" (an override), "off" (split tunnel).
+    /// "closed" (full tunnel, kill switch in place), "routing-only" (full tunnel, its firewall
+    /// could not be installed: every packet is routed into the tunnel instead, and the
+    /// firewall is retried), "open" (an override), "off" (split tunnel).
     pub kill_switch: String,
+    /// Why the kill switch is not complete, when it is not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kill_switch_error: Option<String>,
     pub open: Option<Open>,
     pub local_network: String,
     pub exclude: Vec<IpNet>,
@@ -265,6 +270,8 @@ pub struct Guard {
     settings: Settings,
     open: Option<Open>,
     installed: Option<Installed>,
+    /// The firewall part of the kill switch failed (the routing part holds): why.
+    degraded: Option<String>,
     brokers: Vec<SocketAddr>,
     captive_used: Option<u64>,
     view: Arc<Mutex<GuardView>>,
@@ -290,6 +297,7 @@ impl Guard {
             settings,
             open: None,
             installed: None,
+            degraded: None,
             brokers: Vec::new(),
             captive_used: None,
             view,
@@ -324,10 +332,16 @@ impl Guard {
             }
         } else {
             let local = if t.local_network == LocalNetwork::Allow {
-                self.netlink
+                let nets = self
+                    .netlink
                     .local_networks(self.cfg.tun_index)
                     .await
-                    .unwrap_or_default()
+                    .unwrap_or_default();
+                sekisho_proto::tunnel::clamp_local_networks(
+                    &nets,
+                    t.local_network_max_prefix,
+                    t.local_network_max_prefix_v6,
+                )
             } else {
                 Vec::new()
             };
@@ -336,15 +350,43 @@ impl Guard {
                 brokers: self.brokers.clone(),
                 local,
             };
-            if self.installed.as_ref() != Some(&want) {
+            if self.installed.as_ref() != Some(&want) || self.degraded.is_some() {
                 match self.install(&want).await {
-                    Ok(()) => {
-                        if self.installed.is_none() {
-                            info!(policy = %t.name, local_network = ?t.local_network, "full tunnel: kill switch in place");
+                    Ok(None) => {
+                        if self.installed.is_none() || self.degraded.is_some() {
+                            info!(policy = %t.name, local_network = ?t.local_network, local = ?want.local, "full tunnel: kill switch in place");
                         }
+                        self.degraded = None;
                         self.installed = Some(want);
                     }
-                    Err(e) => warn!("cannot install the full tunnel: {e:#}"),
+                    Ok(Some(why)) => {
+                        if self.degraded.as_deref() != Some(why.as_str()) {
+                            error!(
+                                policy = %t.name,
+                                "the kill switch's firewall cannot be installed ({why}); every packet \
+                                 is routed into the tunnel instead (routing-only kill switch), and the \
+                                 firewall is retried every second"
+                            );
+                        }
+                        self.degraded = Some(why);
+                        self.installed = Some(want);
+                    }
+                    Err(e) if self.installed.is_none() => {
+                        // Neither the firewall nor the routing could close the device: running
+                        // on would leave it open while the policy says full tunnel.
+                        error!(
+                            policy = %t.name,
+                            "refusing to run open: the full tunnel's kill switch cannot be installed: {e:#}"
+                        );
+                        eprintln!(
+                            "sekisho-client: refusing to run open: the full tunnel's kill switch \
+                             cannot be installed: {e:#}"
+                        );
+                        std::process::exit(3);
+                    }
+                    Err(e) => {
+                        warn!("cannot update the kill switch (the one in place stays): {e:#}")
+                    }
                 }
             }
         }
@@ -362,11 +404,14 @@ impl Guard {
             tunnel_policy: t.name.clone(),
             kill_switch: if self.open.is_some() {
                 "open".into()
+            } else if self.installed.is_some() && self.degraded.is_some() {
+                "routing-only".into()
             } else if self.installed.is_some() {
                 "closed".into()
             } else {
                 "off".into()
             },
+            kill_switch_error: self.degraded.clone(),
             open: self.open.clone(),
             local_network: match t.local_network {
                 LocalNetwork::Allow => "allow".into(),
@@ -379,9 +424,13 @@ impl Guard {
         };
     }
 
-    async fn install(&self, w: &Installed) -> Result<()> {
+    /// Installs the kill switch: its firewall (nftables) and its routing (everything not
+    /// marked into the tunnel). The routing is installed even when the firewall fails, so the
+    /// device is never left open: `Ok(Some(why))` says the firewall is missing. `Err` when the
+    /// routing could not be installed either.
+    async fn install(&self, w: &Installed) -> Result<Option<String>> {
         let local = (w.tunnel.local_network == LocalNetwork::Allow).then_some(&w.local[..]);
-        nft(&ruleset(
+        let firewall = nft(&ruleset(
             &self.cfg.tun,
             self.cfg.mark,
             self.cfg.device,
@@ -390,7 +439,9 @@ impl Guard {
             &self.cfg.api,
             local,
         ))
-        .await?;
+        .await
+        .err()
+        .map(|e| e.to_string());
         for net in ["0.0.0.0/0", "::/0"] {
             let net: IpNet = net.parse()?;
             if let Err(e) = self
@@ -408,7 +459,9 @@ impl Guard {
             .del_rules(&[PRIO_SUPPRESS, PRIO_TUNNEL])
             .await?;
         for v6 in [false, true] {
-            if local.is_some() {
+            // The local network goes direct only under the firewall, which narrows it to the
+            // admin's maximum prefix; routing alone would follow whatever routes DHCP gave.
+            if local.is_some() && firewall.is_none() {
                 self.netlink
                     .add_rule(&Rule {
                         priority: PRIO_SUPPRESS,
@@ -429,7 +482,7 @@ impl Guard {
                 })
                 .await?;
         }
-        Ok(())
+        Ok(firewall)
     }
 
     async fn remove(&self) {

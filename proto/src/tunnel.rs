@@ -50,6 +50,13 @@ pub struct UserTunnel {
     pub exclude_domains: Vec<String>,
     #[serde(default)]
     pub local_network: LocalNetwork,
+    /// The widest local network "allow" opens: an interface network wider than this (a hostile
+    /// DHCP server handing out a /1) is narrowed to this many bits around the device's own
+    /// address. IPv4 and IPv6.
+    #[serde(default = "default_local_max_v4")]
+    pub local_network_max_prefix: u8,
+    #[serde(default = "default_local_max_v6")]
+    pub local_network_max_prefix_v6: u8,
     /// Stopping the client removes the kill switch. When false, a stopped client leaves the
     /// device closed (full mode).
     #[serde(default = "yes")]
@@ -64,6 +71,43 @@ fn yes() -> bool {
     true
 }
 
+/// Default widest local network a full tunnel lets through: a /24 (IPv4), a /64 (IPv6).
+pub const DEFAULT_LOCAL_MAX_V4: u8 = 24;
+pub const DEFAULT_LOCAL_MAX_V6: u8 = 64;
+
+fn default_local_max_v4() -> u8 {
+    DEFAULT_LOCAL_MAX_V4
+}
+fn default_local_max_v6() -> u8 {
+    DEFAULT_LOCAL_MAX_V6
+}
+
+/// The local networks a full tunnel lets the device reach directly: each interface's network
+/// (address with prefix), narrowed to at most `max_v4` / `max_v6` bits around the device's own
+/// address, never wider. Loopback and duplicates are left out.
+pub fn clamp_local_networks(nets: &[IpNet], max_v4: u8, max_v6: u8) -> Vec<IpNet> {
+    let mut out: Vec<IpNet> = Vec::new();
+    for n in nets {
+        if n.addr().is_loopback() {
+            continue;
+        }
+        let max = if n.addr().is_ipv4() {
+            max_v4.min(32)
+        } else {
+            max_v6.min(128)
+        };
+        let clamped = if n.prefix_len() < max {
+            IpNet::new(n.addr(), max).unwrap_or(*n).trunc()
+        } else {
+            n.trunc()
+        };
+        if !out.contains(&clamped) {
+            out.push(clamped);
+        }
+    }
+    out
+}
+
 impl Default for UserTunnel {
     fn default() -> Self {
         UserTunnel {
@@ -72,6 +116,8 @@ impl Default for UserTunnel {
             exclude: Vec::new(),
             exclude_domains: Vec::new(),
             local_network: LocalNetwork::Allow,
+            local_network_max_prefix: DEFAULT_LOCAL_MAX_V4,
+            local_network_max_prefix_v6: DEFAULT_LOCAL_MAX_V6,
             allow_disable: true,
             captive_grace_secs: 0,
         }
@@ -385,5 +431,44 @@ mod tests {
         for junk in ["", "SKO1", "SKO1.x.y", "SKD1.a.b", &"A".repeat(5000)] {
             assert!(verify_override(&keys, junk, "alice-laptop", 10).is_err());
         }
+    }
+}
+
+#[cfg(test)]
+mod local_tests {
+    use super::*;
+
+    /// A hostile DHCP server hands out a /1: "local network allowed" opens a /24 around the
+    /// device's address, not half the internet.
+    #[test]
+    fn local_networks_are_never_wider_than_the_admins_maximum() {
+        let nets: Vec<IpNet> = [
+            "10.128.0.5/1",
+            "192.168.1.20/24",
+            "192.168.7.9/30",
+            "127.0.0.1/8",
+            "2001:db8::5/32",
+            "fe80::1/64",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let got: Vec<String> = clamp_local_networks(&nets, 24, 64)
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "10.128.0.0/24",
+                "192.168.1.0/24",
+                "192.168.7.8/30",
+                "2001:db8::/64",
+                "fe80::/64"
+            ]
+        );
+        // An admin who wants only the device's own address.
+        let got = clamp_local_networks(&nets[..1], 32, 128);
+        assert_eq!(got, vec!["10.128.0.5/32".parse::<IpNet>().unwrap()]);
     }
 }

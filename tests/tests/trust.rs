@@ -135,3 +135,135 @@ fn the_connector_forwards_only_inside_its_allowlist() {
     assert_eq!(sysctl("conf/priv0/forwarding"), "1");
     assert_eq!(sysctl("conf/eth0/forwarding"), "0");
 }
+
+/// alice's client status, as `sekisho-client status --json` prints it.
+fn status(d: &Deployment) -> serde_json::Value {
+    let out = std::process::Command::new(d.bin("sekisho-client"))
+        .args(["status", "--json", "--socket"])
+        .arg(d.state().join("alice/client.sock"))
+        .output()
+        .expect("sekisho-client status");
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// A full tunnel whose firewall cannot be installed (nftables refuses the kill switch's
+/// table here) never leaves the laptop open: every packet is routed into the tunnel instead,
+/// the client says why, and with every broker down nothing leaves the laptop but towards
+/// the broker.
+#[test]
+fn a_kill_switch_that_cannot_be_installed_never_leaves_the_laptop_open() {
+    let Some(d) = Deployment::for_test() else {
+        return;
+    };
+    // alice's client again, with an `nft` that refuses the kill switch's table.
+    d.daemon("stop", "client-alice");
+    let shim = d.state().join("shim");
+    std::fs::create_dir_all(&shim).unwrap();
+    let real = d.sh("laptop", "command -v nft").1.trim().to_string();
+    std::fs::write(
+        shim.join("nft"),
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = -f ]; then\n  script=$(cat)\n  case \"$script\" in\n    \
+             *sekisho_client*) echo 'Error: simulated: the kill switch table is refused' >&2; exit 1 ;;\n  \
+             esac\n  printf '%s\\n' \"$script\" | exec {real} \"$@\"\nfi\nexec {real} \"$@\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        shim.join("nft"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let st = d.state().display().to_string();
+    let (ok, _, err) = d.sh(
+        "laptop",
+        &format!(
+            "PATH={}:$PATH setsid {} run --config {st}/alice/client.toml >>{st}/client-alice.log 2>&1 </dev/null & echo $! >{st}/client-alice.pid",
+            shim.display(),
+            d.bin("sekisho-client").display()
+        ),
+    );
+    assert!(ok, "{err}");
+    assert!(
+        wait_until(Duration::from_secs(20), || status(&d)["state"]
+            == "connected")
+        .is_some(),
+        "{:#}",
+        status(&d)
+    );
+
+    // The admin puts alice's group on a full tunnel.
+    let text = std::fs::read_to_string(d.state().join("policy.toml")).unwrap();
+    let text = text.replacen("[dns]\n", "[dns]\nupstreams = [\"udp://10.99.0.53\"]\n", 1);
+    let path = d.state().join("policy-full.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "{text}\n[[tunnels]]\nname = \"engineering-full\"\ngroups = [\"engineering\"]\n\
+             mode = \"full\"\nlocal_network = \"block\"\n"
+        ),
+    )
+    .unwrap();
+    let (ok, out, err) = d.admin(&["policy", "apply", path.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    let degraded = wait_until(Duration::from_secs(30), || {
+        status(&d)["tunnel"]["kill_switch"] == "routing-only"
+    });
+    let s = status(&d);
+    assert!(degraded.is_some(), "{s:#}");
+    assert!(
+        s["tunnel"]["kill_switch_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("simulated"),
+        "{s:#}"
+    );
+    assert!(
+        d.log("client-alice").contains("routing-only kill switch"),
+        "the client did not say why"
+    );
+    // The internet goes through the broker, not around it.
+    let (_, body, _) = d.sh("laptop", "curl -s -m 5 http://web.public.example/");
+    assert!(body.contains("public web server"), "{body}");
+    let web = d.log("web");
+    let last = web
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("http "))
+        .and_then(|r| r.split(' ').next())
+        .unwrap_or("");
+    assert_eq!(last, "10.99.2.2", "the laptop went around the tunnel");
+
+    // With every broker down, nothing leaves the laptop but towards the broker.
+    let (ok, _, err) = d.sh(
+        "inet",
+        "nft -f - <<'EOF'\ntable bridge kscheck {\n chain check_fwd { type filter hook forward priority 0; \
+         iifname \"to-laptop\" ip daddr != 10.99.2.2 counter; }\n chain check_in { type filter hook input \
+         priority 0; iifname \"to-laptop\" ip daddr != 10.99.2.2 counter; }\n}\nEOF",
+    );
+    assert!(ok, "{err}");
+    d.daemon("stop", "broker");
+    assert!(
+        wait_until(Duration::from_secs(10), || status(&d)["state"] == "down").is_some(),
+        "{:#}",
+        status(&d)
+    );
+    let leaked = || -> u64 {
+        let (_, out, _) = d.sh("inet", "nft list table bridge kscheck");
+        out.lines()
+            .filter_map(|l| l.split("packets ").nth(1))
+            .filter_map(|r| r.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let before = leaked();
+    d.sh(
+        "laptop",
+        "curl -s -m 2 http://203.0.113.80/; curl -s -m 2 http://10.99.1.50/; \
+         dig +time=1 +tries=1 @10.99.0.53 www.public.example; ping -c 2 -W 1 10.99.1.1; true",
+    );
+    assert_eq!(
+        leaked(),
+        before,
+        "packets left the laptop with every broker down"
+    );
+}

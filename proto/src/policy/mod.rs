@@ -72,6 +72,10 @@ struct RawTunnel {
     #[serde(default)]
     local_network: Option<Spanned<String>>,
     #[serde(default)]
+    local_network_max_prefix: Option<Spanned<u8>>,
+    #[serde(default)]
+    local_network_max_prefix_v6: Option<Spanned<u8>>,
+    #[serde(default)]
     allow_disable: Option<bool>,
     #[serde(default)]
     captive_grace: Option<Spanned<String>>,
@@ -1629,6 +1633,27 @@ fn compile_tunnels(
                 ));
             }
         };
+        let prefix = |v: &Option<Spanned<u8>>, field: &str, max: u8, default: u8| match v {
+            None => Ok(default),
+            Some(p) if *p.get_ref() <= max => Ok(*p.get_ref()),
+            Some(p) => Err(src.error(
+                Some(p.span()),
+                f(field),
+                format!("a prefix length from 0 to {max}"),
+            )),
+        };
+        let local_network_max_prefix = prefix(
+            &t.local_network_max_prefix,
+            "local_network_max_prefix",
+            32,
+            crate::tunnel::DEFAULT_LOCAL_MAX_V4,
+        )?;
+        let local_network_max_prefix_v6 = prefix(
+            &t.local_network_max_prefix_v6,
+            "local_network_max_prefix_v6",
+            128,
+            crate::tunnel::DEFAULT_LOCAL_MAX_V6,
+        )?;
         let mut exclude = Vec::new();
         for (j, c) in t.exclude.iter().enumerate() {
             let net: IpNet = c.get_ref().trim().parse().map_err(|_| {
@@ -1672,6 +1697,8 @@ fn compile_tunnels(
                 exclude,
                 exclude_domains,
                 local_network,
+                local_network_max_prefix,
+                local_network_max_prefix_v6,
                 // A full tunnel stays closed when the client stops, unless the admin says so.
                 allow_disable: t.allow_disable.unwrap_or(mode == TunnelMode::Include),
                 captive_grace_secs,
