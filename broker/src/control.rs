@@ -54,8 +54,8 @@ use crate::config::ControlConfig;
 use crate::dataplane::DataPlane;
 use crate::pki::{Ca, cert_serial};
 use crate::store::{
-    CHANGES_CHANNEL, DeviceRecord, EnrollError, KEY_RETIRE_SLACK, SigningKeyRecord, Store,
-    TokenKind, now_unix,
+    CHANGES_CHANNEL, DeviceRecord, EnrollError, KEY_RETIRE_SLACK, Reserved, SigningKeyRecord,
+    Store, TokenKind, now_unix,
 };
 
 /// How the stored policy is named in error messages.
@@ -144,6 +144,9 @@ pub struct ControlHealth {
     pub signing_keys_valid: usize,
     /// Brokers of the deployment (the store's registry; this one alone before it was read).
     pub brokers: usize,
+    /// Directory entries left out of the policy in force because they clash with the policy
+    /// text (each logged with the reason when the policy was built).
+    pub directory_left_out: u64,
 }
 
 #[derive(Default)]
@@ -153,6 +156,7 @@ struct Health {
     changes_applied: AtomicU64,
     store_errors: AtomicU64,
     signing_keys_valid: AtomicUsize,
+    directory_left_out: AtomicU64,
 }
 
 /// The tasks following the store by LISTEN/NOTIFY; they end when this is dropped.
@@ -278,7 +282,10 @@ impl Control {
             }
         };
         let dir = store.directory().await?;
-        let policy = Policy::parse_with(Path::new(STORED_POLICY), &text, &dir)?;
+        let (policy, left_out) = Policy::parse_with_lenient(Path::new(STORED_POLICY), &text, &dir)?;
+        for why in &left_out {
+            error!("left out of the policy: {why}");
+        }
         let ca = Ca::load(ca_cert, &config.ca_key)?;
         let keys = KeyRing::load(&store, now_unix(), key_window(config)).await?;
         Ok((
@@ -703,6 +710,7 @@ impl Control {
             store_errors: self.health.store_errors.load(Ordering::Relaxed),
             signing_keys_valid: self.health.signing_keys_valid.load(Ordering::Relaxed),
             brokers: self.brokers().len(),
+            directory_left_out: self.health.directory_left_out.load(Ordering::Relaxed),
         }
     }
 
@@ -881,8 +889,16 @@ impl Control {
         if applied.0 == text && applied.1 == dir {
             return Ok(false);
         }
-        let policy =
-            Policy::parse_with(Path::new(STORED_POLICY), &text, &dir).map_err(|e| e.to_string())?;
+        // Directory entries that clash with the policy text are left out (and said so), so
+        // one bad entry never holds up later changes, revocations above all.
+        let (policy, left_out) = Policy::parse_with_lenient(Path::new(STORED_POLICY), &text, &dir)
+            .map_err(|e| e.to_string())?;
+        for why in &left_out {
+            error!("left out of the policy: {why}");
+        }
+        self.health
+            .directory_left_out
+            .store(left_out.len() as u64, Ordering::Relaxed);
         self.dp.set_policy(policy);
         info!(generation = self.dp.generation(), "policy rebuilt");
         *applied = (text, dir);
@@ -1387,7 +1403,9 @@ async fn enroll_device(State(ctl): Ctl, body: Bytes) -> ApiResult<api::EnrollDev
         .map_err(|e| refuse(bad(StatusCode::BAD_REQUEST, format!("bad public key: {e}"))))?;
     check_name("device", &req.name).map_err(refuse)?;
     let _g = ctl.change.lock().await;
-    let range = ctl.policy().device_range;
+    let policy = ctl.policy();
+    let range = policy.device_range;
+    let reserved = Reserved::of(&policy);
     let (dev, cred_id, cred_secret) = ctl
         .store
         .enroll_device(
@@ -1397,6 +1415,7 @@ async fn enroll_device(State(ctl): Ctl, body: Bytes) -> ApiResult<api::EnrollDev
             &req.name,
             &req.public_key,
             range,
+            &reserved,
         )
         .await?
         .map_err(|e| refuse(enroll_refusal(e)))?;
@@ -1796,10 +1815,16 @@ async fn register_devices(
         list.push((d.name.clone(), d.public_key.clone()));
     }
     let _g = ctl.change.lock().await;
-    let range = ctl.policy().device_range;
+    let policy = ctl.policy();
     let registered = ctl
         .store
-        .register_devices(&req.user, &list, now_unix(), range)
+        .register_devices(
+            &req.user,
+            &list,
+            now_unix(),
+            policy.device_range,
+            &Reserved::of(&policy),
+        )
         .await?
         .map_err(enroll_refusal)?;
     ctl.rebuild().await?;

@@ -1470,3 +1470,96 @@ async fn the_api_keeps_answering_under_idle_connections_and_floods() {
     assert!(limited >= 15, "{limited} of 40 rate limited");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// An enrollment that would clash with the policy text is refused with the reason and stores
+/// nothing; a clash that reaches the directory anyway (another broker, an older version) is
+/// left out of the policy with an error, and later changes (a revocation) still take effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_clashes_are_refused_at_enrollment_and_never_hold_up_later_changes() {
+    let dir = scratch("clash");
+    let h = start(&dir, &format!("sqlite://{}/state/broker.db", dir.display())).await;
+    let _: api::UserInfo = h
+        .admin()
+        .post(
+            "/v1/admin/users",
+            &api::CreateUser {
+                name: "alice".into(),
+                groups: vec!["engineering".into()],
+            },
+        )
+        .await
+        .unwrap();
+    // The policy file has its own user and device, at the device range's first free address.
+    let frank = PrivateKey::generate();
+    let text = format!(
+        "{POLICY}\n[[users]]\nname = \"frank\"\ngroups = [\"engineering\"]\n[[devices]]\n\
+         name = \"frank-laptop\"\nuser = \"frank\"\npublic_key = \"{}\"\naddress = \"100.118.0.2\"\n",
+        frank.public()
+    );
+    let _: api::PolicyApplied = h
+        .admin()
+        .call(
+            sekisho_sys::http::Method::PUT,
+            "/v1/admin/policy",
+            Some(&api::ApplyPolicy { text }),
+        )
+        .await
+        .unwrap();
+    // Its name and its key are refused, with the reason; nothing is stored.
+    let before = h.device_count().await;
+    for (name, key) in [
+        ("frank-laptop", PrivateKey::generate()),
+        ("other", frank.clone()),
+    ] {
+        let t = h.token(Some("alice"), None).await;
+        let (s, m) = refused(h.enroll(&t, name, &key).await);
+        assert_eq!(s, 409, "{name}: {m}");
+        assert!(m.contains("already") && m.contains("policy"), "{m}");
+    }
+    assert_eq!(
+        h.device_count().await,
+        before,
+        "a refused enrollment stored a device"
+    );
+    // A device that fits gets an address the file's device does not use.
+    let key = PrivateKey::generate();
+    let t = h.token(Some("alice"), None).await;
+    let enrolled = h.enroll(&t, "alice-laptop", &key).await.unwrap();
+    assert_ne!(enrolled.config.address.to_string(), "100.118.0.2");
+    assert!(h.dp.policy().device_by_key(&key.public()).is_some());
+
+    // A clashing device reaches the store past these checks (as an older broker would let it).
+    let clash = h
+        .control
+        .store
+        .register_devices(
+            "alice",
+            &[(
+                "frank-laptop".into(),
+                PrivateKey::generate().public().to_string(),
+            )],
+            crate::store::now_unix(),
+            "100.118.0.0/16".parse().unwrap(),
+            &crate::store::Reserved::default(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        clash.is_ok(),
+        "the store alone does not know the policy file"
+    );
+    // alice's device is revoked: the revocation reaches the data path although the directory
+    // now holds an entry the policy cannot take.
+    let _: serde_json::Value = h
+        .admin()
+        .post("/v1/admin/devices/alice-laptop/revoke", &())
+        .await
+        .unwrap();
+    assert!(
+        h.dp.policy().device_by_key(&key.public()).is_none(),
+        "a revocation was held up by an unrelated clash"
+    );
+    assert_eq!(h.control.health().directory_left_out, 1);
+    assert!(h.dp.policy().device_by_key(&frank.public()).is_some());
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -207,6 +207,11 @@ fn control_metrics(c: &control::Control, m: &mut Snapshot) {
         "Changes made through other brokers and applied here.",
         h.changes_applied,
     );
+    m.gauge(
+        "directory_left_out",
+        "Directory entries left out of the policy in force: they clash with the policy text (see the log).",
+        h.directory_left_out as f64,
+    );
     m.counter(
         "store_errors",
         "Failed store operations of the background loops.",

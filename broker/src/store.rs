@@ -148,6 +148,41 @@ pub enum EnrollError {
     NoAddress(IpNet),
 }
 
+/// Device names, keys and addresses the policy text already uses (its own `[[devices]]`): a
+/// new device may take none of them, or the policy could not be rebuilt with it.
+#[derive(Debug, Default, Clone)]
+pub struct Reserved {
+    pub names: std::collections::HashSet<String>,
+    pub keys: std::collections::HashSet<String>,
+    pub addresses: std::collections::HashSet<IpAddr>,
+}
+
+impl Reserved {
+    /// Everything the devices of `policy` use (the policy file's and the directory's).
+    pub fn of(policy: &sekisho_proto::policy::Policy) -> Reserved {
+        let mut r = Reserved::default();
+        for d in &policy.devices {
+            r.names.insert(d.name.clone());
+            r.keys.insert(d.public_key.to_string());
+            r.addresses.insert(d.address);
+        }
+        r
+    }
+
+    /// Why `name` with `key` cannot be enrolled, if it cannot.
+    fn clash(&self, name: &str, key: &str) -> Option<String> {
+        if self.names.contains(name) {
+            Some(format!(
+                "a device named {name:?} is already in the policy; choose another name"
+            ))
+        } else if self.keys.contains(key.trim()) {
+            Some("this public key is already a device of the policy".to_string())
+        } else {
+            None
+        }
+    }
+}
+
 /// What an enrollment token is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenKind {
@@ -572,6 +607,7 @@ impl Store {
         name: &str,
         public_key: &str,
         range: IpNet,
+        reserved: &Reserved,
     ) -> Result<std::result::Result<(DeviceRecord, String, String), EnrollError>> {
         let mut tx = self.pool.begin().await?;
         let user = match Self::consume(
@@ -600,12 +636,16 @@ impl Store {
                 "this public key is already enrolled".to_string()
             })));
         }
-        let used: Vec<IpAddr> = sqlx::query("SELECT address FROM devices")
+        if let Some(why) = reserved.clash(name, public_key) {
+            return Ok(Err(EnrollError::Conflict(why)));
+        }
+        let mut used: Vec<IpAddr> = sqlx::query("SELECT address FROM devices")
             .fetch_all(&mut *tx)
             .await?
             .iter()
             .filter_map(|r| r.try_get::<String, _>(0).ok()?.parse().ok())
             .collect();
+        used.extend(reserved.addresses.iter().copied());
         let service = sekisho_proto::posture::service_address(&range);
         let Some(address) = range.hosts().find(|a| *a != service && !used.contains(a)) else {
             return Ok(Err(EnrollError::NoAddress(range)));
@@ -659,6 +699,7 @@ impl Store {
         devices: &[(String, String)],
         now: u64,
         range: IpNet,
+        reserved: &Reserved,
     ) -> Result<std::result::Result<Vec<(DeviceRecord, String, String)>, EnrollError>> {
         let mut tx = self.pool.begin().await?;
         let exists = sqlx::query("SELECT name FROM users WHERE name = $1")
@@ -681,10 +722,14 @@ impl Store {
                 used.insert(a);
             }
         }
+        used.extend(reserved.addresses.iter().copied());
         let service = sekisho_proto::posture::service_address(&range);
         let mut free = range.hosts().filter(|a| *a != service && !used.contains(a));
         let mut out = Vec::with_capacity(devices.len());
         for (name, key) in devices {
+            if let Some(why) = reserved.clash(name, key) {
+                return Ok(Err(EnrollError::Conflict(format!("{name}: {why}"))));
+            }
             if !names.insert(name.clone()) {
                 return Ok(Err(EnrollError::Conflict(format!(
                     "a device named {name:?} is already enrolled"

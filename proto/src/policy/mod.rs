@@ -696,6 +696,69 @@ impl Policy {
         compile(&src, raw)
     }
 
+    /// Like [`Policy::parse_with`], but a directory entry that clashes with the text's own
+    /// users and devices (a user of the same name; a device of the same name, key or address),
+    /// or a device whose user is missing, is left out instead of failing the whole merge: one
+    /// bad directory entry must not stop later changes (revocations above all) from taking
+    /// effect. Returns the policy and what was left out, described.
+    pub fn parse_with_lenient(
+        path: &Path,
+        text: &str,
+        dir: &Directory,
+    ) -> Result<(Policy, Vec<String>), ConfigError> {
+        let raw: RawPolicy = parse_toml(path, text)?;
+        let mut left_out = Vec::new();
+        let mut kept = Directory {
+            groups: dir.groups.clone(),
+            users: Vec::new(),
+            devices: Vec::new(),
+        };
+        for u in &dir.users {
+            if raw.users.iter().any(|r| r.name.get_ref() == &u.name) {
+                left_out.push(format!(
+                    "directory user {:?}: also defined in the policy file",
+                    u.name
+                ));
+            } else {
+                kept.users.push(u.clone());
+            }
+        }
+        let user_known = |name: &str| {
+            raw.users.iter().any(|r| r.name.get_ref() == name)
+                || kept.users.iter().any(|u| u.name == name)
+        };
+        for d in &dir.devices {
+            let clash = raw.devices.iter().find(|r| {
+                r.name.get_ref() == &d.name
+                    || r.public_key.get_ref().trim() == d.public_key.trim()
+                    || *r.address.get_ref() == d.address
+            });
+            let twin = kept.devices.iter().find(|k| {
+                k.name == d.name || k.public_key == d.public_key || k.address == d.address
+            });
+            if let Some(r) = clash {
+                left_out.push(format!(
+                    "directory device {:?}: its name, key or address is also device {:?} of the policy file",
+                    d.name,
+                    r.name.get_ref()
+                ));
+            } else if let Some(k) = twin {
+                left_out.push(format!(
+                    "directory device {:?}: its name, key or address is also directory device {:?}",
+                    d.name, k.name
+                ));
+            } else if !user_known(&d.user) {
+                left_out.push(format!(
+                    "directory device {:?}: its user {:?} is not in the policy",
+                    d.name, d.user
+                ));
+            } else {
+                kept.devices.push(d.clone());
+            }
+        }
+        Ok((Policy::parse_with(path, text, &kept)?, left_out))
+    }
+
     pub fn user_by_name(&self, name: &str) -> Option<UserId> {
         self.users
             .iter()
@@ -2397,6 +2460,51 @@ expect = "deny"
         let p = Policy::parse_with(Path::new("p.toml"), &wrong, &directory()).unwrap();
         let t = &p.run_tests()[1];
         assert!(!t.passed && t.detail.contains("deny"), "{t:?}");
+    }
+
+    /// A directory entry that clashes with the file is left out of the merge, named, and the
+    /// rest of the directory still applies (a revocation elsewhere is not held up by it).
+    #[test]
+    fn a_lenient_merge_leaves_out_only_the_clashing_entries() {
+        let mut dir = directory();
+        let bob_key = PrivateKey::generate().public().to_string();
+        dir.users.push(DirectoryUser {
+            name: "bob".into(),
+            groups: vec![],
+            disabled: false,
+        });
+        dir.devices.push(DirectoryDevice {
+            name: "bob-laptop".into(),
+            user: "bob".into(),
+            public_key: PrivateKey::generate().public().to_string(),
+            address: "100.118.0.20".parse().unwrap(),
+        });
+        dir.devices.push(DirectoryDevice {
+            name: "ghost-laptop".into(),
+            user: "ghost".into(),
+            public_key: PrivateKey::generate().public().to_string(),
+            address: "100.118.0.21".parse().unwrap(),
+        });
+        let text = format!(
+            "{DIR_POLICY}\n[[users]]\nname = \"bob\"\n[[devices]]\nname = \"bob-file\"\nuser = \"bob\"\n\
+             public_key = \"{bob_key}\"\naddress = \"100.118.0.9\"\n"
+        );
+        assert!(Policy::parse_with(Path::new("p.toml"), &text, &dir).is_err());
+        let (p, left_out) = Policy::parse_with_lenient(Path::new("p.toml"), &text, &dir).unwrap();
+        assert_eq!(left_out.len(), 3, "{left_out:?}");
+        assert!(
+            left_out[0].contains("directory user \"bob\""),
+            "{left_out:?}"
+        );
+        assert!(
+            left_out[1].contains("\"carol-laptop\"") && left_out[1].contains("bob-file"),
+            "same address as the file's device: {left_out:?}"
+        );
+        assert!(left_out[2].contains("ghost"), "{left_out:?}");
+        // bob's directory device still merges (bob is the file's user now).
+        let names: Vec<&str> = p.devices.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["bob-file", "bob-laptop"]);
+        assert!(p.user_by_name("carol").is_some());
     }
 
     #[test]
