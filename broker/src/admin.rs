@@ -148,6 +148,12 @@ enum DeviceCommand {
         #[arg(long = "for", default_value = "15m", value_parser = humantime::parse_duration)]
         duration: Duration,
     },
+    /// Revoke an override code by its id (printed when it was issued): the device drops it
+    /// at its next configuration refresh and closes a window it opened. A code also works
+    /// only once.
+    RevokeOverride {
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -387,6 +393,13 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
         AdminCommand::Device(DeviceCommand::Revoke { name }) => {
             let d: serde_json::Value =
                 post(&conn, &format!("/v1/admin/devices/{name}/revoke"), &()).await?;
+            print(json, &d, |d| {
+                d["done"].as_str().unwrap_or_default().to_string()
+            })
+        }
+        AdminCommand::Device(DeviceCommand::RevokeOverride { id }) => {
+            let d: serde_json::Value =
+                post(&conn, &format!("/v1/admin/overrides/{id}/revoke"), &()).await?;
             print(json, &d, |d| {
                 d["done"].as_str().unwrap_or_default().to_string()
             })

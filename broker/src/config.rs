@@ -165,6 +165,12 @@ pub struct ControlConfig {
     pub database: String,
     /// The CA's private key, to sign connector certificates.
     pub ca_key: PathBuf,
+    /// The key-encryption key that seals the posture signing keys in the store (32 bytes,
+    /// base64url). Default: `signing-keys.kek` beside `ca_key`, made on first start; every
+    /// broker of a cluster needs the same one. The environment variable
+    /// SEKISHO_KEY_ENCRYPTION_KEY wins over the file (for a KMS or a secret store).
+    #[serde(default)]
+    pub key_encryption_key_file: Option<PathBuf>,
     /// This broker's name in status output and logs (a region, say). Default: the WireGuard
     /// endpoint.
     #[serde(default)]
@@ -375,6 +381,11 @@ impl BrokerConfig {
         }
         if let Some(ctl) = c.control.as_mut() {
             ctl.ca_key = base.join(&ctl.ca_key);
+            let kek = ctl
+                .key_encryption_key_file
+                .clone()
+                .unwrap_or_else(|| ctl.ca_key.with_file_name("signing-keys.kek"));
+            ctl.key_encryption_key_file = Some(base.join(kek));
             ctl.admin_token_file = base.join(&ctl.admin_token_file);
             if ctl.audit_log != Path::new("-") {
                 ctl.audit_log = base.join(&ctl.audit_log);

@@ -81,9 +81,23 @@ fn key_window(config: &ControlConfig) -> u64 {
     token_lifetime(config) + KEY_RETIRE_SLACK
 }
 
+/// The override-code key that goes with a posture signing key: its own Ed25519 key, derived
+/// one way (HMAC-SHA256 with a purpose label) from the posture key's seed, so a signature of
+/// one kind can never pass for the other and the two key ids differ; it rotates and retires
+/// with its posture key.
+fn override_signer(posture: &TokenSigner) -> TokenSigner {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &posture.seed());
+    let tag = ring::hmac::sign(&key, b"sekisho override-code signing key v1");
+    let mut seed = [0u8; 32];
+    seed.copy_from_slice(tag.as_ref());
+    TokenSigner::from_seed(seed)
+}
+
 /// The posture signing keys in force: the newest signs, every one verifies.
 struct KeyRing {
     signer: TokenSigner,
+    /// Signs override codes (see [`override_signer`]).
+    override_signer: TokenSigner,
     verifier: TokenVerifier,
     /// For devices (override codes): every key that verifies.
     overrides: Vec<OverrideKey>,
@@ -111,7 +125,10 @@ impl KeyRing {
         let all = || std::iter::once(&signer).chain(rest.iter());
         Some(KeyRing {
             verifier: TokenVerifier::from_signers(all()),
-            overrides: all().map(OverrideKey::of).collect(),
+            overrides: all()
+                .map(|s| OverrideKey::of(&override_signer(s)))
+                .collect(),
+            override_signer: override_signer(&signer),
             kids: all().map(|s| s.kid().to_string()).collect(),
             next_retirement,
             signer,
@@ -287,6 +304,23 @@ impl Control {
             error!("left out of the policy: {why}");
         }
         let ca = Ca::load(ca_cert, &config.ca_key)?;
+        // The signing keys are sealed in the store with the key-encryption key.
+        let kek_file = config
+            .key_encryption_key_file
+            .clone()
+            .unwrap_or_else(|| config.ca_key.with_file_name("signing-keys.kek"));
+        let may_create = !store.has_sealed_signing_keys().await?;
+        let env = std::env::var(crate::kek::ENV).ok();
+        let (kek, origin) = crate::kek::Kek::load(env.as_deref(), &kek_file, may_create)?;
+        info!(kek = kek.id(), ?origin, file = %kek_file.display(), "key-encryption key loaded");
+        store.set_kek(kek);
+        let sealed = store.seal_plaintext_signing_keys().await?;
+        if sealed > 0 {
+            info!(
+                keys = sealed,
+                "signing keys stored in the clear are sealed now"
+            );
+        }
         let keys = KeyRing::load(&store, now_unix(), key_window(config)).await?;
         Ok((
             policy,
@@ -970,7 +1004,12 @@ impl Control {
     }
 
     /// What a device needs to run, from the current policy.
-    fn device_config(&self, dev: &DeviceRecord) -> api::DeviceConfig {
+    /// `revoked_overrides`: the device's override codes that no longer open it.
+    fn device_config(
+        &self,
+        dev: &DeviceRecord,
+        revoked_overrides: Vec<String>,
+    ) -> api::DeviceConfig {
         let policy = self.policy();
         let routes = policy
             .user_by_name(&dev.user)
@@ -1002,6 +1041,7 @@ impl Control {
                 .map(|u| policy.tunnel_for_user(u))
                 .unwrap_or_default(),
             override_keys: self.key_ring().overrides.clone(),
+            revoked_overrides,
             applications: policy
                 .user_by_name(&dev.user)
                 .map(|u| {
@@ -1234,6 +1274,7 @@ pub fn router(control: Arc<Control>) -> Router {
         )
         .route("/v1/admin/devices/{name}/revoke", post(revoke_device))
         .route("/v1/admin/devices/{name}/override", post(issue_override))
+        .route("/v1/admin/overrides/{id}/revoke", post(revoke_override))
         .route("/v1/admin/connectors", get(list_connectors))
         .route("/v1/admin/connectors/{name}/revoke", post(revoke_connector))
         .route("/v1/admin/policy", get(get_policy).put(put_policy))
@@ -1428,7 +1469,7 @@ async fn enroll_device(State(ctl): Ctl, body: Bytes) -> ApiResult<api::EnrollDev
             "request": remote_audit}),
     );
     Ok(Json(api::EnrollDeviceResponse {
-        config: ctl.device_config(&dev),
+        config: ctl.device_config(&dev, Vec::new()),
         credential: Credential::format(DEVICE_PREFIX, &cred_id, &cred_secret, None),
         ca_pem: ctl.ca.cert_pem.clone(),
     }))
@@ -1576,7 +1617,7 @@ async fn posture(
         token,
         expires_at: now + lifetime,
         refresh_after: lifetime / 2,
-        config: ctl.device_config(&dev),
+        config: ctl.device_config(&dev, ctl.store.dead_overrides(&dev.name, now).await?),
     }))
 }
 
@@ -1902,7 +1943,11 @@ async fn issue_override(
         by: admin.clone(),
         kid: String::new(),
     };
-    let code = sekisho_proto::tunnel::issue_override(&ctl.key_ring().signer, claims.clone());
+    ctl.store
+        .record_override(&claims.id, &name, claims.not_after, &admin, now_unix())
+        .await?;
+    let code =
+        sekisho_proto::tunnel::issue_override(&ctl.key_ring().override_signer, claims.clone());
     info!(device = %name, id = %claims.id, seconds = req.seconds, by = %admin, "override code issued");
     ctl.audit(
         "override_issued",
@@ -1924,6 +1969,14 @@ async fn override_used(
     Json(req): Json<api::OverrideUsed>,
 ) -> ApiResult<Done> {
     info!(device = %dev.name, id = %req.id, "override code used");
+    // Used once: from now on it is in the device's list of codes that no longer open it.
+    if !ctl
+        .store
+        .override_used(&req.id, &dev.name, now_unix())
+        .await?
+    {
+        warn!(device = %dev.name, id = %req.id, "a device used an override code this control plane did not issue to it");
+    }
     ctl.audit(
         "override_used",
         &dev.name,
@@ -1931,6 +1984,32 @@ async fn override_used(
     );
     Ok(Json(Done {
         done: "noted".into(),
+    }))
+}
+
+/// Revokes an override code: devices drop it at their next configuration refresh (and close a
+/// window it opened). A device that cannot reach the control plane cannot learn of it.
+async fn revoke_override(
+    State(ctl): Ctl,
+    Admin(admin): Admin,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<Done> {
+    let Some(device) = ctl.store.revoke_override(&id, now_unix()).await? else {
+        return Err(bad(
+            StatusCode::NOT_FOUND,
+            format!("no unrevoked override code {id:?}"),
+        ));
+    };
+    info!(%device, %id, by = %admin, "override code revoked");
+    ctl.audit(
+        "override_revoked",
+        &admin,
+        serde_json::json!({"device": device, "id": id}),
+    );
+    Ok(Json(Done {
+        done: format!(
+            "override code {id} of {device} revoked; the device drops it at its next configuration refresh"
+        ),
     }))
 }
 

@@ -117,6 +117,14 @@ fn scratch(tag: &str) -> PathBuf {
     dir
 }
 
+/// The key-encryption key file of the brokers sharing database `db`.
+fn test_kek_file(db: &str) -> PathBuf {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    db.hash(&mut h);
+    std::env::temp_dir().join(format!("sekisho-test-kek-{:016x}", h.finish()))
+}
+
 async fn start(dir: &Path, db: &str) -> Harness {
     start_with(dir, db, Duration::from_secs(300)).await
 }
@@ -136,6 +144,8 @@ async fn start_with(dir: &Path, db: &str, token_lifetime: Duration) -> Harness {
         url: String::new(),
         database: db.to_string(),
         ca_key: dir.join("ca.key"),
+        // Brokers sharing a database share the key-encryption key (as a cluster must).
+        key_encryption_key_file: Some(test_kek_file(db)),
         name: Some("test-region".into()),
         wireguard_endpoint: "192.0.2.1:51820".into(),
         connector_endpoint: "192.0.2.1:4433".into(),
@@ -707,7 +717,16 @@ async fn suite(db: &str) {
     h.task.abort();
     drop(h.control.clone());
     let store = Store::open(&db2).await.unwrap();
-    assert_eq!(store.schema_version().await.unwrap(), 3);
+    assert_eq!(store.schema_version().await.unwrap(), 4);
+    // The signing keys are sealed at rest: without the key-encryption key they do not open.
+    assert!(store.has_sealed_signing_keys().await.unwrap());
+    let e = store.signing_keys(now_unix(), 300).await.err().unwrap();
+    assert!(e.to_string().contains("no key-encryption key"), "{e}");
+    store.set_kek(
+        crate::kek::Kek::load(None, &test_kek_file(&db2), false)
+            .unwrap()
+            .0,
+    );
     // The broker registry: two brokers on one store, each listed once, updates in place.
     let rec = |name: &str, key: &str| crate::store::BrokerRecord {
         public_key: key.into(),
@@ -866,10 +885,10 @@ async fn migrations_are_applied_once() {
     let dir = scratch("migrate");
     let url = format!("sqlite://{}/m.db", dir.display());
     let a = Store::open(&url).await.unwrap();
-    assert_eq!(a.schema_version().await.unwrap(), 3);
+    assert_eq!(a.schema_version().await.unwrap(), 4);
     drop(a);
     let b = Store::open(&url).await.unwrap();
-    assert_eq!(b.schema_version().await.unwrap(), 3);
+    assert_eq!(b.schema_version().await.unwrap(), 4);
     assert!(Store::open("mysql://nope").await.is_err());
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -924,7 +943,16 @@ async fn migration_keeps_the_signing_key(url: &str) {
     }
     pool.close().await;
     let store = Store::open(url).await.unwrap();
-    assert_eq!(store.schema_version().await.unwrap(), 3);
+    assert_eq!(store.schema_version().await.unwrap(), 4);
+    assert_eq!(
+        store.signing_key(now_unix()).await.unwrap().kid(),
+        old.kid()
+    );
+    // Seeds written in the clear by an older version are sealed once a KEK is loaded.
+    assert!(!store.has_sealed_signing_keys().await.unwrap());
+    store.set_kek(crate::kek::Kek::from_bytes(&[3; 32]));
+    assert!(store.seal_plaintext_signing_keys().await.unwrap() >= 1);
+    assert!(store.has_sealed_signing_keys().await.unwrap());
     assert_eq!(
         store.signing_key(now_unix()).await.unwrap().kid(),
         old.kid()
@@ -1239,7 +1267,13 @@ async fn rotation(db: &str, poll: Duration) {
         .map(|k| k.kid.clone())
         .collect();
     override_kids.sort();
-    assert_eq!(override_kids, a.control.token_verifier().kids());
+    // Override codes have keys of their own: as many as the posture keys, none the same.
+    let posture_kids = a.control.token_verifier().kids();
+    assert_eq!(override_kids.len(), posture_kids.len());
+    assert!(
+        override_kids.iter().all(|k| !posture_kids.contains(k)),
+        "override codes are signed with the posture keys: {override_kids:?}"
+    );
     assert_eq!(a.control.health().signing_keys_valid, 2);
     assert_eq!(b.control.health().signing_keys_valid, 2);
 

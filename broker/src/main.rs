@@ -8,6 +8,7 @@ mod control;
 #[cfg(test)]
 mod control_tests;
 mod dataplane;
+mod kek;
 mod log;
 mod metrics;
 mod pki;

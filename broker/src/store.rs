@@ -8,6 +8,7 @@
 //! needs it) and the database must be protected accordingly.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use base64::Engine;
@@ -71,6 +72,15 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &[&str])] = &[
          WHERE s.created_at > signing_keys.created_at \
          OR (s.created_at = signing_keys.created_at AND s.kid > signing_keys.kid))",
             "CREATE UNIQUE INDEX signing_keys_generation ON signing_keys (generation)",
+        ],
+    ),
+    (
+        4,
+        "override codes: used once, revocable",
+        &[
+            "CREATE TABLE override_codes (id TEXT PRIMARY KEY, device TEXT NOT NULL, \
+         not_after BIGINT NOT NULL, issued_by TEXT NOT NULL, issued_at BIGINT NOT NULL, \
+         used_at BIGINT, revoked_at BIGINT)",
         ],
     ),
 ];
@@ -259,6 +269,8 @@ fn ts(v: u64) -> i64 {
 pub struct Store {
     pool: AnyPool,
     backend: &'static str,
+    /// Seals the signing keys' seeds (see [`crate::kek`]); set once at start.
+    kek: Arc<std::sync::OnceLock<crate::kek::Kek>>,
 }
 
 impl Store {
@@ -287,7 +299,11 @@ impl Store {
             .connect(&url)
             .await
             .with_context(|| format!("cannot open the {backend} database"))?;
-        let store = Store { pool, backend };
+        let store = Store {
+            pool,
+            backend,
+            kek: Arc::default(),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -1147,7 +1163,145 @@ impl Store {
         }
     }
 
+    // ---- override codes ----
+
+    pub async fn record_override(
+        &self,
+        id: &str,
+        device: &str,
+        not_after: u64,
+        by: &str,
+        now: u64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO override_codes (id, device, not_after, issued_by, issued_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id)
+        .bind(device)
+        .bind(ts(not_after))
+        .bind(by)
+        .bind(ts(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Marks a code of `device` used (first use only). False when there is no such code.
+    pub async fn override_used(&self, id: &str, device: &str, now: u64) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE override_codes SET used_at = COALESCE(used_at, $1) WHERE id = $2 AND device = $3",
+        )
+        .bind(ts(now))
+        .bind(id)
+        .bind(device)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Revokes a code; returns its device, or None when there is no unrevoked code `id`.
+    pub async fn revoke_override(&self, id: &str, now: u64) -> Result<Option<String>> {
+        let row = sqlx::query(
+            "UPDATE override_codes SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL \
+             RETURNING device",
+        )
+        .bind(ts(now))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let device = row.map(|r| r.try_get::<String, _>(0)).transpose()?;
+        if device.is_some() {
+            self.announce("override_revoked").await;
+        }
+        Ok(device)
+    }
+
+    /// Unexpired codes of `device` that no longer open it (revoked or used).
+    pub async fn dead_overrides(&self, device: &str, now: u64) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT id FROM override_codes WHERE device = $1 AND not_after > $2 \
+             AND (revoked_at IS NOT NULL OR used_at IS NOT NULL) ORDER BY id",
+        )
+        .bind(device)
+        .bind(ts(now))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+    }
+
     // ---- posture signing keys ----
+
+    /// From now on, signing keys are sealed with `kek` when written and opened with it when
+    /// read. Set once; a second call is ignored.
+    pub fn set_kek(&self, kek: crate::kek::Kek) {
+        let _ = self.kek.set(kek);
+    }
+
+    /// Whether some signing key in the store is sealed (by any KEK).
+    pub async fn has_sealed_signing_keys(&self) -> Result<bool> {
+        let rows = sqlx::query("SELECT seed FROM signing_keys")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().any(|r| {
+            r.try_get::<String, _>(0)
+                .is_ok_and(|s| crate::kek::Kek::is_sealed(&s))
+        }))
+    }
+
+    /// Seals the seeds still stored in the clear (written before keys were sealed). Returns
+    /// how many it sealed.
+    pub async fn seal_plaintext_signing_keys(&self) -> Result<usize> {
+        let kek = self.kek.get().context("no key-encryption key loaded")?;
+        let rows = sqlx::query("SELECT kid, seed FROM signing_keys WHERE seed <> ''")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut sealed = 0;
+        for r in &rows {
+            let kid: String = r.try_get(0)?;
+            let seed: String = r.try_get(1)?;
+            if crate::kek::Kek::is_sealed(&seed) {
+                continue;
+            }
+            let plain = URL_SAFE_NO_PAD
+                .decode(&seed)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .context("bad signing key in the database")?;
+            let n = sqlx::query("UPDATE signing_keys SET seed = $1 WHERE kid = $2 AND seed = $3")
+                .bind(kek.seal(&kid, &plain))
+                .bind(kid.as_str())
+                .bind(seed.as_str())
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+            sealed += n as usize;
+        }
+        Ok(sealed)
+    }
+
+    /// The stored form of a seed: sealed when a KEK is set.
+    fn stored_seed(&self, kid: &str, seed: &[u8; 32]) -> String {
+        match self.kek.get() {
+            Some(kek) => kek.seal(kid, seed),
+            None => URL_SAFE_NO_PAD.encode(seed),
+        }
+    }
+
+    /// A seed from its stored form.
+    fn open_seed(&self, kid: &str, stored: &str) -> Result<[u8; 32]> {
+        if crate::kek::Kek::is_sealed(stored) {
+            let kek = self.kek.get().with_context(|| {
+                format!("signing key {kid} is sealed, and no key-encryption key is loaded")
+            })?;
+            return kek.open(kid, stored);
+        }
+        URL_SAFE_NO_PAD
+            .decode(stored)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .context("bad signing key in the database")
+    }
 
     /// The active posture signing key (the newest), created on first use. Every broker
     /// sharing the database signs with it and verifies with it and the previous keys that
@@ -1178,7 +1332,7 @@ impl Store {
              ON CONFLICT DO NOTHING",
         )
         .bind(key.kid())
-        .bind(URL_SAFE_NO_PAD.encode(key.seed()))
+        .bind(self.stored_seed(key.kid(), &key.seed()))
         .bind(ts(now))
         .bind(generation)
         .execute(&self.pool)
@@ -1202,16 +1356,11 @@ impl Store {
             let created_at = opt_u64(Some(r.try_get(2)?)).unwrap_or(0);
             let retired_at = opt_u64(r.try_get(4)?);
             let seed: String = r.try_get(1)?;
+            let kid: String = r.try_get(0)?;
             let seed = if retired_at.is_some() {
                 None
             } else {
-                Some(
-                    URL_SAFE_NO_PAD
-                        .decode(seed)
-                        .ok()
-                        .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                        .context("bad signing key in the database")?,
-                )
+                Some(self.open_seed(&kid, &seed)?)
             };
             let verifies_until = keys
                 .last()
@@ -1223,7 +1372,7 @@ impl Store {
                 (None, Some(_)) => SigningKeyState::Retired,
             };
             keys.push(SigningKeyRecord {
-                kid: r.try_get(0)?,
+                kid,
                 created_at,
                 generation: r.try_get(3)?,
                 retired_at,

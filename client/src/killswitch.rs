@@ -57,6 +57,30 @@ pub struct Settings {
     pub device: String,
     pub tunnel: UserTunnel,
     pub override_keys: Vec<OverrideKey>,
+    /// Override codes the control plane says no longer open this device (revoked or used).
+    #[serde(default)]
+    pub revoked_overrides: Vec<String>,
+    /// Override codes used here (kept until they expire): each works once.
+    #[serde(default)]
+    pub used_overrides: Vec<UsedOverride>,
+}
+
+/// An override code this device used, until it expires.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UsedOverride {
+    pub id: String,
+    pub not_after: u64,
+}
+
+/// Why a verified override code may not open the device now, if it may not.
+pub fn override_refusal(settings: &Settings, id: &str) -> Option<&'static str> {
+    if settings.used_overrides.iter().any(|u| u.id == id) {
+        Some("this override code was already used (each works once)")
+    } else if settings.revoked_overrides.iter().any(|r| r == id) {
+        Some("this override code was revoked (or used) according to the control plane")
+    } else {
+        None
+    }
 }
 
 /// An open window: the kill switch is off until `until` (Unix seconds).
@@ -507,6 +531,16 @@ impl Guard {
             warn!(event = "override", result = "refused", error = %e, "override code refused");
             format!("override code refused: {e}")
         })?;
+        if let Some(why) = override_refusal(&self.settings, &claims.id) {
+            warn!(event = "override", result = "refused", id = %claims.id, error = why, "override code refused");
+            return Err(format!("override code refused: {why}"));
+        }
+        self.settings.used_overrides.retain(|u| u.not_after > now);
+        self.settings.used_overrides.push(UsedOverride {
+            id: claims.id.clone(),
+            not_after: claims.not_after,
+        });
+        self.persist();
         info!(
             event = "override",
             result = "used",
@@ -589,7 +623,19 @@ impl Guard {
         loop {
             tokio::select! {
                 c = cmds.recv() => match c {
-                    Some(GuardCmd::Settings(s)) => {
+                    Some(GuardCmd::Settings(mut s)) => {
+                        // What was used here stays known here, whatever the control plane says.
+                        let now = unix_now();
+                        s.used_overrides = self.settings.used_overrides.clone();
+                        s.used_overrides.retain(|u| u.not_after > now);
+                        if let Some(o) = &self.open
+                            && let Some(id) = &o.id
+                            && s.revoked_overrides.contains(id)
+                            && o.reason == "override"
+                        {
+                            info!(event = "override", result = "revoked", id = %id, "override code revoked by an admin: kill switch back in place");
+                            self.open = None;
+                        }
                         if s != self.settings {
                             if s.tunnel != self.settings.tunnel {
                                 info!(policy = %s.tunnel.name, mode = ?s.tunnel.mode, "tunnel settings from the policy");
@@ -651,6 +697,28 @@ impl Guard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_override_code_is_refused_once_used_or_revoked() {
+        let mut s = Settings::default();
+        assert_eq!(override_refusal(&s, "a"), None);
+        s.used_overrides.push(UsedOverride {
+            id: "a".into(),
+            not_after: 10,
+        });
+        s.revoked_overrides.push("b".into());
+        assert!(override_refusal(&s, "a").unwrap().contains("already used"));
+        assert!(override_refusal(&s, "b").unwrap().contains("revoked"));
+        assert_eq!(override_refusal(&s, "c"), None);
+        // The used list survives the state file.
+        let text = serde_json::to_string(&s).unwrap();
+        let back: Settings = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.used_overrides, s.used_overrides);
+        // An older state file without these fields still loads.
+        let old: Settings =
+            serde_json::from_str(r#"{"device":"d","tunnel":{},"override_keys":[]}"#).unwrap();
+        assert!(old.used_overrides.is_empty());
+    }
 
     #[test]
     fn ruleset_lets_only_tunnel_brokers_marks_and_allowed_local_out() {

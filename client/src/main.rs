@@ -888,6 +888,8 @@ async fn posture_loop(mut setup: PostureSetup, links: PostureLinks) {
                         .send(killswitch::GuardCmd::Settings(killswitch::Settings {
                             tunnel: c.tunnel.clone(),
                             override_keys: c.override_keys.clone(),
+                            revoked_overrides: c.revoked_overrides.clone(),
+                            used_overrides: Vec::new(),
                             device: c.device.clone(),
                         }))
                         .await;

@@ -267,3 +267,101 @@ fn a_kill_switch_that_cannot_be_installed_never_leaves_the_laptop_open() {
         "packets left the laptop with every broker down"
     );
 }
+
+/// Runs `sekisho-client override CODE` on alice's laptop: (succeeded, stderr).
+fn use_override(d: &Deployment, code: &str) -> (bool, String) {
+    let out = std::process::Command::new(d.bin("sekisho-client"))
+        .args(["override", code, "--socket"])
+        .arg(d.state().join("alice/client.sock"))
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// An override code: (id, code).
+fn issue_override(d: &Deployment, secs: u32) -> (String, String) {
+    let (ok, out, err) = d.admin(&[
+        "--json",
+        "device",
+        "override",
+        "alice-laptop",
+        "--for",
+        &format!("{secs}s"),
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("override JSON");
+    (
+        v["id"].as_str().unwrap().to_string(),
+        v["code"].as_str().unwrap().to_string(),
+    )
+}
+
+/// An override code opens a device once: used again (after a client restart closed the
+/// device) it is refused; an admin can revoke a code before it is used, and revoking one in
+/// use closes the device at its next configuration refresh.
+#[test]
+fn an_override_code_works_once_and_can_be_revoked() {
+    let Some(d) = Deployment::for_test() else {
+        return;
+    };
+    let text = std::fs::read_to_string(d.state().join("policy.toml")).unwrap();
+    let text = text.replacen("[dns]\n", "[dns]\nupstreams = [\"udp://10.99.0.53\"]\n", 1);
+    let path = d.state().join("policy-full.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "{text}\n[[tunnels]]\nname = \"engineering-full\"\ngroups = [\"engineering\"]\n\
+             mode = \"full\"\n"
+        ),
+    )
+    .unwrap();
+    let (ok, out, err) = d.admin(&["policy", "apply", path.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    let closed = || status(&d)["tunnel"]["kill_switch"] == "closed";
+    assert!(wait_until(Duration::from_secs(30), closed).is_some());
+
+    // Used once, the client restarts (the window is gone), the same code is refused.
+    let (_, a) = issue_override(&d, 120);
+    let (ok, err) = use_override(&d, &a);
+    assert!(ok, "{err}");
+    assert_eq!(status(&d)["state"], "open");
+    d.daemon("stop", "client-alice");
+    d.daemon("start", "client-alice");
+    assert!(
+        wait_until(Duration::from_secs(30), closed).is_some(),
+        "{:#}",
+        status(&d)
+    );
+    let (ok, err) = use_override(&d, &a);
+    assert!(!ok, "a used override code opened the device again");
+    assert!(
+        err.contains("already used") || err.contains("revoked"),
+        "{err}"
+    );
+
+    // Revoked before use: refused once the device has refreshed its configuration.
+    let (b_id, b) = issue_override(&d, 120);
+    let (ok, out, err) = d.admin(&["device", "revoke-override", &b_id]);
+    assert!(ok, "{out}{err}");
+    std::thread::sleep(Duration::from_secs(7)); // one configuration refresh (5 s here)
+    let (ok, err) = use_override(&d, &b);
+    assert!(!ok, "a revoked override code opened the device");
+    assert!(err.contains("revoked"), "{err}");
+
+    // Revoked while in use: the device closes at its next refresh.
+    let (c_id, c) = issue_override(&d, 120);
+    let (ok, err) = use_override(&d, &c);
+    assert!(ok, "{err}");
+    assert_eq!(status(&d)["state"], "open");
+    let (ok, out, err) = d.admin(&["device", "revoke-override", &c_id]);
+    assert!(ok, "{out}{err}");
+    let shut = wait_until(Duration::from_secs(20), closed);
+    println!("an override revoked in use closed the device after {shut:?}");
+    assert!(shut.is_some(), "{:#}", status(&d));
+    assert!(d.log("client-alice").contains("override code revoked"));
+    let audit = std::fs::read_to_string(d.state().join("audit.jsonl")).unwrap_or_default();
+    assert!(audit.contains("override_revoked"), "{audit}");
+}
