@@ -77,6 +77,9 @@ enum AdminCommand {
     /// The keys that sign posture tokens and override codes.
     #[command(subcommand)]
     SigningKey(SigningKeyCommand),
+    /// Admin tokens: named, with a role and an expiry, listed and revoked (admin role only).
+    #[command(subcommand)]
+    AdminToken(AdminTokenCommand),
     /// Explain a decision: can USER's (or DEVICE's) traffic reach ADDRESS:PORT, and which
     /// rule says so? Exit code 0 when allowed, 1 when denied.
     Explain {
@@ -163,6 +166,25 @@ enum ConnectorCommand {
     Revoke {
         name: String,
     },
+}
+
+#[derive(Subcommand)]
+enum AdminTokenCommand {
+    /// Every admin token: id, name, role, created, expires, revoked (never the secret).
+    List,
+    /// A new admin token, printed once. Roles: admin (everything), operator (devices, users,
+    /// groups, enrollment tokens; read everything), helpdesk (devices: list, revoke,
+    /// override codes), auditor (read-only).
+    Create {
+        name: String,
+        #[arg(long, default_value = "admin", value_parser = clap::value_parser!(sekisho_proto::roles::Role))]
+        role: sekisho_proto::roles::Role,
+        /// Lifetime, like 30d or 8h; without it the token lasts until revoked.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Revoke an admin token by its id: it stops working at once.
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
@@ -447,6 +469,55 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
         AdminCommand::Connector(ConnectorCommand::Revoke { name }) => {
             let d: serde_json::Value =
                 post(&conn, &format!("/v1/admin/connectors/{name}/revoke"), &()).await?;
+            print(json, &d, |d| {
+                d["done"].as_str().unwrap_or_default().to_string()
+            })
+        }
+        AdminCommand::AdminToken(AdminTokenCommand::List) => {
+            let list: Vec<api::AdminTokenInfo> = get(&conn, "/v1/admin/admin-tokens").await?;
+            print(json, &list, |l| {
+                l.iter()
+                    .map(|t| {
+                        format!(
+                            "{}  {:<16} {:<9} created {}  expires {}{}",
+                            t.id,
+                            t.name,
+                            t.role,
+                            t.created_at,
+                            t.expires_at.map_or("never".to_string(), |e| e.to_string()),
+                            t.revoked_at
+                                .map_or(String::new(), |r| format!("  revoked {r}"))
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        }
+        AdminCommand::AdminToken(AdminTokenCommand::Create { name, role, ttl }) => {
+            let t: api::AdminTokenCreated = post(
+                &conn,
+                "/v1/admin/admin-tokens",
+                &api::CreateAdminToken {
+                    name,
+                    role,
+                    ttl_secs: ttl.map(|d| d.as_secs().max(1)),
+                },
+            )
+            .await?;
+            print(json, &t, |t| {
+                format!(
+                    "admin token {} for {} ({}; expires {}), shown once:\n{}",
+                    t.id,
+                    t.name,
+                    t.role,
+                    t.expires_at.map_or("never".to_string(), |e| e.to_string()),
+                    t.token
+                )
+            })
+        }
+        AdminCommand::AdminToken(AdminTokenCommand::Revoke { id }) => {
+            let d: serde_json::Value =
+                post(&conn, &format!("/v1/admin/admin-tokens/{id}/revoke"), &()).await?;
             print(json, &d, |d| {
                 d["done"].as_str().unwrap_or_default().to_string()
             })

@@ -165,6 +165,11 @@ pub struct ControlConfig {
     pub database: String,
     /// The CA's private key, to sign connector certificates.
     pub ca_key: PathBuf,
+    /// A separate address for the admin API (`/v1/admin/…`), like a management network or
+    /// loopback; the public listener then serves devices and enrollment only. Default: the
+    /// admin API is on `listen` too.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
     /// The key-encryption key that seals the posture signing keys in the store (32 bytes,
     /// base64url). Default: `signing-keys.kek` beside `ca_key`, made on first start; every
     /// broker of a cluster needs the same one. The environment variable

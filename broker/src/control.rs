@@ -1141,6 +1141,7 @@ impl Control {
 pub async fn serve(
     control: Arc<Control>,
     listen: SocketAddr,
+    scope: Scope,
     cert_file: &Path,
     ca_file: &Path,
     key_file: &Path,
@@ -1165,16 +1166,18 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot bind the control API on {listen}"))?;
     let bound = listener.local_addr()?;
-    info!(addr = %bound, "control API listening (HTTPS)");
+    info!(addr = %bound, ?scope, "control API listening (HTTPS)");
     use crate::api_limits::{CONNECTION_LIFETIME, Gate, HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, Remote};
     let gate = Gate::new(
         control.config.max_connections,
         control.config.max_connections_per_address,
         control.api_refusals.clone(),
     );
-    *control.api_gate.lock().unwrap_or_else(|e| e.into_inner()) = Some(gate.clone());
+    if scope != Scope::Admin {
+        *control.api_gate.lock().unwrap_or_else(|e| e.into_inner()) = Some(gate.clone());
+    }
     let refusals = control.api_refusals.clone();
-    let app = router(control);
+    let app = router_for(control, scope);
     let task = tokio::spawn(async move {
         loop {
             let (tcp, remote) = match listener.accept().await {
@@ -1242,27 +1245,20 @@ pub async fn serve(
     Ok((task, bound))
 }
 
-pub fn router(control: Arc<Control>) -> Router {
-    let rate = crate::api_limits::RateGate::new(control.api_refusals.clone());
-    // Anyone may call these (a one-time token is checked inside): a rate per source address,
-    // and small bodies.
-    let open = Router::new()
-        .route("/v1/enroll/device", post(enroll_device))
-        .route("/v1/enroll/connector", post(enroll_connector))
-        .layer(DefaultBodyLimit::max(SMALL_BODY))
-        .route_layer(axum::middleware::from_fn_with_state(
-            rate,
-            crate::api_limits::limit_unauthenticated,
-        ));
-    let devices = Router::new()
-        .route("/v1/posture", post(posture))
-        .route("/v1/device/override-used", post(override_used))
-        .layer(DefaultBodyLimit::max(SMALL_BODY));
+/// Which routes a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Devices, enrollment and the admin API.
+    All,
+    /// Devices and enrollment only (the admin API has a listener of its own).
+    Public,
+    /// The admin API only.
+    Admin,
+}
+
+/// The admin API's routes.
+fn admin_routes() -> Router<Arc<Control>> {
     Router::new()
-        .merge(open)
-        .merge(devices)
-        .route("/v1/device/dns", get(device_dns))
-        .route("/v1/device/dns/lists/{name}", get(device_dns_list))
         .route("/v1/admin/users", get(list_users).post(create_user))
         .route("/v1/admin/users/{name}/disable", post(disable_user))
         .route("/v1/admin/users/{name}/enable", post(enable_user))
@@ -1281,8 +1277,96 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/admin/explain", post(explain))
         .route("/v1/admin/signing-keys", get(list_signing_keys))
         .route("/v1/admin/signing-keys/rotate", post(rotate_signing_key))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .route(
+            "/v1/admin/admin-tokens",
+            get(list_admin_tokens).post(create_admin_token),
+        )
+        .route(
+            "/v1/admin/admin-tokens/{id}/revoke",
+            post(revoke_admin_token),
+        )
+}
+
+pub fn router_for(control: Arc<Control>, scope: Scope) -> Router {
+    if scope == Scope::Admin {
+        return admin_routes()
+            .layer(DefaultBodyLimit::max(MAX_BODY))
+            .with_state(control);
+    }
+    let rate = crate::api_limits::RateGate::new(control.api_refusals.clone());
+    // Anyone may call these (a one-time token is checked inside): a rate per source address,
+    // and small bodies.
+    let open = Router::new()
+        .route("/v1/enroll/device", post(enroll_device))
+        .route("/v1/enroll/connector", post(enroll_connector))
+        .layer(DefaultBodyLimit::max(SMALL_BODY))
+        .route_layer(axum::middleware::from_fn_with_state(
+            rate,
+            crate::api_limits::limit_unauthenticated,
+        ));
+    let devices = Router::new()
+        .route("/v1/posture", post(posture))
+        .route("/v1/device/override-used", post(override_used))
+        .layer(DefaultBodyLimit::max(SMALL_BODY));
+    let mut app = Router::new()
+        .merge(open)
+        .merge(devices)
+        .route("/v1/device/dns", get(device_dns))
+        .route("/v1/device/dns/lists/{name}", get(device_dns_list));
+    if scope == Scope::All {
+        app = app.merge(admin_routes());
+    }
+    app.layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(control)
+}
+
+async fn list_admin_tokens(State(ctl): Ctl, _: Admin) -> ApiResult<Vec<api::AdminTokenInfo>> {
+    Ok(Json(ctl.store.admin_tokens().await?))
+}
+
+async fn create_admin_token(
+    State(ctl): Ctl,
+    Admin(admin): Admin,
+    Json(req): Json<api::CreateAdminToken>,
+) -> ApiResult<api::AdminTokenCreated> {
+    check_name("admin", &req.name)?;
+    let now = now_unix();
+    let expires_at = req.ttl_secs.map(|t| now.saturating_add(t.max(1)));
+    let (id, secret) = ctl
+        .store
+        .create_admin_token_with(&req.name, req.role, expires_at, now)
+        .await?;
+    info!(name = %req.name, role = %req.role, by = %admin, "admin token created");
+    ctl.audit(
+        "admin_token_created",
+        &admin,
+        serde_json::json!({"id": id, "name": req.name, "role": req.role, "expires_at": expires_at}),
+    );
+    Ok(Json(api::AdminTokenCreated {
+        token: Credential::format(ADMIN_PREFIX, &id, &secret, None),
+        id,
+        name: req.name,
+        role: req.role,
+        expires_at,
+    }))
+}
+
+async fn revoke_admin_token(
+    State(ctl): Ctl,
+    Admin(admin): Admin,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<Done> {
+    if !ctl.store.revoke_admin_token(&id, now_unix()).await? {
+        return Err(bad(
+            StatusCode::NOT_FOUND,
+            format!("no unrevoked admin token {id:?}"),
+        ));
+    }
+    info!(%id, by = %admin, "admin token revoked");
+    ctl.audit("admin_token_revoked", &admin, serde_json::json!({"id": id}));
+    Ok(Json(Done {
+        done: format!("admin token {id} revoked"),
+    }))
 }
 
 fn bearer(parts: &Parts) -> Option<&str> {
@@ -1294,34 +1378,63 @@ fn bearer(parts: &Parts) -> Option<&str> {
         .strip_prefix("Bearer ")
 }
 
-/// An authenticated admin (by admin token).
+/// An authenticated admin (by admin token) whose role permits this call. Every refusal is
+/// audited (`admin_refused`: method, path, reason, who when known, source address).
 pub struct Admin(String);
 
 impl FromRequestParts<Arc<Control>> for Admin {
     type Rejection = ApiErr;
 
     async fn from_request_parts(parts: &mut Parts, ctl: &Arc<Control>) -> Result<Self, ApiErr> {
+        let (method, path) = (
+            parts.method.as_str().to_string(),
+            parts.uri.path().to_string(),
+        );
+        let remote = parts
+            .extensions
+            .get::<crate::api_limits::Remote>()
+            .map(|r| r.0.to_string());
+        let refuse = |code: StatusCode, why: String, who: Option<&str>| {
+            ctl.audit(
+                "admin_refused",
+                who.unwrap_or("-"),
+                serde_json::json!({"method": method, "path": path.chars().take(200).collect::<String>(),
+                    "reason": why, "from": remote}),
+            );
+            bad(code, why)
+        };
         let Some(text) = bearer(parts) else {
-            return Err(bad(
+            return Err(refuse(
                 StatusCode::UNAUTHORIZED,
-                "authentication required: an admin token (Authorization: Bearer SKA1.…)",
+                "authentication required: an admin token (Authorization: Bearer SKA1.…)".into(),
+                None,
             ));
         };
         if text.starts_with(DEVICE_PREFIX) {
-            return Err(bad(
+            return Err(refuse(
                 StatusCode::FORBIDDEN,
-                "device credentials cannot call admin endpoints",
+                "device credentials cannot call admin endpoints".into(),
+                None,
             ));
         }
         let cred = Credential::parse(ADMIN_PREFIX, text)
-            .map_err(|e| bad(StatusCode::UNAUTHORIZED, e.to_string()))?;
-        match ctl.store.admin_by_token(&cred.id, &cred.secret).await? {
-            Some(name) => Ok(Admin(name)),
-            None => Err(bad(
-                StatusCode::UNAUTHORIZED,
-                "unknown or revoked admin token",
-            )),
+            .map_err(|e| refuse(StatusCode::UNAUTHORIZED, e.to_string(), None))?;
+        let who = match ctl
+            .store
+            .admin_by_token(&cred.id, &cred.secret, now_unix())
+            .await?
+        {
+            Ok(who) => who,
+            Err(why) => return Err(refuse(StatusCode::UNAUTHORIZED, why.into(), None)),
+        };
+        if !sekisho_proto::roles::permits(who.role, &method, &path) {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                format!("the {} role may not {method} {path}", who.role),
+                Some(&who.name),
+            ));
         }
+        Ok(Admin(who.name))
     }
 }
 

@@ -146,6 +146,7 @@ async fn start_with(dir: &Path, db: &str, token_lifetime: Duration) -> Harness {
         ca_key: dir.join("ca.key"),
         // Brokers sharing a database share the key-encryption key (as a cluster must).
         key_encryption_key_file: Some(test_kek_file(db)),
+        admin_listen: None,
         name: Some("test-region".into()),
         wireguard_endpoint: "192.0.2.1:51820".into(),
         connector_endpoint: "192.0.2.1:4433".into(),
@@ -198,6 +199,7 @@ async fn start_with(dir: &Path, db: &str, token_lifetime: Duration) -> Harness {
     let (task, bound) = serve(
         control.clone(),
         "127.0.0.1:0".parse().unwrap(),
+        crate::control::Scope::All,
         &dir.join("broker.pem"),
         &dir.join("ca.pem"),
         &dir.join("broker.key"),
@@ -717,7 +719,7 @@ async fn suite(db: &str) {
     h.task.abort();
     drop(h.control.clone());
     let store = Store::open(&db2).await.unwrap();
-    assert_eq!(store.schema_version().await.unwrap(), 4);
+    assert_eq!(store.schema_version().await.unwrap(), 5);
     // The signing keys are sealed at rest: without the key-encryption key they do not open.
     assert!(store.has_sealed_signing_keys().await.unwrap());
     let e = store.signing_keys(now_unix(), 300).await.err().unwrap();
@@ -885,10 +887,10 @@ async fn migrations_are_applied_once() {
     let dir = scratch("migrate");
     let url = format!("sqlite://{}/m.db", dir.display());
     let a = Store::open(&url).await.unwrap();
-    assert_eq!(a.schema_version().await.unwrap(), 4);
+    assert_eq!(a.schema_version().await.unwrap(), 5);
     drop(a);
     let b = Store::open(&url).await.unwrap();
-    assert_eq!(b.schema_version().await.unwrap(), 4);
+    assert_eq!(b.schema_version().await.unwrap(), 5);
     assert!(Store::open("mysql://nope").await.is_err());
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -943,7 +945,7 @@ async fn migration_keeps_the_signing_key(url: &str) {
     }
     pool.close().await;
     let store = Store::open(url).await.unwrap();
-    assert_eq!(store.schema_version().await.unwrap(), 4);
+    assert_eq!(store.schema_version().await.unwrap(), 5);
     assert_eq!(
         store.signing_key(now_unix()).await.unwrap().kid(),
         old.kid()
@@ -1595,5 +1597,201 @@ async fn policy_clashes_are_refused_at_enrollment_and_never_hold_up_later_change
     );
     assert_eq!(h.control.health().directory_left_out, 1);
     assert!(h.dp.policy().device_by_key(&frank.public()).is_some());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Admin tokens have a name, a role and an expiry; each role reaches only its part of the API,
+/// tokens are listed and revoked, and every refused admin call is audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_tokens_have_roles_expiry_and_revocation_and_refusals_are_audited() {
+    use sekisho_proto::roles::Role;
+    let dir = scratch("roles");
+    let h = start(&dir, &format!("sqlite://{}/state/broker.db", dir.display())).await;
+    let make = |name: &str, role: Role, ttl: Option<u64>| {
+        let h = &h;
+        let name = name.to_string();
+        async move {
+            let t: api::AdminTokenCreated = h
+                .admin()
+                .post(
+                    "/v1/admin/admin-tokens",
+                    &api::CreateAdminToken {
+                        name,
+                        role,
+                        ttl_secs: ttl,
+                    },
+                )
+                .await
+                .unwrap();
+            t
+        }
+    };
+    let helpdesk = make("hd-sam", Role::Helpdesk, Some(3600)).await;
+    let auditor = make("audit-ann", Role::Auditor, None).await;
+    let operator = make("ops-olu", Role::Operator, None).await;
+    let brief = make("brief", Role::Admin, Some(1)).await;
+    assert_eq!(helpdesk.role, Role::Helpdesk);
+    assert!(helpdesk.expires_at.is_some() && auditor.expires_at.is_none());
+
+    let status = |r: Result<serde_json::Value, CallError>| match r {
+        Ok(_) => 200,
+        Err(CallError::Refused { status, .. }) => status,
+        Err(e) => panic!("{e:?}"),
+    };
+    let get = |token: &str, path: &str| {
+        let c = h.client(Some(token));
+        let path = path.to_string();
+        async move { c.get::<serde_json::Value>(&path).await }
+    };
+    let user = |name: &str| api::CreateUser {
+        name: name.into(),
+        groups: vec![],
+    };
+    // helpdesk: devices only.
+    assert_eq!(status(get(&helpdesk.token, "/v1/admin/devices").await), 200);
+    assert_eq!(status(get(&helpdesk.token, "/v1/admin/users").await), 403);
+    assert_eq!(status(get(&helpdesk.token, "/v1/admin/policy").await), 403);
+    // auditor: reads, writes nothing, sees no admin tokens.
+    assert_eq!(status(get(&auditor.token, "/v1/admin/users").await), 200);
+    assert_eq!(status(get(&auditor.token, "/v1/admin/policy").await), 200);
+    assert_eq!(
+        status(get(&auditor.token, "/v1/admin/admin-tokens").await),
+        403
+    );
+    let (s, m) = refused(
+        h.client(Some(&auditor.token))
+            .post::<_, api::UserInfo>("/v1/admin/users", &user("eve"))
+            .await,
+    );
+    assert_eq!(s, 403, "{m}");
+    assert!(m.contains("auditor"), "{m}");
+    // operator: users and devices, not the policy nor admin tokens.
+    let _: api::UserInfo = h
+        .client(Some(&operator.token))
+        .post("/v1/admin/users", &user("olive"))
+        .await
+        .unwrap();
+    let (s, _) = refused(
+        h.client(Some(&operator.token))
+            .call::<_, api::PolicyApplied>(
+                sekisho_sys::http::Method::PUT,
+                "/v1/admin/policy",
+                Some(&api::ApplyPolicy {
+                    text: POLICY.into(),
+                }),
+            )
+            .await,
+    );
+    assert_eq!(s, 403);
+    assert_eq!(
+        status(get(&operator.token, "/v1/admin/admin-tokens").await),
+        403
+    );
+
+    // Listed by the admin (never with secrets), revoked at once, expired on time.
+    let list: Vec<api::AdminTokenInfo> = h.admin().get("/v1/admin/admin-tokens").await.unwrap();
+    let names: Vec<(&str, Role)> = list.iter().map(|t| (t.name.as_str(), t.role)).collect();
+    assert!(
+        names.contains(&("hd-sam", Role::Helpdesk)) && names.contains(&("tester", Role::Admin))
+    );
+    let text = serde_json::to_string(&list).unwrap();
+    assert!(!text.contains(helpdesk.token.split('.').nth(2).unwrap_or("secret")));
+    let _: serde_json::Value = h
+        .admin()
+        .post(
+            &format!("/v1/admin/admin-tokens/{}/revoke", helpdesk.id),
+            &(),
+        )
+        .await
+        .unwrap();
+    let (s, m) = refused(get(&helpdesk.token, "/v1/admin/devices").await);
+    assert_eq!(s, 401);
+    assert!(m.contains("revoked"), "{m}");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (s, m) = refused(get(&brief.token, "/v1/admin/users").await);
+    assert_eq!(s, 401);
+    assert!(m.contains("expired"), "{m}");
+
+    // Every refusal is in the audit log, with who (when known), what and why.
+    let audit = std::fs::read_to_string(dir.join("audit.log")).unwrap();
+    let refusals: Vec<serde_json::Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "admin_refused")
+        .collect();
+    assert!(refusals.len() >= 8, "{refusals:#?}");
+    assert!(refusals.iter().any(|r| r["actor"] == "audit-ann"
+        && r["detail"]["method"] == "POST"
+        && r["detail"]["path"] == "/v1/admin/users"));
+    assert!(
+        refusals
+            .iter()
+            .any(|r| r["detail"]["reason"] == "expired admin token")
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// With `admin_listen`, the admin API answers only on its own address; the public listener
+/// serves devices and enrollment and knows no admin route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_can_listen_on_its_own_address() {
+    use crate::control::Scope;
+    let dir = scratch("adminlisten");
+    let h = start(&dir, &format!("sqlite://{}/state/broker.db", dir.display())).await;
+    let serve_as = |scope| {
+        let (control, dir) = (h.control.clone(), dir.clone());
+        async move {
+            serve(
+                control,
+                "127.0.0.1:0".parse().unwrap(),
+                scope,
+                &dir.join("broker.pem"),
+                &dir.join("ca.pem"),
+                &dir.join("broker.key"),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let (public_task, public) = serve_as(Scope::Public).await;
+    let (admin_task, admin) = serve_as(Scope::Admin).await;
+    let at = |addr: std::net::SocketAddr, token: Option<&str>| {
+        ApiClient::new(
+            &format!("https://{addr}"),
+            ca_tls(&h.ca_pem).unwrap(),
+            token.map(str::to_string),
+        )
+        .unwrap()
+    };
+    let users = at(admin, Some(&h.admin))
+        .get::<Vec<api::UserInfo>>("/v1/admin/users")
+        .await;
+    assert!(users.is_ok(), "{users:?}");
+    let (s, _) = refused(
+        at(public, Some(&h.admin))
+            .get::<Vec<api::UserInfo>>("/v1/admin/users")
+            .await,
+    );
+    assert_eq!(s, 404, "the public listener served the admin API");
+    // Enrollment is on the public listener, not on the admin one.
+    let body = api::EnrollDeviceRequest {
+        token: "SKE1.bogus".into(),
+        public_key: PrivateKey::generate().public().to_string(),
+        name: "x".into(),
+    };
+    let (s, _) = refused(
+        at(public, None)
+            .post::<_, api::EnrollDeviceResponse>("/v1/enroll/device", &body)
+            .await,
+    );
+    assert_ne!(s, 404);
+    let (s, _) = refused(
+        at(admin, None)
+            .post::<_, api::EnrollDeviceResponse>("/v1/enroll/device", &body)
+            .await,
+    );
+    assert_eq!(s, 404);
+    public_task.abort();
+    admin_task.abort();
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -252,7 +252,32 @@ async fn run(config_path: &Path) -> Result<()> {
         Some((ctl, opened)) => {
             let control = control::Control::new(opened, dp.clone(), ctl.clone(), broker_key)?;
             let tls = &config.tls;
-            control::serve(control.clone(), ctl.listen, &tls.cert, &tls.ca, &tls.key).await?;
+            // With admin_listen, the admin API has its own address (a management network,
+            // loopback) and the public listener serves devices and enrollment only.
+            let public_scope = match ctl.admin_listen {
+                Some(admin) => {
+                    control::serve(
+                        control.clone(),
+                        admin,
+                        control::Scope::Admin,
+                        &tls.cert,
+                        &tls.ca,
+                        &tls.key,
+                    )
+                    .await?;
+                    control::Scope::Public
+                }
+                None => control::Scope::All,
+            };
+            control::serve(
+                control.clone(),
+                ctl.listen,
+                public_scope,
+                &tls.cert,
+                &tls.ca,
+                &tls.key,
+            )
+            .await?;
             tokio::spawn(control.clone().registry_loop(Duration::from_secs(2)));
             Some(control)
         }

@@ -503,3 +503,34 @@ mod tests {
         assert!(Credential::parse(DEVICE_PREFIX, &format!("{d}.x")).is_err());
     }
 }
+
+/// An admin token as listed (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminTokenInfo {
+    pub id: String,
+    pub name: String,
+    pub role: crate::roles::Role,
+    pub created_at: u64,
+    pub expires_at: Option<u64>,
+    pub revoked_at: Option<u64>,
+}
+
+/// `POST /v1/admin/admin-tokens`: a named admin token with a role and, optionally, a lifetime.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateAdminToken {
+    pub name: String,
+    pub role: crate::roles::Role,
+    /// Seconds until it expires; none: it lasts until revoked.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+/// A new admin token: shown once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminTokenCreated {
+    pub id: String,
+    pub name: String,
+    pub role: crate::roles::Role,
+    pub expires_at: Option<u64>,
+    pub token: String,
+}

@@ -18,6 +18,7 @@ pub mod packet;
 pub mod policy;
 pub mod posture;
 pub mod ratelimit;
+pub mod roles;
 pub mod select;
 pub mod timers;
 pub mod transmit;
