@@ -218,14 +218,36 @@ fn forged_edited_expired_and_borrowed_posture_tokens_are_refused_and_logged() {
     let edited = format!("{}.{sig}", B64.encode(serde_json::to_vec(&claims).unwrap()));
     // Expired: correctly signed with the cluster's key (read from the broker's database), but
     // its lifetime is over.
-    let seed_text = d.py(
+    let row = d.py(
         "broker",
         &format!(
-            "import sqlite3\nprint(sqlite3.connect({:?}).execute('select seed from signing_keys').fetchone()[0])",
+            "import sqlite3\nr=sqlite3.connect({:?}).execute('select kid, seed from signing_keys').fetchone()\nprint(r[0]); print(r[1])",
             d.state().join("broker.db").display().to_string()
         ),
     );
-    let seed: [u8; 32] = B64.decode(seed_text.trim()).unwrap().try_into().unwrap();
+    let (kid, sealed) = row.trim().split_once('\n').unwrap();
+    // The database alone holds the seed sealed, not in the clear; the key-encryption key (a
+    // file beside the CA key on the broker) opens it.
+    assert!(
+        sealed.starts_with("kek1."),
+        "the signing key is stored in the clear: {sealed}"
+    );
+    let kek_text = std::fs::read_to_string(d.state().join("pki/signing-keys.kek")).unwrap();
+    let kek: [u8; 32] = B64.decode(kek_text.trim()).unwrap().try_into().unwrap();
+    let body = B64.decode(sealed.splitn(3, '.').nth(2).unwrap()).unwrap();
+    let (nonce, ct) = body.split_at(ring::aead::NONCE_LEN);
+    let key = ring::aead::LessSafeKey::new(
+        ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &kek).unwrap(),
+    );
+    let mut buf = ct.to_vec();
+    let plain = key
+        .open_in_place(
+            ring::aead::Nonce::try_assume_unique_for_key(nonce).unwrap(),
+            ring::aead::Aad::from(kid.trim().as_bytes()),
+            &mut buf,
+        )
+        .expect("the key-encryption key opens the seed");
+    let seed: [u8; 32] = plain.try_into().unwrap();
     let mut old: PostureClaims = serde_json::from_value(claims.clone()).unwrap();
     old.user = "alice".into();
     old.iat -= 900;
