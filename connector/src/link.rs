@@ -294,8 +294,8 @@ async fn read_link(
                     tokio::spawn(async move {
                         let Ok(bytes) = recv.read_to_end(MAX_CONTROL_MESSAGE).await else { return };
                         match serde_json::from_slice::<SiteMessage>(&bytes) {
-                            Ok(SiteMessage::MapName { device, synthetic, name }) => {
-                                let ev = NameEvent::Map { key: (device, synthetic), name };
+                            Ok(SiteMessage::MapName { device, synthetic, name, deny }) => {
+                                let ev = NameEvent::Map { key: (device, synthetic), name, deny };
                                 let _ = events.send(LinkEvent::Name(ev)).await;
                             }
                             Ok(SiteMessage::Brokers { brokers }) => {

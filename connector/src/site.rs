@@ -59,6 +59,8 @@ pub enum NameEvent {
     Map {
         key: Key,
         name: String,
+        /// What the device's deny rules forbid at the site (allowlist syntax).
+        deny: Vec<String>,
     },
     Done {
         key: Key,
@@ -326,7 +328,7 @@ pub async fn site_loop(
                                 tokio::spawn(send_health(l.sender.clone(), draining, unreachable.clone()));
                             }
                         }
-                        LinkEvent::Name(NameEvent::Map { key, name }) => core.handle_map_name(key, name),
+                        LinkEvent::Name(NameEvent::Map { key, name, deny }) => core.handle_map_name(key, name, &deny),
                         LinkEvent::Name(NameEvent::Done { key, name, result }) => {
                             match &result {
                                 Ok(real) => names::log_installed(&name, &key, *real),

@@ -49,7 +49,7 @@ fuzz_target!(|data: &[u8]| {
                 let name = names[chunk.first().copied().unwrap_or(0) as usize % names.len()];
                 let syn = IpAddr::V4(Ipv4Addr::new(100, 119, 0, chunk.get(1).copied().unwrap_or(1)));
                 let dev = IpAddr::V4(Ipv4Addr::new(100, 118, 0, 2));
-                c.handle_map_name((dev, syn), name.to_string());
+                c.handle_map_name((dev, syn), name.to_string(), &[]);
                 let real = Ipv4Addr::new(
                     chunk.get(2).copied().unwrap_or(10),
                     chunk.get(3).copied().unwrap_or(20),

@@ -95,6 +95,10 @@ pub enum SiteMessage {
         device: std::net::IpAddr,
         synthetic: std::net::IpAddr,
         name: String,
+        /// What the device's address-based deny rules forbid at the site (allowlist syntax):
+        /// a resolution or packet landing there is refused.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        deny: Vec<String>,
     },
     /// The connector endpoints of every broker now: link to new ones, drop links to brokers
     /// that left.

@@ -251,12 +251,14 @@ impl Output {
                     device,
                     synthetic,
                     name,
+                    deny,
                 } => {
                     if let Some(l) = links.get(&link).cloned() {
                         let msg = SiteMessage::MapName {
                             device,
                             synthetic,
                             name,
+                            deny,
                         };
                         ctx.runtime.spawn(async move {
                             let bytes = serde_json::to_vec(&msg).unwrap_or_default();

@@ -27,6 +27,9 @@ pub enum Event {
         device: IpAddr,
         synthetic: IpAddr,
         name: String,
+        /// What the device's address-based deny rules forbid, in allowlist syntax: the
+        /// connector refuses the name's resolution or packets that land there.
+        deny: Vec<String>,
     },
 }
 

@@ -158,6 +158,7 @@ impl BrokerState {
                                 device: key.src,
                                 synthetic: key.dst,
                                 name: b.name.clone(),
+                                deny: p.site_denials(peer.device),
                             });
                         }
                         flow.link = FlowLink::Via(link);
@@ -235,6 +236,7 @@ impl BrokerState {
                                     device: key.src,
                                     synthetic: key.dst,
                                     name: b.name.clone(),
+                                    deny: p.site_denials(peer.device),
                                 });
                             }
                             FlowLink::Via(picked)

@@ -16,7 +16,7 @@ struct Recorder {
     site: Vec<(LinkId, Vec<u8>)>,
     decisions: Vec<DecisionRecord>,
     postures: Vec<PostureRecord>,
-    maps: Vec<(LinkId, IpAddr, IpAddr, String)>,
+    maps: Vec<(LinkId, IpAddr, IpAddr, String, Vec<String>)>,
     dns: Vec<AppDnsRecord>,
     egress: Vec<Vec<u8>>,
     summaries: Vec<SummaryRecord>,
@@ -48,7 +48,8 @@ impl Recorder {
                     device,
                     synthetic,
                     name,
-                } => self.maps.push((link, device, synthetic, name)),
+                    deny,
+                } => self.maps.push((link, device, synthetic, name, deny)),
             }
         }
     }
@@ -391,14 +392,35 @@ fn application_names_get_synthetic_addresses_and_flows_to_them_are_authorized() 
     let syn = tcp_syn([100, 118, 0, 2], 40100, wiki.octets(), 80);
     f.send(&syn, &mut io);
     assert_eq!(io.site.len(), 1);
+    // With the name go the address-based deny rules of the device's user (no-db: 10.20.0.10
+    // TCP 5432), so a name resolving there at the site is refused by the connector.
     assert_eq!(
         io.maps,
         [(
             LinkId(1),
             IpAddr::from([100, 118, 0, 2]),
             IpAddr::V4(wiki),
-            "wiki.corp.example".to_string()
+            "wiki.corp.example".to_string(),
+            vec!["10.20.0.10:5432".to_string()]
         )]
+    );
+    // The connector restarts (its link goes and comes back, its translations are gone): the
+    // flow's next packet takes the new link, and the name goes to it first.
+    f.core.link_down(LinkId(1));
+    f.core.link_up(LinkId(3), "dc1", "c1", 1400);
+    io.maps.clear();
+    io.site.clear();
+    let next = tcp_segment([100, 118, 0, 2], 40100, wiki.octets(), 80, 0x10);
+    f.send(&next, &mut io);
+    assert_eq!(
+        io.maps.len(),
+        1,
+        "the name was not sent again after the restart"
+    );
+    assert_eq!(io.maps[0].0, LinkId(3));
+    assert_eq!(
+        io.site.iter().map(|(l, _)| *l).collect::<Vec<_>>(),
+        [LinkId(3)]
     );
     let last = io.decisions.last().unwrap();
     assert_eq!(last.application.as_deref(), Some("wiki-by-name"));

@@ -168,6 +168,8 @@ pub enum Refusal {
     Zone,
     /// A route a broker asked for overlaps an allowed network or is too wide.
     Route,
+    /// A name resolved at the site to an address the device's deny rules forbid.
+    Denied,
 }
 
 impl Refusal {
@@ -177,6 +179,7 @@ impl Refusal {
             Refusal::Port => "protocol or port outside the connector's allowlist",
             Refusal::Zone => "name outside the connector's allowed zones",
             Refusal::Route => "route overlapping the site's allowed networks, or too wide",
+            Refusal::Denied => "the name resolved to an address a deny rule forbids this user",
         }
     }
 }

@@ -55,6 +55,9 @@ counters! {
         malformed,
         /// A packet from a broker to a destination outside the connector's allowlist.
         not_allowed,
+        /// A packet to a name that resolved at the site to an address the device's deny rules
+        /// forbid.
+        denied_at_site,
     }
 }
 
@@ -323,6 +326,17 @@ impl ConnectorState {
             self.refused(why, || describe(&packet, src, real));
             return;
         }
+        if let Some(real) = pending
+            && real != dst
+            && self
+                .names
+                .denials(&(src, dst))
+                .is_some_and(|d| d.permits_packet(&packet, Some(real)).is_ok())
+        {
+            self.counters.drops.denied_at_site += 1;
+            self.refused(Refusal::Denied, || describe(&packet, src, real));
+            return;
+        }
         if let Ok(PacketKind::Flow(key)) = packet::classify(&packet) {
             let end = TcpEnd::of(&packet, true);
             match self.flows.touch(&key, now) {
@@ -394,17 +408,24 @@ impl ConnectorState {
     }
 
     /// A broker says `key` (device, synthetic address) stands for the host name `name`.
-    pub fn handle_map_name(&mut self, key: Key, name: String) {
+    pub fn handle_map_name(&mut self, key: Key, name: String, deny: &[String]) {
+        let denials = Allowlist::parse(deny).unwrap_or_else(|e| {
+            // A broker's list this connector cannot read: deny the whole name rather than
+            // guess (nothing resolves).
+            self.refused(Refusal::Denied, || format!("deny list for {name}: {e}"));
+            Allowlist::parse(&["0.0.0.0/0", "::/0"]).unwrap_or_default()
+        });
+        self.names.mapping(key, &name, denials);
         if self.names.has(&key, &name) {
             return;
         }
+        let previous = self.names.previous(&key);
         if let Err(why) = self.allow.permits_name(&name) {
             self.counters.refused_names += 1;
             self.names.failed(&key);
             self.refused(why, || format!("name {name} for {}", key.0));
             return;
         }
-        let previous = self.names.previous(&key);
         self.events.push_back(Event::Resolve {
             key,
             name,
@@ -424,12 +445,21 @@ impl ConnectorState {
                 });
             }
             Ok(real) => {
+                let real_ip = IpAddr::V4(real);
                 for pkt in self.names.installed(key, name, real) {
-                    match self.allow.permits_packet(&pkt, Some(IpAddr::V4(real))) {
-                        Ok(()) => self.transmits.push_back(Transmit::Site(pkt)),
+                    let denied = self
+                        .names
+                        .denials(&key)
+                        .is_some_and(|d| d.permits_packet(&pkt, Some(real_ip)).is_ok());
+                    match self.allow.permits_packet(&pkt, Some(real_ip)) {
+                        Ok(()) if !denied => self.transmits.push_back(Transmit::Site(pkt)),
+                        Ok(()) => {
+                            self.counters.drops.denied_at_site += 1;
+                            self.refused(Refusal::Denied, || describe(&pkt, key.0, real_ip));
+                        }
                         Err(why) => {
                             self.counters.drops.not_allowed += 1;
-                            self.refused(why, || describe(&pkt, key.0, IpAddr::V4(real)));
+                            self.refused(why, || describe(&pkt, key.0, real_ip));
                         }
                     }
                 }
@@ -606,7 +636,7 @@ mod tests {
         while c.poll_event().is_some() {}
         let dev: IpAddr = "100.118.0.2".parse().unwrap();
         let syn: IpAddr = "100.119.0.9".parse().unwrap();
-        c.handle_map_name((dev, syn), "wiki.corp.example".into());
+        c.handle_map_name((dev, syn), "wiki.corp.example".into(), &[]);
         assert!(matches!(
             c.poll_event(),
             Some(Event::Resolve { previous: None, .. })
@@ -621,7 +651,7 @@ mod tests {
         );
         assert_eq!(drain(&mut c), vec![Transmit::Site(p)]);
         // Asked again for the same name: nothing to do.
-        c.handle_map_name((dev, syn), "wiki.corp.example".into());
+        c.handle_map_name((dev, syn), "wiki.corp.example".into(), &[]);
         assert_eq!(c.poll_event(), None);
     }
 
@@ -677,9 +707,9 @@ mod tests {
         // the waiting packets are dropped.
         let d: IpAddr = "100.118.0.2".parse().unwrap();
         let syn: IpAddr = "100.119.0.9".parse().unwrap();
-        c.handle_map_name((d, syn), "intranet.evil.example".into());
+        c.handle_map_name((d, syn), "intranet.evil.example".into(), &[]);
         assert!(!std::iter::from_fn(|| c.poll_event()).any(|e| matches!(e, Event::Resolve { .. })));
-        c.handle_map_name((d, syn), "wiki.corp.example".into());
+        c.handle_map_name((d, syn), "wiki.corp.example".into(), &[]);
         assert!(matches!(c.poll_event(), Some(Event::Resolve { .. })));
         let p = Bytes::from(tcp4(dev, 4005, [100, 119, 0, 9], 80, 0x02, 1));
         c.handle_link_packet(LinkId(1), p.clone(), now);
@@ -691,7 +721,7 @@ mod tests {
         assert!(drain(&mut c).is_empty());
         assert_eq!(c.counters().refused_names, 2);
         // Resolving to the allowed host: port 80 passes, port 22 to the same name does not.
-        c.handle_map_name((d, syn), "wiki.corp.example".into());
+        c.handle_map_name((d, syn), "wiki.corp.example".into(), &[]);
         c.handle_link_packet(LinkId(1), p.clone(), now);
         c.handle_name_resolved(
             (d, syn),
@@ -735,5 +765,105 @@ mod tests {
         assert_eq!(lines, REFUSALS_LOGGED_PER_SECOND as usize);
         assert!(events.contains(&Event::RefusedMore(90)), "{events:?}");
         assert_eq!(c.counters().drops.not_allowed, 100);
+    }
+
+    /// A broker (after a failover, say) says a synthetic address now stands for another name:
+    /// the old translation is dropped at once, so the flow's packets wait for the new one
+    /// instead of following the stale one; the kernel's element is replaced, not added twice.
+    #[test]
+    fn a_new_name_for_a_synthetic_address_never_follows_the_old_translation() {
+        let now = Instant::now();
+        let mut c = ConnectorState::new(now, site_allowlist());
+        up(&mut c, 1, 1400);
+        while c.poll_event().is_some() {}
+        let dev: IpAddr = "100.118.0.2".parse().unwrap();
+        let syn: IpAddr = "100.119.0.9".parse().unwrap();
+        c.handle_map_name((dev, syn), "wiki.corp.example".into(), &[]);
+        let _ = c.poll_event();
+        c.handle_name_resolved(
+            (dev, syn),
+            "wiki.corp.example".into(),
+            Ok(Ipv4Addr::new(10, 20, 0, 10)),
+        );
+        let p = Bytes::from(tcp4([100, 118, 0, 2], 4000, [100, 119, 0, 9], 80, 0x02, 1));
+        c.handle_link_packet(LinkId(1), p.clone(), now);
+        assert_eq!(drain(&mut c), vec![Transmit::Site(p.clone())]);
+        // Now the same address stands for payroll: nothing goes out until its translation is in.
+        c.handle_map_name((dev, syn), "payroll.corp.example".into(), &[]);
+        assert_eq!(
+            c.poll_event(),
+            Some(Event::Resolve {
+                key: (dev, syn),
+                name: "payroll.corp.example".into(),
+                previous: Some(Ipv4Addr::new(10, 20, 0, 10)),
+            }),
+            "the kernel's old element is named for replacement"
+        );
+        c.handle_link_packet(LinkId(1), p.clone(), now);
+        assert!(
+            drain(&mut c).is_empty(),
+            "a packet followed the stale translation"
+        );
+        c.handle_name_resolved(
+            (dev, syn),
+            "payroll.corp.example".into(),
+            Ok(Ipv4Addr::new(10, 20, 0, 30)),
+        );
+        assert_eq!(drain(&mut c), vec![Transmit::Site(p)]);
+    }
+
+    /// Address-based deny rules reach names: a name that resolves at the site to an address
+    /// the device's deny rules forbid carries nothing there (on the denied port), whatever the
+    /// name's own rule allows.
+    #[test]
+    fn deny_rules_apply_to_the_address_a_name_resolves_to() {
+        let now = Instant::now();
+        let mut c = ConnectorState::new(now, site_allowlist());
+        up(&mut c, 1, 1400);
+        while c.poll_event().is_some() {}
+        let dev: IpAddr = "100.118.0.2".parse().unwrap();
+        let syn: IpAddr = "100.119.0.9".parse().unwrap();
+        c.handle_map_name(
+            (dev, syn),
+            "db.corp.example".into(),
+            &["10.20.0.10:5432".into()],
+        );
+        let _ = c.poll_event();
+        let to_db = Bytes::from(tcp4(
+            [100, 118, 0, 2],
+            4000,
+            [100, 119, 0, 9],
+            5432,
+            0x02,
+            1,
+        ));
+        c.handle_link_packet(LinkId(1), to_db.clone(), now);
+        c.handle_name_resolved(
+            (dev, syn),
+            "db.corp.example".into(),
+            Ok(Ipv4Addr::new(10, 20, 0, 10)),
+        );
+        assert!(
+            drain(&mut c).is_empty(),
+            "the waiting packet to a denied address went out"
+        );
+        c.handle_link_packet(LinkId(1), to_db, now);
+        assert!(drain(&mut c).is_empty());
+        assert_eq!(c.counters().drops.denied_at_site, 2);
+        // Another port of the same host is not what the rule denies.
+        let web = Bytes::from(tcp4([100, 118, 0, 2], 4001, [100, 119, 0, 9], 80, 0x02, 1));
+        c.handle_link_packet(LinkId(1), web.clone(), now);
+        assert_eq!(drain(&mut c), vec![Transmit::Site(web)]);
+        let logged: Vec<Event> = std::iter::from_fn(|| c.poll_event()).collect();
+        assert!(
+            logged.iter().any(|e| matches!(
+                e,
+                Event::Refused {
+                    why: Refusal::Denied,
+                    ..
+                }
+            )),
+            "{logged:?}"
+        );
     }
 }

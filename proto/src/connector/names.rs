@@ -37,6 +37,11 @@ pub enum Admit {
 pub struct Translations {
     app_ranges: Vec<IpNet>,
     installed: HashMap<Key, (String, Ipv4Addr)>,
+    /// Per pair: what the device's address-based deny rules forbid at the site.
+    denials: HashMap<Key, super::Allowlist>,
+    /// What the kernel's translation map holds per pair (it outlives a translation dropped
+    /// here until the shell replaces it).
+    kernel: HashMap<Key, Ipv4Addr>,
     waiting: HashMap<Key, (Instant, Vec<Bytes>)>,
     /// Packets dropped: queue full, waited too long, or the name did not resolve.
     pub dropped: u64,
@@ -79,19 +84,35 @@ impl Translations {
         self.installed.get(key).map(|(_, a)| *a)
     }
 
+    /// The broker asks that `key` stand for `name`, with these denials. A translation of
+    /// `key` to another name is dropped at once, so no packet follows it while the new one is
+    /// resolved (they wait instead).
+    pub fn mapping(&mut self, key: Key, name: &str, denials: super::Allowlist) {
+        if self.installed.get(&key).is_some_and(|(n, _)| n != name) {
+            self.installed.remove(&key);
+        }
+        self.denials.insert(key, denials);
+    }
+
+    /// What the device's deny rules forbid for `key`, if the broker said.
+    pub fn denials(&self, key: &Key) -> Option<&super::Allowlist> {
+        self.denials.get(key).filter(|d| !d.is_empty())
+    }
+
     /// Whether `key` already translates to a resolution of `name`.
     pub fn has(&self, key: &Key, name: &str) -> bool {
         self.installed.get(key).is_some_and(|(n, _)| n == name)
     }
 
-    /// The address `key` translated to before, if any (to replace it).
+    /// The address the kernel translates `key` to now, if any (to replace it).
     pub fn previous(&self, key: &Key) -> Option<Ipv4Addr> {
-        self.installed.get(key).map(|(_, a)| *a)
+        self.kernel.get(key).copied()
     }
 
     /// The translation of `key` is in place: returns the packets that waited for it.
     pub fn installed(&mut self, key: Key, name: String, real: Ipv4Addr) -> Vec<Bytes> {
         self.installed.insert(key, (name, real));
+        self.kernel.insert(key, real);
         self.waiting
             .remove(&key)
             .map(|(_, q)| q)

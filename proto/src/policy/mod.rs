@@ -920,6 +920,64 @@ impl Policy {
         &self.levels[usize::from(level - 1)]
     }
 
+    /// What address-based deny rules forbid `device`, in the connector's allowlist syntax
+    /// (`10.20.0.10:5432`, `10.20.0.0/24`): sent with a name translation, so a name that
+    /// resolves at the site to a denied address is refused there. Ports apply to TCP and UDP
+    /// alike (stricter than a rule naming one of them); ICMP-only deny rules are left out.
+    pub fn site_denials(&self, device: DeviceId) -> Vec<String> {
+        let Some(dev) = self.devices.get(device as usize) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for r in self.rules.iter().filter(|r| r.action == Action::Deny) {
+            if !self.subject_matches(r, dev.user) {
+                continue;
+            }
+            for &a in &r.applications {
+                let app = &self.applications[a as usize];
+                let transport = app.protocols.is_empty()
+                    || app
+                        .protocols
+                        .iter()
+                        .any(|p| matches!(p, Protocol::Tcp | Protocol::Udp));
+                if !transport {
+                    continue;
+                }
+                for net in &app.networks {
+                    let host = if net.prefix_len() == net.max_prefix_len() {
+                        net.addr().to_string()
+                    } else {
+                        net.to_string()
+                    };
+                    let host = if net.addr().is_ipv6() && !app.ports.is_empty() {
+                        format!("[{host}]")
+                    } else {
+                        host
+                    };
+                    if app.ports.is_empty() {
+                        out.push(host);
+                    } else {
+                        let ports: Vec<String> = app
+                            .ports
+                            .iter()
+                            .map(|(lo, hi)| {
+                                if lo == hi {
+                                    lo.to_string()
+                                } else {
+                                    format!("{lo}-{hi}")
+                                }
+                            })
+                            .collect();
+                        out.push(format!("{host}:{}", ports.join(",")));
+                    }
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
     fn subject_matches(&self, rule: &Rule, user_id: UserId) -> bool {
         let user = &self.users[user_id as usize];
         rule.users.contains(&user_id) || rule.groups.iter().any(|g| user.groups.contains(g))
