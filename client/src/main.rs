@@ -593,7 +593,14 @@ async fn run(config: ClientConfig) -> Result<()> {
     let index = netlink.link_index(&iface.name).await?;
     let prefix = if iface.address.is_ipv4() { 32 } else { 128 };
     netlink.add_address(index, iface.address, prefix).await?;
-    let mut routes = iface.routes.clone();
+    // The brokers and the control API are reached outside the tunnel: an application network
+    // covering one of them is routed without it.
+    let avoid = tunnel_hosts(
+        config.brokers.iter().map(|b| b.endpoint.as_str()),
+        config.control.as_ref().map(|c| c.url.as_str()),
+    )
+    .await;
+    let mut routes = sekisho_proto::tunnel::routes_without(&iface.routes, &avoid);
     let service = config
         .control
         .as_ref()
@@ -893,7 +900,20 @@ async fn posture_loop(mut setup: PostureSetup, links: PostureLinks) {
                             device: c.device.clone(),
                         }))
                         .await;
-                    apply_routes(&links, &c.routes).await;
+                    let avoid = tunnel_hosts(
+                        c.brokers.iter().map(|b| b.endpoint.as_str()),
+                        c.brokers
+                            .iter()
+                            .map(|b| b.api_url.as_str())
+                            .chain(setup.urls.iter().map(String::as_str))
+                            .filter(|u| !u.is_empty()),
+                    )
+                    .await;
+                    apply_routes(
+                        &links,
+                        &sekisho_proto::tunnel::routes_without(&c.routes, &avoid),
+                    )
+                    .await;
                     {
                         let mut d = links.views.device.lock().unwrap_or_else(|e| e.into_inner());
                         d.device = c.device.clone();
@@ -934,6 +954,40 @@ async fn posture_loop(mut setup: PostureSetup, links: PostureLinks) {
 
 /// Routes the user's application ranges (and the broker's services) into the TUN device,
 /// following policy changes.
+/// The addresses of the brokers' endpoints (`host:port`) and of the control API URLs: what
+/// must be reached outside the tunnel. Names are resolved now; one that does not resolve is
+/// left out (it is not reached at all then).
+async fn tunnel_hosts<'a>(
+    endpoints: impl Iterator<Item = &'a str>,
+    urls: impl IntoIterator<Item = &'a str>,
+) -> Vec<IpAddr> {
+    let mut authorities: Vec<String> = endpoints.map(str::to_string).collect();
+    for url in urls {
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        let authority = rest.split('/').next().unwrap_or(rest);
+        let has_port = authority
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.ends_with(']') || p.parse::<u16>().is_ok())
+            && !authority.ends_with(']');
+        authorities.push(if has_port {
+            authority.to_string()
+        } else {
+            format!("{authority}:443")
+        });
+    }
+    let mut out = Vec::new();
+    for a in authorities {
+        if let Ok(addrs) = tokio::net::lookup_host(a.as_str()).await {
+            for sa in addrs {
+                if !out.contains(&sa.ip()) {
+                    out.push(sa.ip());
+                }
+            }
+        }
+    }
+    out
+}
+
 async fn apply_routes(links: &PostureLinks, wanted: &[IpNet]) {
     let mut want: Vec<IpNet> = wanted.to_vec();
     if let Some(s) = links.service {

@@ -434,6 +434,49 @@ mod tests {
     }
 }
 
+/// Split-tunnel routes minus `hosts` (the brokers' endpoints and the control API): a route
+/// that covers one of them is replaced by the smaller prefixes around it, so the tunnel's own
+/// packets (and posture refreshes) never route into the tunnel. Routes not covering any host
+/// are kept as they are; the result covers exactly the routes without the hosts.
+pub fn routes_without(routes: &[IpNet], hosts: &[IpAddr]) -> Vec<IpNet> {
+    let mut out: Vec<IpNet> = routes.iter().map(|n| n.trunc()).collect();
+    for host in hosts {
+        let mut next = Vec::with_capacity(out.len() + 32);
+        for net in out {
+            if net.contains(host) {
+                next.extend(split_around(net, *host));
+            } else {
+                next.push(net);
+            }
+        }
+        out = next;
+    }
+    out
+}
+
+/// `net` without the single address `host` (which it contains): the sibling of each half
+/// down to the host.
+fn split_around(net: IpNet, host: IpAddr) -> Vec<IpNet> {
+    let mut out = Vec::new();
+    let mut cur = net;
+    while cur.prefix_len() < cur.max_prefix_len() {
+        let Ok(mut halves) = cur.subnets(cur.prefix_len() + 1) else {
+            break;
+        };
+        let (Some(a), Some(b)) = (halves.next(), halves.next()) else {
+            break;
+        };
+        if a.contains(&host) {
+            out.push(b);
+            cur = a;
+        } else {
+            out.push(a);
+            cur = b;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod local_tests {
     use super::*;
@@ -470,5 +513,42 @@ mod local_tests {
         // An admin who wants only the device's own address.
         let got = clamp_local_networks(&nets[..1], 32, 128);
         assert_eq!(got, vec!["10.128.0.5/32".parse::<IpNet>().unwrap()]);
+    }
+
+    /// An application network covering a broker's own address (10.0.0.0/8 with the broker at
+    /// 10.99.2.2) loses exactly that address: the tunnel's packets to the broker never loop
+    /// into the tunnel, and everything else of the network still does.
+    #[test]
+    fn routes_leave_out_the_brokers_own_addresses() {
+        let routes: Vec<IpNet> = ["10.0.0.0/8", "192.168.5.0/24", "10.20.0.10/32"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let broker: IpAddr = "10.99.2.2".parse().unwrap();
+        let out = routes_without(&routes, &[broker]);
+        assert!(out.iter().all(|n| !n.contains(&broker)), "{out:?}");
+        assert_eq!(out.len(), 24 + 2, "{out:?}");
+        for probe in [
+            "10.20.0.10",
+            "10.99.2.1",
+            "10.99.2.3",
+            "10.255.255.255",
+            "10.0.0.0",
+            "192.168.5.9",
+        ] {
+            let a: IpAddr = probe.parse().unwrap();
+            assert!(out.iter().any(|n| n.contains(&a)), "{probe} lost: {out:?}");
+        }
+        assert_eq!(
+            routes_without(&routes[1..], &[broker]),
+            routes[1..].to_vec()
+        );
+        // A host route to the broker itself disappears; IPv6 works the same way.
+        assert!(routes_without(&["10.99.2.2/32".parse().unwrap()], &[broker]).is_empty());
+        let v6 = routes_without(
+            &["fd00::/120".parse().unwrap()],
+            &["fd00::7".parse().unwrap()],
+        );
+        assert_eq!(v6.len(), 8);
     }
 }

@@ -7,13 +7,15 @@ use sekisho_tests::{Deployment, tcp_probe, udp_probe, wait_until};
 
 const APP: &str = "10.20.0.10";
 
-/// The demo policy plus rules that grant alice's group everything a broker could: every
-/// address of the site, every protocol, and every name under corp.example.
+/// The demo policy plus rules that grant alice's group everything a broker could: all of
+/// 10.0.0.0/8 (which covers the broker's own address 10.99.2.2: the client routes it without
+/// that address, or its tunnel would loop into itself), every protocol, and every name under
+/// corp.example.
 fn grant_everything(d: &Deployment) -> std::path::PathBuf {
     let text = std::fs::read_to_string(d.state().join("policy.toml")).unwrap();
     let text = format!(
         "{text}\n[[applications]]\nname = \"whole-site\"\nsite = \"dc1\"\n\
-         addresses = [\"10.20.0.0/16\"]\nprotocols = [\"tcp\", \"udp\", \"icmp\"]\n\
+         addresses = [\"10.0.0.0/8\"]\nprotocols = [\"tcp\", \"udp\", \"icmp\"]\n\
          [[applications]]\nname = \"every-name\"\nsite = \"dc1\"\nnames = [\"*.corp.example\"]\n\
          protocols = [\"tcp\"]\n\
          [[rules]]\nname = \"everything\"\naction = \"allow\"\ngroups = [\"engineering\"]\n\
