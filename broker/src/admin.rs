@@ -155,6 +155,8 @@ enum DeviceCommand {
     /// at its next configuration refresh and closes a window it opened. A code also works
     /// only once.
     RevokeOverride {
+        /// The code's id (it may start with "-").
+        #[arg(allow_hyphen_values = true)]
         id: String,
     },
 }
@@ -184,7 +186,10 @@ enum AdminTokenCommand {
         ttl: Option<Duration>,
     },
     /// Revoke an admin token by its id: it stops working at once.
-    Revoke { id: String },
+    Revoke {
+        #[arg(allow_hyphen_values = true)]
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]

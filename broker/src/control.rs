@@ -1004,12 +1004,13 @@ impl Control {
     }
 
     /// What a device needs to run, from the current policy.
-    /// `revoked_overrides`: the device's override codes that no longer open it.
+    /// `dead_overrides`: the device's override codes that no longer open it (revoked, used).
     fn device_config(
         &self,
         dev: &DeviceRecord,
-        revoked_overrides: Vec<String>,
+        dead_overrides: (Vec<String>, Vec<String>),
     ) -> api::DeviceConfig {
+        let (revoked_overrides, used_overrides) = dead_overrides;
         let policy = self.policy();
         let routes = policy
             .user_by_name(&dev.user)
@@ -1042,6 +1043,7 @@ impl Control {
                 .unwrap_or_default(),
             override_keys: self.key_ring().overrides.clone(),
             revoked_overrides,
+            used_overrides,
             applications: policy
                 .user_by_name(&dev.user)
                 .map(|u| {
@@ -1582,7 +1584,7 @@ async fn enroll_device(State(ctl): Ctl, body: Bytes) -> ApiResult<api::EnrollDev
             "request": remote_audit}),
     );
     Ok(Json(api::EnrollDeviceResponse {
-        config: ctl.device_config(&dev, Vec::new()),
+        config: ctl.device_config(&dev, Default::default()),
         credential: Credential::format(DEVICE_PREFIX, &cred_id, &cred_secret, None),
         ca_pem: ctl.ca.cert_pem.clone(),
     }))

@@ -1303,17 +1303,30 @@ impl Store {
         Ok(device)
     }
 
-    /// Unexpired codes of `device` that no longer open it (revoked or used).
-    pub async fn dead_overrides(&self, device: &str, now: u64) -> Result<Vec<String>> {
+    /// Unexpired codes of `device` that no longer open it: (revoked, used but not revoked).
+    pub async fn dead_overrides(
+        &self,
+        device: &str,
+        now: u64,
+    ) -> Result<(Vec<String>, Vec<String>)> {
         let rows = sqlx::query(
-            "SELECT id FROM override_codes WHERE device = $1 AND not_after > $2 \
+            "SELECT id, revoked_at FROM override_codes WHERE device = $1 AND not_after > $2 \
              AND (revoked_at IS NOT NULL OR used_at IS NOT NULL) ORDER BY id",
         )
         .bind(device)
         .bind(ts(now))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+        let (mut revoked, mut used) = (Vec::new(), Vec::new());
+        for r in &rows {
+            let id: String = r.try_get(0)?;
+            if opt_u64(r.try_get(1)?).is_some() {
+                revoked.push(id);
+            } else {
+                used.push(id);
+            }
+        }
+        Ok((revoked, used))
     }
 
     // ---- posture signing keys ----

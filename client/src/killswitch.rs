@@ -57,9 +57,12 @@ pub struct Settings {
     pub device: String,
     pub tunnel: UserTunnel,
     pub override_keys: Vec<OverrideKey>,
-    /// Override codes the control plane says no longer open this device (revoked or used).
+    /// Override codes an admin revoked (the control plane's word).
     #[serde(default)]
     pub revoked_overrides: Vec<String>,
+    /// Override codes the control plane knows were used (here or elsewhere).
+    #[serde(default)]
+    pub used_elsewhere: Vec<String>,
     /// Override codes used here (kept until they expire): each works once.
     #[serde(default)]
     pub used_overrides: Vec<UsedOverride>,
@@ -74,10 +77,12 @@ pub struct UsedOverride {
 
 /// Why a verified override code may not open the device now, if it may not.
 pub fn override_refusal(settings: &Settings, id: &str) -> Option<&'static str> {
-    if settings.used_overrides.iter().any(|u| u.id == id) {
+    if settings.used_overrides.iter().any(|u| u.id == id)
+        || settings.used_elsewhere.iter().any(|u| u == id)
+    {
         Some("this override code was already used (each works once)")
     } else if settings.revoked_overrides.iter().any(|r| r == id) {
-        Some("this override code was revoked (or used) according to the control plane")
+        Some("this override code was revoked by an admin")
     } else {
         None
     }

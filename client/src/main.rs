@@ -896,6 +896,7 @@ async fn posture_loop(mut setup: PostureSetup, links: PostureLinks) {
                             tunnel: c.tunnel.clone(),
                             override_keys: c.override_keys.clone(),
                             revoked_overrides: c.revoked_overrides.clone(),
+                            used_elsewhere: c.used_overrides.clone(),
                             used_overrides: Vec::new(),
                             device: c.device.clone(),
                         }))

@@ -108,9 +108,9 @@ pub fn nat_script(tun: &str, allow: &Allowlist, guarded: &[String]) -> String {
          table inet {t} {{\n\
            counter refused {{}}\n\
            counter to_host {{}}\n\
-           set allow_any4 {{ type ipv4_addr; flags interval;{any4} }}\n\
+           set allow_any4 {{ type ipv4_addr; flags interval; auto-merge;{any4} }}\n\
            set allow_ports4 {{ type ipv4_addr . inet_service; flags interval;{ports4} }}\n\
-           set allow_any6 {{ type ipv6_addr; flags interval;{any6} }}\n\
+           set allow_any6 {{ type ipv6_addr; flags interval; auto-merge;{any6} }}\n\
            set allow_ports6 {{ type ipv6_addr . inet_service; flags interval;{ports6} }}\n\
            map synth4 {{ type ipv4_addr . ipv4_addr : ipv4_addr; }}\n\
            chain prerouting {{\n\
@@ -489,6 +489,9 @@ mod tests {
             (
                 &[
                     "10.20.0.0/24",
+                    "10.20.0.10",
+                    "10.20.1.0/24:80",
+                    "10.20.1.10:80,443",
                     "10.20.1.10:80,443,8000-8100",
                     "[fd00::5]:443",
                     "fd00:1::/64",

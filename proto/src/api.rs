@@ -154,10 +154,14 @@ pub struct DeviceConfig {
     /// Keys admin override codes are signed with (checked offline on the device).
     #[serde(default)]
     pub override_keys: Vec<crate::tunnel::OverrideKey>,
-    /// Ids of this device's override codes that no longer open it: revoked by an admin, or
-    /// already used once (unexpired ones only).
+    /// Ids of this device's override codes an admin revoked (unexpired ones only): refused,
+    /// and a window one of them opened closes.
     #[serde(default)]
     pub revoked_overrides: Vec<String>,
+    /// Ids of this device's override codes already used once (unexpired ones only): refused
+    /// if presented again (a window one of them opened stays open).
+    #[serde(default)]
+    pub used_overrides: Vec<String>,
     /// The applications the user may use, described for the status (name and targets).
     #[serde(default)]
     pub applications: Vec<String>,

@@ -330,6 +330,13 @@ fn an_override_code_works_once_and_can_be_revoked() {
     let (ok, err) = use_override(&d, &a);
     assert!(ok, "{err}");
     assert_eq!(status(&d)["state"], "open");
+    // Being used is not being revoked: the window stays open across configuration refreshes.
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(
+        status(&d)["state"],
+        "open",
+        "a used override code closed its own window at the next refresh"
+    );
     d.daemon("stop", "client-alice");
     d.daemon("start", "client-alice");
     assert!(

@@ -455,9 +455,10 @@ impl BrokerState {
             self.rx = BytesMut::zeroed(RX_BLOCK.max(datagram.len()));
         }
         // The endpoint moves only on input that authenticated as this device: a data message
-        // (type 4, keepalives included) that decrypted, or an initiation whose handshake
-        // verified (answered with a response, type 2). A cookie reply in either direction
-        // (type 3) proves nothing, so it never moves it.
+        // (type 4, keepalives included) that decrypted, an initiation whose handshake verified
+        // (answered with a response), or a response to the broker's own initiation (answered
+        // with a keepalive). A cookie reply in either direction (type 3) proves nothing, so it
+        // never moves it.
         let authenticating = datagram.first() == Some(&4);
         if peer.session.is_none() {
             if datagram.first() != Some(&1) {
@@ -477,9 +478,9 @@ impl BrokerState {
             return;
         };
         match session.decapsulate(Some(from.ip()), datagram, &mut self.rx) {
-            Output::Network(reply) if reply.first() != Some(&2) => {
-                // Only a cookie reply comes out here without a verified handshake: it goes to
-                // the asker and nothing else changes.
+            Output::Network(reply) if reply.first() == Some(&3) => {
+                // A cookie reply comes out without a verified handshake: it goes to the asker
+                // and nothing else changes.
                 self.counters.handshakes.cookie_replies += 1;
                 self.out.push(from, reply);
             }

@@ -318,31 +318,97 @@ impl Allowlist {
         self.permits(addr, PROTO_TCP, Some(port))
     }
 
-    /// The nftables set elements the forward chain checks, as
-    /// (IPv4 networks for any protocol, IPv4 network . port ranges, the same for IPv6). Empty
-    /// strings for empty sets.
+    /// The nftables set elements the forward chain checks: networks for any protocol
+    /// (overlaps are merged by the set's `auto-merge`), and network . port-range pairs made
+    /// disjoint here (nftables refuses overlapping elements in a concatenated set, and cannot
+    /// merge them): nested networks are cut into pieces, each piece gets the union of the
+    /// port ranges of every entry covering it, merged.
     pub fn nft_sets(&self) -> NftSets {
         let mut s = NftSets::default();
-        for n in self.nets() {
-            let (any, ports) = match n.net {
-                IpNet::V4(_) => (&mut s.any4, &mut s.ports4),
-                IpNet::V6(_) => (&mut s.any6, &mut s.ports6),
-            };
-            if n.ports.is_empty() {
-                any.push(n.net.to_string());
-            } else {
-                for (a, b) in &n.ports {
-                    let range = if a == b {
-                        a.to_string()
-                    } else {
-                        format!("{a}-{b}")
-                    };
-                    ports.push(format!("{} . {range}", n.net));
+        let any: Vec<IpNet> = self
+            .nets()
+            .filter(|n| n.ports.is_empty())
+            .map(|n| n.net)
+            .collect();
+        for net in &any {
+            match net {
+                IpNet::V4(_) => s.any4.push(net.to_string()),
+                IpNet::V6(_) => s.any6.push(net.to_string()),
+            }
+        }
+        let with_ports: Vec<&NetItem> = self
+            .nets()
+            .filter(|n| !n.ports.is_empty())
+            // Already allowed for everything: nothing to add.
+            .filter(|n| !any.iter().any(|a| a.contains(&n.net)))
+            .collect();
+        let mut nets: Vec<IpNet> = with_ports.iter().map(|n| n.net).collect();
+        nets.sort();
+        nets.dedup();
+        for piece in disjoint_pieces(&nets) {
+            let mut ranges: Vec<(u16, u16)> = with_ports
+                .iter()
+                .filter(|n| n.net.contains(&piece))
+                .flat_map(|n| n.ports.iter().copied())
+                .collect();
+            ranges.sort();
+            let mut merged: Vec<(u16, u16)> = Vec::new();
+            for (a, b) in ranges {
+                match merged.last_mut() {
+                    Some(last) if u32::from(a) <= u32::from(last.1) + 1 => last.1 = last.1.max(b),
+                    _ => merged.push((a, b)),
                 }
+            }
+            let out = match piece {
+                IpNet::V4(_) => &mut s.ports4,
+                IpNet::V6(_) => &mut s.ports6,
+            };
+            for (a, b) in merged {
+                let range = if a == b {
+                    a.to_string()
+                } else {
+                    format!("{a}-{b}")
+                };
+                out.push(format!("{piece} . {range}"));
             }
         }
         s
     }
+}
+
+/// Disjoint networks covering exactly the union of `nets` (sorted, deduplicated), such that
+/// every piece lies inside a net of the list and no net of the list cuts a piece: a net with
+/// smaller nets inside it is split around them.
+fn disjoint_pieces(nets: &[IpNet]) -> Vec<IpNet> {
+    fn cut(net: IpNet, inner: &[IpNet], out: &mut Vec<IpNet>) {
+        let inside: Vec<IpNet> = inner
+            .iter()
+            .copied()
+            .filter(|i| net.contains(i) && *i != net)
+            .collect();
+        if inside.is_empty() {
+            out.push(net);
+            return;
+        }
+        let Ok(halves) = net.subnets(net.prefix_len() + 1) else {
+            out.push(net);
+            return;
+        };
+        for half in halves {
+            if inside.contains(&half) {
+                // That inner net is a piece of its own (cut as a net of the list).
+                continue;
+            }
+            cut(half, &inside, out);
+        }
+    }
+    let mut out = Vec::new();
+    for net in nets {
+        cut(*net, nets, &mut out);
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Set elements for the kernel's copy of the allowlist.
@@ -455,6 +521,48 @@ mod tests {
         );
         assert!(s.any6.is_empty());
         assert_eq!(s.ports6, vec!["fd00::1/128 . 443"]);
+    }
+
+    /// Overlapping entries (a host inside a network, the same host twice with other ports)
+    /// become disjoint set elements allowing exactly the same: nftables refuses overlaps in a
+    /// concatenated set, which would stop the connector from starting.
+    #[test]
+    fn overlapping_entries_become_disjoint_kernel_elements() {
+        let a = list(&[
+            "10.20.0.0/30:80",
+            "10.20.0.1:443",
+            "10.20.0.1:80,81",
+            "10.20.5.0/24:22",
+            "10.20.5.0/24",
+        ]);
+        let s = a.nft_sets();
+        assert_eq!(s.any4, vec!["10.20.5.0/24"]);
+        assert_eq!(
+            s.ports4,
+            vec![
+                "10.20.0.0/32 . 80",
+                "10.20.0.1/32 . 80-81",
+                "10.20.0.1/32 . 443",
+                "10.20.0.2/31 . 80",
+            ]
+        );
+        // The same decisions as the list itself, address by address.
+        for host in 0..4u8 {
+            let ip = IpAddr::from([10, 20, 0, host]);
+            for port in [22, 80, 81, 443] {
+                let listed = a.permits(ip, PROTO_TCP, Some(port)).is_ok();
+                let kernel = s.ports4.iter().any(|e| {
+                    let (net, range) = e.split_once(" . ").unwrap();
+                    let net: IpNet = net.parse().unwrap();
+                    let (lo, hi) = range
+                        .split_once('-')
+                        .map(|(l, h)| (l.parse::<u16>().unwrap(), h.parse::<u16>().unwrap()))
+                        .unwrap_or_else(|| (range.parse().unwrap(), range.parse().unwrap()));
+                    net.contains(&ip) && (lo..=hi).contains(&port)
+                });
+                assert_eq!(listed, kernel, "{ip}:{port}");
+            }
+        }
     }
 
     proptest! {

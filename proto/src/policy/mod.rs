@@ -713,19 +713,24 @@ impl Policy {
             users: Vec::new(),
             devices: Vec::new(),
         };
+        let mut clashing_users = Vec::new();
         for u in &dir.users {
             if raw.users.iter().any(|r| r.name.get_ref() == &u.name) {
                 left_out.push(format!(
                     "directory user {:?}: also defined in the policy file",
                     u.name
                 ));
+                clashing_users.push(u.name.clone());
             } else {
                 kept.users.push(u.clone());
             }
         }
+        // A directory device of a left-out user is left out too: it must not become a device
+        // of the file's user of that name (other groups, never disabled by the directory).
         let user_known = |name: &str| {
-            raw.users.iter().any(|r| r.name.get_ref() == name)
-                || kept.users.iter().any(|u| u.name == name)
+            !clashing_users.iter().any(|c| c == name)
+                && (raw.users.iter().any(|r| r.name.get_ref() == name)
+                    || kept.users.iter().any(|u| u.name == name))
         };
         for d in &dir.devices {
             let clash = raw.devices.iter().find(|r| {
@@ -2549,7 +2554,7 @@ expect = "deny"
         );
         assert!(Policy::parse_with(Path::new("p.toml"), &text, &dir).is_err());
         let (p, left_out) = Policy::parse_with_lenient(Path::new("p.toml"), &text, &dir).unwrap();
-        assert_eq!(left_out.len(), 3, "{left_out:?}");
+        assert_eq!(left_out.len(), 4, "{left_out:?}");
         assert!(
             left_out[0].contains("directory user \"bob\""),
             "{left_out:?}"
@@ -2558,10 +2563,11 @@ expect = "deny"
             left_out[1].contains("\"carol-laptop\"") && left_out[1].contains("bob-file"),
             "same address as the file's device: {left_out:?}"
         );
-        assert!(left_out[2].contains("ghost"), "{left_out:?}");
-        // bob's directory device still merges (bob is the file's user now).
+        assert!(left_out[2].contains("bob-laptop"), "{left_out:?}");
+        assert!(left_out[3].contains("ghost"), "{left_out:?}");
+        // bob's directory device does not become a device of the file's bob.
         let names: Vec<&str> = p.devices.iter().map(|d| d.name.as_str()).collect();
-        assert_eq!(names, ["bob-file", "bob-laptop"]);
+        assert_eq!(names, ["bob-file"]);
         assert!(p.user_by_name("carol").is_some());
     }
 
