@@ -59,6 +59,23 @@ pub fn map_script(table: &str, key: &Key, real: Ipv4Addr, previous: Option<Ipv4A
     s
 }
 
+/// The fallback of [`map_script`] when the kernel does not hold what the core believed: with
+/// `exists`, the pair's element (whatever its address) is deleted first; without, it is only
+/// added.
+pub fn replace_script(table: &str, key: &Key, real: Ipv4Addr, exists: bool) -> String {
+    let (device, synthetic) = key;
+    let mut s = String::new();
+    if exists {
+        s.push_str(&format!(
+            "delete element inet {table} synth4 {{ {device} . {synthetic} }}\n"
+        ));
+    }
+    s.push_str(&format!(
+        "add element inet {table} synth4 {{ {device} . {synthetic} : {real} }}\n"
+    ));
+    s
+}
+
 pub fn log_installed(name: &str, key: &Key, real: Ipv4Addr) {
     info!(%name, synthetic = %key.1, %real, "name translation installed");
 }

@@ -436,10 +436,25 @@ pub async fn site_loop(
                             Ok(real) if allow.permits_resolved(real.into()).is_err() => Err(
                                 format!("resolved to {real}, outside the connector's allowlist"),
                             ),
-                            Ok(real) => nft(&names::map_script(&table, &key, real, previous))
-                                .await
-                                .map(|()| real)
-                                .map_err(|e| format!("{e:#}")),
+                            Ok(real) => {
+                                // The core tracks what the kernel holds; should it be wrong,
+                                // the other form of the script puts the element in anyway.
+                                let first =
+                                    nft(&names::map_script(&table, &key, real, previous)).await;
+                                let done = match first {
+                                    Ok(()) => Ok(()),
+                                    Err(_) => {
+                                        nft(&names::replace_script(
+                                            &table,
+                                            &key,
+                                            real,
+                                            previous.is_none(),
+                                        ))
+                                        .await
+                                    }
+                                };
+                                done.map(|()| real).map_err(|e| format!("{e:#}"))
+                            }
                             Err(e) => Err(e),
                         };
                         let _ = events

@@ -426,6 +426,10 @@ impl ConnectorState {
             self.refused(why, || format!("name {name} for {}", key.0));
             return;
         }
+        if !self.names.start_resolving(key, &name) {
+            // Another name for this pair is being resolved: this one follows when it is done.
+            return;
+        }
         self.events.push_back(Event::Resolve {
             key,
             name,
@@ -435,6 +439,20 @@ impl ConnectorState {
 
     /// The shell resolved and installed a translation (or failed to).
     pub fn handle_name_resolved(&mut self, key: Key, name: String, result: Result<Ipv4Addr, ()>) {
+        let (current, next) = self.names.finished(key, &name, result.ok());
+        if !current {
+            // The broker wants another name for this pair now: this resolution releases
+            // nothing, and the wanted one is resolved next (replacing what the kernel holds).
+            if let Some(wanted) = next {
+                let previous = self.names.previous(&key);
+                self.events.push_back(Event::Resolve {
+                    key,
+                    name: wanted,
+                    previous,
+                });
+            }
+            return;
+        }
         match result {
             Ok(real) if self.allow.permits_resolved(IpAddr::V4(real)).is_err() => {
                 // The shell checks before installing; this is the core's own word on it.
@@ -865,5 +883,50 @@ mod tests {
             )),
             "{logged:?}"
         );
+    }
+
+    /// Two names for one pair in quick succession (a broker failover while the first is still
+    /// resolving): the second is resolved only after the first is done, the first releases
+    /// nothing, and the packets go out once the wanted name's translation is in.
+    #[test]
+    fn a_late_resolution_of_an_old_name_releases_nothing() {
+        let now = Instant::now();
+        let mut c = ConnectorState::new(now, site_allowlist());
+        up(&mut c, 1, 1400);
+        while c.poll_event().is_some() {}
+        let dev: IpAddr = "100.118.0.2".parse().unwrap();
+        let syn: IpAddr = "100.119.0.9".parse().unwrap();
+        c.handle_map_name((dev, syn), "wiki.corp.example".into(), &[]);
+        assert!(matches!(c.poll_event(), Some(Event::Resolve { .. })));
+        let p = Bytes::from(tcp4([100, 118, 0, 2], 4000, [100, 119, 0, 9], 80, 0x02, 1));
+        c.handle_link_packet(LinkId(1), p.clone(), now);
+        c.handle_map_name((dev, syn), "payroll.corp.example".into(), &[]);
+        assert_eq!(
+            c.poll_event(),
+            None,
+            "two resolutions in flight for one pair"
+        );
+        // wiki comes back (and the shell installed it in the kernel): nothing is released,
+        // payroll is resolved next, replacing wiki's element.
+        c.handle_name_resolved(
+            (dev, syn),
+            "wiki.corp.example".into(),
+            Ok(Ipv4Addr::new(10, 20, 0, 10)),
+        );
+        assert!(drain(&mut c).is_empty(), "packets followed the old name");
+        assert_eq!(
+            c.poll_event(),
+            Some(Event::Resolve {
+                key: (dev, syn),
+                name: "payroll.corp.example".into(),
+                previous: Some(Ipv4Addr::new(10, 20, 0, 10)),
+            })
+        );
+        c.handle_name_resolved(
+            (dev, syn),
+            "payroll.corp.example".into(),
+            Ok(Ipv4Addr::new(10, 20, 0, 30)),
+        );
+        assert_eq!(drain(&mut c), vec![Transmit::Site(p)]);
     }
 }

@@ -42,6 +42,11 @@ pub struct Translations {
     /// What the kernel's translation map holds per pair (it outlives a translation dropped
     /// here until the shell replaces it).
     kernel: HashMap<Key, Ipv4Addr>,
+    /// The name the broker wants each pair to stand for now.
+    wanted: HashMap<Key, String>,
+    /// Pairs whose name the shell is resolving and installing now (one at a time per pair,
+    /// so an older resolution can never land after a newer one), with that name.
+    in_flight: HashMap<Key, String>,
     waiting: HashMap<Key, (Instant, Vec<Bytes>)>,
     /// Packets dropped: queue full, waited too long, or the name did not resolve.
     pub dropped: u64,
@@ -92,6 +97,40 @@ impl Translations {
             self.installed.remove(&key);
         }
         self.denials.insert(key, denials);
+        self.wanted.insert(key, name.to_string());
+    }
+
+    /// Whether the shell may start resolving `name` for `key` now (nothing in flight for the
+    /// pair); marks it in flight if so.
+    pub fn start_resolving(&mut self, key: Key, name: &str) -> bool {
+        if self.in_flight.contains_key(&key) {
+            return false;
+        }
+        self.in_flight.insert(key, name.to_string());
+        true
+    }
+
+    /// A resolution of `name` for `key` came back; `installed_real` is what the shell put into
+    /// the kernel (None when it failed). Returns whether `name` is still the wanted one, and
+    /// the wanted name to resolve next when it is not.
+    pub fn finished(
+        &mut self,
+        key: Key,
+        name: &str,
+        installed_real: Option<Ipv4Addr>,
+    ) -> (bool, Option<String>) {
+        self.in_flight.remove(&key);
+        if let Some(real) = installed_real {
+            self.kernel.insert(key, real);
+        }
+        match self.wanted.get(&key) {
+            Some(w) if w != name => {
+                let next = w.clone();
+                self.in_flight.insert(key, next.clone());
+                (false, Some(next))
+            }
+            _ => (true, None),
+        }
     }
 
     /// What the device's deny rules forbid for `key`, if the broker said.
