@@ -335,6 +335,12 @@ fn run_blocking(config: &Path) -> Result<()> {
     rt.block_on(run(config))
 }
 
+/// Where a connector records the site interfaces whose forwarding it turned on (so a restart
+/// after a crash still guards them, and a clean stop turns them off).
+fn forwarding_record(tun: &str) -> PathBuf {
+    PathBuf::from(format!("/run/sekisho/{}.forwarding", site::nft_table(tun)))
+}
+
 /// Turns on IPv4 forwarding on the TUN device and on the interfaces the allowed networks are
 /// reached through, never host-wide. Returns the site interfaces whose forwarding was off
 /// (the nftables table then forwards nothing from them but replies to the tunnel).
@@ -394,11 +400,32 @@ async fn run(config: ConnectorConfig) -> Result<()> {
     let tun = create_tun(&config.tun_name, site::TUN_MTU)?;
     let netlink = Netlink::open()?;
     let index = netlink.link_index(&config.tun_name).await?;
-    let guarded = if config.enable_forwarding {
-        enable_forwarding(&config.tun_name, &config.allow)?
-    } else {
-        Vec::new()
-    };
+    // Interfaces whose forwarding a previous run turned on and could not turn off (it
+    // crashed): still ours, still guarded.
+    let record = forwarding_record(&config.tun_name);
+    let mut guarded: Vec<String> = std::fs::read_to_string(&record)
+        .map(|t| {
+            t.lines()
+                .map(str::to_string)
+                .filter(|l| !l.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    if config.enable_forwarding {
+        for dev in enable_forwarding(&config.tun_name, &config.allow)? {
+            if !guarded.contains(&dev) {
+                guarded.push(dev);
+            }
+        }
+    }
+    if !guarded.is_empty() {
+        if let Some(dir) = record.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        if let Err(e) = std::fs::write(&record, guarded.join("\n")) {
+            warn!(file = %record.display(), "cannot record the interfaces whose forwarding this connector turned on: {e}");
+        }
+    }
     site::install_nat(&config.tun_name, &config.allow, &guarded).await?;
     info!(
         site = %config.site,
@@ -502,6 +529,14 @@ async fn run(config: ConnectorConfig) -> Result<()> {
     }
     info!("stopping: removing nftables table and interface");
     site::remove_nat(&config.tun_name).await;
+    // Forwarding this connector turned on goes off again with its guards.
+    for dev in &guarded {
+        match sekisho_sys::disable_ipv4_forwarding_on(dev) {
+            Ok(()) => info!(interface = %dev, "IPv4 forwarding turned off again"),
+            Err(e) => warn!(interface = %dev, "cannot turn IPv4 forwarding off again: {e}"),
+        }
+    }
+    let _ = std::fs::remove_file(&record);
     Ok(())
 }
 

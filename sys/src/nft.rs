@@ -89,6 +89,15 @@ pub fn enable_ipv4_forwarding_on(interface: &str) -> Result<bool, SysError> {
     Ok(true)
 }
 
+/// Turns IPv4 forwarding off again for packets arriving on `interface`.
+pub fn disable_ipv4_forwarding_on(interface: &str) -> Result<(), SysError> {
+    if interface.is_empty() || interface.contains('/') || interface.starts_with('.') {
+        return Ok(());
+    }
+    let path = format!("/proc/sys/net/ipv4/conf/{interface}/forwarding");
+    std::fs::write(&path, "0").map_err(SysError::Forwarding)
+}
+
 /// The interface the kernel would send a packet to `addr` through (`ip route get`); None when
 /// there is no route.
 pub fn route_interface(addr: std::net::IpAddr) -> Option<String> {

@@ -136,6 +136,12 @@ fn the_connector_forwards_only_inside_its_allowlist() {
     assert_eq!(sysctl("conf/sekisho-c0/forwarding"), "1");
     assert_eq!(sysctl("conf/priv0/forwarding"), "1");
     assert_eq!(sysctl("conf/eth0/forwarding"), "0");
+    // A clean stop (SIGINT: no drain) turns the forwarding it turned on off again.
+    d.signal("connector", 2);
+    let off = wait_until(Duration::from_secs(10), || {
+        sysctl("conf/priv0/forwarding") == "0"
+    });
+    assert!(off.is_some(), "forwarding left on after stop");
 }
 
 /// alice's client status, as `sekisho-client status --json` prints it.
