@@ -379,7 +379,14 @@ impl Guard {
                 brokers: self.brokers.clone(),
                 local,
             };
-            if self.installed.as_ref() != Some(&want) || self.degraded.is_some() {
+            if self.installed.as_ref() == Some(&want) && self.degraded.is_some() {
+                // Routing-only: retry the firewall alone (the routing stays as it is, with no
+                // gap); once it is in, the full install below adds what routing-only left out.
+                if self.firewall(&want).await.is_ok() {
+                    self.installed = None;
+                }
+            }
+            if self.installed.as_ref() != Some(&want) {
                 match self.install(&want).await {
                     Ok(None) => {
                         if self.installed.is_none() || self.degraded.is_some() {
@@ -457,9 +464,10 @@ impl Guard {
     /// marked into the tunnel). The routing is installed even when the firewall fails, so the
     /// device is never left open: `Ok(Some(why))` says the firewall is missing. `Err` when the
     /// routing could not be installed either.
-    async fn install(&self, w: &Installed) -> Result<Option<String>> {
+    /// The kill switch's firewall (nftables) for `w`.
+    async fn firewall(&self, w: &Installed) -> Result<(), sekisho_sys::SysError> {
         let local = (w.tunnel.local_network == LocalNetwork::Allow).then_some(&w.local[..]);
-        let firewall = nft(&ruleset(
+        nft(&ruleset(
             &self.cfg.tun,
             self.cfg.mark,
             self.cfg.device,
@@ -469,8 +477,11 @@ impl Guard {
             local,
         ))
         .await
-        .err()
-        .map(|e| e.to_string());
+    }
+
+    async fn install(&self, w: &Installed) -> Result<Option<String>> {
+        let local = (w.tunnel.local_network == LocalNetwork::Allow).then_some(&w.local[..]);
+        let firewall = self.firewall(w).await.err().map(|e| e.to_string());
         for net in ["0.0.0.0/0", "::/0"] {
             let net: IpNet = net.parse()?;
             if let Err(e) = self
@@ -478,8 +489,9 @@ impl Guard {
                 .add_table_route(self.cfg.tun_index, net, self.cfg.table)
                 .await
             {
-                // IPv6 may be off here; its traffic is then dropped by the table.
-                if net.addr().is_ipv4() {
+                // IPv6 may be off here; its traffic is then dropped by the firewall. Without
+                // the firewall nothing would stop it: that is no kill switch.
+                if net.addr().is_ipv4() || firewall.is_some() {
                     return Err(e.into());
                 }
             }

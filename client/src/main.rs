@@ -701,6 +701,7 @@ async fn run(config: ClientConfig) -> Result<()> {
                 netlink: netlink.clone(),
                 index,
                 routes: routes.clone(),
+                avoid: Arc::new(std::sync::Mutex::new(avoid.clone())),
                 service,
             },
         )));
@@ -826,6 +827,8 @@ struct PostureLinks {
     index: u32,
     /// Routes into the TUN device now (application ranges follow the policy).
     routes: Arc<std::sync::Mutex<Vec<IpNet>>>,
+    /// Addresses kept out of the routes (brokers, control API), as last resolved.
+    avoid: Arc<std::sync::Mutex<Vec<IpAddr>>>,
     service: Option<IpAddr>,
 }
 
@@ -901,7 +904,7 @@ async fn posture_loop(mut setup: PostureSetup, links: PostureLinks) {
                             device: c.device.clone(),
                         }))
                         .await;
-                    let avoid = tunnel_hosts(
+                    let mut avoid = tunnel_hosts(
                         c.brokers.iter().map(|b| b.endpoint.as_str()),
                         c.brokers
                             .iter()
@@ -910,6 +913,16 @@ async fn posture_loop(mut setup: PostureSetup, links: PostureLinks) {
                             .filter(|u| !u.is_empty()),
                     )
                     .await;
+                    // A name that did not resolve this time keeps its last addresses out.
+                    {
+                        let mut known = links.avoid.lock().unwrap_or_else(|e| e.into_inner());
+                        for a in known.iter() {
+                            if !avoid.contains(a) {
+                                avoid.push(*a);
+                            }
+                        }
+                        *known = avoid.clone();
+                    }
                     apply_routes(
                         &links,
                         &sekisho_proto::tunnel::routes_without(&c.routes, &avoid),

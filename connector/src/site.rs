@@ -224,6 +224,9 @@ pub async fn site_loop(
     }
     let table = nft_table(io.tun_name);
     let mut core = ConnectorState::new(Instant::now(), config.allow.clone());
+    for dns in &config.dns_servers {
+        core.protect(*dns);
+    }
     let mut links: HashMap<LinkId, LinkHandle> = HashMap::new();
     let mut reader = TunReader::new(TUN_MTU);
     let mut writer = TunWriter::default();
@@ -255,6 +258,7 @@ pub async fn site_loop(
                             if draining || !unreachable.is_empty() {
                                 tokio::spawn(send_health(linked.sender.clone(), draining, unreachable));
                             }
+                            core.protect(linked.sender.connection().remote_address().ip());
                             core.handle_link_up(linked.link, &broker, LinkParams {
                                 device_ranges: linked.device_ranges.clone(),
                                 app_ranges: linked.app_ranges.clone(),

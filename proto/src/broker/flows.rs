@@ -158,7 +158,7 @@ impl BrokerState {
                                 device: key.src,
                                 synthetic: key.dst,
                                 name: b.name.clone(),
-                                deny: p.site_denials(peer.device),
+                                deny: p.site_denials(peer.device, app.site),
                             });
                         }
                         flow.link = FlowLink::Via(link);
@@ -236,7 +236,7 @@ impl BrokerState {
                                     device: key.src,
                                     synthetic: key.dst,
                                     name: b.name.clone(),
-                                    deny: p.site_denials(peer.device),
+                                    deny: p.site_denials(peer.device, app.site),
                                 });
                             }
                             FlowLink::Via(picked)

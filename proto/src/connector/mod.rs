@@ -177,6 +177,10 @@ pub struct ConnectorState {
     timers: Timers<Timer, 1>,
     scratch: Vec<u8>,
     allow: Allowlist,
+    /// Addresses no route into the tunnel may cover: the brokers this connector links to and
+    /// the site's DNS servers (a broker routing them into the tunnel would cut the
+    /// connector off from the others, or from name resolution).
+    protected: Vec<IpAddr>,
     /// Refusals logged in the current second, and those past the limit.
     refusals_logged: u32,
     refusals_unlogged: u64,
@@ -209,6 +213,7 @@ impl ConnectorState {
             timers,
             scratch: vec![0; 1500],
             allow,
+            protected: Vec::new(),
             refusals_logged: 0,
             refusals_unlogged: 0,
         }
@@ -216,6 +221,13 @@ impl ConnectorState {
 
     pub fn allowlist(&self) -> &Allowlist {
         &self.allow
+    }
+
+    /// No route a broker asks for may cover `addr` (a broker's or a DNS server's address).
+    pub fn protect(&mut self, addr: IpAddr) {
+        if !self.protected.contains(&addr) {
+            self.protected.push(addr);
+        }
     }
 
     /// Notes a refusal for the log (rate-limited).
@@ -261,14 +273,21 @@ impl ConnectorState {
         );
         // Ranges a broker names are routed into the tunnel only where they cannot capture
         // the site's own networks.
-        let allowed = |net: &IpNet, this: &mut Self| match this.allow.permits_route(net) {
-            Ok(()) => true,
-            Err(why) => {
-                this.counters.refused_routes += 1;
-                this.refused(why, || format!("route {net} from broker {broker}"));
-                false
-            }
-        };
+        let allowed =
+            |net: &IpNet, this: &mut Self| match this.allow.permits_route(net).and_then(|()| {
+                if this.protected.iter().any(|a| net.contains(a)) {
+                    Err(Refusal::Route)
+                } else {
+                    Ok(())
+                }
+            }) {
+                Ok(()) => true,
+                Err(why) => {
+                    this.counters.refused_routes += 1;
+                    this.refused(why, || format!("route {net} from broker {broker}"));
+                    false
+                }
+            };
         let app_ranges: Vec<IpNet> = params
             .app_ranges
             .iter()
@@ -682,6 +701,8 @@ mod tests {
         let allow =
             Allowlist::parse(&["10.20.0.10:80", "10.20.0.0/25:443", "corp.example"]).unwrap();
         let mut c = ConnectorState::new(now, allow);
+        // Another broker this connector links to lives in 172.16.0.0/12.
+        c.protect("172.16.5.5".parse().unwrap());
         c.handle_link_up(
             LinkId(1),
             "b1",
@@ -690,6 +711,7 @@ mod tests {
                     "100.118.0.0/16".parse().unwrap(),
                     "10.20.0.0/16".parse().unwrap(),
                     "0.0.0.0/0".parse().unwrap(),
+                    "172.16.0.0/12".parse().unwrap(),
                 ],
                 app_ranges: vec!["100.119.0.0/16".parse().unwrap()],
                 max_datagram: 1400,
@@ -705,7 +727,7 @@ mod tests {
                 Event::Route("100.119.0.0/16".parse().unwrap())
             ]
         );
-        assert_eq!(c.counters().refused_routes, 2);
+        assert_eq!(c.counters().refused_routes, 3);
         let dev = [100, 118, 0, 2];
         let ok = Bytes::from(tcp4(dev, 4000, [10, 20, 0, 10], 80, 0x02, 1));
         c.handle_link_packet(LinkId(1), ok.clone(), now);

@@ -927,9 +927,10 @@ impl Policy {
 
     /// What address-based deny rules forbid `device`, in the connector's allowlist syntax
     /// (`10.20.0.10:5432`, `10.20.0.0/24`): sent with a name translation, so a name that
-    /// resolves at the site to a denied address is refused there. Ports apply to TCP and UDP
+    /// resolves at the site to a denied address is refused there. Only applications of
+    /// `site` count (an address means another host elsewhere). Ports apply to TCP and UDP
     /// alike (stricter than a rule naming one of them); ICMP-only deny rules are left out.
-    pub fn site_denials(&self, device: DeviceId) -> Vec<String> {
+    pub fn site_denials(&self, device: DeviceId, site: SiteId) -> Vec<String> {
         let Some(dev) = self.devices.get(device as usize) else {
             return Vec::new();
         };
@@ -940,6 +941,9 @@ impl Policy {
             }
             for &a in &r.applications {
                 let app = &self.applications[a as usize];
+                if app.site != site {
+                    continue;
+                }
                 let transport = app.protocols.is_empty()
                     || app
                         .protocols
