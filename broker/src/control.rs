@@ -1078,10 +1078,10 @@ impl Control {
         let internal = |e: anyhow::Error| format!("{e:#}");
         let (name, enrolled_site) = self
             .store
-            .connector_by_issued_serial(serial)
+            .connector_serial_valid(serial)
             .await
             .map_err(internal)?
-            .ok_or("this connector is not enrolled or was revoked")?;
+            .ok_or("this certificate is revoked, replaced, or not of an enrolled connector")?;
         if enrolled_site != site {
             return Err("site mismatch".into());
         }
@@ -1091,7 +1091,7 @@ impl Control {
             .map_err(internal)?;
         if !self
             .store
-            .renew_connector(&name, &new_serial, not_after)
+            .renew_connector(&name, serial, &new_serial, not_after)
             .await
             .map_err(internal)?
         {
@@ -1119,7 +1119,7 @@ impl Control {
         for (site, conn) in links {
             let serial = crate::peer_leaf(&conn).and_then(|der| cert_serial(&der));
             let active = match &serial {
-                Some(s) => match self.track(self.store.connector_by_issued_serial(s).await) {
+                Some(s) => match self.track(self.store.connector_serial_valid(s).await) {
                     Ok(a) => a,
                     Err(e) => {
                         warn!(site = %site, "cannot check a connector's certificate: {e:#}");

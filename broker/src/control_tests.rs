@@ -614,39 +614,46 @@ async fn suite(db: &str) {
             .await,
     );
     assert_eq!(s, 401);
-    // Renewal over the link records the new serial and revokes the old one for new links
-    // (a stolen predecessor is worth nothing); the live link made with it carries on, and may
-    // ask again if the answer was lost.
-    let renewed = h
-        .control
-        .renew_connector(&serial, "hq", &csr())
-        .await
-        .unwrap();
-    let der2: rustls_pki_types::CertificateDer =
-        rustls_pki_types::pem::PemObject::from_pem_slice(renewed.as_bytes()).unwrap();
-    let serial2 = pki::cert_serial(&der2).unwrap();
-    assert_ne!(serial, serial2);
-    assert!(
-        h.control
-            .store
-            .connector_by_serial(&serial2)
+    // Renewal over the link: the new certificate revokes its predecessor as soon as the
+    // connector has used it once (a stolen predecessor is then worth nothing); until then the
+    // predecessor still opens links and may renew again, so a lost answer locks nobody out.
+    let serial_of = |pem: &str| {
+        let der: rustls_pki_types::CertificateDer =
+            rustls_pki_types::pem::PemObject::from_pem_slice(pem.as_bytes()).unwrap();
+        pki::cert_serial(&der).unwrap()
+    };
+    let store = &h.control.store;
+    let lost = serial_of(
+        &h.control
+            .renew_connector(&serial, "hq", &csr())
             .await
-            .unwrap()
-            .is_some()
+            .unwrap(),
     );
+    assert!(
+        store.connector_by_serial(&serial).await.unwrap().is_some(),
+        "the answer was lost: the predecessor must still link"
+    );
+    // Asked again with the predecessor: a new certificate replaces the lost one.
+    let serial2 = serial_of(
+        &h.control
+            .renew_connector(&serial, "hq", &csr())
+            .await
+            .unwrap(),
+    );
+    assert_ne!(serial2, lost);
+    assert_eq!(store.connector_serial_valid(&lost).await.unwrap(), None);
+    assert!(store.connector_by_serial(&serial2).await.unwrap().is_some());
     assert_eq!(
-        h.control.store.connector_by_serial(&serial).await.unwrap(),
+        store.connector_by_serial(&serial).await.unwrap(),
         None,
-        "the renewed certificate's predecessor still opens links"
+        "the predecessor still links after the new certificate was used"
     );
     assert!(
         h.control
-            .store
-            .connector_by_issued_serial(&serial)
+            .renew_connector(&serial, "hq", &csr())
             .await
-            .unwrap()
-            .is_some(),
-        "links made before the renewal are closed"
+            .is_err(),
+        "a replaced certificate renewed"
     );
     let before = h.control.store.fingerprint().await.unwrap();
     let _: serde_json::Value = h
@@ -719,7 +726,7 @@ async fn suite(db: &str) {
     h.task.abort();
     drop(h.control.clone());
     let store = Store::open(&db2).await.unwrap();
-    assert_eq!(store.schema_version().await.unwrap(), 5);
+    assert_eq!(store.schema_version().await.unwrap(), 6);
     // The signing keys are sealed at rest: without the key-encryption key they do not open.
     assert!(store.has_sealed_signing_keys().await.unwrap());
     let e = store.signing_keys(now_unix(), 300).await.err().unwrap();
@@ -887,10 +894,10 @@ async fn migrations_are_applied_once() {
     let dir = scratch("migrate");
     let url = format!("sqlite://{}/m.db", dir.display());
     let a = Store::open(&url).await.unwrap();
-    assert_eq!(a.schema_version().await.unwrap(), 5);
+    assert_eq!(a.schema_version().await.unwrap(), 6);
     drop(a);
     let b = Store::open(&url).await.unwrap();
-    assert_eq!(b.schema_version().await.unwrap(), 5);
+    assert_eq!(b.schema_version().await.unwrap(), 6);
     assert!(Store::open("mysql://nope").await.is_err());
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -945,7 +952,7 @@ async fn migration_keeps_the_signing_key(url: &str) {
     }
     pool.close().await;
     let store = Store::open(url).await.unwrap();
-    assert_eq!(store.schema_version().await.unwrap(), 5);
+    assert_eq!(store.schema_version().await.unwrap(), 6);
     assert_eq!(
         store.signing_key(now_unix()).await.unwrap().kid(),
         old.kid()

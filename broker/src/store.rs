@@ -93,6 +93,11 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &[&str])] = &[
             "ALTER TABLE admin_tokens ADD COLUMN expires_at BIGINT",
         ],
     ),
+    (
+        6,
+        "a renewed connector certificate's predecessor",
+        &["ALTER TABLE connectors ADD COLUMN prev_serial TEXT"],
+    ),
 ];
 
 /// The PostgreSQL channel on which every change of shared state is announced (`NOTIFY`); the
@@ -927,14 +932,28 @@ impl Store {
 
     /// Records a renewed certificate of an active connector. False if the connector is unknown
     /// or revoked.
-    pub async fn renew_connector(&self, name: &str, serial: &str, not_after: u64) -> Result<bool> {
+    /// Renewal is asked for with `from`, the certificate of the asking link: the current one
+    /// (it becomes the predecessor, still good for new links until the new one is first
+    /// used), or the predecessor itself (the answer to a renewal was lost: the predecessor
+    /// stays, the lost certificate is replaced).
+    pub async fn renew_connector(
+        &self,
+        name: &str,
+        from: &str,
+        serial: &str,
+        not_after: u64,
+    ) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let r = sqlx::query(
-            "UPDATE connectors SET serial = $1, not_after = $2 WHERE name = $3 AND revoked_at IS NULL",
+            "UPDATE connectors SET \
+               prev_serial = CASE WHEN serial = $4 THEN serial ELSE prev_serial END, \
+               serial = $1, not_after = $2 \
+             WHERE name = $3 AND revoked_at IS NULL AND (serial = $4 OR prev_serial = $4)",
         )
         .bind(serial)
         .bind(ts(not_after))
         .bind(name)
+        .bind(from)
         .execute(&mut *tx)
         .await?;
         if r.rows_affected() != 1 {
@@ -973,32 +992,45 @@ impl Store {
         .collect()
     }
 
-    /// The connector whose current certificate has this serial, if that connector is active:
-    /// a renewed certificate revokes its predecessor for new links (links made before the
-    /// renewal carry on, see [`Store::connector_by_issued_serial`]).
+    /// The connector whose current certificate (or, until that one is first used, its
+    /// predecessor) has this serial, if that connector is active. A new link with the current
+    /// certificate revokes the predecessor: a renewal revokes the certificate it replaces as
+    /// soon as the connector has shown it holds the new one, and a renewal whose answer was
+    /// lost does not lock the connector out.
     pub async fn connector_by_serial(&self, serial: &str) -> Result<Option<(String, String)>> {
         let row = sqlx::query(
-            "SELECT name, site FROM connectors WHERE serial = $1 AND revoked_at IS NULL",
+            "SELECT name, site, serial = $1, prev_serial FROM connectors \
+             WHERE (serial = $1 OR prev_serial = $1) AND revoked_at IS NULL",
         )
         .bind(serial)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(match row {
-            Some(r) => Some((r.try_get(0)?, r.try_get(1)?)),
-            None => None,
-        })
+        let Some(r) = row else {
+            return Ok(None);
+        };
+        let name: String = r.try_get(0)?;
+        let current: bool = r
+            .try_get::<bool, _>(2)
+            .or_else(|_| r.try_get::<i64, _>(2).map(|v| v != 0))?;
+        let prev: Option<String> = r.try_get(3)?;
+        if current && prev.is_some() {
+            sqlx::query("UPDATE connectors SET prev_serial = NULL WHERE name = $1 AND serial = $2")
+                .bind(name.as_str())
+                .bind(serial)
+                .execute(&self.pool)
+                .await?;
+            self.announce("connector_renewed").await;
+        }
+        Ok(Some((name, r.try_get(1)?)))
     }
 
-    /// The connector any of its certificates (current or replaced) was issued to, if that
-    /// connector is active. For links authenticated before a renewal: they stay up, and a
-    /// renewal whose answer was lost can be asked for again over them.
-    pub async fn connector_by_issued_serial(
-        &self,
-        serial: &str,
-    ) -> Result<Option<(String, String)>> {
+    /// Whether `serial` is the current certificate of an active connector, or its
+    /// predecessor still in its window: the certificates a live link may keep using and renew
+    /// with.
+    pub async fn connector_serial_valid(&self, serial: &str) -> Result<Option<(String, String)>> {
         let row = sqlx::query(
-            "SELECT c.name, c.site FROM connector_certs s JOIN connectors c ON c.name = s.connector \
-             WHERE s.serial = $1 AND c.revoked_at IS NULL",
+            "SELECT name, site FROM connectors \
+             WHERE (serial = $1 OR prev_serial = $1) AND revoked_at IS NULL",
         )
         .bind(serial)
         .fetch_optional(&self.pool)
