@@ -2,10 +2,15 @@
 
 use crate::SysError;
 
+/// The broker's key-encryption key may be in its environment: never handed to the tools run
+/// here.
+const SECRET_ENV: &str = "SEKISHO_KEY_ENCRYPTION_KEY";
+
 /// Runs an nftables script (`nft -f -`), atomically: all of it applies or none.
 pub async fn nft(script: &str) -> Result<(), SysError> {
     use tokio::io::AsyncWriteExt;
     let mut child = tokio::process::Command::new("nft")
+        .env_remove(SECRET_ENV)
         .args(["-f", "-"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -52,6 +57,7 @@ pub fn enable_ipv4_forwarding() -> Result<bool, SysError> {
 /// it cannot be read.
 pub async fn counter_packets(family: &str, table: &str, name: &str) -> Option<u64> {
     let out = tokio::process::Command::new("nft")
+        .env_remove(SECRET_ENV)
         .args(["-j", "list", "counter", family, table, name])
         .output()
         .await
@@ -102,6 +108,7 @@ pub fn disable_ipv4_forwarding_on(interface: &str) -> Result<(), SysError> {
 /// there is no route.
 pub fn route_interface(addr: std::net::IpAddr) -> Option<String> {
     let out = std::process::Command::new("ip")
+        .env_remove(SECRET_ENV)
         .args(["-o", "route", "get", &addr.to_string()])
         .output()
         .ok()?;
