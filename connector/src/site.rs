@@ -416,6 +416,11 @@ pub async fn site_loop(
                         "refused {n} more in the last second (not logged one by one)"
                     );
                 }
+                Event::Unroute(net) => {
+                    if let Err(e) = io.netlink.del_route(io.index, net).await {
+                        warn!("cannot stop routing {net} into the tunnel: {e}");
+                    }
+                }
                 Event::Route(net) => {
                     if let Err(e) = io.netlink.add_route(io.index, net).await {
                         warn!("cannot route {net} into the tunnel: {e}");

@@ -112,6 +112,9 @@ pub enum Event {
     },
     /// Route this network (devices, synthetic addresses) into the TUN device.
     Route(IpNet),
+    /// Stop routing this network into the TUN device (it covers an address that must be
+    /// reached outside it).
+    Unroute(IpNet),
     /// Something a broker asked for was refused by the allowlist: log it. At most
     /// [`REFUSALS_LOGGED_PER_SECOND`] a second; the rest are summed up in the next
     /// [`Event::RefusedMore`].
@@ -223,10 +226,27 @@ impl ConnectorState {
         &self.allow
     }
 
-    /// No route a broker asks for may cover `addr` (a broker's or a DNS server's address).
+    /// No route a broker asks for may cover `addr` (a broker's or a DNS server's address);
+    /// one a broker asked for earlier is taken back.
     pub fn protect(&mut self, addr: IpAddr) {
-        if !self.protected.contains(&addr) {
-            self.protected.push(addr);
+        if self.protected.contains(&addr) {
+            return;
+        }
+        self.protected.push(addr);
+        let covering: Vec<IpNet> = self
+            .routes
+            .iter()
+            .filter(|n| n.contains(&addr))
+            .copied()
+            .collect();
+        for net in covering {
+            self.routes.remove(&net);
+            self.names.forget_range(&net);
+            self.counters.refused_routes += 1;
+            self.refused(Refusal::Route, || {
+                format!("route {net}: it covers {addr}, which must stay outside the tunnel")
+            });
+            self.events.push_back(Event::Unroute(net));
         }
     }
 
@@ -703,6 +723,29 @@ mod tests {
         let mut c = ConnectorState::new(now, allow);
         // Another broker this connector links to lives in 172.16.0.0/12.
         c.protect("172.16.5.5".parse().unwrap());
+        // A route an earlier broker asked for is taken back when it turns out to cover a
+        // broker found later.
+        c.handle_link_up(
+            LinkId(9),
+            "b0",
+            LinkParams {
+                device_ranges: vec!["192.168.0.0/16".parse().unwrap()],
+                app_ranges: vec![],
+                max_datagram: 1400,
+            },
+        );
+        assert_eq!(
+            c.poll_event(),
+            Some(Event::Route("192.168.0.0/16".parse().unwrap()))
+        );
+        c.protect("192.168.7.7".parse().unwrap());
+        assert_eq!(
+            std::iter::from_fn(|| c.poll_event())
+                .filter(|e| matches!(e, Event::Unroute(_)))
+                .collect::<Vec<_>>(),
+            vec![Event::Unroute("192.168.0.0/16".parse().unwrap())]
+        );
+        c.handle_link_down(LinkId(9));
         c.handle_link_up(
             LinkId(1),
             "b1",
@@ -727,7 +770,7 @@ mod tests {
                 Event::Route("100.119.0.0/16".parse().unwrap())
             ]
         );
-        assert_eq!(c.counters().refused_routes, 3);
+        assert_eq!(c.counters().refused_routes, 4);
         let dev = [100, 118, 0, 2];
         let ok = Bytes::from(tcp4(dev, 4000, [10, 20, 0, 10], 80, 0x02, 1));
         c.handle_link_packet(LinkId(1), ok.clone(), now);
@@ -769,6 +812,9 @@ mod tests {
             Ok(Ipv4Addr::new(10, 20, 0, 10)),
         );
         assert_eq!(drain(&mut c), vec![Transmit::Site(p)]);
+        // A new second: the log budget is fresh for the refusal checked below.
+        c.handle_timeout(now + Duration::from_secs(1));
+        while c.poll_event().is_some() {}
         c.handle_link_packet(
             LinkId(1),
             Bytes::from(tcp4(dev, 4006, [100, 119, 0, 9], 22, 0x02, 1)),

@@ -79,6 +79,11 @@ impl Translations {
         Admit::Queued
     }
 
+    /// `net` is no synthetic range any more.
+    pub fn forget_range(&mut self, net: &IpNet) {
+        self.app_ranges.retain(|r| r != net);
+    }
+
     /// Whether `dst` is in a synthetic (name-based application) range.
     pub fn is_synthetic(&self, dst: IpAddr) -> bool {
         self.app_ranges.iter().any(|r| r.contains(&dst))
