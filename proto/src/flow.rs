@@ -325,8 +325,11 @@ impl<V: FlowEntry> FlowTable<V> {
     /// Drops the flows that went idle by `now`, looking only at the wheel's seconds up to
     /// `now`; returns how many went.
     pub fn expire(&mut self, now: Instant) -> usize {
-        self.origin.get_or_insert(now);
+        let origin = *self.origin.get_or_insert(now);
         let until = self.second(now);
+        // `until` is rounded up: when `now` is inside that second, its slot is looked at but
+        // not left behind (what is not due yet stays there for the next call).
+        let partial = now.saturating_duration_since(origin).subsec_nanos() > 0;
         let timeouts = self.timeouts;
         let mut gone = 0;
         while self.cursor <= until {
@@ -351,16 +354,25 @@ impl<V: FlowEntry> FlowTable<V> {
                         gone += 1;
                     }
                 } else {
-                    let next = self.second(deadline).max(self.cursor + 1);
+                    let next = self.second(deadline).max(self.cursor);
+                    if next == self.cursor {
+                        // Due later in this very second: stays in its slot.
+                        later.push((key, at));
+                        continue;
+                    }
                     let next = self.schedule(key, next);
                     if let Some(s) = self.flows.get_mut(&key) {
                         s.check_at = next;
                     }
                 }
             }
-            // Entries of a later lap stay; the slot keeps its memory for the next second.
+            // Entries of a later lap (or later in this second) stay; the slot keeps its
+            // memory for the next second.
             let slot = &mut self.wheel[i];
             slot.extend(later);
+            if self.cursor == until && partial {
+                break;
+            }
             self.cursor += 1;
         }
         gone
