@@ -488,10 +488,10 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
                             t.id,
                             t.name,
                             t.role,
-                            t.created_at,
-                            t.expires_at.map_or("never".to_string(), |e| e.to_string()),
+                            unix_text(t.created_at),
+                            t.expires_at.map_or("never".to_string(), unix_text),
                             t.revoked_at
-                                .map_or(String::new(), |r| format!("  revoked {r}"))
+                                .map_or(String::new(), |r| format!("  revoked {}", unix_text(r)))
                         )
                     })
                     .collect::<Vec<_>>()
@@ -515,7 +515,7 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
                     t.id,
                     t.name,
                     t.role,
-                    t.expires_at.map_or("never".to_string(), |e| e.to_string()),
+                    t.expires_at.map_or("never".to_string(), unix_text),
                     t.token
                 )
             })
@@ -594,6 +594,11 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Unix seconds as an RFC 3339 time (UTC), for people.
+fn unix_text(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
 async fn apply(conn: &Conn, file: &Path, json: bool) -> Result<()> {
