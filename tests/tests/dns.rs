@@ -19,7 +19,9 @@ fn ask(d: &Deployment, host: &str, tool: &str, args: &str) -> String {
 }
 
 fn status(out: &str) -> &str {
-    for s in ["NOERROR", "NXDOMAIN", "SERVFAIL", "REFUSED", "FORMERR"] {
+    for s in [
+        "NOERROR", "NXDOMAIN", "SERVFAIL", "REFUSED", "FORMERR", "NOTIMP", "BADVERS",
+    ] {
         if out.contains(&format!("status: {s}")) {
             return s;
         }
@@ -194,6 +196,37 @@ print(" ".join(out))
         "a correct query still answered: {report}"
     );
     assert_eq!(short(&d, "laptop", "www.public.example"), ["10.99.5.80"]);
+
+    // DNS conformance as resolvers check it: an EDNS version the stub does not speak gets
+    // BADVERS (and an OPT of version 0); the question's letter case comes back as asked, in
+    // the question and in the answers (0x20 randomisation), for an application name and for
+    // a public one; ANY gets NOTIMP with the question echoed.
+    let out = ask(
+        &d,
+        "laptop",
+        "dig",
+        "+edns=1 +noednsnegotiation www.public.example",
+    );
+    assert!(out.contains("status: BADVERS"), "{out}");
+    assert!(out.contains("EDNS: version: 0"), "{out}");
+    for name in ["WiKi.CoRp.ExAmPlE", "wWw.PuBlIc.ExAmPlE"] {
+        let out = ask(
+            &d,
+            "laptop",
+            "dig",
+            &format!("+noall +question +answer {name}"),
+        );
+        assert!(out.contains(&format!(";{name}.")), "question case: {out}");
+        assert!(
+            out.lines().any(|l| l.starts_with(&format!("{name}."))),
+            "answer case for {name}: {out}"
+        );
+    }
+    let out = ask(&d, "laptop", "dig", "ANY ExAmPlE.org");
+    assert!(
+        out.contains("status: NOTIMP") && out.contains(";ExAmPlE.org."),
+        "{out}"
+    );
 }
 
 #[test]
