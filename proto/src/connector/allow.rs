@@ -260,7 +260,17 @@ impl Allowlist {
     /// synthetic destination translates to (the kernel rewrites it on the way out); None for
     /// a packet to a real address. An ICMP error goes only where the flow it quotes may go.
     pub fn permits_packet(&self, pkt: &[u8], real_dst: Option<IpAddr>) -> Result<(), Refusal> {
-        match packet::classify(pkt) {
+        self.permits_kind(&packet::classify(pkt), pkt, real_dst)
+    }
+
+    /// [`Allowlist::permits_packet`] for a packet already classified as `kind`.
+    pub fn permits_kind(
+        &self,
+        kind: &Result<PacketKind, packet::PacketError>,
+        pkt: &[u8],
+        real_dst: Option<IpAddr>,
+    ) -> Result<(), Refusal> {
+        match *kind {
             Ok(PacketKind::Flow(key)) => self.permits_key(&key, real_dst.unwrap_or(key.dst)),
             Ok(PacketKind::IcmpError { outer, about }) => {
                 let flow = about.reversed();

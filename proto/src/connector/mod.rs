@@ -350,46 +350,52 @@ impl ConnectorState {
             self.counters.drops.malformed += 1;
             return;
         };
-        // The allowlist, whatever the broker decided. A packet to a synthetic address is
-        // checked against the address its name translates to; one still waiting for its
-        // translation is checked when the translation comes.
-        let pending = match self.names.translation(&(src, dst)) {
-            Some(real) => Some(IpAddr::V4(real)),
-            None if self.names.is_synthetic(dst) => None,
-            None => Some(dst),
-        };
-        if let Some(real) = pending
-            && let Err(why) = self.allow.permits_packet(&packet, Some(real))
+        let kind = packet::classify(&packet);
+        // A packet of a flow already let through needs no check: its first packet was checked
+        // (the allowlist does not change while the connector runs, and the kernel keeps a
+        // connection on the translation it started with).
+        if let Ok(PacketKind::Flow(key)) = &kind
+            && let Some(f) = self.flows.touch(key, now)
         {
-            self.counters.drops.not_allowed += 1;
-            self.refused(why, || describe(&packet, src, real));
-            return;
-        }
-        if let Some(real) = pending
-            && real != dst
-            && self
-                .names
-                .denials(&(src, dst))
-                .is_some_and(|d| d.permits_packet(&packet, Some(real)).is_ok())
-        {
-            self.counters.drops.denied_at_site += 1;
-            self.refused(Refusal::Denied, || describe(&packet, src, real));
-            return;
-        }
-        if let Ok(PacketKind::Flow(key)) = packet::classify(&packet) {
             let end = TcpEnd::of(&packet, true);
-            match self.flows.touch(&key, now) {
-                Some(f) => {
-                    f.0.merge(end);
-                    if end != TcpEnd::default() {
-                        self.flows.reschedule(&key);
-                    }
+            f.0.merge(end);
+            if end != TcpEnd::default() {
+                self.flows.reschedule(key);
+            }
+        } else {
+            // The allowlist, whatever the broker decided. A packet to a synthetic address is
+            // checked against the address its name translates to; one still waiting for its
+            // translation is checked when the translation comes (its flow starts with its
+            // next packet, checked here).
+            let real = if self.names.is_synthetic(dst) {
+                self.names.translation(&(src, dst)).map(IpAddr::V4)
+            } else {
+                Some(dst)
+            };
+            if let Some(real) = real {
+                if let Err(why) = self.allow.permits_kind(&kind, &packet, Some(real)) {
+                    self.counters.drops.not_allowed += 1;
+                    self.refused(why, || describe(&packet, src, real));
+                    return;
                 }
-                None => {
-                    if self.flows.insert(key, Tracked(end), now).is_ok() {
-                        // Counted at once (a drain must see it); recounted every second.
-                        self.open_flows += 1;
-                    }
+                if real != dst
+                    && self
+                        .names
+                        .denials(&(src, dst))
+                        .is_some_and(|d| d.permits_kind(&kind, &packet, Some(real)).is_ok())
+                {
+                    self.counters.drops.denied_at_site += 1;
+                    self.refused(Refusal::Denied, || describe(&packet, src, real));
+                    return;
+                }
+                if let Ok(PacketKind::Flow(key)) = kind
+                    && self
+                        .flows
+                        .insert(key, Tracked(TcpEnd::of(&packet, true)), now)
+                        .is_ok()
+                {
+                    // Counted at once (a drain must see it); recounted every second.
+                    self.open_flows += 1;
                 }
             }
         }
