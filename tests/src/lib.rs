@@ -246,6 +246,36 @@ impl Deployment {
         )
     }
 
+    /// A client's status, as `sekisho-client status --json` prints it (`who`: alice, bob).
+    pub fn client_status(&self, who: &str) -> Value {
+        let out = Command::new(self.bin("sekisho-client"))
+            .args(["status", "--json", "--socket"])
+            .arg(self.state.join(format!("{who}/client.sock")))
+            .output()
+            .expect("sekisho-client status");
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    /// The demo policy with alice's group (engineering) on a full tunnel, DNS upstreams set,
+    /// and `extra` lines appended to the `[[tunnels]]` entry; returns the file, ready for
+    /// `admin policy apply`.
+    pub fn full_tunnel_policy(&self, extra: &str) -> PathBuf {
+        let text = std::fs::read_to_string(self.state.join("policy.toml")).unwrap();
+        let text = text.replacen("[dns]\n", "[dns]\nupstreams = [\"udp://10.99.0.53\"]\n", 1);
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path = self.state.join(format!("policy-full-{n}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "{text}\n[[tunnels]]\nname = \"engineering-full\"\ngroups = [\"engineering\"]\n\
+                 mode = \"full\"\n{extra}"
+            ),
+        )
+        .unwrap();
+        path
+    }
+
     /// The broker's counters, peers and links (from its control socket).
     pub fn stats(&self) -> Value {
         let out = Command::new(self.bin("sekisho-broker"))

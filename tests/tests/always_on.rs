@@ -11,14 +11,9 @@ use serde_json::Value;
 
 use sekisho_tests::{Deployment, wait_until};
 
-/// alice's client status, as `sekisho-client status --json` prints it.
+/// alice's client status.
 fn status(d: &Deployment) -> Value {
-    let out = Command::new(d.bin("sekisho-client"))
-        .args(["status", "--json", "--socket"])
-        .arg(d.state().join("alice/client.sock"))
-        .output()
-        .expect("sekisho-client status");
-    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    d.client_status("alice")
 }
 
 fn broker_rtt(s: &Value, name: &str) -> Option<f64> {
@@ -165,16 +160,10 @@ fn nearest_broker_failover_and_roaming_keep_tcp_going() {
 
 /// The demo policy with alice's group on a full tunnel.
 fn full_policy(d: &Deployment, local: &str) -> std::path::PathBuf {
-    let text = std::fs::read_to_string(d.state().join("policy.toml")).unwrap();
-    let text = text.replacen("[dns]\n", "[dns]\nupstreams = [\"udp://10.99.0.53\"]\n", 1);
-    let text = format!(
-        "{text}\n[[tunnels]]\nname = \"engineering-full\"\ngroups = [\"engineering\"]\n\
-         mode = \"full\"\nexclude = [\"198.51.100.0/24\"]\nexclude_domains = [\"video.example\"]\n\
+    d.full_tunnel_policy(&format!(
+        "exclude = [\"198.51.100.0/24\"]\nexclude_domains = [\"video.example\"]\n\
          local_network = \"{local}\"\ncaptive_grace = \"5s\"\n"
-    );
-    let path = d.state().join(format!("policy-full-{local}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
+    ))
 }
 
 fn apply(d: &Deployment, path: &std::path::Path) {

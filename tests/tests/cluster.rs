@@ -45,12 +45,7 @@ fn dc1_links(d: &Deployment, broker: &str) -> Vec<(String, String)> {
 
 /// A client's status (`sekisho-client status --json`).
 fn client_status(d: &Deployment, who: &str) -> Value {
-    let out = Command::new(d.bin("sekisho-client"))
-        .args(["status", "--json", "--socket"])
-        .arg(d.state().join(format!("{who}/client.sock")))
-        .output()
-        .expect("sekisho-client status");
-    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    d.client_status(who)
 }
 
 /// The app host's HTTP log lines from `from` on: (client address, request line).

@@ -144,14 +144,9 @@ fn the_connector_forwards_only_inside_its_allowlist() {
     assert!(off.is_some(), "forwarding left on after stop");
 }
 
-/// alice's client status, as `sekisho-client status --json` prints it.
+/// alice's client status.
 fn status(d: &Deployment) -> serde_json::Value {
-    let out = std::process::Command::new(d.bin("sekisho-client"))
-        .args(["status", "--json", "--socket"])
-        .arg(d.state().join("alice/client.sock"))
-        .output()
-        .expect("sekisho-client status");
-    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    d.client_status("alice")
 }
 
 /// A full tunnel whose firewall cannot be installed (nftables refuses the kill switch's
@@ -201,17 +196,7 @@ fn a_kill_switch_that_cannot_be_installed_never_leaves_the_laptop_open() {
     );
 
     // The admin puts alice's group on a full tunnel.
-    let text = std::fs::read_to_string(d.state().join("policy.toml")).unwrap();
-    let text = text.replacen("[dns]\n", "[dns]\nupstreams = [\"udp://10.99.0.53\"]\n", 1);
-    let path = d.state().join("policy-full.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "{text}\n[[tunnels]]\nname = \"engineering-full\"\ngroups = [\"engineering\"]\n\
-             mode = \"full\"\nlocal_network = \"block\"\n"
-        ),
-    )
-    .unwrap();
+    let path = d.full_tunnel_policy("local_network = \"block\"\n");
     let (ok, out, err) = d.admin(&["policy", "apply", path.to_str().unwrap()]);
     assert!(ok, "{out}{err}");
     let degraded = wait_until(Duration::from_secs(30), || {
@@ -315,17 +300,7 @@ fn an_override_code_works_once_and_can_be_revoked() {
     let Some(d) = Deployment::for_test() else {
         return;
     };
-    let text = std::fs::read_to_string(d.state().join("policy.toml")).unwrap();
-    let text = text.replacen("[dns]\n", "[dns]\nupstreams = [\"udp://10.99.0.53\"]\n", 1);
-    let path = d.state().join("policy-full.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "{text}\n[[tunnels]]\nname = \"engineering-full\"\ngroups = [\"engineering\"]\n\
-             mode = \"full\"\n"
-        ),
-    )
-    .unwrap();
+    let path = d.full_tunnel_policy("");
     let (ok, out, err) = d.admin(&["policy", "apply", path.to_str().unwrap()]);
     assert!(ok, "{out}{err}");
     let closed = || status(&d)["tunnel"]["kill_switch"] == "closed";
