@@ -5,10 +5,12 @@ use super::*;
 impl Store {
     pub async fn create_group(&self, name: &str, now: u64) -> Result<bool> {
         let r = sqlx::query(
-            "INSERT INTO groups (name, created_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            "INSERT INTO groups (name, created_at, id, updated_at) VALUES ($1, $2, $3, $2) \
+             ON CONFLICT DO NOTHING",
         )
         .bind(name)
         .bind(ts(now))
+        .bind(new_id("g-"))
         .execute(&self.pool)
         .await?;
         let created = r.rows_affected() == 1;
@@ -22,10 +24,12 @@ impl Store {
     pub async fn create_user(&self, name: &str, groups: &[String], now: u64) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let r = sqlx::query(
-            "INSERT INTO users (name, disabled, created_at) VALUES ($1, 0, $2) ON CONFLICT DO NOTHING",
+            "INSERT INTO users (name, disabled, created_at, id, updated_at) \
+             VALUES ($1, 0, $2, $3, $2) ON CONFLICT DO NOTHING",
         )
         .bind(name)
         .bind(ts(now))
+        .bind(new_id("u-"))
         .execute(&mut *tx)
         .await?;
         if r.rows_affected() == 0 {
@@ -33,10 +37,12 @@ impl Store {
         }
         for g in groups {
             sqlx::query(
-                "INSERT INTO groups (name, created_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                "INSERT INTO groups (name, created_at, id, updated_at) VALUES ($1, $2, $3, $2) \
+                 ON CONFLICT DO NOTHING",
             )
             .bind(g.as_str())
             .bind(ts(now))
+            .bind(new_id("g-"))
             .execute(&mut *tx)
             .await?;
             sqlx::query(
