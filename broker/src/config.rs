@@ -206,6 +206,67 @@ pub struct ControlConfig {
     pub max_connections: usize,
     #[serde(default = "default_max_connections_per_address")]
     pub max_connections_per_address: usize,
+    /// Sign-in through the company's OpenID Connect provider (`[control.oidc]`): devices
+    /// enroll and re-authenticate with `sekisho-client login`, admins with `admin login`.
+    #[serde(default)]
+    pub oidc: Option<OidcConfig>,
+}
+
+/// `[control.oidc]`: the control plane as an OpenID Connect relying party (a confidential
+/// client of the provider).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The provider's issuer URL (discovery is `ISSUER/.well-known/openid-configuration`).
+    pub issuer: String,
+    pub client_id: String,
+    /// File holding the client secret (mode 0600; trailing whitespace ignored).
+    pub client_secret_file: PathBuf,
+    /// Scopes asked for.
+    #[serde(default = "default_oidc_scopes")]
+    pub scopes: Vec<String>,
+    /// The ID token claim that lists the user's groups (mapped by the policy's `[identity]`).
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+    /// The ID token claim that becomes the Sekisho user name (SCIM's `userName`).
+    #[serde(default = "default_username_claim")]
+    pub username_claim: String,
+    /// Extra CA certificates (PEM) the provider's TLS certificate may chain to, besides the
+    /// system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Whether a first sign-in creates the user; when false, users must exist already
+    /// (created by an admin or provisioned through SCIM).
+    #[serde(default = "default_true")]
+    pub create_users: bool,
+    /// Lifetime of the admin token `admin login` gets.
+    #[serde(default = "default_admin_session", with = "humantime_serde_secs")]
+    pub admin_session: Duration,
+    /// How long discovery and the provider's keys are cached (keys are fetched again at once
+    /// when a token names an unknown key).
+    #[serde(default = "default_oidc_refresh", with = "humantime_serde_secs")]
+    pub metadata_refresh: Duration,
+}
+
+fn default_oidc_scopes() -> Vec<String> {
+    ["openid", "profile", "email", "groups"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_groups_claim() -> String {
+    "groups".into()
+}
+fn default_username_claim() -> String {
+    "preferred_username".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_admin_session() -> Duration {
+    Duration::from_secs(12 * 3600)
+}
+fn default_oidc_refresh() -> Duration {
+    Duration::from_secs(3600)
 }
 
 fn default_max_connections() -> usize {

@@ -51,6 +51,8 @@ use sekisho_proto::posture::{PostureClaims, TokenSigner, TokenVerifier};
 use sekisho_proto::tunnel::OverrideKey;
 
 use crate::config::ControlConfig;
+
+mod login;
 use crate::dataplane::DataPlane;
 use crate::pki::{Ca, cert_serial};
 use crate::store::{
@@ -216,6 +218,8 @@ pub struct Control {
     pub api_refusals: Arc<crate::api_limits::Refusals>,
     /// The API's connection caps, once it serves (for the open-connection gauge).
     pub api_gate: Mutex<Option<Arc<crate::api_limits::Gate>>>,
+    /// The identity provider devices and admins sign in with (`[control.oidc]`).
+    oidc: Option<Arc<crate::oidc::Provider>>,
 }
 
 struct CachedList {
@@ -369,6 +373,10 @@ impl Control {
                     })?,
             )
         };
+        let oidc = match &config.oidc {
+            Some(c) => Some(Arc::new(crate::oidc::Provider::new(c.clone())?)),
+            None => None,
+        };
         dp.set_token_keys(keys.verifier.clone());
         let health = Health::default();
         health.store_ok.store(true, Ordering::Relaxed);
@@ -393,6 +401,7 @@ impl Control {
             lists: tokio::sync::Mutex::new(HashMap::new()),
             brokers: Mutex::new(Vec::new()),
             synced: tokio::sync::Mutex::new(None),
+            oidc,
         }))
     }
 
@@ -1301,6 +1310,8 @@ pub fn router_for(control: Arc<Control>, scope: Scope) -> Router {
     let open = Router::new()
         .route("/v1/enroll/device", post(enroll_device))
         .route("/v1/enroll/connector", post(enroll_connector))
+        .route("/v1/login/start", post(login::start))
+        .route("/v1/login/finish", post(login::finish))
         .layer(DefaultBodyLimit::max(SMALL_BODY))
         .route_layer(axum::middleware::from_fn_with_state(
             rate,
@@ -1715,6 +1726,7 @@ async fn posture(
         iat: now,
         exp: now + lifetime,
         kid: String::new(),
+        auth_time: ctl.store.device_signed_in_at(&dev.name).await?,
     };
     let token = ctl.key_ring().signer.issue(claims.clone());
     let failing: Vec<&String> = claims
@@ -2222,7 +2234,7 @@ async fn explain(State(ctl): Ctl, _: Admin, body: Bytes) -> ApiResult<api::Expla
                 }
             }
             let claims = policy.assumed_posture(id, &req.failing_checks);
-            (policy.evaluate_user(id, &key, Some(&claims)), "assumed")
+            (policy.evaluate_user(id, &key, Some(&claims), 0), "assumed")
         }
         (None, Some(device)) => {
             let id = policy
@@ -2236,7 +2248,7 @@ async fn explain(State(ctl): Ctl, _: Admin, body: Bytes) -> ApiResult<api::Expla
                     )
                 })?;
             let claims = ctl.dp.posture_of(&policy.devices[id].public_key).await;
-            let d = policy.evaluate(id as u32, &key, claims.as_ref());
+            let d = policy.evaluate(id as u32, &key, claims.as_ref(), now_unix());
             (d, if claims.is_some() { "token" } else { "none" })
         }
         _ => {

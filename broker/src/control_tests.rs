@@ -157,6 +157,7 @@ async fn start_with(dir: &Path, db: &str, token_lifetime: Duration) -> Harness {
         audit_log: dir.join("audit.log"),
         max_connections: 4096,
         max_connections_per_address: 64,
+        oidc: None,
     };
     let (policy, opened) = Control::open(&config, &dir.join("policy.toml"), &dir.join("ca.pem"))
         .await

@@ -11,6 +11,7 @@ mod dataplane;
 mod kek;
 mod log;
 mod metrics;
+mod oidc;
 mod pki;
 mod stats;
 mod store;

@@ -148,6 +148,7 @@ fn claims() -> PostureClaims {
         iat: NOW,
         exp: NOW + 300,
         kid: String::new(),
+        auth_time: None,
     }
 }
 
@@ -194,13 +195,13 @@ fn policy_evaluate(c: &mut Criterion) {
     let allowed = tcp_from_device0(target, 443);
     let unmatched = tcp_from_device0(IpAddr::from([10, 250, 0, 1]), 443);
 
-    let d = policy.evaluate(device, &allowed, Some(&claims));
+    let d = policy.evaluate(device, &allowed, Some(&claims), 0);
     assert_eq!(
         (d.action, d.reason),
         (Action::Allow, Reason::Rule(RULES as u32 - 1))
     );
     assert_eq!(policy.required_checks(d.application.unwrap()).len(), 4);
-    let d = policy.evaluate(device, &unmatched, Some(&claims));
+    let d = policy.evaluate(device, &unmatched, Some(&claims), 0);
     assert_eq!((d.action, d.reason), (Action::Deny, Reason::DefaultDeny));
 
     let mut g = c.benchmark_group("policy_evaluate_10k_rules_1k_apps");
@@ -210,6 +211,7 @@ fn policy_evaluate(c: &mut Criterion) {
                 black_box(device),
                 black_box(&allowed),
                 black_box(Some(&claims)),
+                0,
             )
         })
     });
@@ -219,6 +221,7 @@ fn policy_evaluate(c: &mut Criterion) {
                 black_box(device),
                 black_box(&unmatched),
                 black_box(Some(&claims)),
+                0,
             )
         })
     });
@@ -231,6 +234,7 @@ fn policy_evaluate(c: &mut Criterion) {
                 black_box(&allowed),
                 black_box(Some(&claims)),
                 None,
+                0,
             )
         })
     });
@@ -246,7 +250,7 @@ fn policy_evaluate(c: &mut Criterion) {
             let claims = verifier
                 .verify(black_box(&token), black_box(NOW + 10), black_box(&key))
                 .unwrap();
-            policy.evaluate(black_box(device), black_box(&allowed), Some(&claims))
+            policy.evaluate(black_box(device), black_box(&allowed), Some(&claims), 0)
         })
     });
 }
@@ -293,10 +297,10 @@ fn decision_percentiles(policy: &Policy, claims: &PostureClaims) {
         let pct = |p: f64| ns[((ns.len() as f64 * p) as usize).min(ns.len() - 1)] as f64 / 1000.0;
         (pct(0.5), pct(0.99), allowed)
     };
-    let compiled = time(&|d, k| policy.evaluate(d, k, Some(claims)).action);
+    let compiled = time(&|d, k| policy.evaluate(d, k, Some(claims), 0).action);
     let scan = time(&|d, k| {
         let u = policy.device(d).user;
-        policy.decide_scan(u, k, Some(claims), None).action
+        policy.decide_scan(u, k, Some(claims), None, 0).action
     });
     assert_eq!(compiled.2, scan.2, "both allow the same flows");
     eprintln!(

@@ -1,13 +1,15 @@
 //! The control API's messages (HTTPS + JSON) and its credentials.
 //!
-//! Three kinds of secrets travel here, each `PREFIX.ID.SECRET` so the server finds the record by
+//! Four kinds of secrets travel here, each `PREFIX.ID.SECRET` so the server finds the record by
 //! its id and compares a SHA-256 of the secret:
 //! - enrollment tokens `SKE1.<id>.<secret>.<ca>`: one-time, expiring, bound to a user or a site;
 //!   `<ca>` is the SHA-256 of the cluster CA certificate, so a device that has nothing else can
 //!   still check that it talks to the right control plane (certificate pinning);
 //! - device credentials `SKD1.<id>.<secret>`: given to a device at enrollment, used for posture
 //!   refresh; they authorize nothing else;
-//! - admin tokens `SKA1.<id>.<secret>`: for the admin CLI.
+//! - admin tokens `SKA1.<id>.<secret>`: for the admin CLI;
+//! - SCIM tokens `SKS1.<id>.<secret>`: for an identity provider's provisioning client, on
+//!   `/scim/v2` only.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -22,6 +24,7 @@ use crate::policy::{Action, CheckKind, Protocol, TestOutcome};
 pub const ENROLL_PREFIX: &str = "SKE1";
 pub const DEVICE_PREFIX: &str = "SKD1";
 pub const ADMIN_PREFIX: &str = "SKA1";
+pub const SCIM_PREFIX: &str = "SKS1";
 
 /// Why a credential string could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -50,6 +53,7 @@ impl Credential {
             return Err(CredentialError(match prefix {
                 ENROLL_PREFIX => "not an enrollment token (they start with \"SKE1.\")",
                 DEVICE_PREFIX => "not a device credential (they start with \"SKD1.\")",
+                SCIM_PREFIX => "not a SCIM token (they start with \"SKS1.\")",
                 _ => "not an admin token (they start with \"SKA1.\")",
             }));
         }
@@ -537,4 +541,123 @@ pub struct AdminTokenCreated {
     pub role: crate::roles::Role,
     pub expires_at: Option<u64>,
     pub token: String,
+}
+
+/// A SCIM token as listed (never its secret): what an identity provider's provisioning client
+/// calls `/scim/v2` with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScimTokenInfo {
+    pub id: String,
+    pub name: String,
+    pub created_at: u64,
+    pub revoked_at: Option<u64>,
+    /// When it last authenticated a SCIM request (to the minute).
+    pub used_at: Option<u64>,
+}
+
+/// `POST /v1/admin/scim-tokens`: a named SCIM token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateScimToken {
+    pub name: String,
+}
+
+/// A new SCIM token: shown once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScimTokenCreated {
+    pub id: String,
+    pub name: String,
+    pub token: String,
+}
+
+/// `POST /v1/login/start`: a sign-in through the identity provider begins.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginStartRequest {
+    /// `device` (enroll or re-authenticate this device) or `admin` (an admin token).
+    pub purpose: String,
+    /// `code`: authorization code with PKCE, the browser coming back to `redirect_uri` (a
+    /// loopback address of the device); `device`: the device authorization grant (a code
+    /// the user enters on another screen).
+    pub method: String,
+    #[serde(default)]
+    pub redirect_uri: Option<String>,
+    /// base64url(SHA-256(verifier)), for `code`: only the device knows the verifier.
+    #[serde(default)]
+    pub code_challenge: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoginStartResponse {
+    pub login_id: String,
+    /// `code`: where the browser goes, and the `state` it must come back with.
+    #[serde(default)]
+    pub authorization_url: Option<String>,
+    #[serde(default)]
+    pub state: Option<String>,
+    /// `device`: what the user enters where.
+    #[serde(default)]
+    pub user_code: Option<String>,
+    #[serde(default)]
+    pub verification_uri: Option<String>,
+    #[serde(default)]
+    pub verification_uri_complete: Option<String>,
+    /// Seconds between polls of `/v1/login/finish` (device grant).
+    #[serde(default)]
+    pub interval: u64,
+    pub expires_in: u64,
+}
+
+/// The device a sign-in enrolls or re-authenticates.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginDevice {
+    pub public_key: String,
+    pub name: String,
+}
+
+/// `POST /v1/login/finish`: the browser came back (code), or a poll (device grant).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginFinishRequest {
+    pub login_id: String,
+    #[serde(default)]
+    pub code: Option<String>,
+    #[serde(default)]
+    pub state: Option<String>,
+    #[serde(default)]
+    pub code_verifier: Option<String>,
+    /// For purpose `device`.
+    #[serde(default)]
+    pub device: Option<LoginDevice>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoginFinishResponse {
+    /// `pending` (device grant: poll again after `interval`) or `done`.
+    pub status: String,
+    #[serde(default)]
+    pub interval: u64,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// When the sign-in happened at the provider (Unix seconds).
+    #[serde(default)]
+    pub signed_in_at: Option<u64>,
+    /// Purpose `device`: the device's configuration; a credential and the CA only for a
+    /// device enrolled by this sign-in (a re-authenticated one keeps its own).
+    #[serde(default)]
+    pub config: Option<DeviceConfig>,
+    #[serde(default)]
+    pub credential: Option<String>,
+    #[serde(default)]
+    pub ca_pem: Option<String>,
+    /// Purpose `admin`: the admin token, its role and expiry.
+    #[serde(default)]
+    pub admin_token: Option<String>,
+    #[serde(default)]
+    pub role: Option<crate::roles::Role>,
+    #[serde(default)]
+    pub expires_at: Option<u64>,
 }

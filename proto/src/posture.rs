@@ -88,6 +88,10 @@ pub struct PostureClaims {
     pub exp: u64,
     /// Which signing key signed it (for rotation).
     pub kid: String,
+    /// When the user last signed in through the identity provider on this device (Unix
+    /// seconds); absent for a device enrolled with a one-time token and never signed in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_time: Option<u64>,
 }
 
 impl PostureClaims {
@@ -274,6 +278,7 @@ mod tests {
             iat: now,
             exp: now + 300,
             kid: String::new(),
+            auth_time: None,
         }
     }
 

@@ -1,10 +1,10 @@
 //! Admin roles and what each may call on the control API, as a pure decision on the method
 //! and path of a request (tested without a server).
 //!
-//! - `admin`: everything, admin tokens included;
+//! - `admin`: everything, admin and SCIM tokens included;
 //! - `operator`: devices, users and groups, enrollment tokens (and everything read-only);
 //! - `helpdesk`: devices only: list them, revoke one, issue and revoke override codes;
-//! - `auditor`: read-only (GET), everywhere but the admin tokens.
+//! - `auditor`: read-only (GET), everywhere but the admin and SCIM tokens.
 
 use std::fmt;
 use std::str::FromStr;
@@ -22,6 +22,16 @@ pub enum Role {
 
 impl Role {
     pub const ALL: [Role; 4] = [Role::Admin, Role::Operator, Role::Helpdesk, Role::Auditor];
+
+    /// How much the role may do: admin > operator > helpdesk > auditor.
+    pub fn rank(self) -> u8 {
+        match self {
+            Role::Admin => 3,
+            Role::Operator => 2,
+            Role::Helpdesk => 1,
+            Role::Auditor => 0,
+        }
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -64,6 +74,9 @@ pub fn permits(role: Role, method: &str, path: &str) -> bool {
     };
     let read = method == "GET" || method == "HEAD";
     let first = seg.first().copied().unwrap_or("");
+    // Tokens that authorize API calls (admin and SCIM tokens): the admin role only, even to
+    // list them.
+    let tokens = matches!(first, "admin-tokens" | "scim-tokens");
     let devices = matches!(
         (method, &seg[..]),
         ("GET", ["devices"])
@@ -73,11 +86,11 @@ pub fn permits(role: Role, method: &str, path: &str) -> bool {
     );
     match role {
         Role::Admin => true,
-        Role::Auditor => read && first != "admin-tokens",
+        Role::Auditor => read && !tokens,
         Role::Helpdesk => devices,
         Role::Operator => {
             devices
-                || (read && first != "admin-tokens")
+                || (read && !tokens)
                 || matches!(
                     (method, &seg[..]),
                     ("POST", ["devices"])
@@ -139,6 +152,13 @@ mod tests {
                 false, false, false
             ]
         );
+        // SCIM tokens, like admin tokens: the admin role only, even to list them.
+        for role in [Role::Operator, Role::Helpdesk, Role::Auditor] {
+            assert!(!permits(role, "GET", "/v1/admin/scim-tokens"));
+            assert!(!permits(role, "POST", "/v1/admin/scim-tokens"));
+            assert!(!permits(role, "POST", "/v1/admin/scim-tokens/x/revoke"));
+        }
+        assert!(permits(Role::Admin, "POST", "/v1/admin/scim-tokens"));
         // Nothing outside the admin API, whatever the role.
         assert!(!permits(Role::Admin, "GET", "/v1/posture"));
         assert!(!permits(

@@ -12,10 +12,13 @@ mod connectors;
 mod devices;
 mod directory;
 mod enrollment;
+mod identity;
 mod overrides;
 mod policy;
 mod registry;
 mod signing_keys;
+
+pub use identity::{LoginSession, SignIn, SignInRefusal};
 
 use std::net::IpAddr;
 use std::sync::Arc;

@@ -202,7 +202,9 @@ impl BrokerState {
         let decision = if peer.names.contains(key.dst) {
             // A synthetic address: the flow is to the application whose name it stands for.
             match binding.and_then(|b| p.app_by_name(&b.app)) {
-                Some(app) => p.evaluate_named(peer.device, key, peer.posture.as_ref(), app),
+                Some(app) => {
+                    p.evaluate_named(peer.device, key, peer.posture.as_ref(), app, self.unix_now)
+                }
                 None => Decision {
                     action: Action::Deny,
                     application: None,
@@ -210,7 +212,7 @@ impl BrokerState {
                 },
             }
         } else {
-            p.evaluate(peer.device, key, peer.posture.as_ref())
+            p.evaluate(peer.device, key, peer.posture.as_ref(), self.unix_now)
         };
         let allowed = decision.allowed();
         let route = match (allowed, decision.application) {

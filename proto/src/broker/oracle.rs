@@ -1325,7 +1325,7 @@ impl Harness {
                 reason: Reason::DefaultDeny,
             };
         }
-        self.policy.evaluate(device, key, None)
+        self.policy.evaluate(device, key, None, self.unix)
     }
 
     fn site_of(&self, d: &Decision) -> Option<&str> {

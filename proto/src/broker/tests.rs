@@ -713,6 +713,7 @@ fn claims_for(key: &PublicKeyBytes, edr: bool, iat: u64) -> PostureClaims {
         iat,
         exp: iat + 300,
         kid: String::new(),
+        auth_time: None,
     }
 }
 

@@ -304,12 +304,13 @@ mod tests {
                     iat: 0,
                     exp: 0,
                     kid: String::new(),
+                    auth_time: None,
                 });
                 let named = named.filter(|&a| (a as usize) < n);
                 let u = user as UserId;
                 prop_assert_eq!(
-                    p.decide(u, &key, claims.as_ref(), named),
-                    p.decide_scan(u, &key, claims.as_ref(), named),
+                    p.decide(u, &key, claims.as_ref(), named, 0),
+                    p.decide_scan(u, &key, claims.as_ref(), named, 0),
                     "user {} flow {:?} named {:?}\n{}", user, key, named, text
                 );
             }

@@ -7,7 +7,7 @@
 
 mod index;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -47,6 +47,8 @@ struct RawPolicy {
     posture_checks: Vec<RawCheck>,
     #[serde(default)]
     sensitivity: RawSensitivity,
+    #[serde(default)]
+    identity: RawIdentity,
     #[serde(default)]
     tests: Vec<RawTest>,
     #[serde(default)]
@@ -296,6 +298,78 @@ struct RawSensitivity {
     level2: Vec<Spanned<String>>,
     #[serde(default)]
     level3: Vec<Spanned<String>>,
+    /// `[sensitivity.sign_in_max_age]`: per level, how old the user's last sign-in through
+    /// the identity provider may be ("12h").
+    #[serde(default)]
+    sign_in_max_age: RawLevelAges,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLevelAges {
+    #[serde(default)]
+    level1: Option<Spanned<String>>,
+    #[serde(default)]
+    level2: Option<Spanned<String>>,
+    #[serde(default)]
+    level3: Option<Spanned<String>>,
+}
+
+/// `[identity]`: how the identity provider's groups (the ID token's groups claim) map onto
+/// Sekisho groups and admin roles.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    /// Provider group → Sekisho group.
+    #[serde(default)]
+    groups: BTreeMap<String, Spanned<String>>,
+    /// Provider group → admin role (`admin`, `operator`, `auditor`) for `admin login`.
+    #[serde(default)]
+    admin_roles: BTreeMap<String, Spanned<String>>,
+}
+
+/// A Sekisho group name as the directory accepts it (letters, digits, `-`, `_`, `.`).
+fn valid_group_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// The checked `[identity]` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdentityMapping {
+    /// Provider group → Sekisho group.
+    pub groups: BTreeMap<String, String>,
+    /// Provider group → admin role.
+    pub admin_roles: BTreeMap<String, crate::roles::Role>,
+}
+
+impl IdentityMapping {
+    /// The Sekisho groups a user in the provider's `claimed` groups belongs to, and the
+    /// groups the mapping governs (membership in those follows the claim; others are left
+    /// alone: they are managed by admins or SCIM).
+    pub fn map_groups(&self, claimed: &[String]) -> (Vec<String>, Vec<String>) {
+        let mut member: Vec<String> = claimed
+            .iter()
+            .filter_map(|c| self.groups.get(c).cloned())
+            .collect();
+        member.sort();
+        member.dedup();
+        let mut governed: Vec<String> = self.groups.values().cloned().collect();
+        governed.sort();
+        governed.dedup();
+        (member, governed)
+    }
+
+    /// The strongest admin role the provider's `claimed` groups grant, if any.
+    pub fn admin_role(&self, claimed: &[String]) -> Option<crate::roles::Role> {
+        claimed
+            .iter()
+            .filter_map(|c| self.admin_roles.get(c).copied())
+            .max_by_key(|r| r.rank())
+    }
 }
 
 /// Kinds of device posture checks.
@@ -575,6 +649,11 @@ pub struct Policy {
     pub posture_checks: Vec<PostureCheck>,
     /// Checks required by sensitivity level 1, 2, 3.
     pub levels: [Vec<CheckId>; 3],
+    /// The longest a user's sign-in through the identity provider may date back, in seconds,
+    /// for applications of sensitivity level 1, 2, 3 (`[sensitivity.sign_in_max_age]`).
+    pub sign_in_max_age: [Option<u64>; 3],
+    /// Identity-provider groups and what they become here (`[identity]`).
+    pub identity: IdentityMapping,
     pub tests: Vec<PolicyTest>,
     pub dns: DnsPolicy,
     pub tunnels: Vec<TunnelRule>,
@@ -599,6 +678,9 @@ pub enum Reason {
     NoPosture,
     /// A rule allows it, but this required posture check fails.
     PostureCheck(CheckId),
+    /// A rule allows it, but the application's sensitivity level wants a more recent sign-in
+    /// through the identity provider than the device's (or the device never signed in).
+    SignInTooOld,
     /// No application: internet egress for a full-tunnel user, by this `[[tunnels]]` entry.
     Egress(u32),
     /// No application, and the broker does not carry this to the internet.
@@ -822,6 +904,8 @@ impl Policy {
             iat: 0,
             exp: u64::MAX,
             kid: String::new(),
+            // A fresh sign-in (policy tests and `explain` are evaluated at time 0).
+            auth_time: Some(0),
         }
     }
 
@@ -838,7 +922,7 @@ impl Policy {
                     };
                 };
                 let claims = self.assumed_posture(user, &t.failing_checks);
-                let d = self.evaluate_user(user, &t.key, Some(&claims));
+                let d = self.evaluate_user(user, &t.key, Some(&claims), 0);
                 let rule = self.rule_name(d.reason);
                 let mut passed = d.action == t.expect;
                 if let Some(want) = &t.rule {
@@ -906,6 +990,7 @@ impl Policy {
                 "no valid posture token for an application that requires posture checks"
             }
             Reason::PostureCheck(_) => "posture check failed",
+            Reason::SignInTooOld => "sign-in too old",
             Reason::Egress(_) => "internet egress (full tunnel)",
             Reason::EgressRefused(r) => r.text(),
         }
@@ -916,6 +1001,19 @@ impl Policy {
         match reason {
             Reason::PostureCheck(c) => Some(self.posture_checks[c as usize].name.as_str()),
             _ => None,
+        }
+    }
+
+    /// Whether a flow to `app` at `now` is refused because the user's last sign-in on this
+    /// device is older than the application's sensitivity level allows (or unknown).
+    pub fn sign_in_too_old(&self, app: AppId, posture: Option<&PostureClaims>, now: u64) -> bool {
+        let level = self.applications[app as usize].sensitivity.clamp(1, 3);
+        let Some(max) = self.sign_in_max_age[usize::from(level - 1)] else {
+            return false;
+        };
+        match posture.and_then(|p| p.auth_time) {
+            Some(t) => now.saturating_sub(t) > max,
+            None => true,
         }
     }
 
@@ -1096,6 +1194,7 @@ impl Policy {
         key: &FlowKey,
         posture: Option<&PostureClaims>,
         app: AppId,
+        now: u64,
     ) -> Decision {
         let Some(dev) = self.devices.get(device as usize) else {
             return Decision {
@@ -1104,16 +1203,18 @@ impl Policy {
                 reason: Reason::UnknownDevice,
             };
         };
-        self.decide(dev.user, key, posture, Some(app))
+        self.decide(dev.user, key, posture, Some(app), now)
     }
 
     /// Decides a new flow from `device`, whose verified posture is `posture` (None when it has
-    /// no valid token). Pure: same policy and inputs, same answer.
+    /// no valid token), at `now` (Unix seconds: the age of the user's sign-in counts for some
+    /// sensitivity levels). Pure: same policy and inputs, same answer.
     pub fn evaluate(
         &self,
         device: DeviceId,
         key: &FlowKey,
         posture: Option<&PostureClaims>,
+        now: u64,
     ) -> Decision {
         let Some(dev) = self.devices.get(device as usize) else {
             return Decision {
@@ -1122,7 +1223,7 @@ impl Policy {
                 reason: Reason::UnknownDevice,
             };
         };
-        self.evaluate_user(dev.user, key, posture)
+        self.evaluate_user(dev.user, key, posture, now)
     }
 
     /// Decides a flow of `user_id` (see [`Policy::evaluate`]).
@@ -1131,8 +1232,9 @@ impl Policy {
         user_id: UserId,
         key: &FlowKey,
         posture: Option<&PostureClaims>,
+        now: u64,
     ) -> Decision {
-        self.decide(user_id, key, posture, None)
+        self.decide(user_id, key, posture, None, now)
     }
 
     /// The straightforward evaluation: every rule in order. The reference the compiled
@@ -1143,6 +1245,7 @@ impl Policy {
         key: &FlowKey,
         posture: Option<&PostureClaims>,
         named: Option<AppId>,
+        now: u64,
     ) -> Decision {
         if self.users[user_id as usize].disabled {
             return Decision {
@@ -1177,7 +1280,7 @@ impl Policy {
             .iter()
             .position(|a| a.matches(key))
             .map(|a| a as AppId);
-        self.conclude(user_id, key, posture, named, allow, first_app)
+        self.conclude(user_id, key, posture, named, allow, first_app, now)
     }
 
     /// Decides a flow through the compiled index: only the rules that name an application the
@@ -1188,6 +1291,7 @@ impl Policy {
         key: &FlowKey,
         posture: Option<&PostureClaims>,
         named: Option<AppId>,
+        now: u64,
     ) -> Decision {
         if self.users[user_id as usize].disabled {
             return Decision {
@@ -1236,7 +1340,15 @@ impl Policy {
                 Action::Allow => allow = Some((r, app)),
             }
         }
-        self.conclude(user_id, key, posture, named, allow, apps.first().copied())
+        self.conclude(
+            user_id,
+            key,
+            posture,
+            named,
+            allow,
+            apps.first().copied(),
+            now,
+        )
     }
 
     /// The end of a decision: the allowing rule (if any) against the posture, else default
@@ -1249,6 +1361,7 @@ impl Policy {
         named: Option<AppId>,
         allow: Option<(RuleId, AppId)>,
         first_app: Option<AppId>,
+        now: u64,
     ) -> Decision {
         match allow {
             Some((rule, app)) => {
@@ -1261,6 +1374,10 @@ impl Policy {
                         .find(|&&c| !p.passes(&self.posture_checks[c as usize].name))
                         .map(|&c| Reason::PostureCheck(c)),
                 };
+                let failing = failing.or_else(|| {
+                    self.sign_in_too_old(app, posture, now)
+                        .then_some(Reason::SignInTooOld)
+                });
                 match failing {
                     Some(reason) => Decision {
                         action: Action::Deny,
@@ -1660,6 +1777,40 @@ fn compile(src: &Source, raw: RawPolicy) -> Result<Policy, ConfigError> {
         checks_n.get_all(src, "sensitivity.level2", &s.level2)?,
         checks_n.get_all(src, "sensitivity.level3", &s.level3)?,
     ];
+    let age = |field: &str, v: &Option<Spanned<String>>| -> Result<Option<u64>, ConfigError> {
+        let Some(v) = v else { return Ok(None) };
+        match humantime::parse_duration(v.get_ref()) {
+            Ok(d) if d.as_secs() > 0 => Ok(Some(d.as_secs())),
+            _ => Err(src.error(
+                Some(v.span()),
+                format!("sensitivity.sign_in_max_age.{field}"),
+                "a duration like \"12h\" or \"30m\" (more than zero)",
+            )),
+        }
+    };
+    let ages = &s.sign_in_max_age;
+    let sign_in_max_age = [
+        age("level1", &ages.level1)?,
+        age("level2", &ages.level2)?,
+        age("level3", &ages.level3)?,
+    ];
+    let mut identity = IdentityMapping::default();
+    for (from, to) in &raw.identity.groups {
+        if from.trim().is_empty() || !valid_group_name(to.get_ref()) {
+            return Err(src.error(
+                Some(to.span()),
+                format!("identity.groups.{from}"),
+                "maps a provider group (a non-empty key) to a Sekisho group name",
+            ));
+        }
+        identity.groups.insert(from.clone(), to.get_ref().clone());
+    }
+    for (from, role) in &raw.identity.admin_roles {
+        let r: crate::roles::Role = role.get_ref().parse().map_err(|e: String| {
+            src.error(Some(role.span()), format!("identity.admin_roles.{from}"), e)
+        })?;
+        identity.admin_roles.insert(from.clone(), r);
+    }
 
     let mut tests = Vec::new();
     for (i, t) in raw.tests.iter().enumerate() {
@@ -1716,6 +1867,8 @@ fn compile(src: &Source, raw: RawPolicy) -> Result<Policy, ConfigError> {
         device_range,
         posture_checks,
         levels,
+        sign_in_max_age,
+        identity,
         groups: raw
             .groups
             .iter()
@@ -2135,21 +2288,21 @@ applications = ["intranet"]
         let p = Policy::parse(Path::new("p.toml"), &demo_text(&a, &b)).unwrap();
         let alice = 0;
         let bob = 1;
-        let d = p.evaluate(alice, &tcp([10, 20, 0, 10], 80), None);
+        let d = p.evaluate(alice, &tcp([10, 20, 0, 10], 80), None, 0);
         assert_eq!(d.action, Action::Allow);
         assert_eq!(p.rule_name(d.reason), Some("eng-intranet"));
         // Bob: the deny rule on intranet wins over the allow on the whole host.
-        let d = p.evaluate(bob, &tcp([10, 20, 0, 10], 80), None);
+        let d = p.evaluate(bob, &tcp([10, 20, 0, 10], 80), None, 0);
         assert_eq!(d.action, Action::Deny);
         assert_eq!(p.rule_name(d.reason), Some("no-db-for-finance"));
         // Outside every application: default deny, no application.
-        let d = p.evaluate(alice, &tcp([10, 30, 0, 1], 80), None);
+        let d = p.evaluate(alice, &tcp([10, 30, 0, 1], 80), None, 0);
         assert_eq!(
             (d.action, d.reason, d.application),
             (Action::Deny, Reason::DefaultDeny, None)
         );
         assert_eq!(
-            p.evaluate(7, &tcp([10, 20, 0, 10], 80), None).reason,
+            p.evaluate(7, &tcp([10, 20, 0, 10], 80), None, 0).reason,
             Reason::UnknownDevice
         );
     }
@@ -2165,7 +2318,11 @@ applications = ["intranet"]
     }
 
     fn posture_policy(a: &str, b: &str) -> Policy {
-        let text = demo_text(a, b).replace(
+        Policy::parse(Path::new("p.toml"), &posture_policy_text(a, b)).unwrap()
+    }
+
+    fn posture_policy_text(a: &str, b: &str) -> String {
+        demo_text(a, b).replace(
             "protocols = [\"tcp\"]\nports = [80, \"8000-8100\"]",
             "protocols = [\"tcp\"]\nports = [80, \"8000-8100\"]\nsensitivity = 3",
         ) + r#"
@@ -2180,8 +2337,7 @@ process = "edr-agent"
 [sensitivity]
 level1 = ["client"]
 level3 = ["client", "edr"]
-"#;
-        Policy::parse(Path::new("p.toml"), &text).unwrap()
+"#
     }
 
     fn claims(checks: &[(&str, bool)]) -> PostureClaims {
@@ -2194,6 +2350,7 @@ level3 = ["client", "edr"]
             iat: 0,
             exp: 1,
             kid: String::new(),
+            auth_time: None,
         }
     }
 
@@ -2205,22 +2362,96 @@ level3 = ["client", "edr"]
         let host = tcp([10, 20, 0, 11], 22); // app-host, level 1
         let ok = claims(&[("client", true), ("edr", true)]);
         let no_edr = claims(&[("client", true), ("edr", false)]);
-        assert_eq!(p.evaluate(0, &web, Some(&ok)).action, Action::Allow);
-        let d = p.evaluate(0, &web, Some(&no_edr));
+        assert_eq!(p.evaluate(0, &web, Some(&ok), 0).action, Action::Allow);
+        let d = p.evaluate(0, &web, Some(&no_edr), 0);
         assert_eq!(
             (d.action, p.check_name(d.reason)),
             (Action::Deny, Some("edr"))
         );
         assert_eq!(p.reason_text(d.reason), "posture check failed");
         // The level-1 app needs only the client check.
-        assert_eq!(p.evaluate(0, &host, Some(&no_edr)).action, Action::Allow);
+        assert_eq!(p.evaluate(0, &host, Some(&no_edr), 0).action, Action::Allow);
         // No token at all: denied where checks are required.
-        assert_eq!(p.evaluate(0, &host, None).reason, Reason::NoPosture);
+        assert_eq!(p.evaluate(0, &host, None, 0).reason, Reason::NoPosture);
         // A check missing from the token counts as failing.
         assert_eq!(
-            p.evaluate(0, &host, Some(&claims(&[]))).reason,
+            p.evaluate(0, &host, Some(&claims(&[])), 0).reason,
             Reason::PostureCheck(0)
         );
+    }
+
+    #[test]
+    fn sign_in_age_limits_only_its_level() {
+        let (a, b) = keys();
+        let text =
+            posture_policy_text(&a, &b) + "[sensitivity.sign_in_max_age]\nlevel3 = \"12h\"\n";
+        let p = Policy::parse(Path::new("p.toml"), &text).unwrap();
+        assert_eq!(p.sign_in_max_age, [None, None, Some(12 * 3600)]);
+        let web = tcp([10, 20, 0, 10], 80); // level 3
+        let host = tcp([10, 20, 0, 11], 22); // level 1
+        let mut c = claims(&[("client", true), ("edr", true)]);
+        let t0 = 1_800_000_000;
+        c.auth_time = Some(t0);
+        // Within 12 hours (the bound itself included) both levels are allowed.
+        for now in [t0, t0 + 12 * 3600] {
+            assert_eq!(p.evaluate(0, &web, Some(&c), now).action, Action::Allow);
+        }
+        // A second past it, level 3 says why; level 1 goes on.
+        let d = p.evaluate(0, &web, Some(&c), t0 + 12 * 3600 + 1);
+        assert_eq!((d.action, d.reason), (Action::Deny, Reason::SignInTooOld));
+        assert_eq!(p.reason_text(d.reason), "sign-in too old");
+        let d = p.evaluate(0, &host, Some(&c), t0 + 12 * 3600 + 1);
+        assert_eq!(d.action, Action::Allow);
+        // A device that never signed in through the provider has no sign-in to be fresh.
+        c.auth_time = None;
+        assert_eq!(
+            p.evaluate(0, &web, Some(&c), t0).reason,
+            Reason::SignInTooOld
+        );
+        // A failing posture check is named first: it is what the user can fix on the device.
+        let mut no_edr = claims(&[("client", true), ("edr", false)]);
+        no_edr.auth_time = Some(0);
+        assert_eq!(
+            p.evaluate(0, &web, Some(&no_edr), t0).reason,
+            Reason::PostureCheck(1)
+        );
+        // Policy tests assume a fresh sign-in.
+        assert!(p.run_tests().iter().all(|t| t.passed));
+        let e = err_of(
+            &(posture_policy_text(&a, &b) + "[sensitivity.sign_in_max_age]\nlevel2 = \"soon\"\n"),
+        );
+        assert_eq!(e.field, "sensitivity.sign_in_max_age.level2", "{e}");
+    }
+
+    #[test]
+    fn identity_groups_and_roles_map_from_the_provider() {
+        let (a, b) = keys();
+        let text = demo_text(&a, &b)
+            + "[identity]\ngroups = { engineering = \"engineering\", \"Finance Team\" = \"finance\" }\n\
+               admin_roles = { \"sekisho-admins\" = \"admin\", auditors = \"auditor\", ops = \"operator\" }\n";
+        let p = Policy::parse(Path::new("p.toml"), &text).unwrap();
+        let claimed = |g: &[&str]| g.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (member, governed) =
+            p.identity
+                .map_groups(&claimed(&["Finance Team", "unmapped", "engineering"]));
+        assert_eq!(member, ["engineering", "finance"]);
+        assert_eq!(governed, ["engineering", "finance"]);
+        assert_eq!(p.identity.map_groups(&[]).0, Vec::<String>::new());
+        use crate::roles::Role;
+        assert_eq!(
+            p.identity.admin_role(&claimed(&["auditors"])),
+            Some(Role::Auditor)
+        );
+        assert_eq!(
+            p.identity
+                .admin_role(&claimed(&["auditors", "sekisho-admins", "ops"])),
+            Some(Role::Admin)
+        );
+        assert_eq!(p.identity.admin_role(&claimed(&["engineering"])), None);
+        let e = err_of(&(demo_text(&a, &b) + "[identity]\nadmin_roles = { x = \"king\" }\n"));
+        assert_eq!(e.field, "identity.admin_roles.x", "{e}");
+        let e = err_of(&(demo_text(&a, &b) + "[identity]\ngroups = { x = \"no spaces\" }\n"));
+        assert_eq!(e.field, "identity.groups.x", "{e}");
     }
 
     #[test]
@@ -2347,18 +2578,18 @@ block_answer = "null"
         );
         // A flow to a synthetic address is decided as the named application.
         let key = probe_flow(Protocol::Tcp, "100.119.0.9".parse().unwrap(), 80);
-        let d = p.decide(alice, &key, None, Some(p.app_by_name("wiki").unwrap()));
+        let d = p.decide(alice, &key, None, Some(p.app_by_name("wiki").unwrap()), 0);
         assert_eq!(
             (d.action, p.rule_name(d.reason)),
             (Action::Allow, Some("eng"))
         );
-        let d = p.decide(alice, &key, None, Some(payroll));
+        let d = p.decide(alice, &key, None, Some(payroll), 0);
         assert_eq!(
             (d.action, p.rule_name(d.reason)),
             (Action::Deny, Some("no-payroll"))
         );
         // Without the binding the same address is nobody's application.
-        assert_eq!(p.evaluate_user(alice, &key, None).action, Action::Deny);
+        assert_eq!(p.evaluate_user(alice, &key, None, 0).action, Action::Deny);
     }
 
     #[test]

@@ -1,0 +1,357 @@
+//! The store: sign-ins through the identity provider (login sessions, users found or created
+//! by the provider's subject, devices enrolled or re-authenticated by a sign-in).
+
+use super::*;
+
+/// A sign-in under way: made by `POST /v1/login/start`, used once by `/v1/login/finish`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginSession {
+    pub id: String,
+    /// `device` (enroll or re-authenticate a device) or `admin` (an admin token).
+    pub purpose: String,
+    /// `code` (authorization code + PKCE, loopback redirect) or `device` (RFC 8628).
+    pub method: String,
+    pub state: String,
+    pub nonce: String,
+    pub redirect_uri: Option<String>,
+    pub device_code: Option<String>,
+    pub interval_s: u64,
+    pub created_at: u64,
+    pub expires_at: u64,
+    pub used_at: Option<u64>,
+}
+
+/// Why a sign-in cannot become a user or a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignInRefusal {
+    /// No such user and users are not created on sign-in.
+    NoUser(String),
+    /// The user name belongs to another identity of the provider.
+    Taken(String),
+    Disabled(String),
+    /// The device (its key or name) cannot be used: enrolled for someone else, revoked.
+    Device(String),
+    NoAddress(IpNet),
+}
+
+impl std::fmt::Display for SignInRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SignInRefusal::NoUser(u) => write!(
+                f,
+                "there is no user {u:?} here, and users are not created on sign-in: ask an admin"
+            ),
+            SignInRefusal::Taken(u) => write!(
+                f,
+                "the user name {u:?} belongs to another identity of the provider"
+            ),
+            SignInRefusal::Disabled(u) => write!(f, "user {u:?} is disabled"),
+            SignInRefusal::Device(why) => f.write_str(why),
+            SignInRefusal::NoAddress(r) => write!(f, "no free address left in {r}"),
+        }
+    }
+}
+
+/// The user a sign-in is for, as the provider says.
+pub struct SignIn<'a> {
+    /// "ISSUER SUB".
+    pub subject: &'a str,
+    pub username: &'a str,
+    pub email: Option<&'a str>,
+    pub display_name: Option<&'a str>,
+    /// Sekisho groups the provider's groups map to, and the groups the mapping governs.
+    pub member_of: &'a [String],
+    pub governed: &'a [String],
+    pub create: bool,
+}
+
+fn session_of(r: &sqlx::any::AnyRow) -> Result<LoginSession> {
+    Ok(LoginSession {
+        id: r.try_get(0)?,
+        purpose: r.try_get(1)?,
+        method: r.try_get(2)?,
+        state: r.try_get(3)?,
+        nonce: r.try_get(4)?,
+        redirect_uri: r.try_get(5)?,
+        device_code: r.try_get(6)?,
+        interval_s: r.try_get::<i64, _>(7)? as u64,
+        created_at: r.try_get::<i64, _>(8)? as u64,
+        expires_at: r.try_get::<i64, _>(9)? as u64,
+        used_at: opt_u64(r.try_get(10)?),
+    })
+}
+
+impl Store {
+    pub async fn create_login(&self, s: &LoginSession) -> Result<()> {
+        // Sessions long over are cleared as new ones come.
+        sqlx::query("DELETE FROM login_sessions WHERE expires_at < $1")
+            .bind(ts(s.created_at.saturating_sub(3600)))
+            .execute(&self.pool)
+            .await?;
+        sqlx::query(
+            "INSERT INTO login_sessions (id, purpose, method, state, nonce, redirect_uri, \
+             device_code, interval_s, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(s.id.as_str())
+        .bind(s.purpose.as_str())
+        .bind(s.method.as_str())
+        .bind(s.state.as_str())
+        .bind(s.nonce.as_str())
+        .bind(s.redirect_uri.clone())
+        .bind(s.device_code.clone())
+        .bind(s.interval_s as i64)
+        .bind(ts(s.created_at))
+        .bind(ts(s.expires_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn login(&self, id: &str) -> Result<Option<LoginSession>> {
+        let row = sqlx::query(
+            "SELECT id, purpose, method, state, nonce, redirect_uri, device_code, interval_s, \
+             created_at, expires_at, used_at FROM login_sessions WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(session_of).transpose()
+    }
+
+    /// Marks a sign-in used; false if it was already (a replay, or two brokers racing).
+    pub async fn use_login(&self, id: &str, now: u64) -> Result<bool> {
+        let r =
+            sqlx::query("UPDATE login_sessions SET used_at = $1 WHERE id = $2 AND used_at IS NULL")
+                .bind(ts(now))
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// A device grant's poll interval, raised after the provider said `slow_down`.
+    pub async fn slow_login(&self, id: &str, interval_s: u64) -> Result<()> {
+        sqlx::query("UPDATE login_sessions SET interval_s = $1 WHERE id = $2")
+            .bind(interval_s as i64)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Finds the signed-in user by the provider's subject (else by name, linking the subject
+    /// to a user an admin or SCIM made), or creates them when allowed; brings the groups the
+    /// identity mapping governs in line with the provider's. Returns the user's name.
+    pub async fn sign_in_user(
+        &self,
+        s: &SignIn<'_>,
+        now: u64,
+    ) -> Result<std::result::Result<String, SignInRefusal>> {
+        let mut tx = self.pool.begin().await?;
+        let by_subject = sqlx::query("SELECT name, disabled FROM users WHERE subject = $1")
+            .bind(s.subject)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let (name, disabled) = match by_subject {
+            Some(r) => (r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)? != 0),
+            None => {
+                let by_name =
+                    sqlx::query("SELECT name, disabled, subject FROM users WHERE name = $1")
+                        .bind(s.username)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                match by_name {
+                    Some(r) => {
+                        if r.try_get::<Option<String>, _>(2)?.is_some() {
+                            return Ok(Err(SignInRefusal::Taken(s.username.to_string())));
+                        }
+                        sqlx::query(
+                            "UPDATE users SET subject = $1, updated_at = $2 WHERE name = $3",
+                        )
+                        .bind(s.subject)
+                        .bind(ts(now))
+                        .bind(s.username)
+                        .execute(&mut *tx)
+                        .await?;
+                        (r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)? != 0)
+                    }
+                    None if !s.create => {
+                        return Ok(Err(SignInRefusal::NoUser(s.username.to_string())));
+                    }
+                    None => {
+                        sqlx::query(
+                            "INSERT INTO users (name, disabled, created_at, id, updated_at, \
+                             subject, email, display_name) VALUES ($1, 0, $2, $3, $2, $4, $5, $6)",
+                        )
+                        .bind(s.username)
+                        .bind(ts(now))
+                        .bind(new_id("u-"))
+                        .bind(s.subject)
+                        .bind(s.email.map(str::to_string))
+                        .bind(s.display_name.map(str::to_string))
+                        .execute(&mut *tx)
+                        .await?;
+                        (s.username.to_string(), false)
+                    }
+                }
+            }
+        };
+        if disabled {
+            return Ok(Err(SignInRefusal::Disabled(name)));
+        }
+        for g in s.governed {
+            if s.member_of.contains(g) {
+                sqlx::query(
+                    "INSERT INTO groups (name, created_at, id, updated_at) VALUES ($1, $2, $3, $2) \
+                     ON CONFLICT DO NOTHING",
+                )
+                .bind(g.as_str())
+                .bind(ts(now))
+                .bind(new_id("g-"))
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO user_groups (user_name, group_name) VALUES ($1, $2) \
+                     ON CONFLICT DO NOTHING",
+                )
+                .bind(name.as_str())
+                .bind(g.as_str())
+                .execute(&mut *tx)
+                .await?;
+            } else {
+                sqlx::query("DELETE FROM user_groups WHERE user_name = $1 AND group_name = $2")
+                    .bind(name.as_str())
+                    .bind(g.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        self.announce("user_signed_in").await;
+        Ok(Ok(name))
+    }
+
+    /// The device a sign-in is for: the one enrolled with `public_key` (re-authentication:
+    /// it must be the user's and not revoked; no new credential), else a new device named
+    /// `name` with the next free address of `range` and a credential. Either way the
+    /// device's sign-in time becomes `signed_in_at`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn sign_in_device(
+        &self,
+        user: &str,
+        name: &str,
+        public_key: &str,
+        signed_in_at: u64,
+        now: u64,
+        range: IpNet,
+        reserved: &Reserved,
+    ) -> Result<std::result::Result<(DeviceRecord, Option<(String, String)>), SignInRefusal>> {
+        let mut tx = self.pool.begin().await?;
+        let existing = sqlx::query(
+            "SELECT name, user_name, address, created_at, revoked_at FROM devices \
+             WHERE public_key = $1",
+        )
+        .bind(public_key)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(r) = existing {
+            let dev_name: String = r.try_get(0)?;
+            let owner: String = r.try_get(1)?;
+            if owner != user {
+                return Ok(Err(SignInRefusal::Device(format!(
+                    "this device's key is enrolled for another user ({owner:?})"
+                ))));
+            }
+            if r.try_get::<Option<i64>, _>(4)?.is_some() {
+                return Ok(Err(SignInRefusal::Device(format!(
+                    "device {dev_name:?} is revoked: enroll it again with a new key"
+                ))));
+            }
+            sqlx::query("UPDATE devices SET signed_in_at = $1 WHERE name = $2")
+                .bind(ts(signed_in_at))
+                .bind(dev_name.as_str())
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            self.announce("device_signed_in").await;
+            let address: String = r.try_get(2)?;
+            return Ok(Ok((
+                DeviceRecord {
+                    name: dev_name,
+                    user: owner,
+                    public_key: public_key.to_string(),
+                    address: address.parse().context("stored device address")?,
+                    created_at: r.try_get::<i64, _>(3)? as u64,
+                    revoked_at: None,
+                },
+                None,
+            )));
+        }
+        if sqlx::query("SELECT name FROM devices WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some()
+        {
+            return Ok(Err(SignInRefusal::Device(format!(
+                "a device named {name:?} is already enrolled; choose another name (--name)"
+            ))));
+        }
+        if let Some(why) = reserved.clash(name, public_key) {
+            return Ok(Err(SignInRefusal::Device(why)));
+        }
+        let mut used: Vec<IpAddr> = sqlx::query("SELECT address FROM devices")
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .filter_map(|r| r.try_get::<String, _>(0).ok()?.parse().ok())
+            .collect();
+        used.extend(reserved.addresses.iter().copied());
+        let service = sekisho_proto::posture::service_address(&range);
+        let Some(address) = range.hosts().find(|a| *a != service && !used.contains(a)) else {
+            return Ok(Err(SignInRefusal::NoAddress(range)));
+        };
+        let cred_id = random_text(9);
+        let cred_secret = random_text(24);
+        sqlx::query(
+            "INSERT INTO devices (name, user_name, public_key, address, credential_id, \
+             credential_hash, created_at, signed_in_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(name)
+        .bind(user)
+        .bind(public_key)
+        .bind(address.to_string())
+        .bind(cred_id.as_str())
+        .bind(hash_secret(&cred_secret))
+        .bind(ts(now))
+        .bind(ts(signed_in_at))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.announce("device_enrolled").await;
+        Ok(Ok((
+            DeviceRecord {
+                name: name.to_string(),
+                user: user.to_string(),
+                public_key: public_key.to_string(),
+                address,
+                created_at: now,
+                revoked_at: None,
+            },
+            Some((cred_id, cred_secret)),
+        )))
+    }
+
+    /// When the device's user last signed in through the identity provider on it.
+    pub async fn device_signed_in_at(&self, device: &str) -> Result<Option<u64>> {
+        let row = sqlx::query("SELECT signed_in_at FROM devices WHERE name = $1")
+            .bind(device)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => opt_u64(r.try_get(0)?),
+            None => None,
+        })
+    }
+}
