@@ -7,7 +7,8 @@
 #   deploy/quickstart.sh start|stop|kill NAME
 #                                 one daemon: broker, connector, client-alice, client-bob, app,
 #                                 edr (the stand-in EDR agent alice's posture check looks for),
-#                                 site-dns, inet-dns (dnsmasq: the site's and the internet's DNS)
+#                                 site-dns, inet-dns (dnsmasq: the site's and the internet's DNS),
+#                                 idp (the OpenID provider, with SK_IDP=1)
 #   deploy/quickstart.sh admin ARGS...
 #                                 the admin CLI (`sekisho-broker admin`) on the broker host
 #
@@ -52,6 +53,16 @@
 #   SK_BROKER_DELAY_MS  one-way delays to the brokers, like "30 0": each nonzero one puts a
 #                       userspace UDP delay relay (tests/tools/udp_delay.py) on the internet
 #                       router, at 10.99.0.(51+i):51820, and that is the endpoint devices get
+#   SK_IDP=1            an OpenID provider "on the internet": host sk-idp (10.99.5.2), named
+#                       idp.example on the internet DNS (which the broker hosts then use too),
+#                       https://idp.example (tests/tools/oidc: oidc-provider on Node, its
+#                       node_modules from `npm ci --prefix tests/tools/oidc`). In $SK_STATE/idp:
+#                       the CA (ca.pem) and server certificate, users.json (alice: engineering
+#                       and sekisho-admins, bob: finance, carol: auditors; their passwords),
+#                       clients.json with the confidential native client "sekisho" (any
+#                       loopback port of http://127.0.0.1/callback, PKCE, device flow) and its
+#                       secret in client_secret, the signing keys (jwks.json; replace the file
+#                       and restart idp to rotate), and `tamper` (see tests/tools/oidc)
 set -euo pipefail
 
 P=${SK_PREFIX:-sk-}
@@ -76,11 +87,28 @@ install_packages() {
     command -v python3 >/dev/null || missing+=(python3)
     command -v dnsmasq >/dev/null || missing+=(dnsmasq-base)
     command -v dig >/dev/null || missing+=(dnsutils)
+    if [ "${SK_IDP:-0}" = 1 ]; then
+        command -v openssl >/dev/null || missing+=(openssl)
+        # Debian's Node only where there is none: a newer one on the PATH stays.
+        command -v node >/dev/null || missing+=(nodejs npm)
+    fi
     if [ ${#missing[@]} -gt 0 ]; then
         say "installing: ${missing[*]}"
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
+}
+
+# The OpenID provider's Node packages (tests/tools/oidc/package-lock.json).
+idp_packages() {
+    [ "${SK_IDP:-0}" = 1 ] || return 0
+    local dir="$ROOT/tests/tools/oidc"
+    [ -d "$dir/node_modules/oidc-provider" ] && return 0
+    if [ "${SK_SKIP_PACKAGES:-0}" = 1 ] || ! command -v npm >/dev/null; then
+        die "SK_IDP=1 needs the provider's packages: run 'npm ci --prefix tests/tools/oidc'"
+    fi
+    say "installing the OpenID provider's packages (npm ci --prefix tests/tools/oidc)"
+    npm ci --prefix "$dir" --no-audit --no-fund >/dev/null
 }
 
 binaries() {
@@ -112,8 +140,9 @@ SITES="site"
 if [ "$NCONNECTORS" -ge 2 ]; then SITES="site site2"; fi
 HOSTS="laptop laptop2 inet $BROKERS $SITES app nas web"
 if [ "${SK_LOAD:-0}" = 1 ]; then HOSTS="$HOSTS load"; fi
+if [ "${SK_IDP:-0}" = 1 ]; then HOSTS="$HOSTS idp"; fi
 # Every host this script may have made (down removes what exists of them).
-ALL_HOSTS="laptop laptop2 inet broker broker2 site site2 app nas web load"
+ALL_HOSTS="laptop laptop2 inet broker broker2 site site2 app nas web load idp"
 
 # Broker i (1 or 2): its host, address, and the WireGuard endpoint devices are given.
 broker_host() { if [ "$1" = 1 ]; then echo broker; else echo "broker$1"; fi; }
@@ -174,6 +203,10 @@ topology() {
         done | ip -n "$(ns load)" -batch -
         ip -n "$(ns load)" route add default via 10.99.19.254
     fi
+    if [ "${SK_IDP:-0}" = 1 ]; then
+        link inet to-idp 10.99.5.1/24 idp eth0 10.99.5.2/24
+        ip -n "$(ns idp)" route add default via 10.99.5.1
+    fi
     link inet to-site 10.99.3.1/24 site eth0 10.99.3.2/24
     # The site's private network: a bridge on the app host; each connector host has a leg.
     ip -n "$(ns app)" link add br0 type bridge
@@ -201,7 +234,10 @@ topology() {
     ip -n "$(ns app)" addr add 10.20.0.53/24 dev br0
     ip -n "$(ns inet)" addr add 10.99.0.53/32 dev lo
     # What the laptops' system resolver uses before the client takes over.
-    for h in laptop laptop2; do
+    local resolving="laptop laptop2"
+    # The brokers find the OpenID provider (idp.example) through the internet DNS too.
+    if [ "${SK_IDP:-0}" = 1 ]; then resolving="$resolving $BROKERS"; fi
+    for h in $resolving; do
         mkdir -p "/etc/netns/$(ns "$h")"
         printf 'nameserver 10.99.0.53\n' >"/etc/netns/$(ns "$h")/resolv.conf"
     done
@@ -237,7 +273,9 @@ configure() {
         echo "203.0.113.80 web.public.example"
         echo "192.0.2.80 cdn.video.example"
         for i in $(seq 1 100); do echo "10.99.6.$i big.public.example"; done
+        if [ "${SK_IDP:-0}" = 1 ]; then echo "10.99.5.2 idp.example"; fi
     } >"$STATE/inet-hosts"
+    if [ "${SK_IDP:-0}" = 1 ]; then idp_config; fi
     local i
     for i in $(seq 1 "$NBROKERS"); do
         broker_config "$i"
@@ -249,6 +287,63 @@ configure() {
     head -c 10485760 /dev/urandom >"$STATE/www-web/10mb.bin"
     head -c 10485760 /dev/urandom >"$STATE/www/10mb.bin"
     cp "$(command -v sleep)" "$STATE/edr/$EDR"
+}
+
+# The OpenID provider's files (SK_IDP=1), in $STATE/idp: its own CA and the server certificate
+# for idp.example, the users with random passwords, the client "sekisho" with a random secret.
+idp_config() {
+    local idp="$STATE/idp"
+    mkdir -p "$idp"
+    chmod 700 "$idp"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
+        -subj "/CN=Sekisho quickstart IdP CA" -keyout "$idp/ca.key" -out "$idp/ca.pem" 2>/dev/null
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=idp.example" \
+        -keyout "$idp/key.pem" -out "$idp/cert.csr" 2>/dev/null
+    printf '%s\n' "subjectAltName=DNS:idp.example,IP:10.99.5.2" "extendedKeyUsage=serverAuth" \
+        "basicConstraints=critical,CA:FALSE" >"$idp/cert.ext"
+    openssl x509 -req -in "$idp/cert.csr" -CA "$idp/ca.pem" -CAkey "$idp/ca.key" -CAcreateserial \
+        -days 30 -extfile "$idp/cert.ext" -out "$idp/cert.pem" 2>/dev/null
+    rm -f "$idp/cert.csr" "$idp/cert.ext" "$idp/ca.srl"
+    chmod 600 "$idp/ca.key" "$idp/key.pem"
+    local secret
+    secret=$(openssl rand -hex 32)
+    (umask 077 && printf '%s' "$secret" >"$idp/client_secret")
+    SECRET=$secret python3 - "$idp" <<'PY'
+import json, os, secrets, sys
+d = sys.argv[1]
+users = [
+    {"sub": "sub-" + secrets.token_hex(8), "username": name, "password": secrets.token_hex(8),
+     "email": f"{name}@corp.example", "name": full, "groups": groups}
+    for name, full, groups in [
+        ("alice", "Alice Example", ["engineering", "sekisho-admins"]),
+        ("bob", "Bob Example", ["finance"]),
+        ("carol", "Carol Example", ["auditors"]),
+    ]
+]
+clients = [{
+    "client_id": "sekisho",
+    "client_secret": os.environ["SECRET"],
+    "client_name": "Sekisho",
+    "application_type": "native",
+    "redirect_uris": ["http://127.0.0.1/callback"],
+    "response_types": ["code"],
+    "grant_types": ["authorization_code", "urn:ietf:params:oauth:grant-type:device_code"],
+    "token_endpoint_auth_method": "client_secret_basic",
+    "id_token_signed_response_alg": "RS256",
+    "require_auth_time": True,
+}]
+for name, value in (("users.json", users), ("clients.json", clients)):
+    fd = os.open(os.path.join(d, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+PY
+}
+
+# The provider answers discovery, seen from the first broker's host (name, route, certificate).
+idp_ready() {
+    inns broker curl -sf --noproxy '*' -m 2 --cacert "$STATE/idp/ca.pem" \
+        https://idp.example/.well-known/openid-configuration
 }
 
 # broker_config I: the config of broker I. Brokers share the store (one SQLite file here;
@@ -356,6 +451,7 @@ daemon_ns() {
         edr) echo laptop ;;
         site-dns) echo app ;;
         inet-dns) echo inet ;;
+        idp) echo idp ;;
         *) die "unknown daemon $1" ;;
     esac
 }
@@ -388,6 +484,9 @@ daemon_cmd() {
         inet-dns) echo "dnsmasq --keep-in-foreground --user=root --no-resolv --no-hosts \
 --bind-interfaces --listen-address=10.99.0.53 --log-queries --log-facility=- \
 --addn-hosts=$STATE/inet-hosts --address=/#/" ;;
+        idp) echo "node $ROOT/tests/tools/oidc/provider.mjs --issuer https://idp.example \
+--listen 10.99.5.2:443 --tls-cert $STATE/idp/cert.pem --tls-key $STATE/idp/key.pem \
+--state-dir $STATE/idp" ;;
     esac
 }
 
@@ -441,6 +540,7 @@ handshaken() {
 up() {
     need_root
     install_packages
+    idp_packages
     binaries
     if ip netns list | grep -q "^$(ns broker)\b"; then
         die "namespace $(ns broker) exists: run '$0 down' first"
@@ -454,6 +554,10 @@ up() {
     start inet-dns
     start nas
     start web
+    if [ "${SK_IDP:-0}" = 1 ]; then
+        start idp
+        wait_for "the OpenID provider (https://idp.example)" 30 idp_ready
+    fi
     start broker
     wait_for "the broker" 20 test -S "$STATE/broker.sock"
     wait_for "the control API" 20 admin_ready
@@ -508,12 +612,21 @@ Sekisho is up. Things to try:
   # remove everything
   $0 down
 EOF
+    if [ "${SK_IDP:-0}" = 1 ]; then
+        cat <<EOF
+
+The OpenID provider https://idp.example (host $(ns idp)) signs in alice, bob and carol with the
+passwords in $STATE/idp/users.json; the client "sekisho" has its secret in
+$STATE/idp/client_secret; its CA is $STATE/idp/ca.pem; its log $STATE/idp.log.
+  ip netns exec $(ns broker) curl --cacert $STATE/idp/ca.pem https://idp.example/.well-known/openid-configuration
+EOF
+    fi
 }
 
 down() {
     need_root
     for d in client-alice client-bob connector connector2 broker broker2 relay1 relay2 link-relay \
-        nas web app edr site-dns inet-dns; do stop "$d"; done
+        nas web app edr site-dns inet-dns idp; do stop "$d"; done
     for h in $ALL_HOSTS; do
         local n
         n=$(ns "$h")
@@ -531,7 +644,7 @@ status() {
     SK_BIN=${SK_BIN:-$ROOT/target/release}
     binaries
     for d in broker broker2 relay1 relay2 link-relay connector connector2 client-alice client-bob \
-        app nas web edr site-dns inet-dns; do
+        app nas web edr site-dns inet-dns idp; do
         if [ -f "$STATE/$d.pid" ] && kill -0 "$(cat "$STATE/$d.pid")" 2>/dev/null; then
             say "$d: running (pid $(cat "$STATE/$d.pid"))"
         else
