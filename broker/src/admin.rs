@@ -80,6 +80,15 @@ enum AdminCommand {
     /// Admin tokens: named, with a role and an expiry, listed and revoked (admin role only).
     #[command(subcommand)]
     AdminToken(AdminTokenCommand),
+    /// Sign in through the company's identity provider (a code to enter in a browser on any
+    /// device) and write the admin token you get to the token file (mode 0600). The role
+    /// comes from your groups through the policy's `[identity] admin_roles`; the token
+    /// expires after the control plane's `oidc.admin_session`.
+    Login {
+        /// Use the system browser with a return to 127.0.0.1 instead of a code.
+        #[arg(long)]
+        browser: bool,
+    },
     /// Explain a decision: can USER's (or DEVICE's) traffic reach ADDRESS:PORT, and which
     /// rule says so? Exit code 0 when allowed, 1 when denied.
     Explain {
@@ -220,7 +229,8 @@ struct Conn {
 }
 
 impl Conn {
-    fn client(&self) -> Result<ApiClient> {
+    /// The API URL, its CA certificate and the admin token file.
+    fn endpoints(&self) -> Result<(String, PathBuf, PathBuf)> {
         let ctl = self.config.as_ref().and_then(|c| c.control.as_ref());
         let server = self
             .server
@@ -236,7 +246,12 @@ impl Conn {
             .token_file
             .clone()
             .or_else(|| ctl.map(|c| c.admin_token_file.clone()))
-            .context("no admin token: pass --token-file or --config")?;
+            .context("no admin token file: pass --token-file or --config")?;
+        Ok((server, ca, token_file))
+    }
+
+    fn client(&self) -> Result<ApiClient> {
+        let (server, ca, token_file) = self.endpoints()?;
         let ca_pem = std::fs::read_to_string(&ca)
             .with_context(|| format!("cannot read the CA certificate {}", ca.display()))?;
         let token = std::fs::read_to_string(&token_file)
@@ -344,6 +359,7 @@ pub(crate) fn rotated_text(r: &api::SigningKeyRotated) -> String {
 async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
     match command {
         AdminCommand::Init { name, force } => init(&conn, &name, force).await,
+        AdminCommand::Login { browser } => login(&conn, browser, json).await,
         AdminCommand::User(UserCommand::Add { name, groups }) => {
             let u: api::UserInfo =
                 post(&conn, "/v1/admin/users", &api::CreateUser { name, groups }).await?;
@@ -625,6 +641,39 @@ async fn apply(conn: &Conn, file: &Path, json: bool) -> Result<()> {
         }),
         Err(e) => bail!("policy not applied: {e}"),
     }
+}
+
+/// `admin login`: an admin token by signing in through the identity provider.
+async fn login(conn: &Conn, browser: bool, json: bool) -> Result<()> {
+    let (server, ca, token_file) = conn.endpoints()?;
+    let ca_pem = std::fs::read_to_string(&ca)
+        .with_context(|| format!("cannot read the CA certificate {}", ca.display()))?;
+    let api = ApiClient::new(&server, ca_tls(&ca_pem)?, None)?;
+    let method = if browser {
+        sekisho_sys::login::Method::Browser
+    } else {
+        sekisho_sys::login::Method::DeviceCode
+    };
+    let r = sekisho_sys::login::sign_in(&api, "admin", method, None).await?;
+    let token = r
+        .admin_token
+        .as_deref()
+        .context("the control plane sent no admin token")?;
+    if let Some(dir) = token_file.parent() {
+        std::fs::create_dir_all(dir).ok();
+    }
+    crate::pki::write_private(&token_file, &format!("{token}\n"))?;
+    let out = serde_json::json!({"user": r.user, "role": r.role, "expires_at": r.expires_at,
+        "token_file": token_file});
+    print(json, &out, |_| {
+        format!(
+            "signed in as {:?} with role {}; admin token written to {} (expires {})",
+            r.user.as_deref().unwrap_or("?"),
+            r.role.map(|r| r.to_string()).unwrap_or_default(),
+            token_file.display(),
+            r.expires_at.map(when).unwrap_or_default()
+        )
+    })
 }
 
 async fn init(conn: &Conn, name: &str, force: bool) -> Result<()> {

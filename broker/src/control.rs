@@ -1745,6 +1745,7 @@ async fn posture(
         expires_at: now + lifetime,
         refresh_after: lifetime / 2,
         config: ctl.device_config(&dev, ctl.store.dead_overrides(&dev.name, now).await?),
+        signed_in_at: claims.auth_time,
     }))
 }
 

@@ -127,6 +127,42 @@ enum Command {
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         check_interval: Duration,
     },
+    /// Sign in through the company's identity provider: enrolls this device the first time
+    /// (the WireGuard key is made here and never sent), signs in again later (sensitive
+    /// applications may want a recent sign-in; a running client picks it up at once).
+    /// Uses the system browser ($BROWSER, or xdg-open in a desktop session) with a return to
+    /// 127.0.0.1; without one, prints a code to enter on another device.
+    Login {
+        /// Control API URL, like https://broker.example.com:8443 (default: the enrolled
+        /// device's).
+        #[arg(long)]
+        server: Option<String>,
+        /// CA certificate (PEM) of the control API (default: the enrolled device's ca.pem,
+        /// else the system's CAs).
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+        /// The control API CA certificate's SHA-256 (hex), instead of --ca.
+        #[arg(long, value_name = "SHA256")]
+        ca_pin: Option<String>,
+        /// Use the device code (RFC 8628) even where a browser could open.
+        #[arg(long)]
+        device_code: bool,
+        /// Device name for a first sign-in (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Where the key, credential, CA certificate and client.toml are (or go).
+        #[arg(long, default_value = "/etc/sekisho")]
+        dir: PathBuf,
+        /// TUN interface name written into a new config.
+        #[arg(long, default_value = "sekisho0")]
+        interface: String,
+        /// How often the posture checks run (written into a new config).
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        check_interval: Duration,
+        /// Control socket of a running client, told to refresh its posture token.
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
 }
 
 const DEFAULT_SOCKET: &str = "/run/sekisho/client.sock";
@@ -320,6 +356,27 @@ fn main() {
             interface,
             check_interval,
         } => enroll(&server, &token, name, &dir, &interface, check_interval),
+        Command::Login {
+            server,
+            ca,
+            ca_pin,
+            device_code,
+            name,
+            dir,
+            interface,
+            check_interval,
+            socket,
+        } => login_command(LoginArgs {
+            server,
+            ca,
+            ca_pin,
+            device_code,
+            name,
+            dir,
+            interface,
+            check_interval,
+            socket,
+        }),
     };
     if let Err(e) = result {
         eprintln!("sekisho-client: {e:#}");
@@ -379,12 +436,7 @@ fn enroll(
 ) -> Result<()> {
     use sekisho_proto::api::{EnrollDeviceRequest, EnrollDeviceResponse};
     let (token, ca_sha256) = sekisho_sys::http::enrollment_token(token)?;
-    let name = match name {
-        Some(n) => n,
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .context("cannot read the host name; pass --name")?,
-    };
+    let name = device_name(name)?;
     let config_path = dir.join("client.toml");
     if config_path.exists() {
         anyhow::bail!(
@@ -401,13 +453,55 @@ fn enroll(
     };
     let resp: EnrollDeviceResponse =
         sekisho_sys::http::enroll(server, ca_sha256, "/v1/enroll/device", &request)?;
-    // Written only after the control plane accepted the key: a refused enrollment leaves
-    // nothing behind.
+    let c = write_enrollment(
+        dir,
+        &key,
+        &resp.config,
+        &resp.credential,
+        &resp.ca_pem,
+        server,
+        ifname,
+        check_interval,
+        "enroll",
+    )?;
+    println!(
+        "enrolled {:?} (user {:?}) with address {}; run: sekisho-client run -c {}",
+        c.device,
+        c.user,
+        c.address,
+        config_path.display()
+    );
+    Ok(())
+}
+
+fn device_name(name: Option<String>) -> Result<String> {
+    match name {
+        Some(n) => Ok(n),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .context("cannot read the host name; pass --name"),
+    }
+}
+
+/// Writes an enrolled device's folder: key, credential, CA, client.toml. Called only after
+/// the control plane accepted the key: a refused enrollment leaves nothing behind.
+#[allow(clippy::too_many_arguments)]
+fn write_enrollment<'c>(
+    dir: &Path,
+    key: &PrivateKey,
+    c: &'c sekisho_proto::api::DeviceConfig,
+    credential: &str,
+    ca_pem: &str,
+    server: &str,
+    ifname: &str,
+    check_interval: Duration,
+    by: &str,
+) -> Result<&'c sekisho_proto::api::DeviceConfig> {
+    let config_path = dir.join("client.toml");
     let key_file = dir.join("private.key");
     write_secret(&key_file, &key.to_base64())?;
-    write_secret(&dir.join("credential"), &resp.credential)?;
-    std::fs::write(dir.join("ca.pem"), &resp.ca_pem)?;
-    let c = &resp.config;
+    write_secret(&dir.join("credential"), credential)?;
+    std::fs::write(dir.join("ca.pem"), ca_pem)?;
     if c.brokers.is_empty() {
         anyhow::bail!("the control plane named no broker");
     }
@@ -451,20 +545,118 @@ fn enroll(
         }),
     };
     let text = format!(
-        "# Written by `sekisho-client enroll` for device {:?} of user {:?}.\n{}",
+        "# Written by `sekisho-client {by}` for device {:?} of user {:?}.\n{}",
         c.device,
         c.user,
         toml::to_string(&config)?
     );
     std::fs::write(&config_path, text)?;
-    println!(
-        "enrolled {:?} (user {:?}) with address {}; run: sekisho-client run -c {}",
-        c.device,
-        c.user,
-        c.address,
-        config_path.display()
-    );
-    Ok(())
+    Ok(c)
+}
+
+struct LoginArgs {
+    server: Option<String>,
+    ca: Option<PathBuf>,
+    ca_pin: Option<String>,
+    device_code: bool,
+    name: Option<String>,
+    dir: PathBuf,
+    interface: String,
+    check_interval: Duration,
+    socket: PathBuf,
+}
+
+/// `sekisho-client login`: a first sign-in enrolls the device; a later one refreshes the
+/// sign-in of the enrolled device (its key identifies it) and tells a running client.
+fn login_command(a: LoginArgs) -> Result<()> {
+    let config_path = a.dir.join("client.toml");
+    let enrolled = if config_path.exists() {
+        Some(load_config(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?)
+    } else {
+        None
+    };
+    let server = match (&a.server, &enrolled) {
+        (Some(s), _) => s.clone(),
+        (None, Some(c)) => c
+            .control
+            .as_ref()
+            .map(|c| c.url.clone())
+            .context("the enrolled config names no control API; pass --server")?,
+        (None, None) => anyhow::bail!("pass --server (the control API URL) for a first sign-in"),
+    };
+    use sekisho_sys::login;
+    let tls = login::api_tls(&a.dir, a.ca.as_deref(), a.ca_pin.as_deref())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let api = sekisho_sys::http::ApiClient::new(&server, tls, None)?;
+    let method = if a.device_code {
+        login::Method::DeviceCode
+    } else {
+        login::Method::detect()
+    };
+    match enrolled {
+        Some(c) => {
+            let key = PrivateKey::read_file(&c.interface.private_key_file)?;
+            let device = sekisho_proto::api::LoginDevice {
+                public_key: key.public().to_string(),
+                name: device_name(a.name)?,
+            };
+            let r = rt.block_on(login::sign_in(&api, "device", method, Some(device)))?;
+            let dc = r
+                .config
+                .as_ref()
+                .context("the control plane sent no device config")?;
+            println!(
+                "signed in again as {:?} on {:?} (groups: {})",
+                r.user.as_deref().unwrap_or("?"),
+                dc.device,
+                r.groups.join(", ")
+            );
+            // A running client asks for a token with the new sign-in time now.
+            match status::ask(&a.socket, &status::Request::Refresh) {
+                Ok(_) => println!("the running client refreshes its posture token now"),
+                Err(_) => println!("no running client at {}", a.socket.display()),
+            }
+            Ok(())
+        }
+        None => {
+            std::fs::create_dir_all(&a.dir)
+                .with_context(|| format!("cannot create {}", a.dir.display()))?;
+            let key = PrivateKey::generate();
+            let device = sekisho_proto::api::LoginDevice {
+                public_key: key.public().to_string(),
+                name: device_name(a.name)?,
+            };
+            let r = rt.block_on(login::sign_in(&api, "device", method, Some(device)))?;
+            let (Some(dc), Some(cred), Some(ca)) = (&r.config, &r.credential, &r.ca_pem) else {
+                anyhow::bail!(
+                    "the control plane did not enroll this device (its key is known already?)"
+                );
+            };
+            let c = write_enrollment(
+                &a.dir,
+                &key,
+                dc,
+                cred,
+                ca,
+                &server,
+                &a.interface,
+                a.check_interval,
+                "login",
+            )?;
+            println!(
+                "signed in as {:?} (groups: {}); enrolled {:?} with address {}; run: \
+                 sekisho-client run -c {}",
+                c.user,
+                r.groups.join(", "),
+                c.device,
+                c.address,
+                config_path.display()
+            );
+            Ok(())
+        }
+    }
 }
 
 fn load_config(path: &Path) -> Result<ClientConfig, ConfigError> {
@@ -633,6 +825,7 @@ async fn run(config: ClientConfig) -> Result<()> {
         guard: Default::default(),
         posture: Default::default(),
         device: Default::default(),
+        refresh: Default::default(),
     };
     {
         let mut d = views.device.lock().unwrap_or_else(|e| e.into_inner());
@@ -943,6 +1136,7 @@ async fn posture_loop(mut setup: PostureSetup, links: PostureLinks) {
                             .unwrap_or_else(|e| e.into_inner());
                         p.checks = results.clone();
                         p.token_expires = Some(resp.expires_at);
+                        p.signed_in_at = resp.signed_in_at;
                         p.last_refresh = Some(
                             humantime::format_rfc3339_seconds(std::time::SystemTime::now())
                                 .to_string(),
@@ -962,7 +1156,11 @@ async fn posture_loop(mut setup: PostureSetup, links: PostureLinks) {
                 }
             }
         }
-        tokio::time::sleep(setup.interval).await;
+        tokio::select! {
+            _ = tokio::time::sleep(setup.interval) => {}
+            // `sekisho-client login` signed in again: a token with the new sign-in time now.
+            _ = links.views.refresh.notified() => refresh_at = Instant::now(),
+        }
     }
 }
 

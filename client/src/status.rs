@@ -21,8 +21,12 @@ use crate::killswitch::{GuardCmd, GuardView};
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
     Status,
-    Override { code: String },
+    Override {
+        code: String,
+    },
     CaptivePortal,
+    /// Ask the control plane for a new posture token now (after `login`).
+    Refresh,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -40,6 +44,8 @@ pub struct PostureView {
     pub token_expires: Option<u64>,
     pub last_refresh: Option<String>,
     pub last_error: Option<String>,
+    /// When the user last signed in through the identity provider (Unix seconds).
+    pub signed_in_at: Option<u64>,
 }
 
 /// What the device may reach, from the latest configuration.
@@ -59,6 +65,8 @@ pub struct Views {
     pub guard: Arc<Mutex<GuardView>>,
     pub posture: Arc<Mutex<PostureView>>,
     pub device: Arc<Mutex<DeviceView>>,
+    /// Wakes the posture loop for a refresh now.
+    pub refresh: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Serialize)]
@@ -156,6 +164,14 @@ async fn answer(stream: UnixStream, views: Views, guard: mpsc::Sender<GuardCmd>)
             let (tx, rx) = oneshot::channel();
             let _ = guard.send(GuardCmd::Captive { reply: tx }).await;
             reply_of(rx.await)
+        }
+        Ok(Request::Refresh) => {
+            views.refresh.notify_one();
+            Answer {
+                ok: true,
+                message: "posture token refresh asked for".into(),
+                status: None,
+            }
         }
         Err(e) => Answer {
             ok: false,
@@ -294,6 +310,16 @@ pub fn human(s: &serde_json::Value) -> String {
             checks.join(", ")
         }
     ));
+    o.push_str(&format!(
+        "Sign-in: {}\n",
+        match p["signed_in_at"].as_u64() {
+            Some(t) => humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)
+            )
+            .to_string(),
+            None => "never through the identity provider (enrolled with a token)".into(),
+        }
+    ));
     let apps: Vec<String> = s["applications"]
         .as_array()
         .into_iter()
@@ -328,6 +354,16 @@ pub fn human(s: &serde_json::Value) -> String {
             }
         }
         _ => o.push_str("Latest denials: none\n"),
+    }
+    let too_old = denials.into_iter().flatten().any(|d| {
+        d["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("sign-in too old"))
+    });
+    if too_old {
+        o.push_str(
+            "Sign-in too old for some applications: run `sekisho-client login` to sign in again.\n",
+        );
     }
     o
 }

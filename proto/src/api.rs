@@ -272,6 +272,9 @@ pub struct PostureResponse {
     pub refresh_after: u64,
     /// The current device configuration (routes and checks follow policy changes).
     pub config: DeviceConfig,
+    /// When the user last signed in through the identity provider on this device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_in_at: Option<u64>,
 }
 
 /// `POST /v1/enroll/connector`: a PKCS#10 request; the key stays on the connector.

@@ -6,6 +6,7 @@
 mod error;
 pub mod http;
 pub mod link;
+pub mod login;
 pub mod metrics;
 mod netlink;
 mod nft;
