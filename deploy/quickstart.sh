@@ -63,10 +63,15 @@
 #                       loopback port of http://127.0.0.1/callback, PKCE, device flow) and its
 #                       secret in client_secret, the signing keys (jwks.json; replace the file
 #                       and restart idp to rotate), and `tamper` (see tests/tools/oidc)
+#   SK_SSO=1            sign-in through that provider (implies SK_IDP=1): the control plane
+#                       is its relying party ([control.oidc] in broker.toml); no user is made
+#                       and no laptop enrolled by the script: people sign in with
+#                       `sekisho-client login` (see the README, "Sign-in").
 set -euo pipefail
 
 P=${SK_PREFIX:-sk-}
 STATE=${SK_STATE:-/run/sekisho-quickstart}
+if [ "${SK_SSO:-0}" = 1 ]; then SK_IDP=1; fi
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 
@@ -389,6 +394,18 @@ uplink = "eth0"
 [metrics]
 listen = "127.0.0.1:9464"
 EOF
+    if [ "${SK_SSO:-0}" = 1 ]; then
+        cat >>"$conf" <<EOF
+
+# Sign-in through the company's OpenID provider: devices with sekisho-client login,
+# admins with sekisho-broker admin login.
+[control.oidc]
+issuer = "https://idp.example"
+client_id = "sekisho"
+client_secret_file = "$STATE/idp/client_secret"
+ca_file = "$STATE/idp/ca.pem"
+EOF
+    fi
     # The first broker's decision log keeps its historical name.
     if [ "$i" = 1 ]; then sed -i 's|decisions-broker.jsonl|decisions.jsonl|' "$conf"; fi
 }
@@ -400,6 +417,11 @@ admin() { inns broker "$BIN/sekisho-broker" admin --config "$STATE/broker.toml" 
 # `enroll` on each machine, which makes its own key. No key is written by hand.
 enroll_all() {
     admin init >/dev/null
+    if [ "${SK_SSO:-0}" = 1 ]; then
+        # People sign in; only the connectors enroll with tokens.
+        enroll_connectors
+        return
+    fi
     admin user add alice --group engineering >/dev/null
     admin user add bob --group finance >/dev/null
     # Now that its users exist, apply the policy with its tests.
@@ -412,10 +434,19 @@ enroll_all() {
             --token "$t" --name "${who%%:*}-laptop" --dir "$STATE/${who%%:*}" \
             --check-interval "${SK_CHECK_INTERVAL:-2s}" >/dev/null
         # Two clients on one machine: each its own control socket.
-        sed -i -e "s|^control_socket = .*|control_socket = \"$STATE/${who%%:*}/client.sock\"|" \
-            -e "s|^config_refresh = .*|config_refresh = \"${SK_CONFIG_REFRESH:-5s}\"|" \
-            "$STATE/${who%%:*}/client.toml"
+        client_settings "${who%%:*}"
     done
+    enroll_connectors
+}
+
+# Two clients on one machine: each its own control socket; the quickstart's refresh period.
+client_settings() {
+    sed -i -e "s|^control_socket = .*|control_socket = \"$STATE/$1/client.sock\"|" \
+        -e "s|^config_refresh = .*|config_refresh = \"${SK_CONFIG_REFRESH:-5s}\"|" \
+        "$STATE/$1/client.toml"
+}
+
+enroll_connectors() {
     local h dir
     for h in $SITES; do
         dir=$(connector_dir "$h")
@@ -574,6 +605,22 @@ up() {
     enroll_all
     start connector
     if [ "$NCONNECTORS" -ge 2 ]; then start connector2; fi
+    if [ "${SK_SSO:-0}" = 1 ]; then
+        wait_for "the connector link" 30 linked
+        cat <<EOF
+Sekisho is up, with sign-in through https://idp.example (users and passwords in
+$STATE/idp/users.json). Sign alice's laptop in (the browser here is a script that types
+her password; a real one opens from \$BROWSER or xdg-open):
+
+  ip netns exec $(ns laptop) env BROWSER="python3 $ROOT/tests/tools/oidc_browser.py --ca $STATE/idp/ca.pem --user alice --password \$(python3 -c 'import json;print([u for u in json.load(open("$STATE/idp/users.json")) if u["username"]=="alice"][0]["password"])')" \
+    $BIN/sekisho-client login --server https://10.99.2.2:8443 --ca $STATE/pki/ca.pem --name alice-laptop --dir $STATE/alice
+  $0 client-settings alice && $0 start client-alice
+  ip netns exec $(ns laptop) curl http://10.20.0.10/
+
+Without a browser, add --device-code: it prints a code to enter at https://idp.example/device.
+EOF
+        return
+    fi
     start client-alice
     start client-bob
     wait_for "the connector link" 30 linked
@@ -662,5 +709,6 @@ case ${1:-} in
     stop) need_root; stop "${2:?daemon name}" TERM ;;
     kill) need_root; stop "${2:?daemon name}" KILL ;;
     admin) need_root; SK_BIN=${SK_BIN:-$ROOT/target/release}; binaries; shift; admin "$@" ;;
+    client-settings) client_settings "${2:?user (alice or bob)}" ;;
     *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -277,10 +277,7 @@ pub(super) async fn finish(State(ctl): Ctl, body: Bytes) -> ApiResult<api::Login
         .check_id_token(&id_token, nonce.as_deref(), now, max_age(&policy))
         .await
         .map_err(|e| match e {
-            VerifyError::Refused(r) => refuse(bad(
-                StatusCode::UNAUTHORIZED,
-                format!("sign-in refused: {r}"),
-            )),
+            VerifyError::Refused(r) => refuse(bad(StatusCode::UNAUTHORIZED, r.to_string())),
             VerifyError::Provider(p) => refuse(provider_err(p)),
         })?;
     let username = identity.username.clone();
