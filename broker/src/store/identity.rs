@@ -355,3 +355,180 @@ impl Store {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn sign_in_records(url: &str) {
+        let store = Store::open(url).await.unwrap();
+        let none = Reserved::default();
+        let range: IpNet = "100.118.0.0/16".parse().unwrap();
+        let governed = ["engineering".to_string(), "finance".to_string()];
+        fn alice<'a>(create: bool, member: &'a [String], governed: &'a [String]) -> SignIn<'a> {
+            SignIn {
+                subject: "https://idp.example s-1",
+                username: "alice",
+                email: Some("alice@example.com"),
+                display_name: Some("Alice"),
+                member_of: member,
+                governed,
+                create,
+            }
+        }
+        let eng = ["engineering".to_string()];
+        let fin = ["finance".to_string()];
+        let nothing: [String; 0] = [];
+        // Users must exist when the setting says so; nothing is created then.
+        assert_eq!(
+            store
+                .sign_in_user(&alice(false, &eng, &governed), 10)
+                .await
+                .unwrap(),
+            Err(SignInRefusal::NoUser("alice".into()))
+        );
+        assert!(store.users().await.unwrap().is_empty());
+        // Created on first sign-in, in the mapped groups.
+        assert_eq!(
+            store
+                .sign_in_user(&alice(true, &eng, &governed), 10)
+                .await
+                .unwrap(),
+            Ok("alice".to_string())
+        );
+        // An admin's group outside the mapping stays; the mapped ones follow the provider.
+        store.create_group("oncall", 11).await.unwrap();
+        sqlx::query("INSERT INTO user_groups (user_name, group_name) VALUES ('alice', 'oncall')")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        store
+            .sign_in_user(&alice(false, &fin, &governed), 12)
+            .await
+            .unwrap()
+            .unwrap();
+        let u = store.users().await.unwrap();
+        assert_eq!(u[0].groups, ["finance", "oncall"]);
+        store
+            .sign_in_user(&alice(false, &nothing, &governed), 12)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(store.users().await.unwrap()[0].groups, ["oncall"]);
+        // Another identity of the provider cannot take alice's name.
+        let mallory = SignIn {
+            subject: "https://idp.example s-2",
+            ..alice(true, &nothing, &governed)
+        };
+        assert_eq!(
+            store.sign_in_user(&mallory, 13).await.unwrap(),
+            Err(SignInRefusal::Taken("alice".into()))
+        );
+        // A user an admin made is linked by name on their first sign-in.
+        store.create_user("bob", &[], 14).await.unwrap();
+        let bob = SignIn {
+            subject: "https://idp.example s-3",
+            username: "bob",
+            ..alice(false, &nothing, &governed)
+        };
+        assert_eq!(
+            store.sign_in_user(&bob, 15).await.unwrap(),
+            Ok("bob".to_string())
+        );
+        store.set_user_disabled("bob", true).await.unwrap();
+        assert_eq!(
+            store.sign_in_user(&bob, 16).await.unwrap(),
+            Err(SignInRefusal::Disabled("bob".into()))
+        );
+
+        // Devices: enrolled by the first sign-in, re-authenticated by the next (same key).
+        let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let (dev, cred) = store
+            .sign_in_device("alice", "alice-laptop", key, 100, 101, range, &none)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(cred.is_some());
+        assert_eq!(
+            store.device_signed_in_at("alice-laptop").await.unwrap(),
+            Some(100)
+        );
+        let (again, cred) = store
+            .sign_in_device("alice", "other-name", key, 200, 201, range, &none)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((again.name.as_str(), cred), ("alice-laptop", None));
+        assert_eq!(again.address, dev.address);
+        assert_eq!(
+            store.device_signed_in_at("alice-laptop").await.unwrap(),
+            Some(200)
+        );
+        // Someone else's key or a taken name: refused, nothing changed.
+        assert!(matches!(
+            store
+                .sign_in_device("bob", "bob-laptop", key, 300, 301, range, &none)
+                .await
+                .unwrap(),
+            Err(SignInRefusal::Device(_))
+        ));
+        let other = "HyAhIiMkJSYnKCkqKywtLi8wMTIzNDU2Nzg5Ojs8PT4=";
+        assert!(matches!(
+            store
+                .sign_in_device("bob", "alice-laptop", other, 300, 301, range, &none)
+                .await
+                .unwrap(),
+            Err(SignInRefusal::Device(_))
+        ));
+        // A revoked device does not come back by signing in.
+        store.revoke_device("alice-laptop", 400).await.unwrap();
+        assert!(matches!(
+            store
+                .sign_in_device("alice", "alice-laptop", key, 500, 501, range, &none)
+                .await
+                .unwrap(),
+            Err(SignInRefusal::Device(_))
+        ));
+        assert_eq!(store.devices().await.unwrap().len(), 1);
+
+        // A login session is used once.
+        let s = LoginSession {
+            id: "l1".into(),
+            purpose: "device".into(),
+            method: "code".into(),
+            state: "st".into(),
+            nonce: "no".into(),
+            redirect_uri: Some("http://127.0.0.1:1/callback".into()),
+            device_code: None,
+            interval_s: 5,
+            created_at: 1000,
+            expires_at: 1600,
+            used_at: None,
+        };
+        store.create_login(&s).await.unwrap();
+        assert_eq!(store.login("l1").await.unwrap(), Some(s));
+        assert!(store.use_login("l1", 1001).await.unwrap());
+        assert!(!store.use_login("l1", 1002).await.unwrap());
+        assert_eq!(
+            store.login("l1").await.unwrap().unwrap().used_at,
+            Some(1001)
+        );
+    }
+
+    #[tokio::test]
+    async fn sign_in_records_on_sqlite() {
+        let dir = std::env::temp_dir().join(format!("sekisho-signin-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        sign_in_records(&format!("sqlite://{}/s.db", dir.display())).await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn sign_in_records_on_postgres() {
+        if std::env::var_os("SEKISHO_SKIP_POSTGRES").is_some() {
+            return;
+        }
+        let pg = sekisho_tests::pg::Postgres::start().expect("a local PostgreSQL");
+        sign_in_records(&pg.url()).await;
+    }
+}
