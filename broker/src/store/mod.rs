@@ -16,6 +16,7 @@ mod identity;
 mod overrides;
 mod policy;
 mod registry;
+pub(crate) mod scim;
 mod signing_keys;
 
 pub use identity::{LoginSession, SignIn, SignInRefusal};

@@ -47,6 +47,10 @@ impl Store {
             "(SELECT COUNT(*) FROM users WHERE disabled <> 0)",
             "(SELECT COUNT(*) FROM user_groups)",
             "(SELECT COUNT(*) FROM groups)",
+            // Renames and membership changes can leave every count as it was; each write
+            // through SCIM raises the record's updated_at (see store/scim.rs).
+            "(SELECT CAST(COALESCE(SUM(updated_at), 0) AS BIGINT) FROM users)",
+            "(SELECT CAST(COALESCE(SUM(updated_at), 0) AS BIGINT) FROM groups)",
             "(SELECT COALESCE(MAX(version), 0) FROM policies)",
             "(SELECT COUNT(*) FROM connectors)",
             "(SELECT COUNT(*) FROM connectors WHERE revoked_at IS NOT NULL)",
