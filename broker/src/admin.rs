@@ -80,6 +80,10 @@ enum AdminCommand {
     /// Admin tokens: named, with a role and an expiry, listed and revoked (admin role only).
     #[command(subcommand)]
     AdminToken(AdminTokenCommand),
+    /// SCIM tokens: what an identity provider's provisioning client calls /scim/v2 with
+    /// (admin role only).
+    #[command(subcommand)]
+    ScimToken(ScimTokenCommand),
     /// Sign in through the company's identity provider (a code to enter in a browser on any
     /// device) and write the admin token you get to the token file (mode 0600). The role
     /// comes from your groups through the policy's `[identity] admin_roles`; the token
@@ -195,6 +199,24 @@ enum AdminTokenCommand {
         ttl: Option<Duration>,
     },
     /// Revoke an admin token by its id: it stops working at once.
+    Revoke {
+        #[arg(allow_hyphen_values = true)]
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ScimTokenCommand {
+    /// A new SCIM token for a provisioning client (Entra ID, Okta, …), printed once: the
+    /// client's secret token for https://BROKER:PORT/scim/v2.
+    Create {
+        /// Recorded with the token; SCIM changes are audited as scim:NAME.
+        #[arg(long)]
+        name: String,
+    },
+    /// Every SCIM token: id, name, created, last used, revoked (never the secret).
+    List,
+    /// Revoke a SCIM token by its id: it stops working at once.
     Revoke {
         #[arg(allow_hyphen_values = true)]
         id: String,
@@ -539,6 +561,46 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
         AdminCommand::AdminToken(AdminTokenCommand::Revoke { id }) => {
             let d: serde_json::Value =
                 post(&conn, &format!("/v1/admin/admin-tokens/{id}/revoke"), &()).await?;
+            print(json, &d, |d| {
+                d["done"].as_str().unwrap_or_default().to_string()
+            })
+        }
+        AdminCommand::ScimToken(ScimTokenCommand::Create { name }) => {
+            let t: api::ScimTokenCreated = post(
+                &conn,
+                "/v1/admin/scim-tokens",
+                &api::CreateScimToken { name },
+            )
+            .await?;
+            print(json, &t, |t| {
+                format!(
+                    "SCIM token {} for {}, shown once (the provisioning client's secret token):\n{}",
+                    t.id, t.name, t.token
+                )
+            })
+        }
+        AdminCommand::ScimToken(ScimTokenCommand::List) => {
+            let list: Vec<api::ScimTokenInfo> = get(&conn, "/v1/admin/scim-tokens").await?;
+            print(json, &list, |l| {
+                l.iter()
+                    .map(|t| {
+                        format!(
+                            "{}  {:<16} created {}  last used {}{}",
+                            t.id,
+                            t.name,
+                            unix_text(t.created_at),
+                            t.used_at.map_or("never".to_string(), unix_text),
+                            t.revoked_at
+                                .map_or(String::new(), |r| format!("  revoked {}", unix_text(r)))
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        }
+        AdminCommand::ScimToken(ScimTokenCommand::Revoke { id }) => {
+            let d: serde_json::Value =
+                post(&conn, &format!("/v1/admin/scim-tokens/{id}/revoke"), &()).await?;
             print(json, &d, |d| {
                 d["done"].as_str().unwrap_or_default().to_string()
             })

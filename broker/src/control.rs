@@ -53,6 +53,8 @@ use sekisho_proto::tunnel::OverrideKey;
 use crate::config::ControlConfig;
 
 mod login;
+#[path = "scim/mod.rs"]
+mod scim;
 use crate::dataplane::DataPlane;
 use crate::pki::{Ca, cert_serial};
 use crate::store::{
@@ -1296,6 +1298,8 @@ fn admin_routes() -> Router<Arc<Control>> {
             "/v1/admin/admin-tokens/{id}/revoke",
             post(revoke_admin_token),
         )
+        // SCIM provisioning (/scim/v2, its own tokens) and the SCIM token admin routes.
+        .merge(scim::routes())
 }
 
 pub fn router_for(control: Arc<Control>, scope: Scope) -> Router {
@@ -1542,6 +1546,17 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// A user name: as [`valid_name`], and also '@' and '+', up to 128 characters, so that e-mail
+/// style names (a SCIM userName, an identity provider's username) are user names. User names
+/// go in URL paths of the admin API; nothing here needs encoding there.
+pub(crate) fn valid_user_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@' | '+'))
+}
+
 fn check_name(kind: &str, name: &str) -> Result<(), ApiErr> {
     if valid_name(name) {
         Ok(())
@@ -1770,7 +1785,15 @@ async fn create_user(
     body: Bytes,
 ) -> ApiResult<api::UserInfo> {
     let (req, _): (api::CreateUser, _) = parse_body(&body)?;
-    check_name("user", &req.name)?;
+    if !valid_user_name(&req.name) {
+        return Err(bad(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "bad user name {:?}: use 1-128 letters, digits, '-', '_', '.', '@' or '+'",
+                req.name
+            ),
+        ));
+    }
     for g in &req.groups {
         check_name("group", g)?;
     }
