@@ -1280,7 +1280,7 @@ impl Policy {
             .iter()
             .position(|a| a.matches(key))
             .map(|a| a as AppId);
-        self.conclude(user_id, key, posture, named, allow, first_app, now)
+        self.conclude(user_id, key, posture, allow, named.or(first_app), now)
     }
 
     /// Decides a flow through the compiled index: only the rules that name an application the
@@ -1344,9 +1344,8 @@ impl Policy {
             user_id,
             key,
             posture,
-            named,
             allow,
-            apps.first().copied(),
+            named.or(apps.first().copied()),
             now,
         )
     }
@@ -1358,9 +1357,10 @@ impl Policy {
         user_id: UserId,
         key: &FlowKey,
         posture: Option<&PostureClaims>,
-        named: Option<AppId>,
         allow: Option<(RuleId, AppId)>,
-        first_app: Option<AppId>,
+        // The application a denial names: the one a synthetic address stands for, else the
+        // first the flow matches.
+        application: Option<AppId>,
         now: u64,
     ) -> Decision {
         match allow {
@@ -1392,7 +1392,6 @@ impl Policy {
                 }
             }
             None => {
-                let application = named.or(first_app);
                 // Not an application at all: the internet, for a full-tunnel user.
                 if application.is_none()
                     && let Some(t) = self.tunnel_rule_for_user(user_id)
