@@ -66,11 +66,15 @@ struct Harness {
     control: Arc<Control>,
     router: axum::Router,
     admin: String,
+    /// Whether the folder is this harness's to remove.
+    owned: bool,
 }
 
 impl Drop for Harness {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if self.owned {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -98,6 +102,12 @@ async fn start(db: Option<&str>) -> Harness {
     let db = db
         .map(str::to_string)
         .unwrap_or_else(|| format!("sqlite://{}/state/broker.db", dir.display()));
+    start_at(&dir, &db, true).await
+}
+
+/// A control plane in `dir` (CA and policy made) on `db`; several may share both, like the
+/// brokers of a cluster.
+async fn start_at(dir: &Path, db: &str, owned: bool) -> Harness {
     // From its serialized form, so settings added later keep their defaults.
     let config: ControlConfig = serde_json::from_value(json!({
         "listen": "127.0.0.1:0",
@@ -147,10 +157,11 @@ async fn start(db: Option<&str>) -> Harness {
     let admin = Credential::format(api::ADMIN_PREFIX, &id, &secret, None);
     let router = router_for(control.clone(), Scope::All);
     Harness {
-        dir,
+        dir: dir.to_path_buf(),
         control,
         router,
         admin,
+        owned,
     }
 }
 
@@ -1007,4 +1018,86 @@ async fn scim_lifecycle_on_postgres() {
         "cannot start a local PostgreSQL (install the postgresql package or set SEKISHO_SKIP_POSTGRES=1)",
     );
     lifecycle(Some(&pg.url())).await;
+}
+
+/// A broker that follows the store only by polling (SQLite) sees SCIM changes that leave
+/// every count of the store as it was: a rename, a membership swap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_polling_broker_follows_renames_and_membership_swaps() {
+    let a = start(None).await;
+    let db = format!("sqlite://{}/state/broker.db", a.dir.display());
+    let b = start_at(&a.dir, &db, false).await;
+    let (_, token) = a.scim_token("entra").await;
+    let t = Some(token.as_str());
+    let dave = a
+        .call(
+            "POST",
+            "/scim/v2/Users",
+            t,
+            Some(json!({"userName": "dave"})),
+        )
+        .await
+        .id();
+    let erin = a
+        .call(
+            "POST",
+            "/scim/v2/Users",
+            t,
+            Some(json!({"userName": "erin"})),
+        )
+        .await
+        .id();
+    let eng = a
+        .call(
+            "POST",
+            "/scim/v2/Groups",
+            t,
+            Some(json!({"displayName": "engineering", "members": [{"value": dave}]})),
+        )
+        .await
+        .id();
+    assert!(b.control.sync_from_store(false).await.unwrap());
+    assert_eq!(
+        b.access("dave"),
+        Some((false, vec!["engineering".to_string()]))
+    );
+    // Swap the members: as many memberships as before.
+    let r = a
+        .call(
+            "PUT",
+            &format!("/scim/v2/Groups/{eng}"),
+            t,
+            Some(json!({"displayName": "engineering", "members": [{"value": erin}]})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(
+        b.control.sync_from_store(false).await.unwrap(),
+        "swap not seen"
+    );
+    assert_eq!(b.access("dave"), Some((false, vec![])));
+    assert_eq!(
+        b.access("erin"),
+        Some((false, vec!["engineering".to_string()]))
+    );
+    // Rename erin twice within the same second: as many users as before, each time.
+    for name in ["erin2", "erin3"] {
+        let r = a
+            .call(
+                "PATCH",
+                &format!("/scim/v2/Users/{erin}"),
+                t,
+                Some(json!({"Operations": [{"op": "replace", "path": "userName", "value": name}]})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert!(
+            b.control.sync_from_store(false).await.unwrap(),
+            "{name} not seen"
+        );
+        assert_eq!(
+            b.access(name),
+            Some((false, vec!["engineering".to_string()]))
+        );
+    }
 }

@@ -510,7 +510,6 @@ pub fn list_response(resources: Vec<Value>, total: usize, start_index: usize) ->
 pub fn service_provider_config(base: &str) -> Value {
     json!({
         "schemas": [SP_CONFIG],
-        "documentationUri": "https://github.com/sekisho/sekisho#scim-provisioning",
         "patch": {"supported": true},
         "bulk": {"supported": false, "maxOperations": 0, "maxPayloadSize": 0},
         "filter": {"supported": true, "maxResults": MAX_RESULTS},
