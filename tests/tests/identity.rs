@@ -436,6 +436,13 @@ fn admins_sign_in(d: &Deployment) {
     assert!(out.contains("role admin"), "{out}");
     let (ok, out, err) = d.sh("laptop", &admin_cli("alice.admin", "group add sso-made"));
     assert!(ok, "an admin changes things: {out}{err}");
+    // An admin deactivated in the directory (here by an admin; SCIM does the same) loses
+    // the token from `admin login` at once.
+    let (ok, _, err) = d.admin(&["user", "disable", "carol"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = d.sh("laptop", &admin_cli("carol.admin", "user list"));
+    assert!(!ok, "a disabled admin's token still works: {out}");
+    assert!(err.contains("401"), "{err}");
     // bob's groups map to no admin role.
     let (ok, _, err) = device_code_login(d, "laptop", &admin_cli("bob.admin", "login"), "bob");
     assert!(!ok);

@@ -292,13 +292,9 @@ pub(super) async fn finish(State(ctl): Ctl, body: Bytes) -> ApiResult<api::Login
     }
     let subject = format!("{} {}", identity.issuer, identity.subject);
     let (member_of, governed) = policy.identity.map_groups(&identity.groups);
-    if session.purpose == "admin" {
-        return admin_sign_in(&ctl, &oidc, &policy, &identity, now)
-            .await
-            .map_err(refuse);
-    }
-    let device = req.device.clone().expect("checked above");
     let _g = ctl.change.lock().await;
+    // Admins too are users of the directory: a deactivated or deleted one cannot sign in, and
+    // their admin tokens stop working (see `Store::admin_by_token`).
     let user = ctl
         .store
         .sign_in_user(
@@ -315,6 +311,13 @@ pub(super) async fn finish(State(ctl): Ctl, body: Bytes) -> ApiResult<api::Login
         )
         .await?
         .map_err(|e| refuse(sign_in_refusal(e)))?;
+    if session.purpose == "admin" {
+        ctl.rebuild().await?;
+        return admin_sign_in(&ctl, &oidc, &policy, &user, &identity, now)
+            .await
+            .map_err(refuse);
+    }
+    let device = req.device.clone().expect("checked above");
     let policy = ctl.policy();
     let (dev, cred) = ctl
         .store
@@ -368,6 +371,7 @@ async fn admin_sign_in(
     ctl: &Control,
     oidc: &crate::oidc::Provider,
     policy: &Policy,
+    user: &str,
     identity: &crate::oidc::Identity,
     now: u64,
 ) -> ApiResult<api::LoginFinishResponse> {
@@ -383,7 +387,7 @@ async fn admin_sign_in(
         ));
     };
     let expires_at = now + oidc.config.admin_session.as_secs().max(60);
-    let name = format!("sso:{}", identity.username);
+    let name = format!("sso:{user}");
     let (id, secret) = ctl
         .store
         .create_admin_token_with(&name, role, Some(expires_at), now)
@@ -398,7 +402,7 @@ async fn admin_sign_in(
     Ok(Json(api::LoginFinishResponse {
         status: "done".into(),
         interval: 0,
-        user: Some(identity.username.clone()),
+        user: Some(user.to_string()),
         groups: Vec::new(),
         signed_in_at: Some(identity.auth_time),
         config: None,
@@ -408,15 +412,6 @@ async fn admin_sign_in(
         role: Some(role),
         expires_at: Some(expires_at),
     }))
-}
-
-/// A user name from the provider: what the directory accepts, plus `@` (e-mail-like names).
-fn valid_user_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'))
 }
 
 fn sign_in_refusal(e: SignInRefusal) -> ApiErr {

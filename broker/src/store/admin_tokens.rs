@@ -60,10 +60,31 @@ impl Store {
         if opt_u64(r.try_get(3)?).is_some_and(|e| e <= now) {
             return Ok(Err("expired admin token"));
         }
+        let name: String = r.try_get(0)?;
+        // A token from `admin login` is worth what its user is: deactivated or deleted (SCIM,
+        // an admin), it stops at once.
+        if let Some(user) = name.strip_prefix("sso:") {
+            let row = sqlx::query("SELECT disabled, id FROM users WHERE name = $1")
+                .bind(user)
+                .fetch_optional(&self.pool)
+                .await?;
+            let active = match row {
+                Some(u) => {
+                    u.try_get::<i64, _>(0)? == 0
+                        && !u
+                            .try_get::<Option<String>, _>(1)?
+                            .is_some_and(|id| id.starts_with(super::scim::DELETED_ID_PREFIX))
+                }
+                None => false,
+            };
+            if !active {
+                return Ok(Err("the admin's user is disabled or deleted"));
+            }
+        }
         let role: String = r.try_get(2)?;
         Ok(Ok(AdminIdentity {
             id: id.to_string(),
-            name: r.try_get(0)?,
+            name,
             role: role.parse().unwrap_or(Role::Auditor),
         }))
     }

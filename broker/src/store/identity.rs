@@ -156,24 +156,23 @@ impl Store {
         let (name, disabled) = match by_subject {
             Some(r) => (r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)? != 0),
             None => {
-                let by_name =
-                    sqlx::query("SELECT name, disabled, subject FROM users WHERE name = $1")
-                        .bind(s.username)
-                        .fetch_optional(&mut *tx)
-                        .await?;
+                // Names are unique ignoring case (SCIM's userName is case-insensitive).
+                let by_name = sqlx::query(
+                    "SELECT name, disabled, subject FROM users WHERE LOWER(name) = LOWER($1)",
+                )
+                .bind(s.username)
+                .fetch_optional(&mut *tx)
+                .await?;
                 match by_name {
                     Some(r) => {
                         if r.try_get::<Option<String>, _>(2)?.is_some() {
                             return Ok(Err(SignInRefusal::Taken(s.username.to_string())));
                         }
-                        sqlx::query(
-                            "UPDATE users SET subject = $1, updated_at = $2 WHERE name = $3",
-                        )
-                        .bind(s.subject)
-                        .bind(ts(now))
-                        .bind(s.username)
-                        .execute(&mut *tx)
-                        .await?;
+                        sqlx::query("UPDATE users SET subject = $1 WHERE name = $2")
+                            .bind(s.subject)
+                            .bind(r.try_get::<String, _>(0)?)
+                            .execute(&mut *tx)
+                            .await?;
                         (r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)? != 0)
                     }
                     None if !s.create => {
@@ -227,6 +226,16 @@ impl Store {
                     .await?;
             }
         }
+        // Brokers polling a shared SQLite store see membership changes by this (counts alone
+        // may not move).
+        sqlx::query(
+            "UPDATE users SET updated_at = CASE WHEN updated_at >= $1 THEN updated_at + 1 \
+             ELSE $1 END WHERE name = $2",
+        )
+        .bind(ts(now))
+        .bind(name.as_str())
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         self.announce("user_signed_in").await;
         Ok(Ok(name))
@@ -434,6 +443,17 @@ mod tests {
         assert_eq!(
             store.sign_in_user(&bob, 15).await.unwrap(),
             Ok("bob".to_string())
+        );
+        // Names match ignoring case (SCIM's userName does): the stored name is kept.
+        store.create_user("Dave", &[], 14).await.unwrap();
+        let dave = SignIn {
+            subject: "https://idp.example s-4",
+            username: "dave",
+            ..alice(false, &nothing, &governed)
+        };
+        assert_eq!(
+            store.sign_in_user(&dave, 15).await.unwrap(),
+            Ok("Dave".to_string())
         );
         store.set_user_disabled("bob", true).await.unwrap();
         assert_eq!(
