@@ -8,7 +8,8 @@
 #                                 one daemon: broker, connector, client-alice, client-bob, app,
 #                                 edr (the stand-in EDR agent alice's posture check looks for),
 #                                 site-dns, inet-dns (dnsmasq: the site's and the internet's DNS),
-#                                 idp (the OpenID provider, with SK_IDP=1)
+#                                 idp (the OpenID provider, with SK_IDP=1), rsyslog and otlp
+#                                 (the SIEM's receivers, with SK_SIEM=1)
 #   deploy/quickstart.sh admin ARGS...
 #                                 the admin CLI (`sekisho-broker admin`) on the broker host
 #
@@ -67,6 +68,20 @@
 #                       is its relying party ([control.oidc] in broker.toml); no user is made
 #                       and no laptop enrolled by the script: people sign in with
 #                       `sekisho-client login` (see the README, "Sign-in").
+#   SK_SIEM=1           a SIEM "on the internet": host sk-siem (10.99.7.2), named siem.example
+#                       on the internet DNS (which the broker and connector hosts then use
+#                       too), with two receivers: daemon rsyslog (rsyslogd with its own config,
+#                       no system inputs: syslog over TLS, RFC 5425, on 6514 and over plain TCP
+#                       on 514, octet-counted or LF-framed) and daemon otlp (OTLP/HTTP logs,
+#                       http://siem.example:4318/v1/logs, tests/tools/otlp_receiver.py). In
+#                       $SK_STATE/siem: ca.pem, cert.pem and key.pem (siem.example and
+#                       10.99.7.2), an unrelated wrong-ca.pem; what arrived: syslog-tls.log and
+#                       syslog-tcp.log (each message as received, one a line: check them with
+#                       tests/tools/syslog_check.py), syslog-tls.meta.jsonl and
+#                       syslog-tcp.meta.jsonl (receive time, sender address, message),
+#                       rsyslogd.log (rsyslogd's own messages: TLS errors), otlp.jsonl (one
+#                       JSON line per log record); write a status such as 503 into otlp-status
+#                       and the OTLP receiver answers it (remove the file to end that)
 set -euo pipefail
 
 P=${SK_PREFIX:-sk-}
@@ -92,8 +107,14 @@ install_packages() {
     command -v python3 >/dev/null || missing+=(python3)
     command -v dnsmasq >/dev/null || missing+=(dnsmasq-base)
     command -v dig >/dev/null || missing+=(dnsutils)
-    if [ "${SK_IDP:-0}" = 1 ]; then
+    if [ "${SK_IDP:-0}" = 1 ] || [ "${SK_SIEM:-0}" = 1 ]; then
         command -v openssl >/dev/null || missing+=(openssl)
+    fi
+    if [ "${SK_SIEM:-0}" = 1 ]; then
+        command -v rsyslogd >/dev/null || missing+=(rsyslog)
+        dpkg -s rsyslog-gnutls >/dev/null 2>&1 || missing+=(rsyslog-gnutls)
+    fi
+    if [ "${SK_IDP:-0}" = 1 ]; then
         # Debian's Node only where there is none: a newer one on the PATH stays.
         command -v node >/dev/null || missing+=(nodejs npm)
     fi
@@ -114,6 +135,18 @@ idp_packages() {
     fi
     say "installing the OpenID provider's packages (npm ci --prefix tests/tools/oidc)"
     npm ci --prefix "$dir" --no-audit --no-fund >/dev/null
+}
+
+# The OTLP receiver's Python package (opentelemetry-proto, with the protobuf runtime).
+siem_packages() {
+    [ "${SK_SIEM:-0}" = 1 ] || return 0
+    python3 -c 'import opentelemetry.proto.collector.logs.v1.logs_service_pb2' 2>/dev/null && return 0
+    if [ "${SK_SKIP_PACKAGES:-0}" = 1 ]; then
+        die "SK_SIEM=1 needs opentelemetry-proto: run 'python3 -m pip install opentelemetry-proto'"
+    fi
+    say "installing opentelemetry-proto (pip)"
+    python3 -m pip install -q --root-user-action=ignore opentelemetry-proto >/dev/null \
+        || die "could not install opentelemetry-proto with pip"
 }
 
 binaries() {
@@ -146,8 +179,9 @@ if [ "$NCONNECTORS" -ge 2 ]; then SITES="site site2"; fi
 HOSTS="laptop laptop2 inet $BROKERS $SITES app nas web"
 if [ "${SK_LOAD:-0}" = 1 ]; then HOSTS="$HOSTS load"; fi
 if [ "${SK_IDP:-0}" = 1 ]; then HOSTS="$HOSTS idp"; fi
+if [ "${SK_SIEM:-0}" = 1 ]; then HOSTS="$HOSTS siem"; fi
 # Every host this script may have made (down removes what exists of them).
-ALL_HOSTS="laptop laptop2 inet broker broker2 site site2 app nas web load idp"
+ALL_HOSTS="laptop laptop2 inet broker broker2 site site2 app nas web load idp siem"
 
 # Broker i (1 or 2): its host, address, and the WireGuard endpoint devices are given.
 broker_host() { if [ "$1" = 1 ]; then echo broker; else echo "broker$1"; fi; }
@@ -212,6 +246,10 @@ topology() {
         link inet to-idp 10.99.5.1/24 idp eth0 10.99.5.2/24
         ip -n "$(ns idp)" route add default via 10.99.5.1
     fi
+    if [ "${SK_SIEM:-0}" = 1 ]; then
+        link inet to-siem 10.99.7.1/24 siem eth0 10.99.7.2/24
+        ip -n "$(ns siem)" route add default via 10.99.7.1
+    fi
     link inet to-site 10.99.3.1/24 site eth0 10.99.3.2/24
     # The site's private network: a bridge on the app host; each connector host has a leg.
     ip -n "$(ns app)" link add br0 type bridge
@@ -240,8 +278,10 @@ topology() {
     ip -n "$(ns inet)" addr add 10.99.0.53/32 dev lo
     # What the laptops' system resolver uses before the client takes over.
     local resolving="laptop laptop2"
-    # The brokers find the OpenID provider (idp.example) through the internet DNS too.
-    if [ "${SK_IDP:-0}" = 1 ]; then resolving="$resolving $BROKERS"; fi
+    # The brokers find the OpenID provider (idp.example) and the SIEM (siem.example) through
+    # the internet DNS too; so do, with a SIEM, the connectors' hosts and the SIEM's own.
+    if [ "${SK_IDP:-0}" = 1 ] || [ "${SK_SIEM:-0}" = 1 ]; then resolving="$resolving $BROKERS"; fi
+    if [ "${SK_SIEM:-0}" = 1 ]; then resolving="$resolving $SITES siem"; fi
     for h in $resolving; do
         mkdir -p "/etc/netns/$(ns "$h")"
         printf 'nameserver 10.99.0.53\n' >"/etc/netns/$(ns "$h")/resolv.conf"
@@ -279,8 +319,10 @@ configure() {
         echo "192.0.2.80 cdn.video.example"
         for i in $(seq 1 100); do echo "10.99.6.$i big.public.example"; done
         if [ "${SK_IDP:-0}" = 1 ]; then echo "10.99.5.2 idp.example"; fi
+        if [ "${SK_SIEM:-0}" = 1 ]; then echo "10.99.7.2 siem.example"; fi
     } >"$STATE/inet-hosts"
     if [ "${SK_IDP:-0}" = 1 ]; then idp_config; fi
+    if [ "${SK_SIEM:-0}" = 1 ]; then siem_config; fi
     local i
     for i in $(seq 1 "$NBROKERS"); do
         broker_config "$i"
@@ -344,6 +386,68 @@ for name, value in (("users.json", users), ("clients.json", clients)):
         f.write("\n")
 PY
 }
+
+# The SIEM's files (SK_SIEM=1), in $STATE/siem: its CA and the server certificate for
+# siem.example and 10.99.7.2, an unrelated CA (wrong-ca.pem: a client trusting it must refuse
+# the server), and rsyslogd's config: no system inputs (no /dev/log, no kernel log), its own
+# messages processed here (not sent to the machine's log), its own work directory and pid file;
+# TLS on 6514 and plain TCP on 514, each input its ruleset and files. Clients are not asked
+# for certificates (anon): the server presents its own.
+siem_config() {
+    local sd="$STATE/siem"
+    mkdir -p "$sd/rsyslog"
+    chmod 700 "$sd"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
+        -subj "/CN=Sekisho quickstart SIEM CA" -keyout "$sd/ca.key" -out "$sd/ca.pem" 2>/dev/null
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=siem.example" \
+        -keyout "$sd/key.pem" -out "$sd/cert.csr" 2>/dev/null
+    printf '%s\n' "subjectAltName=DNS:siem.example,IP:10.99.7.2" "extendedKeyUsage=serverAuth" \
+        "basicConstraints=critical,CA:FALSE" >"$sd/cert.ext"
+    openssl x509 -req -in "$sd/cert.csr" -CA "$sd/ca.pem" -CAkey "$sd/ca.key" -CAcreateserial \
+        -days 30 -extfile "$sd/cert.ext" -out "$sd/cert.pem" 2>/dev/null
+    # Same name, other key: only the signature tells it apart.
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
+        -subj "/CN=Sekisho quickstart SIEM CA" -keyout "$sd/wrong-ca.key" -out "$sd/wrong-ca.pem" \
+        2>/dev/null
+    rm -f "$sd/cert.csr" "$sd/cert.ext" "$sd/ca.srl" "$sd/wrong-ca.key"
+    chmod 600 "$sd/ca.key" "$sd/key.pem"
+    # Each message as received (%rawmsg%: without its octet count), one a line; and a JSON
+    # line with rsyslog's receive time and the sender's address.
+    cat >"$sd/rsyslog.conf" <<EOF
+global(
+    workDirectory="$sd/rsyslog"
+    processInternalMessages="on"
+    maxMessageSize="256k"
+    net.enableDNS="off"
+    defaultNetstreamDriverCAFile="$sd/ca.pem"
+    defaultNetstreamDriverCertFile="$sd/cert.pem"
+    defaultNetstreamDriverKeyFile="$sd/key.pem"
+)
+module(load="imtcp" maxSessions="500")
+template(name="raw" type="string" string="%rawmsg%\n")
+template(name="meta" type="string"
+    string="{\"received\":\"%timegenerated:::date-rfc3339%\",\"from\":\"%fromhost-ip%\",\"raw\":\"%rawmsg:::json%\"}\n")
+ruleset(name="tls") {
+    action(type="omfile" file="$sd/syslog-tls.log" template="raw")
+    action(type="omfile" file="$sd/syslog-tls.meta.jsonl" template="meta")
+}
+ruleset(name="tcp") {
+    action(type="omfile" file="$sd/syslog-tcp.log" template="raw")
+    action(type="omfile" file="$sd/syslog-tcp.meta.jsonl" template="meta")
+}
+# TLS 1.2 and 1.3 (gnutls' default for anon mode would be 1.2 at most).
+input(type="imtcp" port="6514" ruleset="tls" streamDriver.name="gtls" streamDriver.mode="1"
+    streamDriver.authMode="anon" gnutlsPriorityString="NORMAL:-VERS-TLS1.0:-VERS-TLS1.1")
+input(type="imtcp" port="514" ruleset="tcp")
+# rsyslogd's own messages (start, TLS handshake errors, ...): the default ruleset.
+*.* action(type="omfile" file="$sd/rsyslogd.log")
+EOF
+}
+
+# A TCP port listens in a namespace.
+listening() { inns "$1" ss -Hltn "sport = :$2" | grep -q LISTEN; }
+rsyslog_ready() { listening siem 6514 && listening siem 514; }
+otlp_ready() { listening siem 4318; }
 
 # The provider answers discovery, seen from the first broker's host (name, route, certificate).
 idp_ready() {
@@ -483,6 +587,7 @@ daemon_ns() {
         site-dns) echo app ;;
         inet-dns) echo inet ;;
         idp) echo idp ;;
+        rsyslog | otlp) echo siem ;;
         *) die "unknown daemon $1" ;;
     esac
 }
@@ -518,12 +623,17 @@ daemon_cmd() {
         idp) echo "node $ROOT/tests/tools/oidc/provider.mjs --issuer https://idp.example \
 --listen 10.99.5.2:443 --tls-cert $STATE/idp/cert.pem --tls-key $STATE/idp/key.pem \
 --state-dir $STATE/idp" ;;
+        rsyslog) echo "rsyslogd -n -f $STATE/siem/rsyslog.conf -i $STATE/siem/rsyslogd.pid" ;;
+        otlp) echo "python3 $ROOT/tests/tools/otlp_receiver.py --listen 0.0.0.0:4318 \
+--out $STATE/siem/otlp.jsonl --status-file $STATE/siem/otlp-status" ;;
     esac
 }
 
 start() {
     local name=$1 n
     n=$(daemon_ns "$name")
+    # rsyslogd will not start over its own pid file, which a kill -9 leaves behind.
+    if [ "$name" = rsyslog ]; then rm -f "$STATE/siem/rsyslogd.pid"; fi
     # shellcheck disable=SC2046
     setsid ip netns exec "$(ns "$n")" $(daemon_cmd "$name") >>"$STATE/$name.log" 2>&1 </dev/null &
     echo $! >"$STATE/$name.pid"
@@ -572,6 +682,7 @@ up() {
     need_root
     install_packages
     idp_packages
+    siem_packages
     binaries
     if ip netns list | grep -q "^$(ns broker)\b"; then
         die "namespace $(ns broker) exists: run '$0 down' first"
@@ -588,6 +699,12 @@ up() {
     if [ "${SK_IDP:-0}" = 1 ]; then
         start idp
         wait_for "the OpenID provider (https://idp.example)" 30 idp_ready
+    fi
+    if [ "${SK_SIEM:-0}" = 1 ]; then
+        start rsyslog
+        start otlp
+        wait_for "rsyslogd (siem.example:6514 and :514)" 20 rsyslog_ready
+        wait_for "the OTLP receiver (siem.example:4318)" 20 otlp_ready
     fi
     start broker
     wait_for "the broker" 20 test -S "$STATE/broker.sock"
@@ -673,7 +790,7 @@ EOF
 down() {
     need_root
     for d in client-alice client-bob connector connector2 broker broker2 relay1 relay2 link-relay \
-        nas web app edr site-dns inet-dns idp; do stop "$d"; done
+        nas web app edr site-dns inet-dns idp rsyslog otlp; do stop "$d"; done
     for h in $ALL_HOSTS; do
         local n
         n=$(ns "$h")
@@ -691,7 +808,7 @@ status() {
     SK_BIN=${SK_BIN:-$ROOT/target/release}
     binaries
     for d in broker broker2 relay1 relay2 link-relay connector connector2 client-alice client-bob \
-        app nas web edr site-dns inet-dns idp; do
+        app nas web edr site-dns inet-dns idp rsyslog otlp; do
         if [ -f "$STATE/$d.pid" ] && kill -0 "$(cat "$STATE/$d.pid")" 2>/dev/null; then
             say "$d: running (pid $(cat "$STATE/$d.pid"))"
         else
