@@ -1,4 +1,5 @@
-//! The flow table: one cached authorization decision per 5-tuple, expired when idle.
+//! The flow table: one cached authorization decision per 5-tuple, expired when idle; and
+//! the traffic meter each flow record is made from.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -90,6 +91,118 @@ pub trait FlowEntry {
     fn closed(&self) -> bool {
         false
     }
+    /// An entry that goes (idle, or removed by `retain`) is kept for
+    /// [`FlowTable::take_retired`] (its flow record is due).
+    fn reports(&self) -> bool {
+        false
+    }
+}
+
+/// Bytes and packets of a flow each way: `out` from the device that opened it towards the
+/// destination, `in` back to the device (OCSF's `traffic` with the device as source).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Traffic {
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+}
+
+impl Traffic {
+    pub fn count(&mut self, outbound: bool, bytes: usize) {
+        if outbound {
+            self.packets_out += 1;
+            self.bytes_out += bytes as u64;
+        } else {
+            self.packets_in += 1;
+            self.bytes_in += bytes as u64;
+        }
+    }
+}
+
+/// How long flows run between two records of their progress.
+pub const FLOW_REPORT_EVERY: Duration = Duration::from_secs(60);
+
+/// A flow's traffic since it began and when it was last reported.
+#[derive(Debug, Clone, Copy)]
+pub struct Meter {
+    pub traffic: Traffic,
+    pub started: Instant,
+    /// Wall-clock start, Unix milliseconds.
+    pub started_ms: u64,
+    pub reported: Instant,
+    /// The final record went already (at the TCP end): no other at expiry.
+    pub final_sent: bool,
+}
+
+impl Meter {
+    pub fn new(now: Instant, unix_ms: u64) -> Meter {
+        Meter {
+            traffic: Traffic::default(),
+            started: now,
+            started_ms: unix_ms,
+            reported: now,
+            final_sent: false,
+        }
+    }
+
+    /// The final record when TCP just ended (FIN both ways, or a reset), once: SIEMs get it at
+    /// the end, not after the linger for late segments.
+    pub fn final_at_tcp_end(
+        &mut self,
+        key: FlowKey,
+        was_ended: bool,
+        ended: bool,
+        now: Instant,
+    ) -> Option<FlowReport> {
+        if was_ended || !ended || self.final_sent {
+            return None;
+        }
+        self.final_sent = true;
+        Some(self.report(key, now, FlowEnd::Closed))
+    }
+
+    /// A record of this flow, last seen at `last_seen`: final when it `ended`.
+    pub fn report(&self, key: FlowKey, last_seen: Instant, end: FlowEnd) -> FlowReport {
+        let duration_ms = last_seen
+            .saturating_duration_since(self.started)
+            .as_millis() as u64;
+        FlowReport {
+            key,
+            traffic: self.traffic,
+            start_ms: self.started_ms,
+            end_ms: self.started_ms + duration_ms,
+            duration_ms,
+            end,
+        }
+    }
+}
+
+/// Why a flow record was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowEnd {
+    /// Still running: a progress record (every [`FLOW_REPORT_EVERY`]).
+    Ongoing,
+    /// Went idle.
+    Idle,
+    /// TCP ended (FIN both ways or a reset).
+    Closed,
+    /// Cut: the device, its user or the policy changed, or its connector went away for good.
+    Cut,
+    /// The process stopped.
+    Shutdown,
+}
+
+/// One flow record: its 5-tuple as the device sent it, its traffic, when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowReport {
+    pub key: FlowKey,
+    pub traffic: Traffic,
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub duration_ms: u64,
+    pub end: FlowEnd,
 }
 
 #[derive(Debug)]
@@ -123,6 +236,9 @@ pub struct FlowTable<V> {
     origin: Option<Instant>,
     /// The next second of the wheel to look at.
     cursor: u64,
+    /// Entries that went and report (see [`FlowEntry::reports`]), with when they were last
+    /// seen and whether they ended (else idle or cut).
+    retired: Vec<(FlowKey, V, Instant, FlowEnd)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -153,6 +269,23 @@ impl<V: FlowEntry> FlowTable<V> {
             wheel: (0..WHEEL_SECONDS).map(|_| Vec::new()).collect(),
             origin: None,
             cursor: 0,
+            retired: Vec::new(),
+        }
+    }
+
+    /// The entries that went since the last call (idle, or cut by `retain`), for their records.
+    pub fn take_retired(&mut self) -> Vec<(FlowKey, V, Instant, FlowEnd)> {
+        std::mem::take(&mut self.retired)
+    }
+
+    fn retire(&mut self, key: FlowKey, value: V, last_seen: Instant) {
+        if value.reports() {
+            let end = if value.closed() {
+                FlowEnd::Closed
+            } else {
+                FlowEnd::Idle
+            };
+            self.retired.push((key, value, last_seen, end));
         }
     }
 
@@ -194,7 +327,10 @@ impl<V: FlowEntry> FlowTable<V> {
             Some(s) => now.saturating_duration_since(s.last_seen) > timeouts.limit(key, &s.value),
         };
         if expired {
-            self.remove(key);
+            if let Some(s) = self.flows.remove(key) {
+                release(&mut self.owned, s.value.owner());
+                self.retire(*key, s.value, s.last_seen);
+            }
             return None;
         }
         let slot = self.flows.get_mut(key)?;
@@ -351,6 +487,7 @@ impl<V: FlowEntry> FlowTable<V> {
                 if deadline <= now {
                     if let Some(s) = self.flows.remove(&key) {
                         release(&mut self.owned, s.value.owner());
+                        self.retire(key, s.value, s.last_seen);
                         gone += 1;
                     }
                 } else {
@@ -379,18 +516,28 @@ impl<V: FlowEntry> FlowTable<V> {
     }
 
     /// Keeps the flows for which `keep(key, value, last_seen)` is true; returns how many went.
-    /// (A whole pass: for policy changes and closed links, not for routine expiry.)
+    /// (A whole pass: for policy changes and closed links, not for routine expiry.) What goes
+    /// is retired as cut.
     pub fn retain(&mut self, mut keep: impl FnMut(&FlowKey, &mut V, Instant) -> bool) -> usize {
-        let before = self.flows.len();
-        let owned = &mut self.owned;
-        self.flows.retain(|k, s| {
-            let kept = keep(k, &mut s.value, s.last_seen);
-            if !kept {
-                release(owned, s.value.owner());
+        let gone: Vec<(FlowKey, Slot<V>)> = self
+            .flows
+            .extract_if(|k, s| !keep(k, &mut s.value, s.last_seen))
+            .collect();
+        let n = gone.len();
+        for (k, s) in gone {
+            release(&mut self.owned, s.value.owner());
+            if s.value.reports() {
+                self.retired.push((k, s.value, s.last_seen, FlowEnd::Cut));
             }
-            kept
-        });
-        before - self.flows.len()
+        }
+        n
+    }
+
+    /// Every entry, mutable, with when it was last seen (progress records).
+    pub fn for_each_mut(&mut self, mut f: impl FnMut(&FlowKey, &mut V, Instant)) {
+        for (k, s) in self.flows.iter_mut() {
+            f(k, &mut s.value, s.last_seen);
+        }
     }
 }
 

@@ -14,6 +14,7 @@ pub mod flow;
 pub mod keys;
 pub mod link;
 pub mod mtu;
+pub mod ocsf;
 pub mod packet;
 pub mod policy;
 pub mod posture;

@@ -76,6 +76,8 @@ counters! {
         /// Decisions counted but summed into a device's summary line instead of logged one by
         /// one (the device decided more than its share of the log).
         summarized,
+        /// Flow records (traffic each way) written: at a flow's end and every minute of it.
+        records,
     }
 }
 

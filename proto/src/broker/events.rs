@@ -17,6 +17,8 @@ pub enum Event {
     Posture(PostureRecord),
     /// An application name was asked through the tunnel.
     AppDns(AppDnsRecord),
+    /// A flow's traffic: when it ends, and every minute while it runs.
+    Flow(FlowRecord),
     /// Decisions of one device left out of the log over the last second (it decided more
     /// flows than its share of the log).
     Summary(SummaryRecord),
@@ -51,6 +53,56 @@ pub struct DecisionRecord {
     pub sport: u16,
     pub dst: IpAddr,
     pub dport: u16,
+}
+
+/// Who and what an allowed flow is (kept with the flow for its records).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FlowMeta {
+    pub device: String,
+    pub user: String,
+    pub application: Option<String>,
+    pub site: Option<String>,
+    pub rule: Option<String>,
+    pub sensitivity: Option<u8>,
+}
+
+/// A flow's traffic, as written to the decision log (`"event": "traffic"`): bytes and packets
+/// each way (`out`: from the device), start, end and duration, and why it was written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FlowRecord {
+    pub event: &'static str,
+    #[serde(flatten)]
+    pub meta: std::sync::Arc<FlowMeta>,
+    pub proto: &'static str,
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+    #[serde(flatten)]
+    pub traffic: crate::flow::Traffic,
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub duration_ms: u64,
+    pub end: crate::flow::FlowEnd,
+}
+
+impl FlowRecord {
+    pub fn new(meta: std::sync::Arc<FlowMeta>, r: &crate::flow::FlowReport) -> FlowRecord {
+        FlowRecord {
+            event: "traffic",
+            meta,
+            proto: r.key.proto_name(),
+            src: r.key.src,
+            sport: r.key.sport,
+            dst: r.key.dst,
+            dport: r.key.dport,
+            traffic: r.traffic,
+            start_ms: r.start_ms,
+            end_ms: r.end_ms,
+            duration_ms: r.duration_ms,
+            end: r.end,
+        }
+    }
 }
 
 /// A posture token presented, refused or expired, as written to the decision log.

@@ -3,14 +3,15 @@
 //! policy or posture change makes the cached decision stale, so it is decided anew on the
 //! flow's next packet.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::BrokerState;
-use super::events::{DecisionRecord, Event};
+use super::events::{DecisionRecord, Event, FlowMeta, FlowRecord};
 use super::links::LinkId;
 use super::peers::PeerSlot;
 use crate::api::Denial;
-use crate::flow::{FlowEntry, TcpEnd};
+use crate::flow::{FLOW_REPORT_EVERY, FlowEnd, FlowEntry, Meter, TcpEnd};
 use crate::packet::FlowKey;
 use crate::policy::{Action, AppId, Decision, DeviceId, Reason, SiteId};
 
@@ -57,6 +58,10 @@ pub struct Flow {
     answered: bool,
     generation: u64,
     peer_generation: u64,
+    /// Bytes and packets each way since the flow began (carried across re-decisions).
+    meter: Meter,
+    /// Who and what, for its flow record (allowed flows only).
+    meta: Option<Arc<FlowMeta>>,
 }
 
 impl Flow {
@@ -76,6 +81,9 @@ impl FlowEntry for Flow {
     fn closed(&self) -> bool {
         self.tcp.ended()
     }
+    fn reports(&self) -> bool {
+        self.meta.is_some()
+    }
 }
 
 /// What to do with a packet of a flow.
@@ -94,6 +102,7 @@ impl BrokerState {
     /// stale (policy or posture changed). A flow that does not exist is only created when
     /// `may_create`: connectors and the internet cannot open flows. One table lookup when the
     /// decision is current.
+    /// `bytes`: the packet's length, counted on the flow (from the device when `may_create`).
     pub(super) fn authorize(
         &mut self,
         slot: PeerSlot,
@@ -101,8 +110,9 @@ impl BrokerState {
         now: Instant,
         may_create: bool,
         tcp: TcpEnd,
+        bytes: usize,
     ) -> Verdict {
-        let verdict = self.decide_flow(slot, key, now, may_create, tcp);
+        let verdict = self.decide_flow(slot, key, now, may_create, tcp, bytes);
         if tcp != TcpEnd::default() {
             // A FIN or reset may have ended the flow: it goes after the closed limit.
             self.flows.reschedule(key);
@@ -117,6 +127,7 @@ impl BrokerState {
         now: Instant,
         may_create: bool,
         tcp: TcpEnd,
+        bytes: usize,
     ) -> Verdict {
         let generation = self.generation;
         let Some(peer) = self.peers.get(&slot) else {
@@ -130,8 +141,19 @@ impl BrokerState {
                     && flow.peer_generation == peer_generation
                     && flow.peer == slot =>
             {
+                let was_ended = flow.tcp.ended();
                 flow.tcp.merge(tcp);
                 flow.answered |= !may_create;
+                flow.meter.traffic.count(may_create, bytes);
+                if let Some(meta) = &flow.meta
+                    && let Some(r) =
+                        flow.meter
+                            .final_at_tcp_end(*key, was_ended, flow.tcp.ended(), now)
+                {
+                    self.counters.flows.records += 1;
+                    self.events
+                        .push_back(Event::Flow(FlowRecord::new(meta.clone(), &r)));
+                }
                 if !flow.allowed {
                     return Verdict::Deny;
                 }
@@ -168,7 +190,14 @@ impl BrokerState {
                 }
                 return Verdict::Allow(flow.route, flow.link);
             }
-            Some(flow) => Some((flow.allowed, flow.route, flow.link, flow.tcp, flow.answered)),
+            Some(flow) => Some((
+                flow.allowed,
+                flow.route,
+                flow.link,
+                flow.tcp,
+                flow.answered,
+                flow.meter,
+            )),
             None if may_create => {
                 // A device at its cap (or a full table) is refused before any decision work
                 // or log line.
@@ -184,7 +213,7 @@ impl BrokerState {
         // link's site in the current policy: a site index of the old policy may now name
         // another site.)
         let previous_link = match previous {
-            Some((true, FlowRoute::Site { .. }, FlowLink::Via(link), _, _))
+            Some((true, FlowRoute::Site { .. }, FlowLink::Via(link), _, _, _))
                 if self.pool.contains(link) =>
             {
                 Some(link)
@@ -196,6 +225,10 @@ impl BrokerState {
             tcp.merge(p.3);
         }
         let answered = !may_create || previous.is_some_and(|p| p.4);
+        let mut meter = previous
+            .map(|p| p.5)
+            .unwrap_or_else(|| Meter::new(now, self.unix_now * 1000));
+        meter.traffic.count(may_create, bytes);
         let previous = previous.map(|p| p.0);
         let p = &self.policy;
         let binding = peer.names.lookup(key.dst);
@@ -254,6 +287,7 @@ impl BrokerState {
         if previous != Some(allowed) {
             self.note_decision(slot, device, key, &decision, now);
         }
+        let meta = allowed.then(|| Arc::new(self.flow_meta(device, &decision)));
         let flow = Flow {
             allowed,
             peer: slot,
@@ -263,6 +297,8 @@ impl BrokerState {
             answered,
             generation,
             peer_generation,
+            meter,
+            meta,
         };
         match self.flows.insert(*key, flow, now) {
             Ok(_) if allowed => Verdict::Allow(route, link),
@@ -317,6 +353,70 @@ impl BrokerState {
             });
         }
         self.events.push_back(Event::Decision(record));
+    }
+
+    /// Who and what an allowed flow is, for its flow record.
+    fn flow_meta(&self, device: DeviceId, d: &Decision) -> FlowMeta {
+        let p = &self.policy;
+        let internet = matches!(d.reason, Reason::Egress(_));
+        FlowMeta {
+            device: p.device(device).name.clone(),
+            user: p.user_of(device).name.clone(),
+            application: match d.application {
+                None if internet => Some("internet".to_string()),
+                a => p.app_name(a).map(str::to_string),
+            },
+            site: d
+                .application
+                .map(|a| p.sites[p.applications[a as usize].site as usize].clone()),
+            rule: p.rule_name(d.reason).map(str::to_string),
+            sensitivity: d
+                .application
+                .map(|a| p.applications[a as usize].sensitivity),
+        }
+    }
+
+    /// Records for the flows that went (idle, ended, cut) and, every [`FLOW_REPORT_EVERY`],
+    /// for long ones still running.
+    pub(super) fn report_flows(&mut self, now: Instant) {
+        for (key, flow, last_seen, end) in self.flows.take_retired() {
+            if let Some(meta) = flow.meta
+                && !flow.meter.final_sent
+            {
+                let r = flow.meter.report(key, last_seen, end);
+                self.counters.flows.records += 1;
+                self.events
+                    .push_back(Event::Flow(FlowRecord::new(meta, &r)));
+            }
+        }
+        let mut out = Vec::new();
+        self.flows.for_each_mut(|key, flow, last_seen| {
+            if let Some(meta) = &flow.meta
+                && !flow.meter.final_sent
+                && now.saturating_duration_since(flow.meter.reported) >= FLOW_REPORT_EVERY
+            {
+                flow.meter.reported = now;
+                let r = flow.meter.report(*key, last_seen, FlowEnd::Ongoing);
+                out.push(FlowRecord::new(meta.clone(), &r));
+            }
+        });
+        self.counters.flows.records += out.len() as u64;
+        self.events.extend(out.into_iter().map(Event::Flow));
+    }
+
+    /// Final records of every flow (the broker stops).
+    pub fn report_all_flows(&mut self) {
+        let mut out = Vec::new();
+        self.flows.for_each_mut(|key, flow, last_seen| {
+            if let Some(meta) = &flow.meta
+                && !flow.meter.final_sent
+            {
+                let r = flow.meter.report(*key, last_seen, FlowEnd::Shutdown);
+                out.push(FlowRecord::new(meta.clone(), &r));
+            }
+        });
+        self.counters.flows.records += out.len() as u64;
+        self.events.extend(out.into_iter().map(Event::Flow));
     }
 
     fn record(

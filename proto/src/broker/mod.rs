@@ -42,7 +42,9 @@ use crate::transmit::{DatagramQueue, Datagrams};
 use crate::wg::{Limit, Output, Responder, Route, Session};
 
 pub use counters::Counters;
-pub use events::{AppDnsRecord, DecisionRecord, Event, PostureRecord, SummaryRecord};
+pub use events::{
+    AppDnsRecord, DecisionRecord, Event, FlowMeta, FlowRecord, PostureRecord, SummaryRecord,
+};
 pub use flows::Flow;
 use flows::{FlowLink, FlowRoute, Verdict};
 pub use links::{ConnectorPool, LinkId, LinkInfo, LinkState};
@@ -564,6 +566,7 @@ impl BrokerState {
             now,
             may_create,
             crate::flow::TcpEnd::of(pkt, true),
+            len,
         );
         match verdict {
             Verdict::Allow(FlowRoute::Internet, _) => {
@@ -703,7 +706,14 @@ impl BrokerState {
         if !self.peers.contains_key(&slot) {
             return false;
         }
-        match self.authorize(slot, &key, now, false, crate::flow::TcpEnd::of(pkt, false)) {
+        match self.authorize(
+            slot,
+            &key,
+            now,
+            false,
+            crate::flow::TcpEnd::of(pkt, false),
+            pkt.len(),
+        ) {
             Verdict::Allow(route, link) if from_ok(route, link) => {
                 self.send_to_peer(slot, pkt);
                 true
@@ -792,6 +802,7 @@ impl BrokerState {
         if expired > 0 {
             trace!(expired, "idle flows expired");
         }
+        self.report_flows(now);
     }
 
     /// The next output, oldest first: packets for links and egress, then datagrams.

@@ -1673,7 +1673,7 @@ impl Harness {
                 Event::Posture(r) if r.result != "refused" => {
                     self.fail(format!("a posture change with no token keys: {r:?}"));
                 }
-                Event::AppDns(_) | Event::Posture(_) | Event::Summary(_) => {}
+                Event::AppDns(_) | Event::Posture(_) | Event::Summary(_) | Event::Flow(_) => {}
             }
         }
     }

@@ -4,6 +4,7 @@
 use super::*;
 use crate::api::{STATUS_PORT, TunnelStatus};
 use crate::dns::DNS_PORT;
+use crate::flow::FlowEnd;
 use crate::packet::{PROTO_TCP, deny_reply};
 use crate::policy::Action;
 use crate::posture::{POSTURE_PORT, TokenAnswer, TokenSigner};
@@ -20,6 +21,7 @@ struct Recorder {
     dns: Vec<AppDnsRecord>,
     egress: Vec<Vec<u8>>,
     summaries: Vec<SummaryRecord>,
+    flows: Vec<super::events::FlowRecord>,
 }
 
 impl Recorder {
@@ -43,6 +45,7 @@ impl Recorder {
                 Event::Posture(p) => self.postures.push(p),
                 Event::AppDns(r) => self.dns.push(r),
                 Event::Summary(r) => self.summaries.push(r),
+                Event::Flow(r) => self.flows.push(r),
                 Event::MapName {
                     link,
                     device,
@@ -602,6 +605,32 @@ fn ended_tcp_flows_stop_counting_as_open() {
     assert_eq!(f.core.flow_count(), 2);
     f.tick_to(t0 + Duration::from_secs(17), &mut io);
     assert_eq!(f.core.flow_count(), 0);
+    // Each left a flow record: its traffic each way, its duration, why it ended.
+    let len = tcp_syn(client, 1, [10, 20, 0, 10], 80).len() as u64;
+    let mut records = io.flows.clone();
+    records.sort_by_key(|r| r.sport);
+    assert_eq!(records.len(), 2, "{records:?}");
+    let (fin, rst) = (&records[0], &records[1]);
+    assert_eq!(
+        (fin.sport, fin.end, rst.end),
+        (42000, FlowEnd::Closed, FlowEnd::Closed)
+    );
+    assert_eq!(
+        (
+            fin.traffic.packets_out,
+            fin.traffic.bytes_out,
+            fin.traffic.packets_in,
+            fin.traffic.bytes_in
+        ),
+        (2, 2 * len, 1, len)
+    );
+    assert_eq!((rst.traffic.packets_out, rst.traffic.packets_in), (2, 0));
+    assert_eq!(fin.duration_ms, 6000);
+    assert_eq!(
+        (fin.meta.user.as_str(), fin.meta.application.as_deref()),
+        ("alice", Some("web"))
+    );
+    assert_eq!(f.core.counters().flows.records, 2);
     let decisions = f.core.snapshot().decisions;
     assert_eq!(decisions.values().sum::<u64>(), 2);
     assert!(decisions.keys().all(|(result, _)| *result == "allow"));
