@@ -1138,6 +1138,28 @@ mod tests {
         assert_eq!(p.to_apps, vec![reply]);
         let c = p.client.counters();
         assert_eq!((c.to_brokers.packets, c.from_brokers.packets), (40, 1));
+        // The laptop's side of the flow: a reset from the app ends it, and its record says
+        // what went each way, matching the broker's count.
+        let rst = tcp4([10, 20, 0, 10], 80, [100, 118, 0, 2], 4000, 0x04, 8);
+        p.broker
+            .handle_link_packet(crate::broker::LinkId(1), &rst, p.now);
+        p.run();
+        let r = p
+            .client
+            .poll_flow_report()
+            .expect("a record at the TCP end");
+        assert_eq!(r.end, crate::flow::FlowEnd::Closed);
+        assert_eq!(
+            (
+                r.traffic.packets_out,
+                r.traffic.bytes_out,
+                r.traffic.packets_in
+            ),
+            (40, 40 * 1360, 2)
+        );
+        assert_eq!(r.key.dport, 80);
+        assert!(p.client.poll_flow_report().is_none());
+        assert_eq!(p.client.counters().flows.records, 1);
         // Multicast is not carried, and counted.
         let mut mc = tcp4([100, 118, 0, 2], 1, [224, 0, 0, 1], 2, 0x02, 0);
         p.client.handle_tun(&mc, p.now);
