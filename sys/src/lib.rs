@@ -7,6 +7,7 @@ mod error;
 pub mod http;
 pub mod link;
 pub mod login;
+pub mod logship;
 pub mod metrics;
 mod netlink;
 mod nft;
