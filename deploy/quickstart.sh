@@ -498,6 +498,7 @@ uplink = "eth0"
 [metrics]
 listen = "127.0.0.1:9464"
 EOF
+    if [ "${SK_SIEM:-0}" = 1 ]; then siem_sinks broker >>"$conf"; fi
     if [ "${SK_SSO:-0}" = 1 ]; then
         cat >>"$conf" <<EOF
 
@@ -543,11 +544,55 @@ enroll_all() {
     enroll_connectors
 }
 
-# Two clients on one machine: each its own control socket; the quickstart's refresh period.
+# Two clients on one machine: each its own control socket; the quickstart's refresh period;
+# with SK_SIEM=1, the laptop's records to the SIEM.
 client_settings() {
     sed -i -e "s|^control_socket = .*|control_socket = \"$STATE/$1/client.sock\"|" \
         -e "s|^config_refresh = .*|config_refresh = \"${SK_CONFIG_REFRESH:-5s}\"|" \
         "$STATE/$1/client.toml"
+    if [ "${SK_SIEM:-0}" = 1 ] && ! grep -q '^\[\[log_sinks\]\]' "$STATE/$1/client.toml"; then
+        siem_sinks client >>"$STATE/$1/client.toml"
+    fi
+}
+
+# The [[log_sinks]] of a broker, client or connector config with SK_SIEM=1: syslog over TLS
+# and OTLP/HTTP to the SIEM host; the broker also has a sink that trusts the wrong CA (it must
+# never connect) and a syslog sink with a small queue (SK_SIEM_QUEUE) for the outage test.
+siem_sinks() {
+    local records
+    case $1 in
+        broker) records='["flows", "dns", "audit", "posture", "admin"]' ;;
+        client) records='["flows", "dns"]' ;;
+        connector) records='["events"]' ;;
+    esac
+    cat <<EOF
+
+[[log_sinks]]
+name = "siem-tls"
+kind = "syslog"
+url = "tls://siem.example:6514"
+ca = "$STATE/siem/ca.pem"
+records = $records
+queue = ${SK_SIEM_QUEUE:-10000}
+
+[[log_sinks]]
+name = "siem-otlp"
+kind = "otlp"
+url = "http://siem.example:4318/v1/logs"
+records = $records
+EOF
+    if [ "$1" = broker ]; then
+        cat <<EOF
+
+[[log_sinks]]
+name = "wrong-ca"
+kind = "syslog"
+url = "tls://siem.example:6514"
+ca = "$STATE/siem/wrong-ca.pem"
+records = ["admin"]
+queue = 100
+EOF
+    fi
 }
 
 enroll_connectors() {
@@ -564,6 +609,7 @@ enroll_connectors() {
         # The connector accepts no connections from the network: its metrics endpoint listens
         # on loopback only (scrape it from the connector's host).
         printf '\n[metrics]\nlisten = "127.0.0.1:9465"\n' >>"$STATE/$dir/connector.toml"
+        if [ "${SK_SIEM:-0}" = 1 ]; then siem_sinks connector >>"$STATE/$dir/connector.toml"; fi
     done
     cp "$STATE/tokens/dc1-site.token" "$STATE/tokens/dc1.token"
 }

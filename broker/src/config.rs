@@ -53,6 +53,10 @@ pub struct BrokerConfig {
     /// The data plane's workers.
     #[serde(default)]
     pub dataplane: DataplaneConfig,
+    /// Where records go besides the local logs: syslog (TCP, TLS), OTLP/HTTP, files
+    /// (`[[log_sinks]]`, see the README "Logs to a SIEM").
+    #[serde(default)]
+    pub log_sinks: Vec<sekisho_sys::logship::SinkConfig>,
 }
 
 fn default_overlay_mtu() -> u16 {

@@ -222,6 +222,8 @@ pub struct Control {
     pub api_gate: Mutex<Option<Arc<crate::api_limits::Gate>>>,
     /// The identity provider devices and admins sign in with (`[control.oidc]`).
     oidc: Option<Arc<crate::oidc::Provider>>,
+    /// Records for the SIEM (`[[log_sinks]]`).
+    shipper: std::sync::OnceLock<sekisho_sys::logship::Shipper>,
 }
 
 struct CachedList {
@@ -404,6 +406,7 @@ impl Control {
             brokers: Mutex::new(Vec::new()),
             synced: tokio::sync::Mutex::new(None),
             oidc,
+            shipper: std::sync::OnceLock::new(),
         }))
     }
 
@@ -885,9 +888,42 @@ impl Control {
     }
 
     /// Appends one audit record (JSON line).
+    /// Where records for the SIEM go (`[[log_sinks]]`); set once at start.
+    pub fn ship_to(&self, shipper: sekisho_sys::logship::Shipper) {
+        let _ = self.shipper.set(shipper);
+    }
+
     fn audit(&self, event: &str, actor: &str, detail: serde_json::Value) {
+        let now = std::time::SystemTime::now();
+        if let Some(s) = self.shipper.get() {
+            use sekisho_proto::ocsf::{AuditKind, audit_kind};
+            use sekisho_sys::logship::{Record, RecordKind, Severity};
+            let kind = match audit_kind(event) {
+                AuditKind::Posture => RecordKind::Posture,
+                AuditKind::Audit => RecordKind::Audit,
+                AuditKind::Admin => RecordKind::Admin,
+            };
+            if s.wants(kind) {
+                let ms = now
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let refused = detail.get("result").and_then(|r| r.as_str()) == Some("refused")
+                    || event.ends_with("_refused");
+                s.send(Arc::new(Record {
+                    kind,
+                    time_ms: ms,
+                    severity: if refused {
+                        Severity::Warning
+                    } else {
+                        Severity::Notice
+                    },
+                    msgid: event.to_string(),
+                    body: sekisho_proto::ocsf::audit(event, actor, &detail, ms),
+                }));
+            }
+        }
         let line = serde_json::json!({
-            "ts": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            "ts": humantime::format_rfc3339_millis(now).to_string(),
             "event": event,
             "actor": actor,
             "detail": detail,

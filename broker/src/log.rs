@@ -8,7 +8,11 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tracing::error;
 
-use sekisho_proto::broker::{AppDnsRecord, DecisionRecord, PostureRecord, SummaryRecord};
+use sekisho_proto::broker::{
+    AppDnsRecord, DecisionRecord, FlowRecord, PostureRecord, SummaryRecord,
+};
+use sekisho_proto::ocsf;
+use sekisho_sys::logship::{Record, RecordKind, Severity, Shipper};
 
 /// Records waiting for the writer. Bounded: a flood of new flows must not grow memory
 /// without end; what the writer cannot take is counted (`drops.decisions_not_logged`).
@@ -19,6 +23,7 @@ pub enum LogLine {
     Posture(PostureRecord),
     AppDns(AppDnsRecord),
     Summary(SummaryRecord),
+    Flow(FlowRecord),
     Policy {
         result: &'static str,
         detail: String,
@@ -39,7 +44,67 @@ struct PolicyEvent<'a> {
     detail: &'a str,
 }
 
-pub async fn decision_writer(path: PathBuf, mut rx: mpsc::Receiver<LogLine>) {
+/// The line for the SIEM: its kind, name, severity and OCSF body (None: not shipped).
+fn shipped(line: &LogLine, time_ms: u64) -> Option<Record> {
+    let (kind, msgid, severity, body) = match line {
+        LogLine::Decision(r) => (
+            RecordKind::Flows,
+            "flow_decision",
+            if r.decision == sekisho_proto::policy::Action::Allow {
+                Severity::Info
+            } else {
+                Severity::Notice
+            },
+            ocsf::decision(r, time_ms),
+        ),
+        LogLine::Flow(r) => (
+            RecordKind::Flows,
+            "traffic",
+            Severity::Info,
+            ocsf::flow(r, time_ms, ocsf::Observer::Broker),
+        ),
+        LogLine::Summary(r) => (
+            RecordKind::Flows,
+            "flow_summary",
+            Severity::Notice,
+            ocsf::summary(r, time_ms),
+        ),
+        LogLine::Posture(r) => (
+            RecordKind::Posture,
+            "posture",
+            if r.result == "refused" {
+                Severity::Warning
+            } else {
+                Severity::Info
+            },
+            ocsf::posture(r, time_ms),
+        ),
+        LogLine::AppDns(r) => (
+            RecordKind::Dns,
+            "dns",
+            Severity::Info,
+            ocsf::app_dns(r, time_ms),
+        ),
+        LogLine::Policy { .. } => return None,
+    };
+    Some(Record {
+        kind,
+        time_ms,
+        severity,
+        msgid: msgid.to_string(),
+        body,
+    })
+}
+
+fn kind_of(line: &LogLine) -> RecordKind {
+    match line {
+        LogLine::Posture(_) => RecordKind::Posture,
+        LogLine::AppDns(_) => RecordKind::Dns,
+        _ => RecordKind::Flows,
+    }
+}
+
+pub async fn decision_writer(path: PathBuf, mut rx: mpsc::Receiver<LogLine>, shipper: Shipper) {
     let mut out: Box<dyn std::io::Write + Send> = if path == Path::new("-") {
         Box::new(std::io::stdout())
     } else {
@@ -59,12 +124,22 @@ pub async fn decision_writer(path: PathBuf, mut rx: mpsc::Receiver<LogLine>) {
         }
     };
     while let Some(line) = rx.recv().await {
-        let ts = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        let now = SystemTime::now();
+        if shipper.wants(kind_of(&line)) {
+            let ms = now
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            if let Some(r) = shipped(&line, ms) {
+                shipper.send(std::sync::Arc::new(r));
+            }
+        }
+        let ts = humantime::format_rfc3339_millis(now).to_string();
         let text = match &line {
             LogLine::Decision(r) => serde_json::to_string(&Stamped { ts, record: r }),
             LogLine::Posture(r) => serde_json::to_string(&Stamped { ts, record: r }),
             LogLine::AppDns(r) => serde_json::to_string(&Stamped { ts, record: r }),
             LogLine::Summary(r) => serde_json::to_string(&Stamped { ts, record: r }),
+            LogLine::Flow(r) => serde_json::to_string(&Stamped { ts, record: r }),
             LogLine::Policy { result, detail } => serde_json::to_string(&Stamped {
                 ts,
                 record: &PolicyEvent {

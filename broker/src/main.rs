@@ -203,8 +203,21 @@ async fn run(config_path: &Path) -> Result<()> {
         )),
         None => None,
     };
+    // Records for the SIEM: sinks start now (a bad sink stops the broker with the reason);
+    // the decision log's writer and the audit log hand them over, never the packet path.
+    let shipper = sekisho_sys::logship::Shipper::start(
+        &config.log_sinks,
+        "sekisho-broker",
+        &name,
+        config_path.parent().unwrap_or(Path::new(".")),
+    )
+    .with_context(|| format!("{}: log_sinks", config_path.display()))?;
     let (log_tx, log_rx) = mpsc::channel(log::QUEUE);
-    tokio::spawn(log::decision_writer(config.decision_log.clone(), log_rx));
+    tokio::spawn(log::decision_writer(
+        config.decision_log.clone(),
+        log_rx,
+        shipper.clone(),
+    ));
     let mut kernel = stats::KernelSources {
         egress_interface: config.egress.as_ref().map(|e| e.interface.clone()),
         ..Default::default()
@@ -252,6 +265,7 @@ async fn run(config_path: &Path) -> Result<()> {
     let control = match opened {
         Some((ctl, opened)) => {
             let control = control::Control::new(opened, dp.clone(), ctl.clone(), broker_key)?;
+            control.ship_to(shipper.clone());
             let tls = &config.tls;
             // With admin_listen, the admin API has its own address (a management network,
             // loopback) and the public listener serves devices and enrollment only.
@@ -291,6 +305,7 @@ async fn run(config_path: &Path) -> Result<()> {
             dp: dp.clone(),
             control: control.clone(),
             kernel: kernel.clone(),
+            shipper: shipper.clone(),
         });
         let bearer = m
             .bearer_token_file
@@ -323,7 +338,7 @@ async fn run(config_path: &Path) -> Result<()> {
         kernel.quic_retries.clone(),
     ));
     let kernel_shield = kernel.handshake_shield.is_some();
-    let control_socket = stats::serve(&config.control_socket, dp.clone(), kernel)?;
+    let control_socket = stats::serve(&config.control_socket, dp.clone(), kernel, shipper.clone())?;
 
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -349,6 +364,8 @@ async fn run(config_path: &Path) -> Result<()> {
     }
     endpoint.close(0u32.into(), b"broker stopping");
     control_socket.abort();
+    // What the sinks still hold gets a moment to leave.
+    shipper.flush(Duration::from_secs(3)).await;
     let _ = std::fs::remove_file(&config.control_socket);
     Ok(())
 }

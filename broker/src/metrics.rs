@@ -12,12 +12,14 @@ pub struct BrokerMetrics {
     pub dp: DataPlane,
     pub control: Option<Arc<control::Control>>,
     pub kernel: KernelSources,
+    pub shipper: sekisho_sys::logship::Shipper,
 }
 
 impl Source for BrokerMetrics {
     fn snapshot(&self) -> Snapshotting<'_> {
         Box::pin(async move {
             let mut m = Snapshot::new("sekisho_broker");
+            sekisho_sys::metrics::log_sink_metrics(&mut m, &self.shipper.stats());
             let v = self.dp.view().await;
             let c = &v.counters;
             m.gauge(

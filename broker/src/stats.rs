@@ -74,10 +74,16 @@ struct StatsReport<'a> {
     connector_links: Vec<String>,
     connectors: &'a [sekisho_proto::broker::LinkInfo],
     workers: &'a [crate::dataplane::WorkerStats],
+    /// The SIEM sinks: delivered, lost and why, queued, connected.
+    log_sinks: Vec<sekisho_sys::logship::SinkStats>,
 }
 
 /// The stats as JSON.
-pub async fn report(dp: &DataPlane, kernel: &KernelSources) -> Result<String> {
+pub async fn report(
+    dp: &DataPlane,
+    kernel: &KernelSources,
+    shipper: &sekisho_sys::logship::Shipper,
+) -> Result<String> {
     let v = dp.view().await;
     let mut sites: Vec<String> = v.connectors.iter().map(|l| l.site.clone()).collect();
     sites.sort();
@@ -93,6 +99,7 @@ pub async fn report(dp: &DataPlane, kernel: &KernelSources) -> Result<String> {
         connector_links: sites,
         connectors: &v.connectors,
         workers: &v.workers,
+        log_sinks: shipper.stats(),
     })?)
 }
 
@@ -101,6 +108,7 @@ pub fn serve(
     path: &Path,
     dp: DataPlane,
     kernel: KernelSources,
+    shipper: sekisho_sys::logship::Shipper,
 ) -> Result<tokio::task::JoinHandle<()>> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -111,9 +119,9 @@ pub fn serve(
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     Ok(tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
-            let (dp, kernel) = (dp.clone(), kernel.clone());
+            let (dp, kernel, shipper) = (dp.clone(), kernel.clone(), shipper.clone());
             tokio::spawn(async move {
-                if let Ok(body) = report(&dp, &kernel).await {
+                if let Ok(body) = report(&dp, &kernel, &shipper).await {
                     let _ = stream.write_all(body.as_bytes()).await;
                 }
             });

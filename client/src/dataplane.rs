@@ -63,14 +63,26 @@ pub struct Io<'a> {
     pub udp: &'a BatchUdp,
 }
 
-/// Runs the data plane until an error.
-pub async fn run(
-    mut st: ClientState,
-    io: Io<'_>,
-    mut commands: mpsc::Receiver<Command>,
-    endpoints: tokio::sync::watch::Sender<Vec<SocketAddr>>,
-    view: SnapshotRef,
-) -> anyhow::Result<()> {
+/// What the loop talks to besides devices: commands in, endpoints and the status snapshot
+/// out, the stop signal, and where flow records go.
+pub struct Links {
+    pub commands: mpsc::Receiver<Command>,
+    pub endpoints: tokio::sync::watch::Sender<Vec<SocketAddr>>,
+    pub view: SnapshotRef,
+    /// Notified when the client stops: the loop writes every open flow's record and returns.
+    pub stop: Arc<tokio::sync::Notify>,
+    pub records: crate::records::Local,
+}
+
+/// Runs the data plane until an error or the stop signal.
+pub async fn run(mut st: ClientState, io: Io<'_>, links: Links) -> anyhow::Result<()> {
+    let Links {
+        mut commands,
+        endpoints,
+        view,
+        stop,
+        records,
+    } = links;
     let mut reader = TunReader::new(io.mtu);
     let mut writer = TunWriter::default();
     let mut batch = RecvBatch::default();
@@ -124,6 +136,13 @@ pub async fn run(
                 let eps = st.endpoints();
                 endpoints.send_if_modified(|old| if *old != eps { *old = eps; true } else { false });
             }
+            _ = stop.notified() => {
+                st.report_all_flows();
+                while let Some(r) = st.poll_flow_report() {
+                    records.flow(&r);
+                }
+                return Ok(());
+            }
             Some(c) = commands.recv() => match c {
                 Command::Token(t) => st.set_token(t),
                 Command::Brokers(b) => {
@@ -135,6 +154,9 @@ pub async fn run(
             },
         }
         flush(&mut st, &io, &mut writer).await;
+        while let Some(r) = st.poll_flow_report() {
+            records.flow(&r);
+        }
     }
 }
 

@@ -82,6 +82,7 @@ pub async fn start_dns(
     d: &DnsConfig,
     config: &ClientConfig,
     direct: Arc<crate::killswitch::DirectNames>,
+    records: crate::records::Local,
 ) -> Result<DnsRunning> {
     let listen = d
         .listen
@@ -108,7 +109,12 @@ pub async fn start_dns(
             DNS_PORT,
         )
     });
-    let mut stub = Stub::new((fallback.clone(), resolver), broker, dns_log(&d.log)?);
+    let log = Box::new(crate::records::TeeLines {
+        inner: dns_log(&d.log)?,
+        local: records,
+        pending: Vec::new(),
+    });
+    let mut stub = Stub::new((fallback.clone(), resolver), broker, log);
     stub.set_direct(direct);
     let stub = Arc::new(stub);
     let serve = stub::serve(stub.clone(), listen);

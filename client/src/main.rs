@@ -10,6 +10,7 @@ mod dataplane;
 mod dnsctl;
 mod killswitch;
 mod posture;
+mod records;
 mod resolvconf;
 mod status;
 mod stub;
@@ -192,6 +193,10 @@ struct ClientConfig {
     /// The DNS stub (private application names, DNS filtering). Absent: no stub.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     dns: Option<DnsConfig>,
+    /// Where this laptop's records go (its side of its flows, blocked names): syslog, OTLP,
+    /// files (`[[log_sinks]]`, README "Logs to a SIEM").
+    #[serde(default, skip_serializing)]
+    log_sinks: Vec<sekisho_sys::logship::SinkConfig>,
 }
 
 #[derive(Debug, Deserialize, Serialize, Default)]
@@ -528,6 +533,7 @@ fn write_enrollment<'c>(
             .collect(),
         control_socket: default_socket(),
         state_file: default_state_file(),
+        log_sinks: Vec::new(),
         control: Some(ControlConfig {
             url: server.to_string(),
             ca_file: PathBuf::from("ca.pem"),
@@ -725,14 +731,14 @@ fn init_tracing() {
         .init();
 }
 
-fn run_blocking(config: &Path) -> Result<()> {
+fn run_blocking(config_path: &Path) -> Result<()> {
     init_tracing();
-    let config = load_config(config)?;
+    let config = load_config(config_path)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(run(config))
+    rt.block_on(run(config, config_path))
 }
 
 /// The tunnel socket's buffers: room for a few milliseconds of traffic at full speed.
@@ -777,7 +783,7 @@ fn broker_infos(peers: &[BrokerPeer]) -> Vec<sekisho_proto::api::BrokerInfo> {
         .collect()
 }
 
-async fn run(config: ClientConfig) -> Result<()> {
+async fn run(config: ClientConfig, config_path: &Path) -> Result<()> {
     let key = PrivateKey::read_file(&config.interface.private_key_file)?;
     let iface = &config.interface;
     let tun = create_tun(&iface.name, iface.mtu)?;
@@ -878,8 +884,21 @@ async fn run(config: ClientConfig) -> Result<()> {
     };
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let local = records::Local {
+        shipper: sekisho_sys::logship::Shipper::start(
+            &config.log_sinks,
+            "sekisho-client",
+            &host,
+            config_path.parent().unwrap_or(Path::new(".")),
+        )
+        .with_context(|| format!("{}: log_sinks", config_path.display()))?,
+        device: views.device.clone(),
+    };
     let dns = match &config.dns {
-        Some(d) => Some(dnsctl::start_dns(d, &config, direct.clone()).await?),
+        Some(d) => Some(dnsctl::start_dns(d, &config, direct.clone(), local.clone()).await?),
         None => None,
     };
     let (dp_tx, dp_rx) = tokio::sync::mpsc::channel(16);
@@ -903,8 +922,9 @@ async fn run(config: ClientConfig) -> Result<()> {
             report_rx,
         )));
     }
-    let result = tokio::select! {
-        r = dataplane::run(
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let result = {
+        let data = dataplane::run(
             dp,
             dataplane::Io {
                 tun: &tun,
@@ -912,13 +932,29 @@ async fn run(config: ClientConfig) -> Result<()> {
                 mtu: iface.mtu,
                 udp: &udp,
             },
-            dp_rx,
-            endpoints_tx,
-            views.data.clone(),
-        ) => r,
-        _ = term.recv() => Ok(()),
-        _ = tokio::signal::ctrl_c() => Ok(()),
+            dataplane::Links {
+                commands: dp_rx,
+                endpoints: endpoints_tx,
+                view: views.data.clone(),
+                stop: stop.clone(),
+                records: local.clone(),
+            },
+        );
+        tokio::pin!(data);
+        tokio::select! {
+            r = &mut data => r,
+            _ = term.recv() => {
+                stop.notify_one();
+                data.await
+            }
+            _ = tokio::signal::ctrl_c() => {
+                stop.notify_one();
+                data.await
+            }
+        }
     };
+    // The last flow records (written at stop) get a moment to leave.
+    local.shipper.flush(Duration::from_secs(2)).await;
     for t in tasks {
         t.abort();
     }

@@ -50,6 +50,8 @@ pub struct State {
     /// Packets the nftables forward chain refused (read every few seconds).
     pub kernel_refused: AtomicU64,
     data: Mutex<DataView>,
+    /// Where the connector's records go (`[[log_sinks]]`): refusals of its allowlist.
+    pub shipper: std::sync::OnceLock<sekisho_sys::logship::Shipper>,
 }
 
 pub fn add(c: &AtomicU64, n: u64) {
@@ -106,6 +108,9 @@ impl Source for State {
 impl State {
     fn metrics(&self) -> Snapshot {
         let mut m = Snapshot::new("sekisho_connector");
+        if let Some(s) = self.shipper.get() {
+            sekisho_sys::metrics::log_sink_metrics(&mut m, &s.stats());
+        }
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         for (broker, up) in lock(&self.links).iter() {
             m.gauge_with(

@@ -129,6 +129,13 @@ pub(crate) struct ConnectorConfig {
     /// Prometheus endpoint (`/metrics`, `/healthz`, `/readyz`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     metrics: Option<MetricsConfig>,
+    /// Where the connector's records go (refusals of its allowlist): syslog, OTLP, files
+    /// (`[[log_sinks]]`, README "Logs to a SIEM").
+    #[serde(default, skip_serializing)]
+    log_sinks: Vec<sekisho_sys::logship::SinkConfig>,
+    /// The folder of connector.toml (relative sink paths), set on load.
+    #[serde(skip)]
+    base_dir: PathBuf,
 }
 
 #[derive(Debug, Deserialize, serde::Serialize)]
@@ -281,6 +288,8 @@ fn enroll(
         drain_timeout: default_drain_timeout(),
         overlay_mtu: default_overlay_mtu(),
         metrics: None,
+        log_sinks: Vec::new(),
+        base_dir: PathBuf::new(),
         tls: TlsConfig {
             ca: PathBuf::from("ca.pem"),
             cert: PathBuf::from("connector.pem"),
@@ -316,6 +325,7 @@ fn load_config(path: &Path) -> Result<ConnectorConfig, ConfigError> {
     {
         *p = base.join(&*p);
     }
+    c.base_dir = base.to_path_buf();
     Ok(c)
 }
 
@@ -438,6 +448,14 @@ async fn run(config: ConnectorConfig) -> Result<()> {
     let drain_timeout = humantime::parse_duration(&config.drain_timeout)?;
     let config = Arc::new(config);
     let state = Arc::new(State::default());
+    let shipper = sekisho_sys::logship::Shipper::start(
+        &config.log_sinks,
+        "sekisho-connector",
+        &config.site,
+        &config.base_dir,
+    )
+    .context("connector.toml: log_sinks")?;
+    let _ = state.shipper.set(shipper.clone());
     {
         // The kernel's refusals, read every few seconds for the metrics.
         let (state, table) = (state.clone(), site::nft_table(&config.tun_name));

@@ -409,12 +409,18 @@ pub async fn site_loop(
             match ev {
                 Event::Refused { what, why } => {
                     warn!(refused = %what, "refused: {}", why.text());
+                    ship_refusal(
+                        &state,
+                        serde_json::json!({"refused": what.to_string(),
+                        "why": why.text()}),
+                    );
                 }
                 Event::RefusedMore(n) => {
                     warn!(
                         count = n,
                         "refused {n} more in the last second (not logged one by one)"
                     );
+                    ship_refusal(&state, serde_json::json!({"refused_more": n, "seconds": 1}));
                 }
                 Event::Unroute(net) => {
                     if let Err(e) = io.netlink.del_route(io.index, net).await {
@@ -477,6 +483,25 @@ pub async fn site_loop(
 }
 
 /// Keeps the drop count of a link's socket that goes away.
+/// An allowlist refusal for the SIEM (`events` records): what a broker asked and why not.
+fn ship_refusal(state: &State, detail: serde_json::Value) {
+    use sekisho_sys::logship::{Record, RecordKind, Severity, now_ms};
+    let Some(s) = state.shipper.get() else {
+        return;
+    };
+    if !s.wants(RecordKind::Events) {
+        return;
+    }
+    let t = now_ms();
+    s.send(std::sync::Arc::new(Record {
+        kind: RecordKind::Events,
+        time_ms: t,
+        severity: Severity::Warning,
+        msgid: "refused".into(),
+        body: sekisho_proto::ocsf::connector_refusal(&detail, t),
+    }));
+}
+
 fn retire(total: &mut u64, l: LinkHandle) {
     *total += sekisho_sys::udp::socket_drops(l.socket.as_ref()).unwrap_or(0);
 }

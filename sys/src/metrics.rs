@@ -264,6 +264,38 @@ pub async fn serve(
     axum::serve(listener, router(source, bearer)).await
 }
 
+/// The log sinks' counters (`[[log_sinks]]`): records delivered and lost per sink and why,
+/// what waits in each queue, whether each is connected.
+pub fn log_sink_metrics(m: &mut Snapshot, sinks: &[crate::logship::SinkStats]) {
+    for s in sinks {
+        let sink = s.name.as_str();
+        for (outcome, n) in [
+            ("delivered", s.delivered),
+            ("dropped_queue_full", s.dropped_queue_full),
+            ("dropped_undeliverable", s.dropped_undeliverable),
+        ] {
+            m.counter_with(
+                "log_records",
+                "Records for the SIEM by sink and outcome (delivered, or lost and why).",
+                &[("sink", sink), ("outcome", outcome)],
+                n,
+            );
+        }
+        m.gauge_with(
+            "log_sink_queued",
+            "Records waiting in a log sink's queue.",
+            &[("sink", sink)],
+            s.queued as f64,
+        );
+        m.gauge_with(
+            "log_sink_connected",
+            "Whether a log sink's connection is up (1) or not (0).",
+            &[("sink", sink)],
+            if s.connected { 1.0 } else { 0.0 },
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

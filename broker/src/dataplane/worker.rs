@@ -291,6 +291,11 @@ impl Output {
                         unlogged += 1;
                     }
                 }
+                Event::Flow(r) => {
+                    if ctx.log.try_send(LogLine::Flow(r)).is_err() {
+                        unlogged += 1;
+                    }
+                }
             }
         }
         let mut queue_full = 0u64;
