@@ -109,6 +109,17 @@ pub struct Traffic {
 }
 
 impl Traffic {
+    /// `packets` packets of `bytes` bytes in all, one way.
+    pub fn add(&mut self, outbound: bool, packets: u64, bytes: u64) {
+        if outbound {
+            self.packets_out += packets;
+            self.bytes_out += bytes;
+        } else {
+            self.packets_in += packets;
+            self.bytes_in += bytes;
+        }
+    }
+
     pub fn count(&mut self, outbound: bool, bytes: usize) {
         if outbound {
             self.packets_out += 1;

@@ -11,6 +11,8 @@
 //! brokers as GSO trains, packets for the TUN device; encrypted and decrypted in place, never
 //! copied) and [`ClientState::poll_timeout`].
 
+mod meter;
+
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -78,41 +80,6 @@ counters! {
     }
 }
 
-counters! {
-    /// The laptop's own side of its flows (two-sided flow logs).
-    pub struct FlowRecords {
-        /// Flow records made (a flow's end, and every minute while it runs).
-        records,
-        /// Flows not metered: the meter was full (their packets still passed).
-        not_metered,
-    }
-}
-
-/// Flows metered at most (a record each; beyond, packets pass unmetered and are counted).
-const METERED_FLOWS: usize = 65_536;
-
-/// A flow as the laptop sees it: its traffic each way and how TCP ended.
-#[derive(Debug, Clone)]
-struct LocalFlow {
-    meter: crate::flow::Meter,
-    tcp: crate::flow::TcpEnd,
-}
-
-impl crate::flow::FlowEntry for LocalFlow {
-    fn allowed(&self) -> bool {
-        true
-    }
-    fn owner(&self) -> u32 {
-        0
-    }
-    fn closed(&self) -> bool {
-        self.tcp.ended()
-    }
-    fn reports(&self) -> bool {
-        true
-    }
-}
-
 /// The client's counters.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
 pub struct Counters {
@@ -121,7 +88,7 @@ pub struct Counters {
     /// Packets from the tunnel to apps.
     pub from_brokers: Traffic,
     pub drops: Drops,
-    pub flows: FlowRecords,
+    pub flows: meter::FlowRecords,
 }
 
 /// The client's named timers.
@@ -268,8 +235,7 @@ pub struct ClientState {
     /// Wall-clock Unix seconds, as of the last timeout (for the switch history).
     unix_now: u64,
     /// This laptop's flows, for its side of the flow records.
-    metered: crate::flow::FlowTable<LocalFlow>,
-    flow_reports: VecDeque<crate::flow::FlowReport>,
+    metered: meter::FlowMeter,
 }
 
 impl ClientState {
@@ -302,86 +268,20 @@ impl ClientState {
             pkt: vec![0u8; 4096],
             timers,
             unix_now: 0,
-            metered: crate::flow::FlowTable::new(
-                crate::flow::IdleTimeouts::default(),
-                METERED_FLOWS,
-                METERED_FLOWS,
-            ),
-            flow_reports: VecDeque::new(),
-        }
-    }
-
-    /// Counts a packet of this laptop's flows: `outbound` from the device (key as sent), else
-    /// towards it (key reversed to the flow's).
-    fn meter(&mut self, pkt: &[u8], outbound: bool, now: Instant) {
-        let Ok(packet::PacketKind::Flow(k)) = packet::classify(pkt) else {
-            return;
-        };
-        let key = if outbound { k } else { k.reversed() };
-        let tcp = crate::flow::TcpEnd::of(pkt, outbound);
-        let len = pkt.len();
-        let counted = self.metered.touch_with(&key, now, |f| {
-            let was_ended = f.tcp.ended();
-            f.tcp.merge(tcp);
-            f.meter.traffic.count(outbound, len);
-            f.meter.final_at_tcp_end(key, was_ended, f.tcp.ended(), now)
-        });
-        if let Some(Some(r)) = counted {
-            self.counters.flows.records += 1;
-            self.flow_reports.push_back(r);
-        }
-        if counted.is_none() {
-            // Only the device opens flows; an answer to nothing metered is not one.
-            if !outbound {
-                return;
-            }
-            let mut f = LocalFlow {
-                meter: crate::flow::Meter::new(now, self.unix_now * 1000),
-                tcp,
-            };
-            f.meter.traffic.count(true, len);
-            if self.metered.insert(key, f, now).is_err() {
-                self.counters.flows.not_metered += 1;
-            }
+            metered: meter::FlowMeter::default(),
         }
     }
 
     /// Flow records of this laptop's side, oldest first.
     pub fn poll_flow_report(&mut self) -> Option<crate::flow::FlowReport> {
-        self.flow_reports.pop_front()
+        let r = self.metered.poll();
+        self.counters.flows = self.metered.counters.clone();
+        r
     }
 
     /// Records of every flow still open (the client stops).
     pub fn report_all_flows(&mut self) {
-        let mut out = Vec::new();
-        self.metered.for_each_mut(|k, f, seen| {
-            if !f.meter.final_sent {
-                out.push(f.meter.report(*k, seen, crate::flow::FlowEnd::Shutdown));
-            }
-        });
-        self.counters.flows.records += out.len() as u64;
-        self.flow_reports.extend(out);
-    }
-
-    fn report_flows(&mut self, now: Instant) {
-        self.metered.expire(now);
-        for (k, f, seen, end) in self.metered.take_retired() {
-            if !f.meter.final_sent {
-                self.flow_reports.push_back(f.meter.report(k, seen, end));
-                self.counters.flows.records += 1;
-            }
-        }
-        let mut out = Vec::new();
-        self.metered.for_each_mut(|k, f, seen| {
-            if !f.meter.final_sent
-                && now.saturating_duration_since(f.meter.reported) >= crate::flow::FLOW_REPORT_EVERY
-            {
-                f.meter.reported = now;
-                out.push(f.meter.report(*k, seen, crate::flow::FlowEnd::Ongoing));
-            }
-        });
-        self.counters.flows.records += out.len() as u64;
-        self.flow_reports.extend(out);
+        self.metered.finish(self.unix_now * 1000);
     }
 
     /// The most datagrams the shell sends in one GSO train.
@@ -506,7 +406,7 @@ impl ClientState {
         };
         if encapsulate_to(l, pkt, &mut self.net) {
             self.counters.to_brokers.count(pkt.len());
-            self.meter(pkt, true, now);
+            self.metered.packet(pkt, true, now, self.unix_now * 1000);
         } else {
             self.counters.drops.no_session += 1;
         }
@@ -563,20 +463,12 @@ impl ClientState {
             }
         }
         self.counters.from_brokers.count(n);
-        let p = &self.tun.buf[start..start + n];
-        if let Ok(packet::PacketKind::Flow(k)) = packet::classify(p) {
-            let key = k.reversed();
-            let tcp = crate::flow::TcpEnd::of(p, false);
-            if let Some(Some(r)) = self.metered.touch_with(&key, now, |f| {
-                let was_ended = f.tcp.ended();
-                f.tcp.merge(tcp);
-                f.meter.traffic.count(false, n);
-                f.meter.final_at_tcp_end(key, was_ended, f.tcp.ended(), now)
-            }) {
-                self.counters.flows.records += 1;
-                self.flow_reports.push_back(r);
-            }
-        }
+        self.metered.packet(
+            &self.tun.buf[start..start + n],
+            false,
+            now,
+            self.unix_now * 1000,
+        );
         self.tun.commit(n);
     }
 
@@ -780,7 +672,8 @@ impl ClientState {
             self.next_expire = now + Duration::from_secs(1);
             self.recent
                 .retain(|_, r| now.saturating_duration_since(r.at) < RECENT_FOR);
-            self.report_flows(now);
+            self.metered.tick(now, self.unix_now * 1000);
+            self.counters.flows = self.metered.counters.clone();
         }
         if now >= self.next_status {
             self.next_status = now + STATUS_EVERY;
