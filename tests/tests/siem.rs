@@ -147,8 +147,31 @@ fn records_reach_the_siem_as_they_happen() {
     arrives(&d, "posture", |_, id, b| {
         id == "posture" && b["class_uid"] == 5019
     });
-    // The connector's own refusal of something outside its allowlist reaches the SIEM too:
-    // not provoked here (trust.rs does); its sink is up.
+    // The connector refuses what its allowlist does not hold, whatever the broker allowed:
+    // a policy that sends 10.30.0.1 to site dc1, whose connector allows 10.20.0.0/24 only.
+    let policy = std::fs::read_to_string(d.state().join("policy.toml")).unwrap()
+        + "\n[[applications]]\nname = \"elsewhere\"\nsite = \"dc1\"\naddresses = [\"10.30.0.1\"]\nprotocols = [\"tcp\"]\nports = [80]\n\
+           [[rules]]\nname = \"eng-elsewhere\"\naction = \"allow\"\ngroups = [\"engineering\"]\n\
+           applications = [\"elsewhere\"]\n";
+    let path = d.state().join("policy-elsewhere.toml");
+    std::fs::write(&path, policy).unwrap();
+    let (ok, _, err) = d.admin(&["policy", "apply", path.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    // The laptop learns the new route with its next configuration (every few seconds).
+    wait_until(Duration::from_secs(15), || {
+        let _ = d.sh("laptop", "curl -s -m 1 -o /dev/null http://10.30.0.1/");
+        bodies(&syslog(&d))
+            .iter()
+            .any(|(app, id, _)| app == "sekisho-connector" && id == "refused")
+    });
+    arrives(&d, "connector refusal", |app, id, b| {
+        app == "sekisho-connector"
+            && id == "refused"
+            && b["disposition"] == "Blocked"
+            && b["unmapped"]["refused"]
+                .as_str()
+                .is_some_and(|r| r.contains("10.30.0.1"))
+    });
     println!(
         "first records within {:.1} s of the test start",
         t0.elapsed().as_secs_f64()
