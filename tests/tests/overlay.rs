@@ -73,7 +73,7 @@ fn allowed_apps_work_over_tcp_udp_and_icmp() {
     // Each flow is decided once, not per packet: the 10 MB download is one decision.
     let alice_80 = log
         .iter()
-        .filter(|r| r["user"] == "alice" && r["dport"] == 80)
+        .filter(|r| r["event"] == "flow" && r["user"] == "alice" && r["dport"] == 80)
         .count();
     assert!(
         alice_80 <= 2,
