@@ -19,6 +19,7 @@ pub mod packet;
 pub mod policy;
 pub mod posture;
 pub mod ratelimit;
+pub mod risk;
 pub mod roles;
 pub mod select;
 pub mod timers;
