@@ -9,7 +9,7 @@
 
 use super::*;
 use crate::oidc::{DevicePoll, ProviderError, VerifyError};
-use crate::store::{LoginSession, SignIn, SignInRefusal, random_text};
+use crate::store::{DeviceSignIn, LoginSession, SignIn, SignInRefusal, random_text};
 
 /// How long a sign-in may take.
 const LOGIN_TTL: u64 = 600;
@@ -292,46 +292,59 @@ pub(super) async fn finish(State(ctl): Ctl, body: Bytes) -> ApiResult<api::Login
     }
     let subject = format!("{} {}", identity.issuer, identity.subject);
     let (member_of, governed) = policy.identity.map_groups(&identity.groups);
+    // An admin sign-in without a role is refused before anything is written.
+    if session.purpose == "admin" && policy.identity.admin_role(&identity.groups).is_none() {
+        return Err(refuse(bad(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{username:?} signed in, but none of their groups ({}) has an admin role \
+                 ([identity] admin_roles in the policy)",
+                identity.groups.join(", ")
+            ),
+        )));
+    }
     let _g = ctl.change.lock().await;
+    let sign_in = SignIn {
+        subject: &subject,
+        username: &username,
+        email: identity.email.as_deref(),
+        display_name: identity.display_name.as_deref(),
+        member_of: &member_of,
+        governed: &governed,
+        create: oidc.config.create_users,
+    };
     // Admins too are users of the directory: a deactivated or deleted one cannot sign in, and
     // their admin tokens stop working (see `Store::admin_by_token`).
-    let user = ctl
-        .store
-        .sign_in_user(
-            &SignIn {
-                subject: &subject,
-                username: &username,
-                email: identity.email.as_deref(),
-                display_name: identity.display_name.as_deref(),
-                member_of: &member_of,
-                governed: &governed,
-                create: oidc.config.create_users,
-            },
-            now,
-        )
-        .await?
-        .map_err(|e| refuse(sign_in_refusal(e)))?;
     if session.purpose == "admin" {
+        let user = ctl
+            .store
+            .sign_in_user(&sign_in, now)
+            .await?
+            .map_err(|e| refuse(sign_in_refusal(e)))?;
         ctl.rebuild().await?;
         return admin_sign_in(&ctl, &oidc, &policy, &user, &identity, now)
             .await
             .map_err(refuse);
     }
     let device = req.device.clone().expect("checked above");
-    let policy = ctl.policy();
-    let (dev, cred) = ctl
+    // User and device in one transaction: a refused device leaves the directory as it was.
+    let reserved = Reserved::of(&policy);
+    let (user, dev) = ctl
         .store
-        .sign_in_device(
-            &user,
-            &device.name,
-            &device.public_key,
-            identity.auth_time,
+        .sign_in(
+            &sign_in,
+            Some(DeviceSignIn {
+                name: &device.name,
+                public_key: &device.public_key,
+                signed_in_at: identity.auth_time,
+                range: policy.device_range,
+                reserved: &reserved,
+            }),
             now,
-            policy.device_range,
-            &Reserved::of(&policy),
         )
         .await?
         .map_err(|e| refuse(sign_in_refusal(e)))?;
+    let (dev, cred) = dev.expect("a device was asked for");
     ctl.rebuild().await?;
     let groups = ctl
         .store
@@ -387,12 +400,16 @@ async fn admin_sign_in(
         ));
     };
     let expires_at = now + oidc.config.admin_session.as_secs().max(60);
-    let name = format!("sso:{user}");
+    // The token is bound to the user's stable id, not the name: a user deleted and made
+    // again under the same name does not bring an old token back.
+    let id = ctl.store.user_id(user).await?.unwrap_or_default();
+    let name = format!("sso:{user}#{id}");
     let (id, secret) = ctl
         .store
         .create_admin_token_with(&name, role, Some(expires_at), now)
         .await?;
     info!(admin = %name, role = %role, "admin signed in through the identity provider");
+    let name = format!("sso:{user}");
     ctl.audit(
         "admin_sign_in",
         &name,

@@ -125,7 +125,10 @@ fn pathless(value: &Value, schema: &Schema) -> Result<Vec<(PatchPath, Value)>, S
             }
             continue;
         }
-        if k.len() > 4 && k[..4].eq_ignore_ascii_case("urn:") && !k.contains(['.', '[']) {
+        if k.len() > 4
+            && k.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("urn:"))
+            && !k.contains(['.', '['])
+        {
             // urn:…:Extension (an object of its attributes) or urn:…:User:attr.
             let p = filter::parse_path(k, schema)?;
             if own(&p, schema) {
@@ -695,6 +698,9 @@ mod tests {
             json!({"value": null}),
             json!([{"value": 1}]),
             json!({"a": {"b": []}}),
+            // A key whose fourth byte is inside a character.
+            json!({"abcé": 1}),
+            json!({"urné": {"x": 1}}),
         ];
         let paths = [
             json!(null),

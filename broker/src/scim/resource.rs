@@ -393,7 +393,7 @@ fn attr_names(list: &str) -> Vec<String> {
     list.split(',')
         .map(|a| {
             let a = a.trim();
-            let a = if a.len() > 4 && a[..4].eq_ignore_ascii_case("urn:") {
+            let a = if a.len() > 4 && a.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("urn:")) {
                 a.rsplit(':').next().unwrap_or(a)
             } else {
                 a
@@ -782,6 +782,15 @@ pub fn schemas(base: &str) -> Vec<Value> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn attribute_lists_with_any_characters() {
+        assert_eq!(attr_names("abcé"), vec!["abcé".to_lowercase()]);
+        assert_eq!(
+            attr_names("urn:ietf:params:scim:schemas:core:2.0:User:userName"),
+            vec!["username".to_string()]
+        );
+    }
+
     use super::*;
 
     fn record() -> ScimUserRecord {

@@ -61,20 +61,17 @@ impl Store {
             return Ok(Err("expired admin token"));
         }
         let name: String = r.try_get(0)?;
-        // A token from `admin login` is worth what its user is: deactivated or deleted (SCIM,
-        // an admin), it stops at once.
-        if let Some(user) = name.strip_prefix("sso:") {
-            let row = sqlx::query("SELECT disabled, id FROM users WHERE name = $1")
-                .bind(user)
+        // A token from `admin login` ("sso:NAME#USER-ID") is worth what its user is:
+        // deactivated or deleted (SCIM, an admin), it stops at once; a user made again under
+        // the same name has another id and does not bring it back.
+        if let Some(rest) = name.strip_prefix("sso:") {
+            let id = rest.rsplit_once('#').map_or("", |(_, id)| id);
+            let row = sqlx::query("SELECT disabled FROM users WHERE id = $1")
+                .bind(id)
                 .fetch_optional(&self.pool)
                 .await?;
             let active = match row {
-                Some(u) => {
-                    u.try_get::<i64, _>(0)? == 0
-                        && !u
-                            .try_get::<Option<String>, _>(1)?
-                            .is_some_and(|id| id.starts_with(super::scim::DELETED_ID_PREFIX))
-                }
+                Some(u) => u.try_get::<i64, _>(0)? == 0,
                 None => false,
             };
             if !active {
@@ -84,7 +81,11 @@ impl Store {
         let role: String = r.try_get(2)?;
         Ok(Ok(AdminIdentity {
             id: id.to_string(),
-            name,
+            // Audit lines name the admin, not the id it is bound to.
+            name: match name.strip_prefix("sso:").and_then(|r| r.rsplit_once('#')) {
+                Some((user, _)) => format!("sso:{user}"),
+                None => name,
+            },
             role: role.parse().unwrap_or(Role::Auditor),
         }))
     }

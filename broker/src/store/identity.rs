@@ -52,6 +52,21 @@ impl std::fmt::Display for SignInRefusal {
     }
 }
 
+type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
+
+/// The device a sign-in enrolls or re-authenticates.
+pub struct DeviceSignIn<'a> {
+    pub name: &'a str,
+    pub public_key: &'a str,
+    /// When the user signed in at the provider.
+    pub signed_in_at: u64,
+    pub range: IpNet,
+    pub reserved: &'a Reserved,
+}
+
+/// The device of a sign-in, and its new credential (id, secret) when it was enrolled by it.
+pub type SignedInDevice = (DeviceRecord, Option<(String, String)>);
+
 /// The user a sign-in is for, as the provider says.
 pub struct SignIn<'a> {
     /// "ISSUER SUB".
@@ -140,18 +155,101 @@ impl Store {
         Ok(())
     }
 
-    /// Finds the signed-in user by the provider's subject (else by name, linking the subject
-    /// to a user an admin or SCIM made), or creates them when allowed; brings the groups the
-    /// identity mapping governs in line with the provider's. Returns the user's name.
+    /// The device part of a sign-in alone, for a user who exists (see [`Store::sign_in`]).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn sign_in_device(
+        &self,
+        user: &str,
+        name: &str,
+        public_key: &str,
+        signed_in_at: u64,
+        now: u64,
+        range: IpNet,
+        reserved: &Reserved,
+    ) -> Result<std::result::Result<SignedInDevice, SignInRefusal>> {
+        let mut tx = self.pool.begin().await?;
+        let r = Self::device_in(
+            &mut tx,
+            user,
+            name,
+            public_key,
+            signed_in_at,
+            now,
+            range,
+            reserved,
+        )
+        .await?;
+        if r.is_ok() {
+            tx.commit().await?;
+            self.announce("device_signed_in").await;
+        }
+        Ok(r)
+    }
+
+    /// A user signing in (see [`Store::sign_in`]), without a device (an admin).
     pub async fn sign_in_user(
         &self,
         s: &SignIn<'_>,
         now: u64,
     ) -> Result<std::result::Result<String, SignInRefusal>> {
+        Ok(self.sign_in(s, None, now).await?.map(|(user, _)| user))
+    }
+
+    /// A sign-in, all or nothing: the user found by the provider's subject (else by name,
+    /// linking the subject to a user an admin or SCIM made), or created when allowed, in the
+    /// groups the identity mapping governs as the provider says; and with `device`, the device
+    /// enrolled with that key (re-authenticated) or a new one. A refusal of either leaves the
+    /// store as it was.
+    pub async fn sign_in(
+        &self,
+        s: &SignIn<'_>,
+        device: Option<DeviceSignIn<'_>>,
+        now: u64,
+    ) -> Result<std::result::Result<(String, Option<SignedInDevice>), SignInRefusal>> {
         let mut tx = self.pool.begin().await?;
+        let user = match Self::user_in(&mut tx, s, now).await? {
+            Ok(u) => u,
+            Err(e) => return Ok(Err(e)),
+        };
+        let dev = match device {
+            None => None,
+            Some(d) => match Self::device_in(
+                &mut tx,
+                &user,
+                d.name,
+                d.public_key,
+                d.signed_in_at,
+                now,
+                d.range,
+                d.reserved,
+            )
+            .await?
+            {
+                Ok(x) => Some(x),
+                Err(e) => return Ok(Err(e)),
+            },
+        };
+        tx.commit().await?;
+        self.announce(if dev.is_some() {
+            "device_signed_in"
+        } else {
+            "user_signed_in"
+        })
+        .await;
+        Ok(Ok((user, dev)))
+    }
+
+    /// Finds the signed-in user by the provider's subject (else by name, linking the subject
+    /// to a user an admin or SCIM made), or creates them when allowed; brings the groups the
+    /// identity mapping governs in line with the provider's. Returns the user's name.
+    async fn user_in(
+        tx: &mut Tx<'_>,
+        s: &SignIn<'_>,
+        now: u64,
+    ) -> Result<std::result::Result<String, SignInRefusal>> {
         let by_subject = sqlx::query("SELECT name, disabled FROM users WHERE subject = $1")
             .bind(s.subject)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut **tx)
             .await?;
         let (name, disabled) = match by_subject {
             Some(r) => (r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)? != 0),
@@ -161,7 +259,7 @@ impl Store {
                     "SELECT name, disabled, subject FROM users WHERE LOWER(name) = LOWER($1)",
                 )
                 .bind(s.username)
-                .fetch_optional(&mut *tx)
+                .fetch_optional(&mut **tx)
                 .await?;
                 match by_name {
                     Some(r) => {
@@ -171,7 +269,7 @@ impl Store {
                         sqlx::query("UPDATE users SET subject = $1 WHERE name = $2")
                             .bind(s.subject)
                             .bind(r.try_get::<String, _>(0)?)
-                            .execute(&mut *tx)
+                            .execute(&mut **tx)
                             .await?;
                         (r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)? != 0)
                     }
@@ -189,7 +287,7 @@ impl Store {
                         .bind(s.subject)
                         .bind(s.email.map(str::to_string))
                         .bind(s.display_name.map(str::to_string))
-                        .execute(&mut *tx)
+                        .execute(&mut **tx)
                         .await?;
                         (s.username.to_string(), false)
                     }
@@ -208,7 +306,7 @@ impl Store {
                 .bind(g.as_str())
                 .bind(ts(now))
                 .bind(new_id("g-"))
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await?;
                 sqlx::query(
                     "INSERT INTO user_groups (user_name, group_name) VALUES ($1, $2) \
@@ -216,13 +314,13 @@ impl Store {
                 )
                 .bind(name.as_str())
                 .bind(g.as_str())
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await?;
             } else {
                 sqlx::query("DELETE FROM user_groups WHERE user_name = $1 AND group_name = $2")
                     .bind(name.as_str())
                     .bind(g.as_str())
-                    .execute(&mut *tx)
+                    .execute(&mut **tx)
                     .await?;
             }
         }
@@ -234,10 +332,8 @@ impl Store {
         )
         .bind(ts(now))
         .bind(name.as_str())
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
-        tx.commit().await?;
-        self.announce("user_signed_in").await;
         Ok(Ok(name))
     }
 
@@ -246,8 +342,8 @@ impl Store {
     /// `name` with the next free address of `range` and a credential. Either way the
     /// device's sign-in time becomes `signed_in_at`.
     #[allow(clippy::too_many_arguments)]
-    pub async fn sign_in_device(
-        &self,
+    async fn device_in(
+        tx: &mut Tx<'_>,
         user: &str,
         name: &str,
         public_key: &str,
@@ -256,13 +352,12 @@ impl Store {
         range: IpNet,
         reserved: &Reserved,
     ) -> Result<std::result::Result<(DeviceRecord, Option<(String, String)>), SignInRefusal>> {
-        let mut tx = self.pool.begin().await?;
         let existing = sqlx::query(
             "SELECT name, user_name, address, created_at, revoked_at FROM devices \
              WHERE public_key = $1",
         )
         .bind(public_key)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut **tx)
         .await?;
         if let Some(r) = existing {
             let dev_name: String = r.try_get(0)?;
@@ -280,10 +375,8 @@ impl Store {
             sqlx::query("UPDATE devices SET signed_in_at = $1 WHERE name = $2")
                 .bind(ts(signed_in_at))
                 .bind(dev_name.as_str())
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await?;
-            tx.commit().await?;
-            self.announce("device_signed_in").await;
             let address: String = r.try_get(2)?;
             return Ok(Ok((
                 DeviceRecord {
@@ -299,7 +392,7 @@ impl Store {
         }
         if sqlx::query("SELECT name FROM devices WHERE name = $1")
             .bind(name)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut **tx)
             .await?
             .is_some()
         {
@@ -311,7 +404,7 @@ impl Store {
             return Ok(Err(SignInRefusal::Device(why)));
         }
         let mut used: Vec<IpAddr> = sqlx::query("SELECT address FROM devices")
-            .fetch_all(&mut *tx)
+            .fetch_all(&mut **tx)
             .await?
             .iter()
             .filter_map(|r| r.try_get::<String, _>(0).ok()?.parse().ok())
@@ -335,10 +428,8 @@ impl Store {
         .bind(hash_secret(&cred_secret))
         .bind(ts(now))
         .bind(ts(signed_in_at))
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
-        tx.commit().await?;
-        self.announce("device_enrolled").await;
         Ok(Ok((
             DeviceRecord {
                 name: name.to_string(),
@@ -350,6 +441,18 @@ impl Store {
             },
             Some((cred_id, cred_secret)),
         )))
+    }
+
+    /// A user's stable id (what SCIM calls them by; a re-created user gets a new one).
+    pub async fn user_id(&self, name: &str) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT id FROM users WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => r.try_get(0)?,
+            None => None,
+        })
     }
 
     /// When the device's user last signed in through the identity provider on it.
@@ -500,6 +603,40 @@ mod tests {
                 .unwrap(),
             Err(SignInRefusal::Device(_))
         ));
+        // All or nothing: a new user whose device is refused (the key is alice's) is not
+        // created either.
+        let erin = SignIn {
+            subject: "https://idp.example s-5",
+            username: "erin",
+            ..alice(true, &eng, &governed)
+        };
+        let refused = store
+            .sign_in(
+                &erin,
+                Some(DeviceSignIn {
+                    name: "erin-laptop",
+                    public_key: key,
+                    signed_in_at: 300,
+                    range,
+                    reserved: &none,
+                }),
+                301,
+            )
+            .await
+            .unwrap();
+        assert!(
+            matches!(refused, Err(SignInRefusal::Device(_))),
+            "{refused:?}"
+        );
+        assert!(
+            !store
+                .users()
+                .await
+                .unwrap()
+                .iter()
+                .any(|u| u.name == "erin"),
+            "a refused sign-in created its user"
+        );
         // A revoked device does not come back by signing in.
         store.revoke_device("alice-laptop", 400).await.unwrap();
         assert!(matches!(

@@ -19,7 +19,7 @@ mod registry;
 pub(crate) mod scim;
 mod signing_keys;
 
-pub use identity::{LoginSession, SignIn, SignInRefusal};
+pub use identity::{DeviceSignIn, LoginSession, SignIn, SignInRefusal};
 
 use std::net::IpAddr;
 use std::sync::Arc;

@@ -597,8 +597,8 @@ impl Shipper {
                     c.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => {
-                    // The sink's task is gone (the runtime is shutting down).
-                    c.accepted.fetch_sub(1, Ordering::Relaxed);
+                    // The sink's task is gone (the runtime is shutting down): taken and lost,
+                    // so `accepted = delivered + dropped_undeliverable + queued` still holds.
                     c.dropped_undeliverable.fetch_add(1, Ordering::Relaxed);
                 }
             }

@@ -142,6 +142,8 @@ impl Target {
             .use_preconfigured_tls(tls)
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
+            // A redirect could carry the records elsewhere, or from https to http.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("sekisho/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| FieldError::new("url", format!("HTTP client set-up: {e}")))?;
@@ -351,7 +353,8 @@ pub(super) async fn run(
                 c.set_connected(answered);
                 c.error(message);
                 let delay = backoff.next_delay();
-                tokio::time::sleep(after.unwrap_or(delay)).await;
+                // Retry-After never shortens the backoff (a "0" would make a tight loop).
+                tokio::time::sleep(after.map_or(delay, |a| a.max(delay))).await;
             }
         }
     }
