@@ -156,6 +156,7 @@ impl Store {
     }
 
     /// The device part of a sign-in alone, for a user who exists (see [`Store::sign_in`]).
+    #[cfg(test)]
     #[allow(clippy::too_many_arguments)]
     pub async fn sign_in_device(
         &self,
