@@ -6,6 +6,7 @@
 //! that matches the flow, unless a deny rule covers them, which wins.
 
 mod index;
+pub mod risk;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -49,6 +50,8 @@ struct RawPolicy {
     sensitivity: RawSensitivity,
     #[serde(default)]
     identity: RawIdentity,
+    #[serde(default)]
+    risk: risk::RawRisk,
     #[serde(default)]
     tests: Vec<RawTest>,
     #[serde(default)]
@@ -654,6 +657,8 @@ pub struct Policy {
     pub sign_in_max_age: [Option<u64>; 3],
     /// Identity-provider groups and what they become here (`[identity]`).
     pub identity: IdentityMapping,
+    /// What risk each sensitivity level tolerates (`[risk]`).
+    pub risk: risk::RiskPolicy,
     pub tests: Vec<PolicyTest>,
     pub dns: DnsPolicy,
     pub tunnels: Vec<TunnelRule>,
@@ -1868,6 +1873,7 @@ fn compile(src: &Source, raw: RawPolicy) -> Result<Policy, ConfigError> {
         levels,
         sign_in_max_age,
         identity,
+        risk: risk::check(src, &raw.risk)?,
         groups: raw
             .groups
             .iter()
@@ -2420,6 +2426,40 @@ level3 = ["client", "edr"]
             &(posture_policy_text(&a, &b) + "[sensitivity.sign_in_max_age]\nlevel2 = \"soon\"\n"),
         );
         assert_eq!(e.field, "sensitivity.sign_in_max_age.level2", "{e}");
+    }
+
+    #[test]
+    fn risk_grades_parse_and_name_their_errors() {
+        let (a, b) = keys();
+        let p = Policy::parse(
+            Path::new("p.toml"),
+            &(demo_text(&a, &b)
+                + "[risk]\nlevel3 = { max = \"low\", above = \"deny\" }\n\
+                   level2 = { max = \"medium\", above = \"log\" }\nmonitor_from = 3\n\
+                   utc_offset = \"+09:00\"\n"),
+        )
+        .unwrap();
+        use crate::risk::Level;
+        use risk::Response;
+        assert_eq!(p.risk.response(3, Level::Medium), Some(Response::Deny));
+        assert_eq!(p.risk.response(2, Level::High), Some(Response::Log));
+        assert_eq!(p.risk.response(1, Level::High), None);
+        assert_eq!((p.risk.monitor_from, p.risk.utc_offset), (3, 9 * 3600));
+        for (bad, field) in [
+            (
+                "level3 = { max = \"extreme\", above = \"deny\" }",
+                "risk.level3.max",
+            ),
+            (
+                "level1 = { max = \"low\", above = \"shout\" }",
+                "risk.level1.above",
+            ),
+            ("monitor_from = 4", "risk.monitor_from"),
+            ("utc_offset = \"JST\"", "risk.utc_offset"),
+        ] {
+            let e = err_of(&(demo_text(&a, &b) + "[risk]\n" + bad + "\n"));
+            assert_eq!(e.field, field, "{e}");
+        }
     }
 
     #[test]

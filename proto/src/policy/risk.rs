@@ -1,0 +1,199 @@
+//! `[risk]`: how much risk each sensitivity level tolerates and what happens above it, where
+//! behaviour is watched at all, and the time zone hours of the week are counted in. Access
+//! degrades by degree: a device at risk loses the most sensitive applications first.
+//!
+//! ```toml
+//! [risk]
+//! level3 = { max = "low", above = "deny" }     # high-sensitivity apps: only at low risk
+//! level2 = { max = "medium", above = "log" }   # allowed above, with full detail recorded
+//! monitor_from = 2                             # behaviour signals only for levels >= 2
+//! utc_offset = "+09:00"
+//! ```
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::config::{ConfigError, Source};
+use crate::risk::Level;
+
+/// What a flow gets when the risk is above what its application's level tolerates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Response {
+    /// Allowed as if the risk were tolerated.
+    Allow,
+    /// Allowed, with the full detail in its record.
+    Log,
+    /// Denied, with the risk as the reason.
+    Deny,
+}
+
+/// One level's tolerance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grade {
+    /// The highest risk tolerated.
+    pub max: Level,
+    /// What happens above it.
+    pub above: Response,
+}
+
+/// The checked `[risk]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RiskPolicy {
+    pub grades: [Grade; 3],
+    /// Behaviour signals are computed only for applications of this level and above.
+    pub monitor_from: u8,
+    /// Seconds east of UTC for hours of the week.
+    pub utc_offset: i64,
+}
+
+impl Default for RiskPolicy {
+    fn default() -> Self {
+        let all = Grade {
+            max: Level::High,
+            above: Response::Allow,
+        };
+        RiskPolicy {
+            grades: [all; 3],
+            monitor_from: 2,
+            utc_offset: 0,
+        }
+    }
+}
+
+impl RiskPolicy {
+    /// What a flow to an application of `sensitivity` gets at `risk`: None when the risk is
+    /// tolerated.
+    pub fn response(&self, sensitivity: u8, risk: Level) -> Option<Response> {
+        let g = self.grades[usize::from(sensitivity.clamp(1, 3) - 1)];
+        (risk > g.max).then_some(g.above)
+    }
+
+    /// Whether behaviour is watched for flows to an application of `sensitivity`.
+    pub fn monitored(&self, sensitivity: u8) -> bool {
+        sensitivity >= self.monitor_from
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRisk {
+    #[serde(default)]
+    level1: Option<RawGrade>,
+    #[serde(default)]
+    level2: Option<RawGrade>,
+    #[serde(default)]
+    level3: Option<RawGrade>,
+    #[serde(default)]
+    monitor_from: Option<Spanned<u8>>,
+    #[serde(default)]
+    utc_offset: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrade {
+    max: Spanned<String>,
+    above: Spanned<String>,
+}
+
+/// "+09:00", "-05:30", "Z" or "+00:00" as seconds east of UTC.
+pub fn parse_offset(s: &str) -> Option<i64> {
+    if s == "Z" {
+        return Some(0);
+    }
+    let (sign, rest) = match s.as_bytes().first()? {
+        b'+' => (1, &s[1..]),
+        b'-' => (-1, &s[1..]),
+        _ => return None,
+    };
+    let (h, m) = rest.split_once(':')?;
+    if h.len() != 2 || m.len() != 2 {
+        return None;
+    }
+    let (h, m): (i64, i64) = (h.parse().ok()?, m.parse().ok()?);
+    (h <= 14 && m < 60).then_some(sign * (h * 3600 + m * 60))
+}
+
+pub(super) fn check(src: &Source<'_>, raw: &RawRisk) -> Result<RiskPolicy, ConfigError> {
+    let mut out = RiskPolicy::default();
+    for (i, g) in [&raw.level1, &raw.level2, &raw.level3]
+        .into_iter()
+        .enumerate()
+    {
+        let Some(g) = g else { continue };
+        let field = |n: &str| format!("risk.level{}.{n}", i + 1);
+        let max = Level::parse(g.max.get_ref())
+            .ok_or_else(|| src.error(Some(g.max.span()), field("max"), "low, medium or high"))?;
+        let above = match g.above.get_ref().as_str() {
+            "allow" => Response::Allow,
+            "log" => Response::Log,
+            "deny" => Response::Deny,
+            _ => {
+                return Err(src.error(Some(g.above.span()), field("above"), "allow, log or deny"));
+            }
+        };
+        out.grades[i] = Grade { max, above };
+    }
+    if let Some(m) = &raw.monitor_from {
+        if !(1..=3).contains(m.get_ref()) {
+            return Err(src.error(
+                Some(m.span()),
+                "risk.monitor_from",
+                "a sensitivity level, 1 to 3",
+            ));
+        }
+        out.monitor_from = *m.get_ref();
+    }
+    if let Some(o) = &raw.utc_offset {
+        out.utc_offset = parse_offset(o.get_ref()).ok_or_else(|| {
+            src.error(
+                Some(o.span()),
+                "risk.utc_offset",
+                "an offset from UTC like \"+09:00\" or \"-05:30\"",
+            )
+        })?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets() {
+        assert_eq!(parse_offset("+09:00"), Some(9 * 3600));
+        assert_eq!(parse_offset("-05:30"), Some(-(5 * 3600 + 1800)));
+        assert_eq!(parse_offset("Z"), Some(0));
+        for bad in [
+            "", "9", "+9:00", "+15:00", "+09:60", "09:00", "+0a:00", "+é",
+        ] {
+            assert_eq!(parse_offset(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn grades_degrade_by_level() {
+        let mut p = RiskPolicy::default();
+        assert_eq!(
+            p.response(3, Level::High),
+            None,
+            "nothing is graded by default"
+        );
+        p.grades[2] = Grade {
+            max: Level::Low,
+            above: Response::Deny,
+        };
+        p.grades[1] = Grade {
+            max: Level::Medium,
+            above: Response::Log,
+        };
+        assert_eq!(p.response(3, Level::Low), None);
+        assert_eq!(p.response(3, Level::Medium), Some(Response::Deny));
+        assert_eq!(p.response(2, Level::Medium), None);
+        assert_eq!(p.response(2, Level::High), Some(Response::Log));
+        assert_eq!(p.response(1, Level::High), None);
+        assert!(p.monitored(2) && p.monitored(3) && !p.monitored(1));
+    }
+}
