@@ -7,6 +7,7 @@
 
 mod index;
 pub mod risk;
+pub mod schedule;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -32,6 +33,9 @@ pub const DEFAULT_DEVICE_RANGE: &str = "100.118.0.0/16";
 struct RawPolicy {
     #[serde(default)]
     device_range: Option<Spanned<IpNet>>,
+    /// The policy's time zone, for rules' `hours` and `days` and hours of the week ("+09:00").
+    #[serde(default)]
+    utc_offset: Option<Spanned<String>>,
     #[serde(default)]
     groups: Vec<RawGroup>,
     #[serde(default)]
@@ -331,6 +335,42 @@ struct RawIdentity {
     admin_roles: BTreeMap<String, Spanned<String>>,
 }
 
+/// A rule's `hours` and `days`, checked.
+fn rule_schedule(
+    src: &Source<'_>,
+    i: usize,
+    r: &RawRule,
+) -> Result<Option<schedule::Schedule>, ConfigError> {
+    if r.hours.is_none() && r.days.is_empty() {
+        return Ok(None);
+    }
+    let (from, to) = match &r.hours {
+        None => (0, 1440),
+        Some(h) => schedule::parse_hours(h.get_ref()).ok_or_else(|| {
+            src.error(
+                Some(h.span()),
+                format!("rules[{i}].hours"),
+                "hours like \"08:00-19:00\" (\"22:00-06:00\" spans midnight)",
+            )
+        })?,
+    };
+    let mut days = 0;
+    for (j, d) in r.days.iter().enumerate() {
+        days |= schedule::parse_day(d.get_ref()).ok_or_else(|| {
+            src.error(
+                Some(d.span()),
+                format!("rules[{i}].days[{j}]"),
+                "a day: mon, tue, wed, thu, fri, sat or sun",
+            )
+        })?;
+    }
+    Ok(Some(schedule::Schedule {
+        days: if days == 0 { schedule::ALL_DAYS } else { days },
+        from,
+        to,
+    }))
+}
+
 /// A Sekisho group name as the directory accepts it (letters, digits, `-`, `_`, `.`).
 fn valid_group_name(name: &str) -> bool {
     !name.is_empty()
@@ -338,6 +378,14 @@ fn valid_group_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// What a rule scan found: the allowing rule, and an allow rule that matched but not at this
+/// time (the denial then says so).
+#[derive(Debug, Clone, Copy, Default)]
+struct Found {
+    allow: Option<(RuleId, AppId)>,
+    outside: Option<(RuleId, AppId)>,
 }
 
 /// The checked `[identity]` section.
@@ -552,6 +600,12 @@ struct RawRule {
     #[serde(default)]
     groups: Vec<Spanned<String>>,
     applications: Spanned<Vec<Spanned<String>>>,
+    /// "08:00-19:00": the rule applies only then (the policy's `utc_offset`).
+    #[serde(default)]
+    hours: Option<Spanned<String>>,
+    /// ["mon", "tue", ...]: the rule applies only on these days.
+    #[serde(default)]
+    days: Vec<Spanned<String>>,
     #[serde(default)]
     #[allow(dead_code)]
     description: String,
@@ -637,6 +691,8 @@ pub struct Rule {
     pub users: Vec<UserId>,
     pub groups: Vec<GroupId>,
     pub applications: Vec<AppId>,
+    /// When it applies (always without).
+    pub when: Option<schedule::Schedule>,
 }
 
 /// A checked policy, ready for evaluation.
@@ -659,6 +715,8 @@ pub struct Policy {
     pub identity: IdentityMapping,
     /// What risk each sensitivity level tolerates (`[risk]`).
     pub risk: risk::RiskPolicy,
+    /// The policy's time zone: seconds east of UTC.
+    pub utc_offset: i64,
     pub tests: Vec<PolicyTest>,
     pub dns: DnsPolicy,
     pub tunnels: Vec<TunnelRule>,
@@ -683,6 +741,8 @@ pub enum Reason {
     NoPosture,
     /// A rule allows it, but this required posture check fails.
     PostureCheck(CheckId),
+    /// An allow rule would have let it through, but not at this time (its `hours`, `days`).
+    OutsideHours(RuleId),
     /// A rule allows it, but the application's sensitivity level wants a more recent sign-in
     /// through the identity provider than the device's (or the device never signed in).
     SignInTooOld,
@@ -976,7 +1036,7 @@ impl Policy {
 
     pub fn rule_name(&self, reason: Reason) -> Option<&str> {
         match reason {
-            Reason::Rule(r) => Some(self.rules[r as usize].name.as_str()),
+            Reason::Rule(r) | Reason::OutsideHours(r) => Some(self.rules[r as usize].name.as_str()),
             Reason::Egress(t) => Some(self.tunnels[t as usize].settings.name.as_str()),
             _ => None,
         }
@@ -996,6 +1056,7 @@ impl Policy {
             }
             Reason::PostureCheck(_) => "posture check failed",
             Reason::SignInTooOld => "sign-in too old",
+            Reason::OutsideHours(_) => "outside the rule's hours",
             Reason::Egress(_) => "internet egress (full tunnel)",
             Reason::EgressRefused(r) => r.text(),
         }
@@ -1007,6 +1068,11 @@ impl Policy {
             Reason::PostureCheck(c) => Some(self.posture_checks[c as usize].name.as_str()),
             _ => None,
         }
+    }
+
+    /// Whether `rule` applies at `now` (its `hours` and `days`, in the policy's time zone).
+    fn in_time(&self, rule: &Rule, now: u64) -> bool {
+        rule.when.is_none_or(|w| w.contains(now, self.utc_offset))
     }
 
     /// Whether a flow to `app` at `now` is refused because the user's last sign-in on this
@@ -1259,15 +1325,21 @@ impl Policy {
                 reason: Reason::UserDisabled,
             };
         }
-        let mut allow: Option<(RuleId, AppId)> = None;
+        let mut found = Found::default();
         for (i, rule) in self.rules.iter().enumerate() {
-            if rule.action == Action::Allow && allow.is_some() {
+            if rule.action == Action::Allow && found.allow.is_some() {
                 continue;
             }
             if !self.subject_matches(rule, user_id) {
                 continue;
             }
             if let Some(app) = self.rule_app(rule, key, named) {
+                if !self.in_time(rule, now) {
+                    if rule.action == Action::Allow {
+                        found.outside.get_or_insert((i as RuleId, app));
+                    }
+                    continue;
+                }
                 match rule.action {
                     Action::Deny => {
                         return Decision {
@@ -1276,7 +1348,7 @@ impl Policy {
                             reason: Reason::Rule(i as RuleId),
                         };
                     }
-                    Action::Allow => allow = Some((i as RuleId, app)),
+                    Action::Allow => found.allow = Some((i as RuleId, app)),
                 }
             }
         }
@@ -1285,7 +1357,7 @@ impl Policy {
             .iter()
             .position(|a| a.matches(key))
             .map(|a| a as AppId);
-        self.conclude(user_id, key, posture, allow, named.or(first_app), now)
+        self.conclude(user_id, key, posture, found, named.or(first_app), now)
     }
 
     /// Decides a flow through the compiled index: only the rules that name an application the
@@ -1316,10 +1388,10 @@ impl Policy {
         }
         let mut rules: Vec<RuleId> = Vec::new();
         self.index.rules_naming(&apps, &mut rules);
-        let mut allow: Option<(RuleId, AppId)> = None;
+        let mut found = Found::default();
         for &r in &rules {
             let rule = &self.rules[r as usize];
-            if rule.action == Action::Allow && allow.is_some() {
+            if rule.action == Action::Allow && found.allow.is_some() {
                 continue;
             }
             if !self.subject_matches(rule, user_id) {
@@ -1334,6 +1406,12 @@ impl Policy {
             else {
                 continue;
             };
+            if !self.in_time(rule, now) {
+                if rule.action == Action::Allow {
+                    found.outside.get_or_insert((r, app));
+                }
+                continue;
+            }
             match rule.action {
                 Action::Deny => {
                     return Decision {
@@ -1342,14 +1420,14 @@ impl Policy {
                         reason: Reason::Rule(r),
                     };
                 }
-                Action::Allow => allow = Some((r, app)),
+                Action::Allow => found.allow = Some((r, app)),
             }
         }
         self.conclude(
             user_id,
             key,
             posture,
-            allow,
+            found,
             named.or(apps.first().copied()),
             now,
         )
@@ -1362,13 +1440,22 @@ impl Policy {
         user_id: UserId,
         key: &FlowKey,
         posture: Option<&PostureClaims>,
-        allow: Option<(RuleId, AppId)>,
+        found: Found,
         // The application a denial names: the one a synthetic address stands for, else the
         // first the flow matches.
         application: Option<AppId>,
         now: u64,
     ) -> Decision {
-        match allow {
+        if found.allow.is_none()
+            && let Some((rule, app)) = found.outside
+        {
+            return Decision {
+                action: Action::Deny,
+                application: Some(app),
+                reason: Reason::OutsideHours(rule),
+            };
+        }
+        match found.allow {
             Some((rule, app)) => {
                 let required = self.required_checks(app);
                 let failing = match posture {
@@ -1728,6 +1815,7 @@ fn compile(src: &Source, raw: RawPolicy) -> Result<Policy, ConfigError> {
                 &format!("rules[{i}].applications"),
                 r.applications.get_ref(),
             )?,
+            when: rule_schedule(src, i, r)?,
         });
     }
 
@@ -1874,6 +1962,16 @@ fn compile(src: &Source, raw: RawPolicy) -> Result<Policy, ConfigError> {
         sign_in_max_age,
         identity,
         risk: risk::check(src, &raw.risk)?,
+        utc_offset: match &raw.utc_offset {
+            None => 0,
+            Some(o) => risk::parse_offset(o.get_ref()).ok_or_else(|| {
+                src.error(
+                    Some(o.span()),
+                    "utc_offset",
+                    "an offset from UTC like \"+09:00\" or \"-05:30\"",
+                )
+            })?,
+        },
         groups: raw
             .groups
             .iter()
@@ -2429,14 +2527,72 @@ level3 = ["client", "edr"]
     }
 
     #[test]
+    fn rules_apply_in_their_hours_and_say_so_outside() {
+        let (a, b) = keys();
+        let text = demo_text(&a, &b);
+        // engineering's intranet rule: weekdays 08:00-19:00 in Tokyo.
+        let text = text.replacen(
+            "name = \"eng-intranet\"",
+            "name = \"eng-intranet\"\nhours = \"08:00-19:00\"\ndays = [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\"]",
+            1,
+        );
+        // (everyone-host would allow the same destination: it keeps office hours too.)
+        let text = text.replacen(
+            "name = \"everyone-host\"",
+            "name = \"everyone-host\"\nhours = \"08:00-19:00\"",
+            1,
+        );
+        let text = format!("utc_offset = \"+09:00\"\n{text}");
+        let p = Policy::parse(Path::new("p.toml"), &text).unwrap();
+        assert_eq!(p.utc_offset, 9 * 3600);
+        let alice = 0;
+        let web = tcp([10, 20, 0, 10], 80);
+        // Monday 2026-11-30 10:00 in Tokyo is 01:00 UTC.
+        let monday_10 = 1_795_996_800 + 3600;
+        let d = p.evaluate(alice, &web, None, monday_10);
+        assert_eq!(d.action, Action::Allow, "{d:?}");
+        // 20:00 in Tokyo: outside, and the denial names the rule and why.
+        let d = p.evaluate(alice, &web, None, monday_10 + 10 * 3600);
+        let rule = p
+            .rules
+            .iter()
+            .position(|r| r.name == "eng-intranet")
+            .unwrap() as RuleId;
+        assert_eq!(
+            (d.action, d.reason),
+            (Action::Deny, Reason::OutsideHours(rule))
+        );
+        assert_eq!(p.reason_text(d.reason), "outside the rule's hours");
+        assert_eq!(p.rule_name(d.reason), Some("eng-intranet"));
+        // Saturday noon in Tokyo: eng-intranet keeps weekdays, everyone-host every day.
+        let d = p.evaluate(alice, &web, None, monday_10 + 5 * 86_400 + 2 * 3600);
+        assert_eq!(p.rule_name(d.reason), Some("everyone-host"), "{d:?}");
+        assert_eq!(d.action, Action::Allow);
+        // The compiled evaluation and the plain scan agree.
+        for t in [monday_10, monday_10 + 10 * 3600, monday_10 + 5 * 86_400] {
+            let user = p.device(alice).user;
+            assert_eq!(
+                p.decide(user, &web, None, None, t),
+                p.decide_scan(user, &web, None, None, t)
+            );
+        }
+        let e = err_of(&text.replacen("08:00-19:00", "8 to 7", 1));
+        assert!(e.field.ends_with(".hours"), "{e}");
+        let e = err_of(&text.replacen("\"tue\"", "\"tuesday\"", 1));
+        assert!(e.field.ends_with(".days[1]"), "{e}");
+        let e = err_of(&format!("utc_offset = \"JST\"\n{}", demo_text(&a, &b)));
+        assert_eq!(e.field, "utc_offset", "{e}");
+    }
+
+    #[test]
     fn risk_grades_parse_and_name_their_errors() {
         let (a, b) = keys();
         let p = Policy::parse(
             Path::new("p.toml"),
-            &(demo_text(&a, &b)
+            &("utc_offset = \"+09:00\"\n".to_string()
+                + &demo_text(&a, &b)
                 + "[risk]\nlevel3 = { max = \"low\", above = \"deny\" }\n\
-                   level2 = { max = \"medium\", above = \"log\" }\nmonitor_from = 3\n\
-                   utc_offset = \"+09:00\"\n"),
+                   level2 = { max = \"medium\", above = \"log\" }\nmonitor_from = 3\n"),
         )
         .unwrap();
         use crate::risk::Level;
@@ -2444,7 +2600,7 @@ level3 = ["client", "edr"]
         assert_eq!(p.risk.response(3, Level::Medium), Some(Response::Deny));
         assert_eq!(p.risk.response(2, Level::High), Some(Response::Log));
         assert_eq!(p.risk.response(1, Level::High), None);
-        assert_eq!((p.risk.monitor_from, p.risk.utc_offset), (3, 9 * 3600));
+        assert_eq!((p.risk.monitor_from, p.utc_offset), (3, 9 * 3600));
         for (bad, field) in [
             (
                 "level3 = { max = \"extreme\", above = \"deny\" }",
@@ -2455,7 +2611,6 @@ level3 = ["client", "edr"]
                 "risk.level1.above",
             ),
             ("monitor_from = 4", "risk.monitor_from"),
-            ("utc_offset = \"JST\"", "risk.utc_offset"),
         ] {
             let e = err_of(&(demo_text(&a, &b) + "[risk]\n" + bad + "\n"));
             assert_eq!(e.field, field, "{e}");

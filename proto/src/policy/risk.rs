@@ -1,5 +1,5 @@
-//! `[risk]`: how much risk each sensitivity level tolerates and what happens above it, where
-//! behaviour is watched at all, and the time zone hours of the week are counted in. Access
+//! `[risk]`: how much risk each sensitivity level tolerates and what happens above it, and
+//! where behaviour is watched at all (hours of the week count in the policy's `utc_offset`). Access
 //! degrades by degree: a device at risk loses the most sensitive applications first.
 //!
 //! ```toml
@@ -7,7 +7,6 @@
 //! level3 = { max = "low", above = "deny" }     # high-sensitivity apps: only at low risk
 //! level2 = { max = "medium", above = "log" }   # allowed above, with full detail recorded
 //! monitor_from = 2                             # behaviour signals only for levels >= 2
-//! utc_offset = "+09:00"
 //! ```
 
 use serde::Deserialize;
@@ -43,8 +42,6 @@ pub struct RiskPolicy {
     pub grades: [Grade; 3],
     /// Behaviour signals are computed only for applications of this level and above.
     pub monitor_from: u8,
-    /// Seconds east of UTC for hours of the week.
-    pub utc_offset: i64,
 }
 
 impl Default for RiskPolicy {
@@ -56,7 +53,6 @@ impl Default for RiskPolicy {
         RiskPolicy {
             grades: [all; 3],
             monitor_from: 2,
-            utc_offset: 0,
         }
     }
 }
@@ -86,8 +82,6 @@ pub(super) struct RawRisk {
     level3: Option<RawGrade>,
     #[serde(default)]
     monitor_from: Option<Spanned<u8>>,
-    #[serde(default)]
-    utc_offset: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -144,15 +138,6 @@ pub(super) fn check(src: &Source<'_>, raw: &RawRisk) -> Result<RiskPolicy, Confi
             ));
         }
         out.monitor_from = *m.get_ref();
-    }
-    if let Some(o) = &raw.utc_offset {
-        out.utc_offset = parse_offset(o.get_ref()).ok_or_else(|| {
-            src.error(
-                Some(o.span()),
-                "risk.utc_offset",
-                "an offset from UTC like \"+09:00\" or \"-05:30\"",
-            )
-        })?;
     }
     Ok(out)
 }
