@@ -243,6 +243,12 @@ pub struct OidcConfig {
     /// (created by an admin or provisioned through SCIM).
     #[serde(default = "default_true")]
     pub create_users: bool,
+    /// Link an existing user who has no externalId (made by an admin, or provisioned without
+    /// one) to the first sign-in whose user name matches. Off by default: providers may let
+    /// users choose that name. Users provisioned through SCIM with the provider's id as
+    /// externalId are linked by that id either way.
+    #[serde(default)]
+    pub link_by_name: bool,
     /// Lifetime of the admin token `admin login` gets.
     #[serde(default = "default_admin_session", with = "humantime_serde_secs")]
     pub admin_session: Duration,

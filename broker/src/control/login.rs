@@ -303,6 +303,9 @@ pub(super) async fn finish(State(ctl): Ctl, body: Bytes) -> ApiResult<api::Login
             ),
         )));
     }
+    let provider_ids: Vec<&str> = std::iter::once(identity.subject.as_str())
+        .chain(identity.object_id.as_deref())
+        .collect();
     let _g = ctl.change.lock().await;
     let sign_in = SignIn {
         subject: &subject,
@@ -312,6 +315,8 @@ pub(super) async fn finish(State(ctl): Ctl, body: Bytes) -> ApiResult<api::Login
         member_of: &member_of,
         governed: &governed,
         create: oidc.config.create_users,
+        provider_ids: &provider_ids,
+        link_by_name: oidc.config.link_by_name,
     };
     // Admins too are users of the directory: a deactivated or deleted one cannot sign in, and
     // their admin tokens stop working (see `Store::admin_by_token`).
@@ -433,9 +438,10 @@ async fn admin_sign_in(
 
 fn sign_in_refusal(e: SignInRefusal) -> ApiErr {
     let status = match e {
-        SignInRefusal::NoUser(_) | SignInRefusal::Disabled(_) | SignInRefusal::Taken(_) => {
-            StatusCode::FORBIDDEN
-        }
+        SignInRefusal::NoUser(_)
+        | SignInRefusal::Disabled(_)
+        | SignInRefusal::Taken(_)
+        | SignInRefusal::NotLinked(_) => StatusCode::FORBIDDEN,
         SignInRefusal::Device(_) | SignInRefusal::NoAddress(_) => StatusCode::CONFLICT,
     };
     bad(status, e.to_string())

@@ -28,6 +28,9 @@ pub struct Expect<'a> {
 pub struct Identity {
     pub issuer: String,
     pub subject: String,
+    /// The provider's object id of the user (`oid`, Microsoft Entra), when the token has one:
+    /// what Entra's SCIM provisioning sends as externalId.
+    pub object_id: Option<String>,
     pub username: String,
     pub email: Option<String>,
     pub display_name: Option<String>,
@@ -198,6 +201,7 @@ pub fn claims_check(claims: &Value, expect: &Expect<'_>) -> Result<Identity, Ref
     Ok(Identity {
         issuer: iss,
         subject,
+        object_id: text(claims, "oid"),
         username,
         email: text(claims, "email"),
         display_name: text(claims, "name"),

@@ -28,6 +28,8 @@ pub enum SignInRefusal {
     NoUser(String),
     /// The user name belongs to another identity of the provider.
     Taken(String),
+    /// A user of that name exists but nothing ties them to this identity of the provider.
+    NotLinked(String),
     Disabled(String),
     /// The device (its key or name) cannot be used: enrolled for someone else, revoked.
     Device(String),
@@ -46,6 +48,12 @@ impl std::fmt::Display for SignInRefusal {
                 "the user name {u:?} belongs to another identity of the provider"
             ),
             SignInRefusal::Disabled(u) => write!(f, "user {u:?} is disabled"),
+            SignInRefusal::NotLinked(u) => write!(
+                f,
+                "a user {u:?} exists here but is not linked to this identity: its externalId \
+                 is not this sign-in's subject or object id (and [control.oidc] \
+                 link_by_name is off)"
+            ),
             SignInRefusal::Device(why) => f.write_str(why),
             SignInRefusal::NoAddress(r) => write!(f, "no free address left in {r}"),
         }
@@ -78,6 +86,11 @@ pub struct SignIn<'a> {
     pub member_of: &'a [String],
     pub governed: &'a [String],
     pub create: bool,
+    /// The provider's ids of this user (`sub`, and `oid` where the provider has one): an
+    /// existing user whose externalId is one of them is this user.
+    pub provider_ids: &'a [&'a str],
+    /// Link an existing user without externalId by name alone.
+    pub link_by_name: bool,
 }
 
 fn session_of(r: &sqlx::any::AnyRow) -> Result<LoginSession> {
@@ -257,7 +270,8 @@ impl Store {
             None => {
                 // Names are unique ignoring case (SCIM's userName is case-insensitive).
                 let by_name = sqlx::query(
-                    "SELECT name, disabled, subject FROM users WHERE LOWER(name) = LOWER($1)",
+                    "SELECT name, disabled, subject, external_id FROM users \
+                     WHERE LOWER(name) = LOWER($1)",
                 )
                 .bind(s.username)
                 .fetch_optional(&mut **tx)
@@ -266,6 +280,17 @@ impl Store {
                     Some(r) => {
                         if r.try_get::<Option<String>, _>(2)?.is_some() {
                             return Ok(Err(SignInRefusal::Taken(s.username.to_string())));
+                        }
+                        // A name alone is no proof (a provider may let users pick it): a user
+                        // provisioned with the provider's id (SCIM externalId) is linked when
+                        // the token carries that id; one without is linked by name only when
+                        // the setting allows it.
+                        let linked = match r.try_get::<Option<String>, _>(3)? {
+                            Some(ext) => s.provider_ids.iter().any(|id| *id == ext),
+                            None => s.link_by_name,
+                        };
+                        if !linked {
+                            return Ok(Err(SignInRefusal::NotLinked(s.username.to_string())));
                         }
                         sqlx::query("UPDATE users SET subject = $1 WHERE name = $2")
                             .bind(s.subject)
@@ -487,6 +512,8 @@ mod tests {
                 member_of: member,
                 governed,
                 create,
+                provider_ids: &["s-1"],
+                link_by_name: true,
             }
         }
         let eng = ["engineering".to_string()];
@@ -547,6 +574,28 @@ mod tests {
         assert_eq!(
             store.sign_in_user(&bob, 15).await.unwrap(),
             Ok("bob".to_string())
+        );
+        // Without link_by_name, a name alone links nobody; the provider's id as SCIM's
+        // externalId does.
+        store.create_user("frank", &[], 14).await.unwrap();
+        let frank = SignIn {
+            subject: "https://idp.example s-6",
+            username: "frank",
+            provider_ids: &["s-6", "oid-6"],
+            link_by_name: false,
+            ..alice(false, &nothing, &governed)
+        };
+        assert_eq!(
+            store.sign_in_user(&frank, 15).await.unwrap(),
+            Err(SignInRefusal::NotLinked("frank".into()))
+        );
+        sqlx::query("UPDATE users SET external_id = 'oid-6' WHERE name = 'frank'")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.sign_in_user(&frank, 16).await.unwrap(),
+            Ok("frank".to_string())
         );
         // Names match ignoring case (SCIM's userName does): the stored name is kept.
         store.create_user("Dave", &[], 14).await.unwrap();
