@@ -2294,7 +2294,10 @@ async fn explain(State(ctl): Ctl, _: Admin, body: Bytes) -> ApiResult<api::Expla
                 }
             }
             let claims = policy.assumed_posture(id, &req.failing_checks);
-            (policy.evaluate_user(id, &key, Some(&claims), 0), "assumed")
+            (
+                policy.evaluate_user(id, &key, Some(&claims), sekisho_proto::policy::ANY_TIME),
+                "assumed",
+            )
         }
         (None, Some(device)) => {
             let id = policy

@@ -348,3 +348,44 @@ fn broker_restart_is_survived_without_touching_client_or_connector() {
     assert_eq!(d.admin(&["policy", "show"]).1, policy_before);
     assert!(devices_before.contains("alice-laptop") && devices_before.contains("bob-laptop"));
 }
+
+/// A rule with hours: outside them the flow it would allow is denied, with that reason and
+/// the rule's name; inside them it passes. (Policy tests ignore hours: the policy applies.)
+#[test]
+fn a_rule_outside_its_hours_denies_and_says_why() {
+    let Some(d) = Deployment::for_test() else {
+        return;
+    };
+    let now_hour = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 3600)
+        % 24;
+    let apply = |from: u64, to: u64| {
+        let text = std::fs::read_to_string(d.state().join("policy.toml")).unwrap();
+        let text = text.replacen(
+            "name = \"engineering-intranet\"",
+            &format!("name = \"engineering-intranet\"\nhours = \"{from:02}:00-{to:02}:00\""),
+            1,
+        );
+        let path = d.state().join(format!("policy-hours-{from}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let (ok, _, err) = d.admin(&["policy", "apply", path.to_str().unwrap()]);
+        assert!(ok, "policy with hours: {err}");
+    };
+    // Two hours from now until three hours from now (UTC): not now.
+    apply((now_hour + 2) % 24, (now_hour + 3) % 24);
+    let r = d.py("laptop", &tcp_probe(APP, 80));
+    assert!(!r.starts_with("connected"), "outside the rule's hours: {r}");
+    let rec = find(&d.decisions(), "alice", 80)
+        .cloned()
+        .expect("a decision");
+    assert_eq!(rec["decision"], "deny", "{rec}");
+    assert_eq!(rec["reason"], "outside the rule's hours", "{rec}");
+    assert_eq!(rec["rule"], "engineering-intranet", "{rec}");
+    // From an hour ago to two hours from now: now.
+    apply((now_hour + 23) % 24, (now_hour + 2) % 24);
+    let r = d.py("laptop", &tcp_probe(APP, 80));
+    assert!(r.starts_with("connected"), "inside the rule's hours: {r}");
+}

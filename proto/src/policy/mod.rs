@@ -380,6 +380,11 @@ fn valid_group_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// The time policy tests and `explain` with assumed posture are evaluated at: every rule
+/// applies whatever its `hours` and `days` (a test checks what a rule allows, not when), and
+/// the assumed sign-in is fresh.
+pub const ANY_TIME: u64 = u64::MAX;
+
 /// What a rule scan found: the allowing rule, and an allow rule that matched but not at this
 /// time (the denial then says so).
 #[derive(Debug, Clone, Copy, Default)]
@@ -969,8 +974,8 @@ impl Policy {
             iat: 0,
             exp: u64::MAX,
             kid: String::new(),
-            // A fresh sign-in (policy tests and `explain` are evaluated at time 0).
-            auth_time: Some(0),
+            // A fresh sign-in (policy tests and `explain` are evaluated at [`ANY_TIME`]).
+            auth_time: Some(ANY_TIME),
         }
     }
 
@@ -987,7 +992,7 @@ impl Policy {
                     };
                 };
                 let claims = self.assumed_posture(user, &t.failing_checks);
-                let d = self.evaluate_user(user, &t.key, Some(&claims), 0);
+                let d = self.evaluate_user(user, &t.key, Some(&claims), ANY_TIME);
                 let rule = self.rule_name(d.reason);
                 let mut passed = d.action == t.expect;
                 if let Some(want) = &t.rule {
@@ -1070,9 +1075,10 @@ impl Policy {
         }
     }
 
-    /// Whether `rule` applies at `now` (its `hours` and `days`, in the policy's time zone).
+    /// Whether `rule` applies at `now` (its `hours` and `days`, in the policy's time zone);
+    /// at [`ANY_TIME`] every rule does.
     fn in_time(&self, rule: &Rule, now: u64) -> bool {
-        rule.when.is_none_or(|w| w.contains(now, self.utc_offset))
+        now == ANY_TIME || rule.when.is_none_or(|w| w.contains(now, self.utc_offset))
     }
 
     /// Whether a flow to `app` at `now` is refused because the user's last sign-in on this
@@ -2576,6 +2582,8 @@ level3 = ["client", "edr"]
                 p.decide_scan(user, &web, None, None, t)
             );
         }
+        // Policy tests check what a rule allows, whatever its hours.
+        assert!(p.run_tests().iter().all(|t| t.passed));
         let e = err_of(&text.replacen("08:00-19:00", "8 to 7", 1));
         assert!(e.field.ends_with(".hours"), "{e}");
         let e = err_of(&text.replacen("\"tue\"", "\"tuesday\"", 1));
