@@ -125,6 +125,40 @@ fn test_kek_file(db: &str) -> PathBuf {
     std::env::temp_dir().join(format!("sekisho-test-kek-{:016x}", h.finish()))
 }
 
+/// A control plane on `config` over a one-worker data plane, with the CA and policy of `dir`.
+pub(crate) async fn control_on(config: ControlConfig, dir: &Path) -> (Arc<Control>, DataPlane) {
+    let (policy, opened) = Control::open(&config, &dir.join("policy.toml"), &dir.join("ca.pem"))
+        .await
+        .unwrap();
+    let key = PrivateKey::generate();
+    let broker_key = key.public().to_string();
+    let (log, _) = tokio::sync::mpsc::channel(16);
+    let dp = DataPlane::start(
+        Settings {
+            key,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            workers: 1,
+            worker: sekisho_proto::broker::WorkerConfig {
+                worker: sekisho_proto::broker::WorkerId(0),
+                name: "test".into(),
+                timeouts: IdleTimeouts::default(),
+                max_flows: 1000,
+                max_flows_per_device: 100,
+                overlay_mtu: 1360,
+            },
+        },
+        policy,
+        Outputs {
+            log,
+            egress: None,
+            runtime: tokio::runtime::Handle::current(),
+        },
+    )
+    .unwrap();
+    let control = Control::new(opened, dp.clone(), config, broker_key).unwrap();
+    (control, dp)
+}
+
 async fn start(dir: &Path, db: &str) -> Harness {
     start_with(dir, db, Duration::from_secs(300)).await
 }
@@ -159,35 +193,7 @@ async fn start_with(dir: &Path, db: &str, token_lifetime: Duration) -> Harness {
         max_connections_per_address: 64,
         oidc: None,
     };
-    let (policy, opened) = Control::open(&config, &dir.join("policy.toml"), &dir.join("ca.pem"))
-        .await
-        .unwrap();
-    let key = PrivateKey::generate();
-    let broker_key = key.public().to_string();
-    let (log, _) = tokio::sync::mpsc::channel(16);
-    let dp = DataPlane::start(
-        Settings {
-            key,
-            listen: "127.0.0.1:0".parse().unwrap(),
-            workers: 1,
-            worker: sekisho_proto::broker::WorkerConfig {
-                worker: sekisho_proto::broker::WorkerId(0),
-                name: "test".into(),
-                timeouts: IdleTimeouts::default(),
-                max_flows: 1000,
-                max_flows_per_device: 100,
-                overlay_mtu: 1360,
-            },
-        },
-        policy,
-        Outputs {
-            log,
-            egress: None,
-            runtime: tokio::runtime::Handle::current(),
-        },
-    )
-    .unwrap();
-    let control = Control::new(opened, dp.clone(), config, broker_key).unwrap();
+    let (control, dp) = control_on(config, dir).await;
     let (ca_pem, ca_sha256) = (control.ca().cert_pem.clone(), control.ca().sha256);
     let admin = {
         let (id, secret) = control

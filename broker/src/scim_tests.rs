@@ -12,13 +12,11 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 
 use sekisho_proto::api::{self, Credential};
-use sekisho_proto::flow::IdleTimeouts;
 use sekisho_proto::keys::PrivateKey;
 use sekisho_proto::roles::Role;
 
 use crate::config::ControlConfig;
 use crate::control::{Control, Scope, router_for};
-use crate::dataplane::{DataPlane, Outputs, Settings};
 use crate::pki;
 use crate::store::now_unix;
 
@@ -120,35 +118,7 @@ async fn start_at(dir: &Path, db: &str, owned: bool) -> Harness {
         "audit_log": dir.join("audit.log"),
     }))
     .unwrap();
-    let (policy, opened) = Control::open(&config, &dir.join("policy.toml"), &dir.join("ca.pem"))
-        .await
-        .unwrap();
-    let key = PrivateKey::generate();
-    let broker_key = key.public().to_string();
-    let (log, _) = tokio::sync::mpsc::channel(16);
-    let dp = DataPlane::start(
-        Settings {
-            key,
-            listen: "127.0.0.1:0".parse().unwrap(),
-            workers: 1,
-            worker: sekisho_proto::broker::WorkerConfig {
-                worker: sekisho_proto::broker::WorkerId(0),
-                name: "test".into(),
-                timeouts: IdleTimeouts::default(),
-                max_flows: 1000,
-                max_flows_per_device: 100,
-                overlay_mtu: 1360,
-            },
-        },
-        policy,
-        Outputs {
-            log,
-            egress: None,
-            runtime: tokio::runtime::Handle::current(),
-        },
-    )
-    .unwrap();
-    let control = Control::new(opened, dp, config, broker_key).unwrap();
+    let (control, _) = crate::control_tests::control_on(config, dir).await;
     let (id, secret) = control
         .store
         .create_admin_token("tester", now_unix())

@@ -120,14 +120,9 @@ impl Traffic {
         }
     }
 
+    /// One packet of `bytes` bytes.
     pub fn count(&mut self, outbound: bool, bytes: usize) {
-        if outbound {
-            self.packets_out += 1;
-            self.bytes_out += bytes as u64;
-        } else {
-            self.packets_in += 1;
-            self.bytes_in += bytes as u64;
-        }
+        self.add(outbound, 1, bytes as u64);
     }
 }
 

@@ -98,21 +98,30 @@ fn connection(proto: &str) -> Value {
         "direction": "Outbound", "direction_id": 2})
 }
 
-/// A flow's traffic record (when it ends, and while it runs).
-pub fn flow(r: &FlowRecord, time_ms: u64, by: Observer) -> Value {
+/// Where a flow went, seen from the device that opened it.
+struct Ends<'a> {
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+    proto: &'a str,
+}
+
+/// What every traffic record has: times, endpoints, traffic each way, why it was written.
+fn traffic_record(ends: Ends<'_>, r: &FlowReportTimes, time_ms: u64, by: Observer) -> Value {
     let (activity_id, activity) = match r.end {
         FlowEnd::Ongoing => (6, "Traffic"),
         FlowEnd::Cut => (3, "Reset"),
         _ => (2, "Close"),
     };
-    let mut v = base(4001, activity_id, activity, time_ms, by);
     let t = r.traffic;
+    let mut v = base(4001, activity_id, activity, time_ms, by);
     set(&mut v, "start_time", json!(r.start_ms));
     set(&mut v, "end_time", json!(r.end_ms));
     set(&mut v, "duration", json!(r.duration_ms));
-    set(&mut v, "src_endpoint", endpoint(r.src, r.sport));
-    set(&mut v, "dst_endpoint", endpoint(r.dst, r.dport));
-    set(&mut v, "connection_info", connection(r.proto));
+    set(&mut v, "src_endpoint", endpoint(ends.src, ends.sport));
+    set(&mut v, "dst_endpoint", endpoint(ends.dst, ends.dport));
+    set(&mut v, "connection_info", connection(ends.proto));
     set(
         &mut v,
         "traffic",
@@ -120,6 +129,35 @@ pub fn flow(r: &FlowRecord, time_ms: u64, by: Observer) -> Value {
             "bytes_in": t.bytes_in, "packets_in": t.packets_in,
             "bytes": t.bytes_out + t.bytes_in, "packets": t.packets_out + t.packets_in}),
     );
+    v
+}
+
+/// The traffic and times of a flow record, whichever side wrote it.
+struct FlowReportTimes {
+    traffic: crate::flow::Traffic,
+    start_ms: u64,
+    end_ms: u64,
+    duration_ms: u64,
+    end: FlowEnd,
+}
+
+/// A flow's traffic record at the broker (when it ends, and while it runs).
+pub fn flow(r: &FlowRecord, time_ms: u64, by: Observer) -> Value {
+    let ends = Ends {
+        src: r.src,
+        sport: r.sport,
+        dst: r.dst,
+        dport: r.dport,
+        proto: r.proto,
+    };
+    let times = FlowReportTimes {
+        traffic: r.traffic,
+        start_ms: r.start_ms,
+        end_ms: r.end_ms,
+        duration_ms: r.duration_ms,
+        end: r.end,
+    };
+    let mut v = traffic_record(ends, &times, time_ms, by);
     set(&mut v, "actor", json!({"user": {"name": r.meta.user}}));
     set(&mut v, "device", json!({"name": r.meta.device}));
     set(&mut v, "disposition", json!("Allowed"));
@@ -139,33 +177,28 @@ pub fn flow(r: &FlowRecord, time_ms: u64, by: Observer) -> Value {
 }
 
 /// A flow record a laptop made of its own side (no policy names: the broker's record has them).
-#[allow(clippy::too_many_arguments)]
 pub fn client_flow(
     report: &crate::flow::FlowReport,
     device: &str,
     user: &str,
     time_ms: u64,
 ) -> Value {
-    let (activity_id, activity) = match report.end {
-        FlowEnd::Ongoing => (6, "Traffic"),
-        _ => (2, "Close"),
-    };
     let k = report.key;
-    let t = report.traffic;
-    let mut v = base(4001, activity_id, activity, time_ms, Observer::Client);
-    set(&mut v, "start_time", json!(report.start_ms));
-    set(&mut v, "end_time", json!(report.end_ms));
-    set(&mut v, "duration", json!(report.duration_ms));
-    set(&mut v, "src_endpoint", endpoint(k.src, k.sport));
-    set(&mut v, "dst_endpoint", endpoint(k.dst, k.dport));
-    set(&mut v, "connection_info", connection(k.proto_name()));
-    set(
-        &mut v,
-        "traffic",
-        json!({"bytes_out": t.bytes_out, "packets_out": t.packets_out,
-            "bytes_in": t.bytes_in, "packets_in": t.packets_in,
-            "bytes": t.bytes_out + t.bytes_in, "packets": t.packets_out + t.packets_in}),
-    );
+    let ends = Ends {
+        src: k.src,
+        sport: k.sport,
+        dst: k.dst,
+        dport: k.dport,
+        proto: k.proto_name(),
+    };
+    let times = FlowReportTimes {
+        traffic: report.traffic,
+        start_ms: report.start_ms,
+        end_ms: report.end_ms,
+        duration_ms: report.duration_ms,
+        end: report.end,
+    };
+    let mut v = traffic_record(ends, &times, time_ms, Observer::Client);
     set(&mut v, "actor", json!({"user": {"name": user}}));
     set(&mut v, "device", json!({"name": device}));
     set(&mut v, "unmapped", unmapped(&[("end", json!(report.end))]));

@@ -287,7 +287,8 @@ impl BrokerState {
         if previous != Some(allowed) {
             self.note_decision(slot, device, key, &decision, now);
         }
-        let meta = allowed.then(|| Arc::new(self.flow_meta(device, &decision)));
+        let meta = allowed
+            .then(|| Arc::new(self.flow_meta(device, decision.application, decision.reason)));
         let flow = Flow {
             allowed,
             peer: slot,
@@ -355,29 +356,26 @@ impl BrokerState {
         self.events.push_back(Event::Decision(record));
     }
 
-    /// Who and what an allowed flow is, for its flow record.
-    fn flow_meta(&self, device: DeviceId, d: &Decision) -> FlowMeta {
+    /// Who and what a flow of `device` is (its decision's and its traffic's records).
+    fn flow_meta(&self, device: DeviceId, app: Option<AppId>, reason: Reason) -> FlowMeta {
         let p = &self.policy;
-        let internet = matches!(d.reason, Reason::Egress(_));
+        let internet = matches!(reason, Reason::Egress(_) | Reason::EgressRefused(_));
         FlowMeta {
             device: p.device(device).name.clone(),
             user: p.user_of(device).name.clone(),
-            application: match d.application {
+            application: match app {
                 None if internet => Some("internet".to_string()),
                 a => p.app_name(a).map(str::to_string),
             },
-            site: d
-                .application
-                .map(|a| p.sites[p.applications[a as usize].site as usize].clone()),
-            rule: p.rule_name(d.reason).map(str::to_string),
-            sensitivity: d
-                .application
-                .map(|a| p.applications[a as usize].sensitivity),
+            site: app.map(|a| p.sites[p.applications[a as usize].site as usize].clone()),
+            rule: p.rule_name(reason).map(str::to_string),
+            sensitivity: app.map(|a| p.applications[a as usize].sensitivity),
         }
     }
 
-    /// Records for the flows that went (idle, ended, cut) and, every [`FLOW_REPORT_EVERY`],
-    /// for long ones still running.
+    /// Records for the flows that went (idle, ended, cut) and, for long ones still running,
+    /// one per [`FLOW_REPORT_EVERY`] (looked for once a period: the table is not scanned every
+    /// second).
     pub(super) fn report_flows(&mut self, now: Instant) {
         for (key, flow, last_seen, end) in self.flows.take_retired() {
             if let Some(meta) = flow.meta
@@ -389,6 +387,10 @@ impl BrokerState {
                     .push_back(Event::Flow(FlowRecord::new(meta, &r)));
             }
         }
+        if now < self.next_progress_report {
+            return;
+        }
+        self.next_progress_report = now + FLOW_REPORT_EVERY;
         let mut out = Vec::new();
         self.flows.for_each_mut(|key, flow, last_seen| {
             if let Some(meta) = &flow.meta
@@ -397,21 +399,6 @@ impl BrokerState {
             {
                 flow.meter.reported = now;
                 let r = flow.meter.report(*key, last_seen, FlowEnd::Ongoing);
-                out.push(FlowRecord::new(meta.clone(), &r));
-            }
-        });
-        self.counters.flows.records += out.len() as u64;
-        self.events.extend(out.into_iter().map(Event::Flow));
-    }
-
-    /// Final records of every flow (the broker stops).
-    pub fn report_all_flows(&mut self) {
-        let mut out = Vec::new();
-        self.flows.for_each_mut(|key, flow, last_seen| {
-            if let Some(meta) = &flow.meta
-                && !flow.meter.final_sent
-            {
-                let r = flow.meter.report(*key, last_seen, FlowEnd::Shutdown);
                 out.push(FlowRecord::new(meta.clone(), &r));
             }
         });
@@ -428,18 +415,15 @@ impl BrokerState {
         reason: Reason,
     ) -> DecisionRecord {
         let p = &self.policy;
-        let internet = matches!(reason, Reason::Egress(_) | Reason::EgressRefused(_));
+        let m = self.flow_meta(device, app, reason);
         DecisionRecord {
             event: "flow",
             decision: action,
-            device: p.device(device).name.clone(),
-            user: p.user_of(device).name.clone(),
-            application: match app {
-                None if internet => Some("internet".to_string()),
-                _ => p.app_name(app).map(str::to_string),
-            },
-            site: app.map(|a| p.sites[p.applications[a as usize].site as usize].clone()),
-            rule: p.rule_name(reason).map(str::to_string),
+            device: m.device,
+            user: m.user,
+            application: m.application,
+            site: m.site,
+            rule: m.rule,
             reason: p.reason_text(reason),
             check: p.check_name(reason).map(str::to_string),
             proto: key.proto_name(),

@@ -156,6 +156,8 @@ pub struct BrokerState {
     tokens: TokenVerifier,
     /// Wall-clock Unix seconds, as of the last timeout (token expiry is wall-clock time).
     unix_now: u64,
+    /// When running flows are next looked at for their progress records.
+    next_progress_report: Instant,
     service: IpAddr,
     peers: HashMap<PeerSlot, Peer>,
     flows: FlowTable<Flow>,
@@ -201,6 +203,7 @@ impl BrokerState {
             generation: 0,
             tokens: TokenVerifier::new(),
             unix_now: 0,
+            next_progress_report: now,
             peers: HashMap::new(),
             flows,
             pool: ConnectorPool::default(),

@@ -64,6 +64,8 @@ pub struct FlowMeter {
     run: Option<Run>,
     reports: VecDeque<FlowReport>,
     pub counters: FlowRecords,
+    /// When running flows are next looked at for their progress records.
+    next_progress: Option<Instant>,
 }
 
 impl Default for FlowMeter {
@@ -73,6 +75,7 @@ impl Default for FlowMeter {
             run: None,
             reports: VecDeque::new(),
             counters: FlowRecords::default(),
+            next_progress: None,
         }
     }
 }
@@ -157,6 +160,10 @@ impl FlowMeter {
                 self.counters.records += 1;
             }
         }
+        if self.next_progress.is_some_and(|t| now < t) {
+            return;
+        }
+        self.next_progress = Some(now + FLOW_REPORT_EVERY);
         let mut out = Vec::new();
         self.table.for_each_mut(|k, f, seen| {
             if !f.meter.final_sent
