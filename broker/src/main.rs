@@ -8,11 +8,15 @@ mod control;
 #[cfg(test)]
 mod control_tests;
 mod dataplane;
+mod jose;
 mod kek;
 mod log;
 mod metrics;
 mod oidc;
 mod pki;
+// Shared Signals (SSF/CAEP) building blocks; wired into the control plane next.
+#[allow(dead_code)]
+mod ssf;
 mod stats;
 mod store;
 

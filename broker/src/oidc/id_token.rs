@@ -2,9 +2,10 @@
 //! the provider's keys, what the relying party expects and the time: signature first (so a
 //! forged token is named as such whatever it claims), then issuer, audience, times, nonce.
 
-use jsonwebtoken::jwk::{Jwk, JwkSet};
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::jwk::JwkSet;
 use serde_json::Value;
+
+use crate::jose::SigError;
 
 /// Seconds of clock skew tolerated between the provider and this broker.
 pub const LEEWAY: u64 = 60;
@@ -68,57 +69,15 @@ pub enum Refusal {
     AuthTooOld(u64),
 }
 
-/// Signature algorithms accepted: asymmetric only (never `none`, never HMAC with the client
-/// secret, which anyone holding the secret could forge).
-const ALGORITHMS: [Algorithm; 9] = [
-    Algorithm::RS256,
-    Algorithm::RS384,
-    Algorithm::RS512,
-    Algorithm::PS256,
-    Algorithm::PS384,
-    Algorithm::PS512,
-    Algorithm::ES256,
-    Algorithm::ES384,
-    Algorithm::EdDSA,
-];
-
-/// The key the token's header names (by `kid`; without a kid, the only key that fits).
-pub fn key_for<'k>(keys: &'k JwkSet, kid: Option<&str>) -> Option<&'k Jwk> {
-    match kid {
-        Some(kid) => keys.find(kid),
-        None if keys.keys.len() == 1 => keys.keys.first(),
-        None => None,
-    }
-}
-
 /// Checks `token` against `keys` and `expect`.
 pub fn check(token: &str, keys: &JwkSet, expect: &Expect<'_>) -> Result<Identity, Refusal> {
-    let header =
-        jsonwebtoken::decode_header(token).map_err(|e| Refusal::Malformed(e.to_string()))?;
-    if !ALGORITHMS.contains(&header.alg) {
-        return Err(Refusal::Algorithm(format!("{:?}", header.alg)));
-    }
-    let jwk = key_for(keys, header.kid.as_deref())
-        .ok_or_else(|| Refusal::UnknownKey(header.kid.clone().unwrap_or_default()))?;
-    let key = DecodingKey::from_jwk(jwk).map_err(|e| Refusal::Malformed(format!("key: {e}")))?;
-    // The library checks the signature only; every claim is checked below against `now`.
-    let mut v = Validation::new(header.alg);
-    v.validate_exp = false;
-    v.validate_nbf = false;
-    v.validate_aud = false;
-    v.required_spec_claims.clear();
-    let claims = match jsonwebtoken::decode::<Value>(token, &key, &v) {
-        Ok(d) => d.claims,
-        Err(e) => {
-            use jsonwebtoken::errors::ErrorKind;
-            return Err(match e.kind() {
-                ErrorKind::InvalidSignature => Refusal::BadSignature,
-                // The key cannot do this algorithm: the token claims what the key does not.
-                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidKeyFormat => Refusal::BadSignature,
-                _ => Refusal::Malformed(e.to_string()),
-            });
-        }
-    };
+    // The signature only; every claim is checked below against `now`.
+    let (_, claims) = crate::jose::verify_signature(token, keys).map_err(|e| match e {
+        SigError::Malformed(m) => Refusal::Malformed(m),
+        SigError::Algorithm(a) => Refusal::Algorithm(a),
+        SigError::UnknownKey(kid) => Refusal::UnknownKey(kid),
+        SigError::BadSignature => Refusal::BadSignature,
+    })?;
     claims_check(&claims, expect)
 }
 
@@ -215,7 +174,7 @@ mod tests {
     use super::*;
     use base64::Engine;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    use jsonwebtoken::{EncodingKey, Header};
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
     use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 
     struct Signer {

@@ -114,22 +114,7 @@ impl Provider {
             "the OIDC client secret file {} is empty",
             config.client_secret_file.display()
         );
-        let mut pem = sekisho_sys::http::system_roots_pem().unwrap_or_default();
-        if let Some(ca) = &config.ca_file {
-            pem.push('\n');
-            pem.push_str(
-                &std::fs::read_to_string(ca)
-                    .with_context(|| format!("cannot read the OIDC CA file {}", ca.display()))?,
-            );
-        }
-        let tls = sekisho_sys::http::ca_tls(&pem).context("OIDC TLS")?;
-        let http = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .timeout(Duration::from_secs(10))
-            .connect_timeout(Duration::from_secs(5))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .context("OIDC HTTP client")?;
+        let http = crate::jose::https_client(config.ca_file.as_deref(), "OIDC")?;
         Ok(Provider {
             config,
             secret,
@@ -139,17 +124,7 @@ impl Provider {
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T> {
-        let resp = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .with_context(|| format!("GET {url}"))?;
-        let status = resp.status();
-        let body = resp.bytes().await.with_context(|| format!("GET {url}"))?;
-        anyhow::ensure!(status.is_success(), "GET {url}: HTTP {status}");
-        anyhow::ensure!(body.len() <= MAX_ANSWER, "GET {url}: answer too large");
-        serde_json::from_slice(&body).with_context(|| format!("GET {url}: not the JSON expected"))
+        crate::jose::get_json(&self.http, url, MAX_ANSWER).await
     }
 
     async fn fetch(&self) -> Result<Cached> {
