@@ -915,6 +915,14 @@ async fn run(config: ClientConfig, config_path: &Path) -> Result<()> {
                 routes: routes.clone(),
                 avoid: Arc::new(std::sync::Mutex::new(avoid.clone())),
                 service,
+                local: posture::Local {
+                    tunnel: iface.name.clone(),
+                    resolv_conf: config
+                        .dns
+                        .as_ref()
+                        .map_or_else(default_resolv_conf, |d| d.resolv_conf.clone()),
+                    resolv_backup: config.dns.as_ref().map(|d| d.backup_file.clone()),
+                },
             },
         )));
         tasks.push(tokio::spawn(report_overrides(
@@ -1059,6 +1067,8 @@ struct PostureLinks {
     /// Addresses kept out of the routes (brokers, control API), as last resolved.
     avoid: Arc<std::sync::Mutex<Vec<IpAddr>>>,
     service: Option<IpAddr>,
+    /// What the network facts of the posture checks depend on (tunnel, resolver files).
+    local: posture::Local,
 }
 
 /// Runs the posture checks every interval; when a result changes, or the token is due for
@@ -1073,8 +1083,21 @@ async fn posture_loop(mut setup: PostureSetup, links: PostureLinks) {
     let mut last_brokers = Vec::new();
     loop {
         let specs = checks.clone();
+        // The IPv6 neighbour table comes over netlink (async); the rest is read in `gather`.
+        let neighbours6 = if posture::needs_gateways(&specs) {
+            match links.netlink.neighbours6().await {
+                Ok(n) => n.into_iter().map(posture::Neighbour::from).collect(),
+                Err(e) => {
+                    debug!("cannot read the IPv6 neighbour table: {e}");
+                    Vec::new()
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        let local = links.local.clone();
         let results = tokio::task::spawn_blocking(move || {
-            posture::evaluate(&specs, &posture::gather(&specs))
+            posture::evaluate(&specs, &posture::gather(&specs, &local, neighbours6))
         })
         .await
         .unwrap_or_default();

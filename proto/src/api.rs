@@ -112,6 +112,12 @@ pub struct CheckSpec {
     pub version: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<String>,
+    /// `trusted_network`: the gateway MAC addresses (lowercase, colons) of trusted networks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateway_mac: Vec<String>,
+    /// `trusted_network`: the DNS suffixes (lowercase) of trusted networks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_suffix: Vec<String>,
 }
 
 /// A broker a device may connect to.
@@ -488,6 +494,8 @@ pub fn check_specs(policy: &crate::policy::Policy) -> Vec<CheckSpec> {
             kind: c.kind,
             version: c.version.clone(),
             process: c.process.clone(),
+            gateway_mac: c.gateway_mac.clone(),
+            dns_suffix: c.dns_suffix.clone(),
         })
         .collect()
 }

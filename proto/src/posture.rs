@@ -57,6 +57,67 @@ pub fn parse_version(text: &str) -> Option<Vec<u64>> {
     (!parts.is_empty()).then_some(parts)
 }
 
+/// A MAC address (`aa:bb:cc:dd:ee:ff`, also with `-` between the octets, any case) in the form
+/// the neighbour table prints: lowercase, colons. The all-zero address (an unresolved
+/// neighbour) is refused.
+pub fn normalize_mac(text: &str) -> Result<String, String> {
+    let t = text.trim();
+    let octets: Vec<&str> = t.split([':', '-']).collect();
+    let ok = octets.len() == 6
+        && octets
+            .iter()
+            .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()));
+    let mac = t.to_ascii_lowercase().replace('-', ":");
+    if !ok {
+        return Err(format!(
+            "{text:?} is not a MAC address: six hex octets like \"aa:bb:cc:dd:ee:ff\""
+        ));
+    }
+    if mac == "00:00:00:00:00:00" {
+        return Err(format!(
+            "{text:?} is the all-zero MAC address, which no gateway has"
+        ));
+    }
+    Ok(mac)
+}
+
+/// A DNS suffix (`corp.example`) in lowercase without a trailing dot. Wildcards are refused:
+/// a suffix already covers the names under it.
+pub fn normalize_dns_suffix(text: &str) -> Result<String, String> {
+    let t = text.trim().trim_end_matches('.').to_ascii_lowercase();
+    if let Some(rest) = t.strip_prefix("*.") {
+        return Err(format!(
+            "{text:?}: write the suffix without \"*.\" (\"{rest}\" also covers the names under it)"
+        ));
+    }
+    let ok = !t.is_empty()
+        && t.len() <= 253
+        && t.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if ok {
+        Ok(t)
+    } else {
+        Err(format!(
+            "{text:?} is not a DNS suffix: labels of letters, digits and '-', like \"corp.example\""
+        ))
+    }
+}
+
+/// Whether the DNS name `name` equals `suffix` or lies under it (both normalized, see
+/// [`normalize_dns_suffix`]): `office.corp.example` is under `corp.example`,
+/// `notcorp.example` is not.
+pub fn under_dns_suffix(name: &str, suffix: &str) -> bool {
+    name == suffix
+        || name
+            .strip_suffix(suffix)
+            .is_some_and(|head| head.ends_with('.'))
+}
+
 /// `have >= want`, comparing dotted versions numerically (missing parts count as 0).
 pub fn version_at_least(have: &str, want: &str) -> bool {
     match (parse_version(have), parse_version(want)) {
@@ -280,6 +341,48 @@ mod tests {
             kid: String::new(),
             auth_time: None,
         }
+    }
+
+    #[test]
+    fn macs_and_dns_suffixes_are_normalized_and_matched() {
+        assert_eq!(
+            normalize_mac(" AA:bb:0C:dd:ee:FF ").unwrap(),
+            "aa:bb:0c:dd:ee:ff"
+        );
+        assert_eq!(
+            normalize_mac("aa-bb-cc-dd-ee-ff").unwrap(),
+            "aa:bb:cc:dd:ee:ff"
+        );
+        for bad in [
+            "",
+            "aa:bb:cc:dd:ee",
+            "aa:bb:cc:dd:ee:ff:00",
+            "a:bb:cc:dd:ee:ff",
+            "gg:bb:cc:dd:ee:ff",
+            "aabbccddeeff",
+            "00:00:00:00:00:00",
+        ] {
+            assert!(normalize_mac(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            normalize_dns_suffix("Corp.Example.").unwrap(),
+            "corp.example"
+        );
+        assert_eq!(normalize_dns_suffix("lan").unwrap(), "lan");
+        for bad in [
+            "",
+            ".",
+            "*.corp.example",
+            "a..b",
+            "-a.example",
+            "a b.example",
+        ] {
+            assert!(normalize_dns_suffix(bad).is_err(), "{bad:?}");
+        }
+        assert!(under_dns_suffix("corp.example", "corp.example"));
+        assert!(under_dns_suffix("office.corp.example", "corp.example"));
+        assert!(!under_dns_suffix("notcorp.example", "corp.example"));
+        assert!(!under_dns_suffix("example", "corp.example"));
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub mod tun;
 pub mod udp;
 
 pub use error::SysError;
-pub use netlink::{Netlink, Rule};
+pub use netlink::{Neighbour, Netlink, Rule};
 pub use nft::{
     counter_packets, disable_ipv4_forwarding_on, enable_ipv4_forwarding, enable_ipv4_forwarding_on,
     nft, nft_delete_table, route_interface,

@@ -290,6 +290,12 @@ struct RawCheck {
     version: Option<Spanned<String>>,
     #[serde(default)]
     process: Option<Spanned<String>>,
+    /// `trusted_network`: MAC addresses of the gateways of trusted networks.
+    #[serde(default)]
+    gateway_mac: Option<Spanned<Vec<Spanned<String>>>>,
+    /// `trusted_network`: DNS suffixes of trusted networks.
+    #[serde(default)]
+    dns_suffix: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     #[allow(dead_code)]
     description: String,
@@ -446,6 +452,9 @@ pub enum CheckKind {
     ProcessRunning,
     /// `version`: the Sekisho client is at least this version.
     MinClientVersion,
+    /// `gateway_mac` and/or `dns_suffix`: the device is on a trusted network, by the MAC
+    /// address of its default gateway or by the network's DNS search domain.
+    TrustedNetwork,
 }
 
 impl CheckKind {
@@ -455,6 +464,7 @@ impl CheckKind {
                 Some("version")
             }
             CheckKind::ProcessRunning => Some("process"),
+            // (TrustedNetwork takes two lists, one at least: checked on their own.)
             _ => None,
         }
     }
@@ -661,6 +671,10 @@ pub struct PostureCheck {
     pub kind: CheckKind,
     pub version: Option<String>,
     pub process: Option<String>,
+    /// `trusted_network`: gateway MAC addresses, lowercase with colons.
+    pub gateway_mac: Vec<String>,
+    /// `trusted_network`: DNS suffixes, lowercase without a trailing dot.
+    pub dns_suffix: Vec<String>,
 }
 
 impl Application {
@@ -1862,11 +1876,57 @@ fn compile(src: &Source, raw: RawPolicy) -> Result<Policy, ConfigError> {
             }
             _ => {}
         }
+        // `trusted_network` takes `gateway_mac` and/or `dns_suffix`; other kinds neither.
+        type List = Option<Spanned<Vec<Spanned<String>>>>;
+        let list = |l: &List, name: &str, normalize: fn(&str) -> Result<String, String>| {
+            let Some(l) = l else {
+                return Ok(Vec::new());
+            };
+            if c.kind != CheckKind::TrustedNetwork {
+                return Err(src.error(
+                    Some(l.span()),
+                    field(name),
+                    format!("`{name}` is for checks of kind \"trusted_network\""),
+                ));
+            }
+            l.get_ref()
+                .iter()
+                .enumerate()
+                .map(|(j, v)| {
+                    normalize(v.get_ref()).map_err(|e| {
+                        src.error(
+                            Some(v.span()),
+                            format!("posture_checks[{i}].{name}[{j}]"),
+                            e,
+                        )
+                    })
+                })
+                .collect::<Result<Vec<String>, ConfigError>>()
+        };
+        let gateway_mac = list(&c.gateway_mac, "gateway_mac", crate::posture::normalize_mac)?;
+        let dns_suffix = list(
+            &c.dns_suffix,
+            "dns_suffix",
+            crate::posture::normalize_dns_suffix,
+        )?;
+        if c.kind == CheckKind::TrustedNetwork && gateway_mac.is_empty() && dns_suffix.is_empty() {
+            let span = (c.gateway_mac.as_ref().map(|l| l.span()))
+                .or(c.dns_suffix.as_ref().map(|l| l.span()))
+                .unwrap_or(c.name.span());
+            return Err(src.error(
+                Some(span),
+                field("gateway_mac"),
+                "this kind of check needs `gateway_mac` or `dns_suffix` (a list of gateway MAC \
+                 addresses or of DNS suffixes, one entry at least)",
+            ));
+        }
         posture_checks.push(PostureCheck {
             name: c.name.get_ref().clone(),
             kind: c.kind,
             version: version.map(|v| v.get_ref().clone()),
             process: process.map(|p| p.get_ref().clone()),
+            gateway_mac,
+            dns_suffix,
         });
     }
     let s = &raw.sensitivity;
@@ -2679,6 +2739,76 @@ level3 = ["client", "edr"]
             "ports = [80]\nsensitivity = 4",
         ));
         assert_eq!(e.field, "applications[0].sensitivity", "{e}");
+    }
+
+    #[test]
+    fn trusted_network_checks_take_macs_and_suffixes_checked_and_normalized() {
+        let (a, b) = keys();
+        let base = demo_text(&a, &b);
+        let check = |body: &str| format!("{base}[[posture_checks]]\nname = \"office\"\n{body}");
+        let p = Policy::parse(
+            Path::new("policy.toml"),
+            &check(
+                "kind = \"trusted_network\"\ngateway_mac = [\"AA-BB-CC-00-11-22\", \"02:00:00:00:00:01\"]\n\
+                 dns_suffix = [\"Corp.Example.\"]\n",
+            ),
+        )
+        .unwrap();
+        let c = &p.posture_checks[0];
+        assert_eq!(c.kind, CheckKind::TrustedNetwork);
+        assert_eq!(c.gateway_mac, ["aa:bb:cc:00:11:22", "02:00:00:00:00:01"]);
+        assert_eq!(c.dns_suffix, ["corp.example"]);
+        // Either list alone is enough.
+        let p = Policy::parse(
+            Path::new("policy.toml"),
+            &check("kind = \"trusted_network\"\ndns_suffix = [\"corp.example\"]\n"),
+        )
+        .unwrap();
+        assert!(p.posture_checks[0].gateway_mac.is_empty());
+
+        // The line of the error is the line of the bad entry (or of the check's name).
+        let line = |n: usize| base.lines().count() + n;
+        let e = err_of(&check("kind = \"trusted_network\"\n"));
+        assert_eq!(
+            (e.field.as_str(), e.line),
+            ("posture_checks[0].gateway_mac", line(2)),
+            "{e}"
+        );
+        assert!(e.message.contains("dns_suffix"), "{e}");
+        let e = err_of(&check(
+            "kind = \"trusted_network\"\ngateway_mac = []\ndns_suffix = []\n",
+        ));
+        assert_eq!(
+            (e.field.as_str(), e.line),
+            ("posture_checks[0].gateway_mac", line(4)),
+            "{e}"
+        );
+        let e = err_of(&check(
+            "kind = \"trusted_network\"\ngateway_mac = [\n  \"aa:bb:cc:dd:ee:ff\",\n  \"aa:bb:cc:dd:ee\",\n]\n",
+        ));
+        assert_eq!(
+            (e.field.as_str(), e.line),
+            ("posture_checks[0].gateway_mac[1]", line(6)),
+            "{e}"
+        );
+        assert!(e.to_string().contains("policy.toml"), "{e}");
+        let e = err_of(&check(
+            "kind = \"trusted_network\"\ndns_suffix = [\"corp example\"]\n",
+        ));
+        assert_eq!(
+            (e.field.as_str(), e.line),
+            ("posture_checks[0].dns_suffix[0]", line(4)),
+            "{e}"
+        );
+        let e = err_of(&check(
+            "kind = \"trusted_network\"\ndns_suffix = [\"*.corp.example\"]\n",
+        ));
+        assert_eq!(e.field, "posture_checks[0].dns_suffix[0]", "{e}");
+        // Other kinds take neither list.
+        let e = err_of(&check(
+            "kind = \"firewall_active\"\ngateway_mac = [\"aa:bb:cc:dd:ee:ff\"]\n",
+        ));
+        assert_eq!(e.field, "posture_checks[0].gateway_mac", "{e}");
     }
 
     fn err_of(text: &str) -> ConfigError {
