@@ -82,6 +82,7 @@
 #                       rsyslogd.log (rsyslogd's own messages: TLS errors), otlp.jsonl (one
 #                       JSON line per log record); write a status such as 503 into otlp-status
 #                       and the OTLP receiver answers it (remove the file to end that)
+#   SK_BROKER_EXTRA     TOML appended to every broker's config (tables such as [risk_engine])
 set -euo pipefail
 
 P=${SK_PREFIX:-sk-}
@@ -499,6 +500,8 @@ uplink = "eth0"
 listen = "127.0.0.1:9464"
 EOF
     if [ "${SK_SIEM:-0}" = 1 ]; then siem_sinks broker >>"$conf"; fi
+    # Extra broker settings (TOML tables) for tests and experiments, like a [risk_engine].
+    if [ -n "${SK_BROKER_EXTRA:-}" ]; then printf '\n%s\n' "$SK_BROKER_EXTRA" >>"$conf"; fi
     if [ "${SK_SSO:-0}" = 1 ]; then
         cat >>"$conf" <<EOF
 
@@ -561,7 +564,7 @@ client_settings() {
 siem_sinks() {
     local records
     case $1 in
-        broker) records='["flows", "dns", "audit", "posture", "admin"]' ;;
+        broker) records='["flows", "dns", "audit", "posture", "admin", "risk"]' ;;
         client) records='["flows", "dns"]' ;;
         connector) records='["events"]' ;;
     esac

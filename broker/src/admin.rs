@@ -108,7 +108,14 @@ enum AdminCommand {
         /// With --user: assume this posture check fails (repeatable).
         #[arg(long = "failing-check")]
         failing_checks: Vec<String>,
+        /// With --user: assume this risk (low, medium, high); a device's is the risk engine's.
+        #[arg(long, value_parser = parse_level)]
+        risk: Option<sekisho_proto::risk::Level>,
     },
+}
+
+fn parse_level(s: &str) -> Result<sekisho_proto::risk::Level, String> {
+    sekisho_proto::risk::Level::parse(s).ok_or_else(|| "low, medium or high".to_string())
 }
 
 #[derive(Subcommand)]
@@ -146,7 +153,14 @@ enum TokenCommand {
         /// How long the token stays valid.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// With --user: the class of the device it enrolls, managed (default) or personal.
+        #[arg(long, value_parser = parse_class)]
+        class: Option<sekisho_proto::policy::DeviceClass>,
     },
+}
+
+fn parse_class(s: &str) -> Result<sekisho_proto::policy::DeviceClass, String> {
+    sekisho_proto::policy::DeviceClass::parse(s).ok_or_else(|| "managed or personal".to_string())
 }
 
 #[derive(Subcommand)]
@@ -155,6 +169,13 @@ enum DeviceCommand {
     /// Revoke a device: its tunnel and flows are cut at once and its key cannot come back.
     Revoke {
         name: String,
+    },
+    /// Set a device's class (managed or personal), as an MDM would: levels above what the
+    /// class may use (`[device_classes]` in the policy) close at once.
+    Class {
+        name: String,
+        #[arg(value_parser = parse_class)]
+        class: sekisho_proto::policy::DeviceClass,
     },
     /// Issue an override code: `sekisho-client override CODE` on that device opens its kill
     /// switch (full tunnel) for the code's lifetime. Issue and use are audited.
@@ -420,7 +441,12 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
                 post(&conn, "/v1/admin/groups", &api::CreateGroup { name }).await?;
             print(json, &g, |g| format!("group {} created", g.name))
         }
-        AdminCommand::Token(TokenCommand::Create { user, site, ttl }) => {
+        AdminCommand::Token(TokenCommand::Create {
+            user,
+            site,
+            ttl,
+            class,
+        }) => {
             let t: api::EnrollmentTokenInfo = post(
                 &conn,
                 "/v1/admin/enrollment-tokens",
@@ -428,6 +454,7 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
                     user,
                     site,
                     ttl_secs: ttl.as_secs().max(1),
+                    class,
                 },
             )
             .await?;
@@ -440,10 +467,11 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
                 ds.iter()
                     .map(|d| {
                         format!(
-                            "{:<20} {:<12} {:<16} {} {}",
+                            "{:<20} {:<12} {:<16} {:<8} {} {}",
                             d.name,
                             d.user,
                             d.address,
+                            d.class.as_str(),
                             d.public_key,
                             match d.revoked_at {
                                 Some(t) => format!("revoked {}", when(t)),
@@ -458,6 +486,17 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
         AdminCommand::Device(DeviceCommand::Revoke { name }) => {
             let d: serde_json::Value =
                 post(&conn, &format!("/v1/admin/devices/{name}/revoke"), &()).await?;
+            print(json, &d, |d| {
+                d["done"].as_str().unwrap_or_default().to_string()
+            })
+        }
+        AdminCommand::Device(DeviceCommand::Class { name, class }) => {
+            let d: serde_json::Value = post(
+                &conn,
+                &format!("/v1/admin/devices/{name}/class"),
+                &api::SetDeviceClass { class },
+            )
+            .await?;
             print(json, &d, |d| {
                 d["done"].as_str().unwrap_or_default().to_string()
             })
@@ -626,6 +665,7 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
             to,
             protocol,
             failing_checks,
+            risk,
         } => {
             let protocol: Protocol =
                 serde_json::from_value(serde_json::Value::String(protocol.to_lowercase()))
@@ -642,6 +682,7 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
                     port,
                     protocol,
                     failing_checks,
+                    risk,
                 },
             )
             .await?;
@@ -664,6 +705,23 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
                     );
                 }
                 s += &format!("\nposture: {}", e.posture);
+                if !e.class.is_empty() {
+                    s += &format!("\ndevice class: {}", e.class);
+                }
+                if let Some(r) = &e.risk {
+                    s += &format!(
+                        "\nrisk: {} (score {}, {})",
+                        r.level.as_str(),
+                        r.score,
+                        r.source
+                    );
+                    if let Some(resp) = &r.response {
+                        s += &format!(" -> {resp} at this sensitivity");
+                    }
+                    for x in &r.reasons {
+                        s += &format!("\n  {:>5.1}  {}: {}", x.score, x.signal, x.detail);
+                    }
+                }
                 s
             })?;
             if !allowed {

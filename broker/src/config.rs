@@ -57,6 +57,93 @@ pub struct BrokerConfig {
     /// (`[[log_sinks]]`, see the README "Logs to a SIEM").
     #[serde(default)]
     pub log_sinks: Vec<sekisho_sys::logship::SinkConfig>,
+    /// The risk engine's weights, decay and thresholds (`[risk_engine]`; what each level
+    /// tolerates is the policy's `[risk]`).
+    #[serde(default)]
+    pub risk_engine: RiskEngineConfig,
+}
+
+/// `[risk_engine]`: how behaviour and signals become a risk level (see the README "Risk").
+/// Every field has a default; the weights are points, the thresholds sums of points.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RiskEngineConfig {
+    /// A signal's points halve after this long.
+    #[serde(with = "humantime_serde_secs")]
+    pub half_life: Duration,
+    pub medium: f64,
+    pub high: f64,
+    pub volume: f64,
+    pub off_hours: f64,
+    pub new_destination: f64,
+    pub denied_burst: f64,
+    pub dns_block: f64,
+    pub failing_posture: f64,
+    pub external_high: f64,
+    /// Volume: an hour's bytes beyond this many times the user's usual bytes for that hour.
+    pub volume_factor: f64,
+    /// Volume: never below this many MiB in an hour.
+    pub volume_floor_mib: u64,
+    /// Off hours: judged once this many hours of the week have been seen active.
+    pub learned_hours: u32,
+    /// Denied burst: this many denied flows within `burst_window`.
+    pub burst_count: usize,
+    #[serde(with = "humantime_serde_secs")]
+    pub burst_window: Duration,
+    /// Weight of a new hour in the baseline's mean.
+    pub baseline_alpha: f64,
+    /// TEST ONLY: a file holding seconds (may be negative) added to the risk engine's clock,
+    /// read every tick, so a test can put "now" at another hour of the week. Never set it in
+    /// a deployment.
+    pub test_clock_offset_file: Option<PathBuf>,
+}
+
+impl Default for RiskEngineConfig {
+    fn default() -> Self {
+        let c = sekisho_proto::risk::RiskConfig::default();
+        RiskEngineConfig {
+            half_life: Duration::from_secs(c.half_life),
+            medium: c.medium,
+            high: c.high,
+            volume: c.volume,
+            off_hours: c.off_hours,
+            new_destination: c.new_destination,
+            denied_burst: c.denied_burst,
+            dns_block: c.dns_block,
+            failing_posture: c.failing_posture,
+            external_high: c.external_high,
+            volume_factor: c.volume_factor,
+            volume_floor_mib: c.volume_floor >> 20,
+            learned_hours: c.learned_hours,
+            burst_count: c.burst_count,
+            burst_window: Duration::from_secs(c.burst_window),
+            baseline_alpha: c.baseline_alpha,
+            test_clock_offset_file: None,
+        }
+    }
+}
+
+impl RiskEngineConfig {
+    pub fn engine(&self) -> sekisho_proto::risk::RiskConfig {
+        sekisho_proto::risk::RiskConfig {
+            half_life: self.half_life.as_secs().max(1),
+            medium: self.medium,
+            high: self.high,
+            volume: self.volume,
+            off_hours: self.off_hours,
+            new_destination: self.new_destination,
+            denied_burst: self.denied_burst,
+            dns_block: self.dns_block,
+            failing_posture: self.failing_posture,
+            external_high: self.external_high,
+            volume_factor: self.volume_factor,
+            volume_floor: self.volume_floor_mib << 20,
+            learned_hours: self.learned_hours,
+            burst_count: self.burst_count.max(1),
+            burst_window: self.burst_window.as_secs().max(1),
+            baseline_alpha: self.baseline_alpha.clamp(0.0, 1.0),
+        }
+    }
 }
 
 fn default_overlay_mtu() -> u16 {
@@ -214,6 +301,70 @@ pub struct ControlConfig {
     /// enroll and re-authenticate with `sekisho-client login`, admins with `admin login`.
     #[serde(default)]
     pub oidc: Option<OidcConfig>,
+    /// OpenID Shared Signals: transmitters whose Security Event Tokens Sekisho receives, and
+    /// receivers Sekisho tells of its own risk and compliance changes (`[control.ssf]`).
+    #[serde(default)]
+    pub ssf: Option<SsfConfig>,
+}
+
+/// `[control.ssf]`: Shared Signals Framework (CAEP events as RFC 8417 SETs, RFC 8935 push).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SsfConfig {
+    /// The `iss` of the SETs Sekisho sends (default: `[control] url`).
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// The `aud` received SETs must name (default: `[control] url`).
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// A received SET older than this (its `iat`) is refused as stale.
+    #[serde(default = "default_ssf_max_age", with = "humantime_serde_secs")]
+    pub max_age: Duration,
+    #[serde(default)]
+    pub transmitters: Vec<SsfTransmitter>,
+    #[serde(default)]
+    pub receivers: Vec<SsfReceiver>,
+    /// SETs waiting per receiver, at most (beyond: dropped and counted).
+    #[serde(default = "default_ssf_queue")]
+    pub queue: usize,
+}
+
+/// A system that pushes SETs to Sekisho (`POST /v1/ssf/events`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SsfTransmitter {
+    pub issuer: String,
+    /// Its JWK set, over HTTPS (`jwks_uri` from its SSF configuration), or a file.
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// A file with the bearer token its pushes must carry (RFC 8935 §2.1); none: any.
+    #[serde(default)]
+    pub bearer_token_file: Option<PathBuf>,
+}
+
+/// A system Sekisho pushes its SETs to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SsfReceiver {
+    pub url: String,
+    pub audience: String,
+    /// A file with the token for its `Authorization` header.
+    #[serde(default)]
+    pub authorization_file: Option<PathBuf>,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_ssf_max_age() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_ssf_queue() -> usize {
+    1000
 }
 
 /// `[control.oidc]`: the control plane as an OpenID Connect relying party (a confidential

@@ -55,6 +55,7 @@ use crate::config::ControlConfig;
 mod login;
 #[path = "scim/mod.rs"]
 mod scim;
+mod ssf;
 use crate::dataplane::DataPlane;
 use crate::pki::{Ca, cert_serial};
 use crate::store::{
@@ -107,6 +108,8 @@ struct KeyRing {
     overrides: Vec<OverrideKey>,
     /// Key ids, newest first.
     kids: Vec<String>,
+    /// The public keys as a JWK set (Sekisho's Shared Signals SETs are signed with them).
+    jwks: serde_json::Value,
     /// When the next previous key's window ends (`u64::MAX`: there is none).
     next_retirement: u64,
 }
@@ -134,6 +137,11 @@ impl KeyRing {
                 .collect(),
             override_signer: override_signer(&signer),
             kids: all().map(|s| s.kid().to_string()).collect(),
+            jwks: crate::ssf::transmit::jwks(
+                &all()
+                    .map(|s| (s.kid().to_string(), s.seed()))
+                    .collect::<Vec<_>>(),
+            ),
             next_retirement,
             signer,
         })
@@ -224,6 +232,19 @@ pub struct Control {
     oidc: Option<Arc<crate::oidc::Provider>>,
     /// Records for the SIEM (`[[log_sinks]]`).
     shipper: std::sync::OnceLock<sekisho_sys::logship::Shipper>,
+    /// The risk engine (set once at start).
+    risk: std::sync::OnceLock<Arc<crate::risk::RiskService>>,
+    /// Shared Signals receiver and transmitter (`[control.ssf]`).
+    ssf: Option<Arc<ssf::Ssf>>,
+}
+
+/// Compares two secrets in time that does not depend on where they differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 struct CachedList {
@@ -377,6 +398,12 @@ impl Control {
                     })?,
             )
         };
+        let ssf = match &config.ssf {
+            Some(c) => Some(Arc::new(
+                ssf::Ssf::new(&config, c).context("[control.ssf]")?,
+            )),
+            None => None,
+        };
         let oidc = match &config.oidc {
             Some(c) => Some(Arc::new(crate::oidc::Provider::new(c.clone())?)),
             None => None,
@@ -407,6 +434,8 @@ impl Control {
             synced: tokio::sync::Mutex::new(None),
             oidc,
             shipper: std::sync::OnceLock::new(),
+            risk: std::sync::OnceLock::new(),
+            ssf,
         }))
     }
 
@@ -888,6 +917,16 @@ impl Control {
     }
 
     /// Appends one audit record (JSON line).
+    /// What the Shared Signals receivers got from this broker.
+    pub fn ssf_stats(&self) -> Vec<crate::ssf::transmit::ReceiverStats> {
+        self.ssf.as_ref().map(|s| s.stats()).unwrap_or_default()
+    }
+
+    /// The risk engine explain, Shared Signals and device changes use; set once at start.
+    pub fn use_risk(&self, risk: Arc<crate::risk::RiskService>) {
+        let _ = self.risk.set(risk);
+    }
+
     /// Where records for the SIEM go (`[[log_sinks]]`); set once at start.
     pub fn ship_to(&self, shipper: sekisho_sys::logship::Shipper) {
         let _ = self.shipper.set(shipper);
@@ -1318,6 +1357,7 @@ fn admin_routes() -> Router<Arc<Control>> {
             get(list_devices).post(register_devices),
         )
         .route("/v1/admin/devices/{name}/revoke", post(revoke_device))
+        .route("/v1/admin/devices/{name}/class", post(set_device_class))
         .route("/v1/admin/devices/{name}/override", post(issue_override))
         .route("/v1/admin/overrides/{id}/revoke", post(revoke_override))
         .route("/v1/admin/connectors", get(list_connectors))
@@ -1352,6 +1392,9 @@ pub fn router_for(control: Arc<Control>, scope: Scope) -> Router {
         .route("/v1/enroll/connector", post(enroll_connector))
         .route("/v1/login/start", post(login::start))
         .route("/v1/login/finish", post(login::finish))
+        .route("/v1/ssf/events", post(ssf::receive))
+        .route("/v1/ssf/jwks.json", get(ssf::jwks))
+        .route("/.well-known/ssf-configuration", get(ssf::configuration))
         .layer(DefaultBodyLimit::max(SMALL_BODY))
         .route_layer(axum::middleware::from_fn_with_state(
             rate,
@@ -1780,6 +1823,19 @@ async fn posture(
         auth_time: ctl.store.device_signed_in_at(&dev.name).await?,
     };
     let token = ctl.key_ring().signer.issue(claims.clone());
+    ctl.posture_compliance(&dev.name, &dev.user, claims.checks.values().all(|&ok| ok));
+    if let Some(risk) = ctl.risk.get() {
+        // Counts per category only, and only categories a list of the policy could name.
+        for (category, &count) in req.dns_blocks.iter().take(16) {
+            if count > 0 && category.len() <= 64 {
+                risk.feed().send(crate::risk::Input::DnsBlocks {
+                    device: dev.name.clone(),
+                    category: category.clone(),
+                    count,
+                });
+            }
+        }
+    }
     let failing: Vec<&String> = claims
         .checks
         .iter()
@@ -1979,16 +2035,25 @@ async fn create_token(
             ));
         }
     };
+    if req.class.is_some() && kind != TokenKind::Device {
+        return Err(bad(
+            StatusCode::BAD_REQUEST,
+            "`class` is for device tokens (with `user`)",
+        ));
+    }
     let now = now_unix();
     let (id, secret) = ctl
         .store
         .create_enrollment_token(kind, &subject, now, req.ttl_secs)
         .await?;
+    if let Some(class) = req.class {
+        ctl.store.set_token_device_class(&id, class).await?;
+    }
     ctl.audit(
         "enrollment_token_created",
         &admin,
         serde_json::json!({"id": id, "for": subject, "kind": format!("{kind:?}").to_lowercase(),
-            "expires_at": now + req.ttl_secs}),
+            "expires_at": now + req.ttl_secs, "class": req.class}),
     );
     Ok(Json(api::EnrollmentTokenInfo {
         token: Credential::format(ENROLL_PREFIX, &id, &secret, Some(&ctl.ca.sha256)),
@@ -2009,6 +2074,7 @@ async fn list_devices(State(ctl): Ctl, _: Admin) -> ApiResult<Vec<api::DeviceInf
                 public_key: d.public_key,
                 created_at: d.created_at,
                 revoked_at: d.revoked_at,
+                class: d.class,
             })
             .collect(),
     ))
@@ -2095,6 +2161,34 @@ async fn revoke_device(
     );
     Ok(Json(Done {
         done: format!("device {name} revoked; its tunnel and flows are cut"),
+    }))
+}
+
+/// A device's class (managed or personal): an MDM's word or an admin's. Sensitivity levels
+/// the class may not use close at once (`[device_classes]`).
+async fn set_device_class(
+    State(ctl): Ctl,
+    Admin(admin): Admin,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<Done> {
+    let (req, _): (api::SetDeviceClass, _) = parse_body(&body)?;
+    let _g = ctl.change.lock().await;
+    if !ctl.store.set_device_class(&name, req.class).await? {
+        return Err(bad(
+            StatusCode::NOT_FOUND,
+            format!("no active device {name:?}"),
+        ));
+    }
+    ctl.rebuild().await?;
+    info!(device = %name, class = req.class.as_str(), by = %admin, "device class set");
+    ctl.audit(
+        "device_class_set",
+        &admin,
+        serde_json::json!({"device": name, "class": req.class}),
+    );
+    Ok(Json(Done {
+        done: format!("device {name} is {}", req.class.as_str()),
     }))
 }
 
@@ -2277,10 +2371,12 @@ async fn put_policy(State(ctl): Ctl, Admin(admin): Admin, body: Bytes) -> Respon
 }
 
 async fn explain(State(ctl): Ctl, _: Admin, body: Bytes) -> ApiResult<api::Explanation> {
+    use sekisho_proto::policy::{DeviceClass, Facts};
+    use sekisho_proto::risk::{Assessment, Level};
     let (req, _): (api::ExplainRequest, _) = parse_body(&body)?;
     let policy = ctl.policy();
     let key = probe_flow(req.protocol, req.address, req.port);
-    let (decision, posture) = match (&req.user, &req.device) {
+    let (decision, posture, class, risk) = match (&req.user, &req.device) {
         (Some(user), None) => {
             let id = policy
                 .user_by_name(user)
@@ -2294,9 +2390,18 @@ async fn explain(State(ctl): Ctl, _: Admin, body: Bytes) -> ApiResult<api::Expla
                 }
             }
             let claims = policy.assumed_posture(id, &req.failing_checks);
+            let level = req.risk.unwrap_or(Level::Low);
+            let facts = Facts::new(Some(&claims), sekisho_proto::policy::ANY_TIME).at_risk(level);
+            let assessed = Assessment {
+                level,
+                score: 0.0,
+                reasons: Vec::new(),
+            };
             (
-                policy.evaluate_user(id, &key, Some(&claims), sekisho_proto::policy::ANY_TIME),
+                policy.evaluate_user(id, &key, &facts),
                 "assumed",
+                DeviceClass::Managed,
+                (assessed, "assumed"),
             )
         }
         (None, Some(device)) => {
@@ -2310,9 +2415,24 @@ async fn explain(State(ctl): Ctl, _: Admin, body: Bytes) -> ApiResult<api::Expla
                         format!("no active device {device:?}"),
                     )
                 })?;
-            let claims = ctl.dp.posture_of(&policy.devices[id].public_key).await;
-            let d = policy.evaluate(id as u32, &key, claims.as_ref(), now_unix());
-            (d, if claims.is_some() { "token" } else { "none" })
+            let dev = &policy.devices[id];
+            let claims = ctl.dp.posture_of(&dev.public_key).await;
+            let assessed = match ctl.risk.get() {
+                Some(r) => r.assess(&dev.name, &policy.users[dev.user as usize].name),
+                None => Assessment {
+                    level: Level::Low,
+                    score: 0.0,
+                    reasons: Vec::new(),
+                },
+            };
+            let facts = Facts::new(claims.as_ref(), now_unix()).at_risk(assessed.level);
+            let d = policy.evaluate(id as u32, &key, &facts);
+            (
+                d,
+                if claims.is_some() { "token" } else { "none" },
+                dev.class,
+                (assessed, "engine"),
+            )
         }
         _ => {
             return Err(bad(
@@ -2320,6 +2440,37 @@ async fn explain(State(ctl): Ctl, _: Admin, body: Bytes) -> ApiResult<api::Expla
                 "give exactly one of `user` or `device`",
             ));
         }
+    };
+    let (assessed, source) = risk;
+    let response = decision.application.and_then(|a| {
+        policy
+            .risk
+            .response(policy.applications[a as usize].sensitivity, assessed.level)
+    });
+    let risk = api::ExplainedRisk {
+        level: assessed.level,
+        score: (assessed.score * 10.0).round() / 10.0,
+        source: source.to_string(),
+        reasons: assessed
+            .reasons
+            .iter()
+            .map(|r| api::ExplainedReason {
+                signal: serde_json::to_value(r.signal)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                detail: r.detail.clone(),
+                score: (r.score * 10.0).round() / 10.0,
+            })
+            .collect(),
+        response: response.map(|r| {
+            match r {
+                sekisho_proto::policy::risk::Response::Allow => "allow",
+                sekisho_proto::policy::risk::Response::Log => "log",
+                sekisho_proto::policy::risk::Response::Deny => "deny",
+            }
+            .to_string()
+        }),
     };
     let required = decision
         .application
@@ -2339,5 +2490,7 @@ async fn explain(State(ctl): Ctl, _: Admin, body: Bytes) -> ApiResult<api::Expla
         check: policy.check_name(decision.reason).map(str::to_string),
         required_checks: required,
         posture: posture.to_string(),
+        class: class.as_str().to_string(),
+        risk: Some(risk),
     }))
 }

@@ -192,6 +192,7 @@ async fn start_with(dir: &Path, db: &str, token_lifetime: Duration) -> Harness {
         max_connections: 4096,
         max_connections_per_address: 64,
         oidc: None,
+        ssf: None,
     };
     let (control, dp) = control_on(config, dir).await;
     let (ca_pem, ca_sha256) = (control.ca().cert_pem.clone(), control.ca().sha256);
@@ -254,6 +255,7 @@ impl Harness {
                     user: user.map(Into::into),
                     site: site.map(Into::into),
                     ttl_secs: 600,
+                    class: None,
                 },
             )
             .await
@@ -466,6 +468,7 @@ async fn suite(db: &str) {
             "/v1/posture",
             &api::PostureRequest {
                 checks: [("edr".to_string(), true)].into(),
+                dns_blocks: Default::default(),
             },
         )
         .await
@@ -491,6 +494,7 @@ async fn suite(db: &str) {
                 "/v1/posture",
                 &api::PostureRequest {
                     checks: Default::default(),
+                    dns_blocks: Default::default(),
                 },
             )
             .await,
@@ -569,6 +573,7 @@ async fn suite(db: &str) {
         port,
         protocol: sekisho_proto::policy::Protocol::Tcp,
         failing_checks: failing,
+        risk: None,
     };
     let e: api::Explanation = h
         .admin()
@@ -697,6 +702,7 @@ async fn suite(db: &str) {
                 "/v1/posture",
                 &api::PostureRequest {
                     checks: Default::default(),
+                    dns_blocks: Default::default(),
                 },
             )
             .await,
@@ -733,7 +739,7 @@ async fn suite(db: &str) {
     h.task.abort();
     drop(h.control.clone());
     let store = Store::open(&db2).await.unwrap();
-    assert_eq!(store.schema_version().await.unwrap(), 7);
+    assert_eq!(store.schema_version().await.unwrap(), 8);
     // The signing keys are sealed at rest: without the key-encryption key they do not open.
     assert!(store.has_sealed_signing_keys().await.unwrap());
     let e = store.signing_keys(now_unix(), 300).await.err().unwrap();
@@ -901,10 +907,10 @@ async fn migrations_are_applied_once() {
     let dir = scratch("migrate");
     let url = format!("sqlite://{}/m.db", dir.display());
     let a = Store::open(&url).await.unwrap();
-    assert_eq!(a.schema_version().await.unwrap(), 7);
+    assert_eq!(a.schema_version().await.unwrap(), 8);
     drop(a);
     let b = Store::open(&url).await.unwrap();
-    assert_eq!(b.schema_version().await.unwrap(), 7);
+    assert_eq!(b.schema_version().await.unwrap(), 8);
     assert!(Store::open("mysql://nope").await.is_err());
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -959,7 +965,7 @@ async fn migration_keeps_the_signing_key(url: &str) {
     }
     pool.close().await;
     let store = Store::open(url).await.unwrap();
-    assert_eq!(store.schema_version().await.unwrap(), 7);
+    assert_eq!(store.schema_version().await.unwrap(), 8);
     assert_eq!(
         store.signing_key(now_unix()).await.unwrap().kid(),
         old.kid()
@@ -1205,6 +1211,7 @@ async fn rotation(db: &str, poll: Duration) {
                     "/v1/posture",
                     &api::PostureRequest {
                         checks: [("edr".to_string(), true)].into(),
+                        dns_blocks: Default::default(),
                     },
                 )
                 .await

@@ -24,6 +24,8 @@ pub enum LogLine {
     AppDns(AppDnsRecord),
     Summary(SummaryRecord),
     Flow(FlowRecord),
+    /// A device's risk level changed.
+    Risk(sekisho_proto::risk::RiskRecord),
     Policy {
         result: &'static str,
         detail: String,
@@ -85,6 +87,16 @@ fn shipped(line: &LogLine, time_ms: u64) -> Option<Record> {
             Severity::Info,
             ocsf::app_dns(r, time_ms),
         ),
+        LogLine::Risk(r) => (
+            RecordKind::Risk,
+            "risk",
+            match r.level {
+                sekisho_proto::risk::Level::Low => Severity::Info,
+                sekisho_proto::risk::Level::Medium => Severity::Notice,
+                sekisho_proto::risk::Level::High => Severity::Warning,
+            },
+            ocsf::risk(r, time_ms),
+        ),
         LogLine::Policy { .. } => return None,
     };
     Some(Record {
@@ -100,11 +112,18 @@ fn kind_of(line: &LogLine) -> RecordKind {
     match line {
         LogLine::Posture(_) => RecordKind::Posture,
         LogLine::AppDns(_) => RecordKind::Dns,
+        LogLine::Risk(_) => RecordKind::Risk,
         _ => RecordKind::Flows,
     }
 }
 
-pub async fn decision_writer(path: PathBuf, mut rx: mpsc::Receiver<LogLine>, shipper: Shipper) {
+/// Writes the decision log and hands records to the SIEM sinks and the risk engine.
+pub async fn decision_writer(
+    path: PathBuf,
+    mut rx: mpsc::Receiver<LogLine>,
+    shipper: Shipper,
+    risk: crate::risk::RiskFeed,
+) {
     let mut out: Box<dyn std::io::Write + Send> = if path == Path::new("-") {
         Box::new(std::io::stdout())
     } else {
@@ -124,6 +143,7 @@ pub async fn decision_writer(path: PathBuf, mut rx: mpsc::Receiver<LogLine>, shi
         }
     };
     while let Some(line) = rx.recv().await {
+        risk.observe(&line);
         let now = SystemTime::now();
         if shipper.wants(kind_of(&line)) {
             let ms = now
@@ -140,6 +160,7 @@ pub async fn decision_writer(path: PathBuf, mut rx: mpsc::Receiver<LogLine>, shi
             LogLine::AppDns(r) => serde_json::to_string(&Stamped { ts, record: r }),
             LogLine::Summary(r) => serde_json::to_string(&Stamped { ts, record: r }),
             LogLine::Flow(r) => serde_json::to_string(&Stamped { ts, record: r }),
+            LogLine::Risk(r) => serde_json::to_string(&Stamped { ts, record: r }),
             LogLine::Policy { result, detail } => serde_json::to_string(&Stamped {
                 ts,
                 record: &PolicyEvent {

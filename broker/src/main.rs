@@ -14,8 +14,7 @@ mod log;
 mod metrics;
 mod oidc;
 mod pki;
-// Shared Signals (SSF/CAEP) building blocks; wired into the control plane next.
-#[allow(dead_code)]
+mod risk;
 mod ssf;
 mod stats;
 mod store;
@@ -217,10 +216,12 @@ async fn run(config_path: &Path) -> Result<()> {
     )
     .with_context(|| format!("{}: log_sinks", config_path.display()))?;
     let (log_tx, log_rx) = mpsc::channel(log::QUEUE);
+    let (risk_feed, risk_rx) = risk::RiskFeed::channel();
     tokio::spawn(log::decision_writer(
         config.decision_log.clone(),
         log_rx,
         shipper.clone(),
+        risk_feed.clone(),
     ));
     let mut kernel = stats::KernelSources {
         egress_interface: config.egress.as_ref().map(|e| e.interface.clone()),
@@ -266,10 +267,19 @@ async fn run(config_path: &Path) -> Result<()> {
             runtime: tokio::runtime::Handle::current(),
         },
     )?;
+    let risk = risk::RiskService::start(
+        &config.risk_engine,
+        risk_feed,
+        risk_rx,
+        dp.clone(),
+        log_tx.clone(),
+    );
     let control = match opened {
         Some((ctl, opened)) => {
             let control = control::Control::new(opened, dp.clone(), ctl.clone(), broker_key)?;
             control.ship_to(shipper.clone());
+            control.use_risk(risk.clone());
+            control.transmit_risk(&risk);
             let tls = &config.tls;
             // With admin_listen, the admin API has its own address (a management network,
             // loopback) and the public listener serves devices and enrollment only.
@@ -310,6 +320,7 @@ async fn run(config_path: &Path) -> Result<()> {
             control: control.clone(),
             kernel: kernel.clone(),
             shipper: shipper.clone(),
+            risk: risk.clone(),
         });
         let bearer = m
             .bearer_token_file
@@ -342,7 +353,14 @@ async fn run(config_path: &Path) -> Result<()> {
         kernel.quic_retries.clone(),
     ));
     let kernel_shield = kernel.handshake_shield.is_some();
-    let control_socket = stats::serve(&config.control_socket, dp.clone(), kernel, shipper.clone())?;
+    let control_socket = stats::serve(
+        &config.control_socket,
+        dp.clone(),
+        kernel,
+        shipper.clone(),
+        risk.clone(),
+        control.clone(),
+    )?;
 
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

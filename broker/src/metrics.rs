@@ -13,6 +13,7 @@ pub struct BrokerMetrics {
     pub control: Option<Arc<control::Control>>,
     pub kernel: KernelSources,
     pub shipper: sekisho_sys::logship::Shipper,
+    pub risk: Arc<crate::risk::RiskService>,
 }
 
 impl Source for BrokerMetrics {
@@ -20,6 +21,51 @@ impl Source for BrokerMetrics {
         Box::pin(async move {
             let mut m = Snapshot::new("sekisho_broker");
             sekisho_sys::metrics::log_sink_metrics(&mut m, &self.shipper.stats());
+            if let Some(c) = &self.control {
+                for s in c.ssf_stats() {
+                    for (outcome, n) in [
+                        ("sent", s.sent),
+                        ("refused", s.refused),
+                        ("failed", s.failed),
+                        ("dropped_queue_full", s.dropped_queue_full),
+                    ] {
+                        m.counter_with(
+                            "ssf_sets",
+                            "Security Event Tokens pushed to Shared Signals receivers, by outcome.",
+                            &[("receiver", &s.url), ("outcome", outcome)],
+                            n,
+                        );
+                    }
+                }
+            }
+            let r = self.risk.stats();
+            m.counter(
+                "risk_inputs",
+                "Records and signals the risk engine took.",
+                r.inputs,
+            );
+            m.counter(
+                "risk_inputs_dropped",
+                "Records and signals lost on the way to the risk engine (its queue was full).",
+                r.inputs_dropped,
+            );
+            m.counter(
+                "risk_changes",
+                "Changes of a device's risk level.",
+                r.changes,
+            );
+            m.gauge_with(
+                "risk_devices",
+                "Devices at a risk level above low.",
+                &[("level", "medium")],
+                r.devices_medium as f64,
+            );
+            m.gauge_with(
+                "risk_devices",
+                "Devices at a risk level above low.",
+                &[("level", "high")],
+                r.devices_high as f64,
+            );
             let v = self.dp.view().await;
             let c = &v.counters;
             m.gauge(

@@ -76,6 +76,10 @@ struct StatsReport<'a> {
     workers: &'a [crate::dataplane::WorkerStats],
     /// The SIEM sinks: delivered, lost and why, queued, connected.
     log_sinks: Vec<sekisho_sys::logship::SinkStats>,
+    /// The risk engine: inputs taken and dropped, level changes, devices at risk.
+    risk: crate::risk::RiskStats,
+    /// Shared Signals receivers Sekisho pushes to: sent, refused, failed, dropped.
+    ssf_receivers: Vec<crate::ssf::transmit::ReceiverStats>,
 }
 
 /// The stats as JSON.
@@ -83,6 +87,8 @@ pub async fn report(
     dp: &DataPlane,
     kernel: &KernelSources,
     shipper: &sekisho_sys::logship::Shipper,
+    risk: &crate::risk::RiskService,
+    control: Option<&crate::control::Control>,
 ) -> Result<String> {
     let v = dp.view().await;
     let mut sites: Vec<String> = v.connectors.iter().map(|l| l.site.clone()).collect();
@@ -100,6 +106,8 @@ pub async fn report(
         connectors: &v.connectors,
         workers: &v.workers,
         log_sinks: shipper.stats(),
+        risk: risk.stats(),
+        ssf_receivers: control.map(|c| c.ssf_stats()).unwrap_or_default(),
     })?)
 }
 
@@ -109,6 +117,8 @@ pub fn serve(
     dp: DataPlane,
     kernel: KernelSources,
     shipper: sekisho_sys::logship::Shipper,
+    risk: std::sync::Arc<crate::risk::RiskService>,
+    control: Option<std::sync::Arc<crate::control::Control>>,
 ) -> Result<tokio::task::JoinHandle<()>> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -119,9 +129,15 @@ pub fn serve(
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     Ok(tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
-            let (dp, kernel, shipper) = (dp.clone(), kernel.clone(), shipper.clone());
+            let (dp, kernel, shipper, risk, control) = (
+                dp.clone(),
+                kernel.clone(),
+                shipper.clone(),
+                risk.clone(),
+                control.clone(),
+            );
             tokio::spawn(async move {
-                if let Ok(body) = report(&dp, &kernel, &shipper).await {
+                if let Ok(body) = report(&dp, &kernel, &shipper, &risk, control.as_deref()).await {
                     let _ = stream.write_all(body.as_bytes()).await;
                 }
             });

@@ -23,6 +23,8 @@ use crate::{ClientConfig, DnsConfig, PostureSetup};
 pub struct DnsRunning {
     system: Option<SystemDns>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Blocked names per category, for the posture requests.
+    pub block_counts: Arc<crate::stub::BlockCounts>,
 }
 
 impl DnsRunning {
@@ -117,6 +119,7 @@ pub async fn start_dns(
     let mut stub = Stub::new((fallback.clone(), resolver), broker, log);
     stub.set_direct(direct);
     let stub = Arc::new(stub);
+    let block_counts = stub.block_counts.clone();
     let serve = stub::serve(stub.clone(), listen);
     let mut tasks = vec![tokio::spawn(async move {
         if let Err(e) = serve.await {
@@ -135,7 +138,11 @@ pub async fn start_dns(
     } else {
         None
     };
-    Ok(DnsRunning { system, tasks })
+    Ok(DnsRunning {
+        system,
+        tasks,
+        block_counts,
+    })
 }
 
 /// A list as last downloaded.

@@ -923,6 +923,7 @@ async fn run(config: ClientConfig, config_path: &Path) -> Result<()> {
                         .map_or_else(default_resolv_conf, |d| d.resolv_conf.clone()),
                     resolv_backup: config.dns.as_ref().map(|d| d.backup_file.clone()),
                 },
+                block_counts: dns.as_ref().map(|d| d.block_counts.clone()),
             },
         )));
         tasks.push(tokio::spawn(report_overrides(
@@ -1069,6 +1070,8 @@ struct PostureLinks {
     service: Option<IpAddr>,
     /// What the network facts of the posture checks depend on (tunnel, resolver files).
     local: posture::Local,
+    /// Blocked DNS names per category (counts only) for the control plane's risk engine.
+    block_counts: Option<Arc<stub::BlockCounts>>,
 }
 
 /// Runs the posture checks every interval; when a result changes, or the token is due for
@@ -1105,11 +1108,21 @@ async fn posture_loop(mut setup: PostureSetup, links: PostureLinks) {
         if changed || Instant::now() >= refresh_at {
             let request = PostureRequest {
                 checks: results.clone(),
+                dns_blocks: links
+                    .block_counts
+                    .as_ref()
+                    .map(|b| b.take())
+                    .unwrap_or_default(),
             };
-            match setup
+            let answer = setup
                 .post::<_, PostureResponse>("/v1/posture", &request)
-                .await
+                .await;
+            if answer.is_err()
+                && let Some(b) = &links.block_counts
             {
+                b.restore(request.dns_blocks.clone());
+            }
+            match answer {
                 Ok(resp) => {
                     let new_checks = resp.config.checks.clone();
                     if new_checks != checks {

@@ -365,5 +365,26 @@ pub fn human(s: &serde_json::Value) -> String {
             "Sign-in too old for some applications: run `sekisho-client login` to sign in again.\n",
         );
     }
+    let risk = &s["broker_status"]["risk"];
+    if risk.is_object() {
+        o.push_str(&format!("Risk: {}\n", str_of(&risk["level"])));
+        for r in risk["reasons"].as_array().into_iter().flatten() {
+            o.push_str(&format!("  because: {}\n", str_of(r)));
+        }
+        let collected: Vec<String> = risk["collected"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(str_of)
+            .collect();
+        if !collected.is_empty() {
+            o.push_str("What the broker collects to judge it:\n");
+            for c in collected {
+                o.push_str(&format!("  - {c}\n"));
+            }
+        }
+    } else if s["broker_status"].is_object() {
+        o.push_str("Risk: low (nothing held against this device)\n");
+    }
     o
 }

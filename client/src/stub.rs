@@ -62,6 +62,35 @@ pub struct Stub {
     pub counters: Counters,
     /// Names excluded from the full tunnel: their answers' addresses go direct.
     direct: Option<Arc<crate::killswitch::DirectNames>>,
+    /// Blocked names per category since the control plane was last told (its risk engine
+    /// gets the counts, never the names).
+    pub block_counts: Arc<BlockCounts>,
+}
+
+/// Blocked names per category, taken (and reset) with each posture request.
+#[derive(Default)]
+pub struct BlockCounts(Mutex<std::collections::BTreeMap<String, u64>>);
+
+impl BlockCounts {
+    pub fn add(&self, category: &str) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Bounded: categories come from the admin's lists, a few.
+        if m.len() < 64 || m.contains_key(category) {
+            *m.entry(category.to_string()).or_insert(0) += 1;
+        }
+    }
+
+    pub fn take(&self) -> std::collections::BTreeMap<String, u64> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Counts a request did not deliver go back for the next one.
+    pub fn restore(&self, counts: std::collections::BTreeMap<String, u64>) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for (k, v) in counts {
+            *m.entry(k).or_insert(0) += v;
+        }
+    }
 }
 
 /// Idle TCP connections are closed after this.
@@ -82,6 +111,7 @@ impl Stub {
             log: Mutex::new(log),
             counters: Counters::default(),
             direct: None,
+            block_counts: Arc::default(),
         }
     }
 
@@ -111,6 +141,7 @@ impl Stub {
     }
 
     fn log_block(&self, ev: &BlockEvent) {
+        self.block_counts.add(&ev.category);
         #[derive(Serialize)]
         struct Line<'a> {
             ts: String,

@@ -14,8 +14,9 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use sekisho_proto::flow::{FlowEntry, FlowTable, IdleTimeouts};
 use sekisho_proto::keys::PublicKeyBytes;
 use sekisho_proto::packet::{FlowKey, PROTO_TCP, PROTO_UDP};
-use sekisho_proto::policy::{Action, Policy, Reason};
+use sekisho_proto::policy::{Action, Facts, Policy, Reason};
 use sekisho_proto::posture::{PostureClaims, TokenSigner, TokenVerifier};
+use sekisho_proto::risk::Level;
 
 const GROUPS: usize = 100;
 const USERS: usize = 100;
@@ -195,13 +196,13 @@ fn policy_evaluate(c: &mut Criterion) {
     let allowed = tcp_from_device0(target, 443);
     let unmatched = tcp_from_device0(IpAddr::from([10, 250, 0, 1]), 443);
 
-    let d = policy.evaluate(device, &allowed, Some(&claims), 0);
+    let d = policy.evaluate(device, &allowed, &Facts::new(Some(&claims), 0));
     assert_eq!(
         (d.action, d.reason),
         (Action::Allow, Reason::Rule(RULES as u32 - 1))
     );
     assert_eq!(policy.required_checks(d.application.unwrap()).len(), 4);
-    let d = policy.evaluate(device, &unmatched, Some(&claims), 0);
+    let d = policy.evaluate(device, &unmatched, &Facts::new(Some(&claims), 0));
     assert_eq!((d.action, d.reason), (Action::Deny, Reason::DefaultDeny));
 
     let mut g = c.benchmark_group("policy_evaluate_10k_rules_1k_apps");
@@ -210,8 +211,7 @@ fn policy_evaluate(c: &mut Criterion) {
             policy.evaluate(
                 black_box(device),
                 black_box(&allowed),
-                black_box(Some(&claims)),
-                0,
+                black_box(&Facts::new(Some(&claims), 0)),
             )
         })
     });
@@ -220,10 +220,22 @@ fn policy_evaluate(c: &mut Criterion) {
             policy.evaluate(
                 black_box(device),
                 black_box(&unmatched),
-                black_box(Some(&claims)),
-                0,
+                black_box(&Facts::new(Some(&claims), 0)),
             )
         })
+    });
+    // The risk engine's part of a decision: the device's level (a field of its peer) against
+    // the application's grade. With `log` at high risk the allowed flow takes the whole path.
+    let graded = Policy::parse(
+        Path::new("bench.toml"),
+        &format!("{text}\n[risk]\nlevel3 = {{ max = \"low\", above = \"log\" }}\n"),
+    )
+    .expect("graded policy parses");
+    let high = Facts::new(Some(&claims), 0).at_risk(Level::High);
+    let d = graded.evaluate(device, &allowed, &high);
+    assert!(d.allowed() && d.risk_logged, "{d:?}");
+    g.bench_function("allow_by_last_rule_at_high_risk_logged", |b| {
+        b.iter(|| graded.evaluate(black_box(device), black_box(&allowed), black_box(&high)))
     });
     // The straightforward evaluation (every rule in order), for comparison.
     let user = policy.device(device).user;
@@ -232,9 +244,8 @@ fn policy_evaluate(c: &mut Criterion) {
             policy.decide_scan(
                 black_box(user),
                 black_box(&allowed),
-                black_box(Some(&claims)),
+                black_box(&Facts::new(Some(&claims), 0)),
                 None,
-                0,
             )
         })
     });
@@ -250,7 +261,11 @@ fn policy_evaluate(c: &mut Criterion) {
             let claims = verifier
                 .verify(black_box(&token), black_box(NOW + 10), black_box(&key))
                 .unwrap();
-            policy.evaluate(black_box(device), black_box(&allowed), Some(&claims), 0)
+            policy.evaluate(
+                black_box(device),
+                black_box(&allowed),
+                &Facts::new(Some(&claims), 0),
+            )
         })
     });
 }
@@ -297,10 +312,12 @@ fn decision_percentiles(policy: &Policy, claims: &PostureClaims) {
         let pct = |p: f64| ns[((ns.len() as f64 * p) as usize).min(ns.len() - 1)] as f64 / 1000.0;
         (pct(0.5), pct(0.99), allowed)
     };
-    let compiled = time(&|d, k| policy.evaluate(d, k, Some(claims), 0).action);
+    let compiled = time(&|d, k| policy.evaluate(d, k, &Facts::new(Some(claims), 0)).action);
     let scan = time(&|d, k| {
         let u = policy.device(d).user;
-        policy.decide_scan(u, k, Some(claims), None, 0).action
+        policy
+            .decide_scan(u, k, &Facts::new(Some(claims), 0), None)
+            .action
     });
     assert_eq!(compiled.2, scan.2, "both allow the same flows");
     eprintln!(

@@ -232,6 +232,18 @@ pub struct TunnelStatus {
     pub posture_expires: Option<u64>,
     /// Checks failing according to that token.
     pub failing_checks: Vec<String>,
+    /// The risk the broker's risk engine sees for this device and why, and what it watches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub risk: Option<RiskStatus>,
+}
+
+/// A device's risk as its user may see it: the level, the reasons (largest first, a few) and
+/// what is collected to judge it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RiskStatus {
+    pub level: crate::risk::Level,
+    pub reasons: Vec<String>,
+    pub collected: Vec<String>,
 }
 
 /// `GET /v1/device/dns` (device credential): the user's DNS settings and the blocklists to load.
@@ -267,6 +279,10 @@ pub struct EnrollDeviceResponse {
 #[serde(deny_unknown_fields)]
 pub struct PostureRequest {
     pub checks: BTreeMap<String, bool>,
+    /// Names the device's DNS filter blocked since its last request, counted per category
+    /// (the names stay on the device): a signal for the risk engine.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dns_blocks: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -335,6 +351,16 @@ pub struct CreateEnrollmentToken {
     #[serde(default)]
     pub site: Option<String>,
     pub ttl_secs: u64,
+    /// A device token: the class of the device it enrolls (managed when absent).
+    #[serde(default)]
+    pub class: Option<crate::policy::DeviceClass>,
+}
+
+/// `POST /v1/admin/devices/{name}/class`: an MDM's or an admin's word on a device's class.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetDeviceClass {
+    pub class: crate::policy::DeviceClass,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -351,6 +377,8 @@ pub struct DeviceInfo {
     pub public_key: String,
     pub created_at: u64,
     pub revoked_at: Option<u64>,
+    #[serde(default)]
+    pub class: crate::policy::DeviceClass,
 }
 
 /// `POST /v1/admin/devices` (admin): devices whose keys were made elsewhere, registered in
@@ -427,6 +455,29 @@ pub struct ExplainRequest {
     /// Checks assumed failing (with `user`; a device's own last posture is used otherwise).
     #[serde(default)]
     pub failing_checks: Vec<String>,
+    /// Risk assumed (with `user`; a device's own current risk is used otherwise).
+    #[serde(default)]
+    pub risk: Option<crate::risk::Level>,
+}
+
+/// A device's risk in an explanation: level, score and every reason with its points now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExplainedRisk {
+    pub level: crate::risk::Level,
+    pub score: f64,
+    /// Where the level came from: "assumed" or "engine".
+    pub source: String,
+    pub reasons: Vec<ExplainedReason>,
+    /// What the application's sensitivity level makes of it: "allow", "log" or "deny"
+    /// (None: tolerated).
+    pub response: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExplainedReason {
+    pub signal: String,
+    pub detail: String,
+    pub score: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -439,6 +490,11 @@ pub struct Explanation {
     pub required_checks: Vec<String>,
     /// Where the posture came from: "assumed", "token" or "none".
     pub posture: String,
+    /// The device's class ("managed", "personal"; assumed managed for a user).
+    #[serde(default)]
+    pub class: String,
+    #[serde(default)]
+    pub risk: Option<ExplainedRisk>,
 }
 
 /// Where a posture signing key stands in its rotation.

@@ -171,6 +171,7 @@ pub fn flow(r: &FlowRecord, time_ms: u64, by: Observer) -> Value {
             ("rule", json!(r.meta.rule)),
             ("sensitivity", json!(r.meta.sensitivity)),
             ("end", json!(r.end)),
+            ("risk", json!(r.meta.risk)),
         ]),
     );
     v
@@ -234,6 +235,48 @@ pub fn decision(r: &DecisionRecord, time_ms: u64) -> Value {
             ("rule", json!(r.rule)),
             ("reason", json!(r.reason)),
             ("check", json!(r.check)),
+            ("risk", json!(r.risk)),
+        ]),
+    );
+    v
+}
+
+/// A device's risk level changed (the risk engine's view): an OCSF Detection Finding with
+/// the level, the score and the reasons.
+pub fn risk(r: &crate::risk::RiskRecord, time_ms: u64) -> Value {
+    let activity = if r.previous.is_none() {
+        (1, "Create")
+    } else {
+        (2, "Update")
+    };
+    let mut v = base(2004, activity.0, activity.1, time_ms, Observer::Broker);
+    let (level_id, severity_id, severity) = match r.level {
+        crate::risk::Level::Low => (1, 1, "Informational"),
+        crate::risk::Level::Medium => (2, 3, "Medium"),
+        crate::risk::Level::High => (3, 4, "High"),
+    };
+    set(&mut v, "severity_id", json!(severity_id));
+    set(&mut v, "severity", json!(severity));
+    set(&mut v, "risk_level_id", json!(level_id));
+    set(&mut v, "risk_level", json!(r.level.as_str()));
+    set(&mut v, "risk_score", json!(r.score.round() as i64));
+    set(&mut v, "actor", json!({"user": {"name": r.user}}));
+    set(&mut v, "device", json!({"name": r.device}));
+    set(
+        &mut v,
+        "finding_info",
+        json!({
+            "uid": format!("risk:{}:{}", r.device, time_ms),
+            "title": format!("risk of {} is {}", r.device, r.level.as_str()),
+            "types": r.reasons.iter().map(|x| x.signal).collect::<Vec<_>>(),
+        }),
+    );
+    set(
+        &mut v,
+        "unmapped",
+        unmapped(&[
+            ("previous", json!(r.previous)),
+            ("reasons", json!(r.reasons)),
         ]),
     );
     v
@@ -502,6 +545,7 @@ mod tests {
             site: Some("dc1".into()),
             rule: Some("eng-web".into()),
             sensitivity: Some(1),
+            risk: None,
         });
         let r = FlowRecord::new(meta, &report(FlowEnd::Idle));
         let v = flow(&r, 5_000, Observer::Broker);

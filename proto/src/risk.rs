@@ -18,9 +18,12 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use serde::Serialize;
 
 /// Risk levels, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Level {
+    #[default]
     Low,
     Medium,
     High,
@@ -56,6 +59,8 @@ pub enum Signal {
     DnsBlocks,
     FailingPosture,
     External,
+    /// Another system (an MDM, say) reports the device out of compliance.
+    NonCompliant,
 }
 
 /// Weights, decay and thresholds.
@@ -119,6 +124,19 @@ pub struct Reason {
     pub at: u64,
     /// Its score at the time asked (decayed).
     pub score: f64,
+}
+
+/// A device's risk changed, as written to the decision log (`"event": "risk"`) and shipped.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RiskRecord {
+    pub event: &'static str,
+    pub device: String,
+    pub user: String,
+    pub level: Level,
+    /// The level before (None: the first assessment that was not low).
+    pub previous: Option<Level>,
+    pub score: f64,
+    pub reasons: Vec<Reason>,
 }
 
 /// The risk of a subject now.
@@ -191,6 +209,9 @@ struct Contribution {
     detail: String,
     at: u64,
     weight: f64,
+    /// A lasting state reported by this source (it does not decay; the source replaces or
+    /// withdraws it).
+    standing: Option<String>,
 }
 
 /// One user's (or device's) state.
@@ -242,7 +263,48 @@ impl RiskEngine {
             detail,
             at,
             weight,
+            standing: None,
         });
+    }
+
+    /// A lasting state of `who` that `source` reports (a device out of compliance, an
+    /// identity provider's risk level): it does not decay. A later report of the same signal
+    /// from the same source replaces it; `None` withdraws it.
+    pub fn standing(
+        &mut self,
+        who: &str,
+        signal: Signal,
+        source: &str,
+        state: Option<(f64, String)>,
+        at: u64,
+    ) {
+        let s = self.subject(who);
+        s.contributions
+            .retain(|c| !(c.signal == signal && c.standing.as_deref() == Some(source)));
+        if let Some((weight, detail)) = state
+            && weight > 0.0
+        {
+            s.contributions.push(Contribution {
+                signal,
+                detail,
+                at,
+                weight,
+                standing: Some(source.to_string()),
+            });
+        }
+    }
+
+    /// Subjects with something held against them now (others are low with no reasons).
+    pub fn active(&self) -> impl Iterator<Item = &str> {
+        self.subjects
+            .iter()
+            .filter(|(_, s)| !s.contributions.is_empty())
+            .map(|(k, _)| k.as_str())
+    }
+
+    /// Forgets everything about `who` (a deleted user or device).
+    pub fn forget(&mut self, who: &str) {
+        self.subjects.remove(who);
     }
 
     /// Closes the hours that ended before `at` into the baseline.
@@ -405,7 +467,11 @@ impl RiskEngine {
         );
     }
 
-    fn decayed(&self, weight: f64, since: u64, now: u64) -> f64 {
+    fn decayed(&self, c: &Contribution, now: u64) -> f64 {
+        if c.standing.is_some() {
+            return c.weight;
+        }
+        let (weight, since) = (c.weight, c.at);
         let age = now.saturating_sub(since) as f64;
         weight * 0.5f64.powf(age / self.config.half_life.max(1) as f64)
     }
@@ -422,7 +488,7 @@ impl RiskEngine {
                         signal: c.signal,
                         detail: c.detail.clone(),
                         at: c.at,
-                        score: self.decayed(c.weight, c.at, now),
+                        score: self.decayed(c, now),
                     })
                     .filter(|r| r.score >= NEGLIGIBLE)
                     .collect()
@@ -450,7 +516,7 @@ impl RiskEngine {
         for s in self.subjects.values_mut() {
             s.contributions.retain(|c| {
                 let age = now.saturating_sub(c.at) as f64;
-                c.weight * 0.5f64.powf(age / half) >= NEGLIGIBLE
+                c.standing.is_some() || c.weight * 0.5f64.powf(age / half) >= NEGLIGIBLE
             });
         }
     }
@@ -538,6 +604,51 @@ mod tests {
         // The source says low again: its signal ends at once.
         r.external("mallory", Level::Low, "idp.example", MONDAY + 13);
         assert_eq!(r.assess("mallory", MONDAY + 13).level, Level::Medium);
+    }
+
+    #[test]
+    fn standing_states_do_not_decay_until_withdrawn() {
+        let mut r = RiskEngine::new(RiskConfig::default(), 0);
+        let detail = || Some((70.0, "out of compliance (mdm.example)".to_string()));
+        r.standing(
+            "laptop",
+            Signal::NonCompliant,
+            "mdm.example",
+            detail(),
+            MONDAY,
+        );
+        let week = MONDAY + 7 * 86_400;
+        let a = r.assess("laptop", week);
+        assert_eq!((a.level, a.score), (Level::High, 70.0), "{a:?}");
+        r.prune(week);
+        assert_eq!(r.active().collect::<Vec<_>>(), ["laptop"]);
+        // A second report replaces the first; another source's adds.
+        r.standing(
+            "laptop",
+            Signal::NonCompliant,
+            "mdm.example",
+            detail(),
+            week,
+        );
+        r.standing(
+            "laptop",
+            Signal::NonCompliant,
+            "other",
+            Some((10.0, "x".into())),
+            week,
+        );
+        assert_eq!(r.assess("laptop", week).score, 80.0);
+        r.standing(
+            "laptop",
+            Signal::NonCompliant,
+            "mdm.example",
+            None,
+            week + 1,
+        );
+        let a = r.assess("laptop", week + 1);
+        assert_eq!((a.level, a.score), (Level::Low, 10.0), "{a:?}");
+        r.forget("laptop");
+        assert_eq!(r.active().count(), 0);
     }
 
     proptest! {

@@ -99,6 +99,7 @@ pub fn permits(role: Role, method: &str, path: &str) -> bool {
                         | ("POST", ["users", _, "enable"])
                         | ("POST", ["groups"])
                         | ("POST", ["enrollment-tokens"])
+                        | ("POST", ["devices", _, "class"])
                         | ("POST", ["explain"])
                 )
         }

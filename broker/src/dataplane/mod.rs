@@ -53,6 +53,8 @@ pub enum WorkerInput {
 pub enum WorkerCommand {
     SetPolicy(Arc<Policy>, Arc<Assignment>),
     TokenKeys(TokenVerifier),
+    /// A device's risk (None: nothing held against it).
+    SetRisk(PublicKeyBytes, Option<Arc<sekisho_proto::api::RiskStatus>>),
     LinkUp {
         link: LinkId,
         site: String,
@@ -285,6 +287,16 @@ impl DataPlane {
         self.inner
             .generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A device's risk from the risk engine: every worker keeps it (a policy change may move
+    /// the device), the one holding the device re-decides its flows.
+    pub fn set_risk(
+        &self,
+        key: PublicKeyBytes,
+        status: Option<Arc<sekisho_proto::api::RiskStatus>>,
+    ) {
+        self.broadcast(|| WorkerCommand::SetRisk(key, status.clone()));
     }
 
     /// The keys posture tokens may be signed with.

@@ -151,6 +151,7 @@ fn command(
     match c {
         WorkerCommand::SetPolicy(p, a) => state.set_policy(p, a),
         WorkerCommand::TokenKeys(v) => state.set_token_keys(v),
+        WorkerCommand::SetRisk(key, status) => state.set_risk(key, status),
         WorkerCommand::LinkUp {
             link,
             site,

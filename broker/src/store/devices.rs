@@ -60,6 +60,13 @@ impl Store {
         };
         let cred_id = random_text(9);
         let cred_secret = random_text(24);
+        let class = sqlx::query("SELECT device_class FROM enrollment_tokens WHERE id = $1")
+            .bind(token_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .and_then(|r| r.try_get::<Option<String>, _>(0).ok().flatten())
+            .and_then(|c| sekisho_proto::policy::DeviceClass::parse(&c))
+            .unwrap_or_default();
         let exists = sqlx::query("SELECT name FROM users WHERE name = $1")
             .bind(user.as_str())
             .fetch_optional(&mut *tx)
@@ -71,7 +78,7 @@ impl Store {
         }
         sqlx::query(
             "INSERT INTO devices (name, user_name, public_key, address, credential_id, \
-             credential_hash, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+             credential_hash, created_at, class) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(name)
         .bind(user.as_str())
@@ -80,6 +87,7 @@ impl Store {
         .bind(cred_id.as_str())
         .bind(hash_secret(&cred_secret))
         .bind(ts(now))
+        .bind(class.as_str())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -92,6 +100,7 @@ impl Store {
                 address,
                 created_at: now,
                 revoked_at: None,
+                class,
             },
             cred_id,
             cred_secret,
@@ -174,6 +183,7 @@ impl Store {
                     address,
                     created_at: now,
                     revoked_at: None,
+                    class: Default::default(),
                 },
                 cred_id,
                 cred_secret,
@@ -193,13 +203,18 @@ impl Store {
             address: address.parse().context("bad address in the database")?,
             created_at: opt_u64(Some(r.try_get(4)?)).unwrap_or(0),
             revoked_at: opt_u64(r.try_get(5)?),
+            class: r
+                .try_get::<String, _>("class")
+                .ok()
+                .and_then(|c| sekisho_proto::policy::DeviceClass::parse(&c))
+                .unwrap_or_default(),
         })
     }
 
     pub async fn devices(&self) -> Result<Vec<DeviceRecord>> {
         sqlx::query(
-            "SELECT name, user_name, public_key, address, created_at, revoked_at FROM devices \
-             ORDER BY name",
+            "SELECT name, user_name, public_key, address, created_at, revoked_at, class \
+             FROM devices ORDER BY name",
         )
         .fetch_all(&self.pool)
         .await?
@@ -215,8 +230,8 @@ impl Store {
         secret: &str,
     ) -> Result<Option<DeviceRecord>> {
         let row = sqlx::query(
-            "SELECT name, user_name, public_key, address, created_at, revoked_at, credential_hash \
-             FROM devices WHERE credential_id = $1 AND revoked_at IS NULL",
+            "SELECT name, user_name, public_key, address, created_at, revoked_at, credential_hash, \
+             class FROM devices WHERE credential_id = $1 AND revoked_at IS NULL",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -230,6 +245,38 @@ impl Store {
     }
 
     /// Revokes a device. False if there is no such active device.
+    /// Sets a device's class (an MDM's word, or an admin's). False: no such active device.
+    pub async fn set_device_class(
+        &self,
+        name: &str,
+        class: sekisho_proto::policy::DeviceClass,
+    ) -> Result<bool> {
+        let r = sqlx::query("UPDATE devices SET class = $1 WHERE name = $2 AND revoked_at IS NULL")
+            .bind(class.as_str())
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        let changed = r.rows_affected() == 1;
+        if changed {
+            self.announce("device_class").await;
+        }
+        Ok(changed)
+    }
+
+    /// Devices enrolled with this (unused) token get `class`.
+    pub async fn set_token_device_class(
+        &self,
+        token_id: &str,
+        class: sekisho_proto::policy::DeviceClass,
+    ) -> Result<()> {
+        sqlx::query("UPDATE enrollment_tokens SET device_class = $1 WHERE id = $2")
+            .bind(class.as_str())
+            .bind(token_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn revoke_device(&self, name: &str, now: u64) -> Result<bool> {
         let r = sqlx::query(
             "UPDATE devices SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL",

@@ -136,6 +136,7 @@ impl Store {
                 user: d.user,
                 public_key: d.public_key,
                 address: d.address,
+                class: d.class,
             })
             .collect();
         Ok(Directory {

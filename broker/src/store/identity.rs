@@ -412,6 +412,7 @@ impl Store {
                     address: address.parse().context("stored device address")?,
                     created_at: r.try_get::<i64, _>(3)? as u64,
                     revoked_at: None,
+                    class: Default::default(),
                 },
                 None,
             )));
@@ -464,6 +465,7 @@ impl Store {
                 address,
                 created_at: now,
                 revoked_at: None,
+                class: Default::default(),
             },
             Some((cred_id, cred_secret)),
         )))
@@ -491,6 +493,51 @@ impl Store {
             Some(r) => opt_u64(r.try_get(0)?),
             None => None,
         })
+    }
+
+    /// The user another system's signal names: by the identity provider's subject
+    /// ("ISSUER SUB"), else by e-mail or name (ignoring case).
+    pub async fn user_named_by(
+        &self,
+        subject: Option<&str>,
+        email_or_name: Option<&str>,
+    ) -> Result<Option<String>> {
+        if let Some(s) = subject
+            && let Some(r) = sqlx::query("SELECT name FROM users WHERE subject = $1")
+                .bind(s)
+                .fetch_optional(&self.pool)
+                .await?
+        {
+            return Ok(Some(r.try_get(0)?));
+        }
+        if let Some(e) = email_or_name {
+            let rows = sqlx::query(
+                "SELECT name FROM users WHERE lower(email) = lower($1) OR lower(name) = lower($1) \
+                 ORDER BY name",
+            )
+            .bind(e)
+            .fetch_all(&self.pool)
+            .await?;
+            // Two users answering to one address: name nobody.
+            if rows.len() == 1 {
+                return Ok(Some(rows[0].try_get(0)?));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Forgets the sign-ins of `user`'s devices (the provider revoked the session or the
+    /// credential changed): levels that want a recent sign-in close until they sign in again.
+    /// Returns the devices touched.
+    pub async fn forget_sign_ins(&self, user: &str) -> Result<u64> {
+        let r = sqlx::query(
+            "UPDATE devices SET signed_in_at = NULL WHERE user_name = $1 AND revoked_at IS NULL \
+             AND signed_in_at IS NOT NULL",
+        )
+        .bind(user)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected())
     }
 }
 

@@ -145,6 +145,16 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &[&str])] = &[
          expires_at BIGINT NOT NULL, used_at BIGINT)",
         ],
     ),
+    (
+        8,
+        "device classes",
+        &[
+            // managed (the organisation's) or personal; set by the enrollment token or an
+            // MDM through the admin API, never by the device.
+            "ALTER TABLE devices ADD COLUMN class TEXT NOT NULL DEFAULT 'managed'",
+            "ALTER TABLE enrollment_tokens ADD COLUMN device_class TEXT",
+        ],
+    ),
 ];
 
 /// The PostgreSQL channel on which every change of shared state is announced (`NOTIFY`); the
@@ -287,6 +297,7 @@ pub struct DeviceRecord {
     pub address: IpAddr,
     pub created_at: u64,
     pub revoked_at: Option<u64>,
+    pub class: sekisho_proto::policy::DeviceClass,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -53,6 +53,37 @@ pub struct DecisionRecord {
     pub sport: u16,
     pub dst: IpAddr,
     pub dport: u16,
+    /// The device's risk, when it was above low or decided the flow.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub risk: Option<RiskMark>,
+}
+
+/// The device's risk at a decision, in its records: the level, and what the application's
+/// sensitivity level made of it ("log": allowed above the tolerated risk, recorded in full;
+/// "deny"; "allow": tolerated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RiskMark {
+    pub level: crate::risk::Level,
+    pub response: &'static str,
+}
+
+impl RiskMark {
+    /// The mark for decision `d` at `risk` (None at low risk).
+    pub fn of(d: &crate::policy::Decision, risk: crate::risk::Level) -> Option<RiskMark> {
+        let response = if d.risk_logged {
+            "log"
+        } else if matches!(d.reason, crate::policy::Reason::RiskTooHigh(_)) {
+            "deny"
+        } else if risk == crate::risk::Level::Low {
+            return None;
+        } else {
+            "allow"
+        };
+        Some(RiskMark {
+            level: risk,
+            response,
+        })
+    }
 }
 
 /// Who and what an allowed flow is (kept with the flow for its records).
@@ -64,6 +95,8 @@ pub struct FlowMeta {
     pub site: Option<String>,
     pub rule: Option<String>,
     pub sensitivity: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub risk: Option<RiskMark>,
 }
 
 /// A flow's traffic, as written to the decision log (`"event": "traffic"`): bytes and packets

@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::BrokerState;
-use super::events::{DecisionRecord, Event, FlowMeta, FlowRecord};
+use super::events::{DecisionRecord, Event, FlowMeta, FlowRecord, RiskMark};
 use super::links::LinkId;
 use super::peers::PeerSlot;
 use crate::api::Denial;
 use crate::flow::{FLOW_REPORT_EVERY, FlowEnd, FlowEntry, Meter, TcpEnd};
 use crate::packet::FlowKey;
-use crate::policy::{Action, AppId, Decision, DeviceId, Reason, SiteId};
+use crate::policy::{Action, AppId, Decision, DeviceId, Facts, Reason, SiteId};
+use crate::risk::Level;
 
 /// Where an allowed flow goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +136,7 @@ impl BrokerState {
         };
         let peer_generation = peer.generation;
         let device = peer.device;
+        let risk = peer.risk;
         let previous = match self.flows.touch(key, now) {
             Some(flow)
                 if flow.generation == generation
@@ -235,17 +237,25 @@ impl BrokerState {
         let decision = if peer.names.contains(key.dst) {
             // A synthetic address: the flow is to the application whose name it stands for.
             match binding.and_then(|b| p.app_by_name(&b.app)) {
-                Some(app) => {
-                    p.evaluate_named(peer.device, key, peer.posture.as_ref(), app, self.unix_now)
-                }
+                Some(app) => p.evaluate_named(
+                    peer.device,
+                    key,
+                    &Facts::new(peer.posture.as_ref(), self.unix_now).at_risk(peer.risk),
+                    app,
+                ),
                 None => Decision {
                     action: Action::Deny,
                     application: None,
                     reason: Reason::DefaultDeny,
+                    risk_logged: false,
                 },
             }
         } else {
-            p.evaluate(peer.device, key, peer.posture.as_ref(), self.unix_now)
+            p.evaluate(
+                peer.device,
+                key,
+                &Facts::new(peer.posture.as_ref(), self.unix_now).at_risk(peer.risk),
+            )
         };
         let allowed = decision.allowed();
         let route = match (allowed, decision.application) {
@@ -287,8 +297,7 @@ impl BrokerState {
         if previous != Some(allowed) {
             self.note_decision(slot, device, key, &decision, now);
         }
-        let meta = allowed
-            .then(|| Arc::new(self.flow_meta(device, decision.application, decision.reason)));
+        let meta = allowed.then(|| Arc::new(self.flow_meta(device, &decision, risk)));
         let flow = Flow {
             allowed,
             peer: slot,
@@ -340,7 +349,8 @@ impl BrokerState {
             self.counters.flows.summarized += 1;
             return;
         }
-        let record = self.record(device, key, d.action, d.application, d.reason);
+        let risk = self.peers.get(&slot).map(|p| p.risk).unwrap_or_default();
+        let record = self.record(device, key, d, risk);
         if !allowed && let Some(peer) = self.peers.get_mut(&slot) {
             peer.note_denial(Denial {
                 at: self.unix_now,
@@ -357,8 +367,9 @@ impl BrokerState {
     }
 
     /// Who and what a flow of `device` is (its decision's and its traffic's records).
-    fn flow_meta(&self, device: DeviceId, app: Option<AppId>, reason: Reason) -> FlowMeta {
+    fn flow_meta(&self, device: DeviceId, d: &Decision, risk: Level) -> FlowMeta {
         let p = &self.policy;
+        let (app, reason) = (d.application, d.reason);
         let internet = matches!(reason, Reason::Egress(_) | Reason::EgressRefused(_));
         FlowMeta {
             device: p.device(device).name.clone(),
@@ -370,6 +381,7 @@ impl BrokerState {
             site: app.map(|a| p.sites[p.applications[a as usize].site as usize].clone()),
             rule: p.rule_name(reason).map(str::to_string),
             sensitivity: app.map(|a| p.applications[a as usize].sensitivity),
+            risk: RiskMark::of(d, risk),
         }
     }
 
@@ -406,19 +418,13 @@ impl BrokerState {
         self.events.extend(out.into_iter().map(Event::Flow));
     }
 
-    fn record(
-        &self,
-        device: DeviceId,
-        key: &FlowKey,
-        action: Action,
-        app: Option<AppId>,
-        reason: Reason,
-    ) -> DecisionRecord {
+    fn record(&self, device: DeviceId, key: &FlowKey, d: &Decision, risk: Level) -> DecisionRecord {
         let p = &self.policy;
-        let m = self.flow_meta(device, app, reason);
+        let reason = d.reason;
+        let m = self.flow_meta(device, d, risk);
         DecisionRecord {
             event: "flow",
-            decision: action,
+            decision: d.action,
             device: m.device,
             user: m.user,
             application: m.application,
@@ -431,6 +437,7 @@ impl BrokerState {
             sport: key.sport,
             dst: key.dst,
             dport: key.dport,
+            risk: m.risk,
         }
     }
 }

@@ -43,7 +43,8 @@ use crate::wg::{Limit, Output, Responder, Route, Session};
 
 pub use counters::Counters;
 pub use events::{
-    AppDnsRecord, DecisionRecord, Event, FlowMeta, FlowRecord, PostureRecord, SummaryRecord,
+    AppDnsRecord, DecisionRecord, Event, FlowMeta, FlowRecord, PostureRecord, RiskMark,
+    SummaryRecord,
 };
 pub use flows::Flow;
 use flows::{FlowLink, FlowRoute, Verdict};
@@ -176,6 +177,9 @@ pub struct BrokerState {
     packets: VecDeque<Transmit<'static>>,
     events: VecDeque<Event>,
     timers: Timers<Timer, 3>,
+    /// Devices whose risk is above low, by key (kept for devices this worker does not hold
+    /// yet: a policy change may bring them here).
+    risks: HashMap<PublicKeyBytes, Arc<crate::api::RiskStatus>>,
 }
 
 impl BrokerState {
@@ -216,6 +220,7 @@ impl BrokerState {
             packets: VecDeque::new(),
             events: VecDeque::new(),
             timers,
+            risks: HashMap::new(),
             config,
         };
         state.set_policy(policy, assignment);
@@ -281,15 +286,17 @@ impl BrokerState {
                     }
                 }
                 None => {
-                    self.peers.insert(
-                        slot,
-                        Peer::new(
-                            id as u32,
-                            dev.public_key,
-                            dev.address,
-                            SyntheticMap::new(policy.dns.app_range, SYNTHETIC_NAMES_PER_DEVICE),
-                        ),
+                    let mut peer = Peer::new(
+                        id as u32,
+                        dev.public_key,
+                        dev.address,
+                        SyntheticMap::new(policy.dns.app_range, SYNTHETIC_NAMES_PER_DEVICE),
                     );
+                    if let Some(r) = self.risks.get(&dev.public_key) {
+                        peer.risk = r.level;
+                        peer.risk_status = Some(r.clone());
+                    }
+                    self.peers.insert(slot, peer);
                 }
             }
         }
@@ -313,6 +320,28 @@ impl BrokerState {
                 Some((l.id, s as SiteId))
             })
             .collect();
+    }
+
+    /// The risk of the device with `key`, from the control plane's risk engine. When it
+    /// changes, the device's cached flows are decided anew on their next packet (a flow to an
+    /// application that no longer tolerates it is cut there).
+    /// `status` None: nothing is held against it.
+    pub fn set_risk(&mut self, key: PublicKeyBytes, status: Option<Arc<crate::api::RiskStatus>>) {
+        let level = status.as_ref().map(|s| s.level).unwrap_or_default();
+        match &status {
+            Some(s) => self.risks.insert(key, s.clone()),
+            None => self.risks.remove(&key),
+        };
+        if let Some(slot) = self.assignment.slot_of_key(&key)
+            && let Some(peer) = self.peers.get_mut(&slot)
+            && peer.key == key
+        {
+            peer.risk_status = status;
+            if peer.risk != level {
+                peer.risk = level;
+                peer.generation += 1;
+            }
+        }
     }
 
     /// The keys posture tokens may be signed with (several during a rotation). Until the

@@ -1314,6 +1314,7 @@ impl Harness {
                 action: Action::Deny,
                 application: None,
                 reason: Reason::UnknownDevice,
+                risk_logged: false,
             };
         };
         if let IpAddr::V4(a) = key.dst
@@ -1323,9 +1324,11 @@ impl Harness {
                 action: Action::Deny,
                 application: None,
                 reason: Reason::DefaultDeny,
+                risk_logged: false,
             };
         }
-        self.policy.evaluate(device, key, None, self.unix)
+        self.policy
+            .evaluate(device, key, &crate::policy::Facts::new(None, self.unix))
     }
 
     fn site_of(&self, d: &Decision) -> Option<&str> {

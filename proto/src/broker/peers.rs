@@ -190,6 +190,10 @@ pub struct Peer {
     pub unlogged: (u64, u64),
     /// In-tunnel service requests (token, DNS, status, echo) this device may make.
     pub service_budget: Option<Bucket>,
+    /// Its risk, as the control plane's risk engine last said (a change bumps `generation`).
+    pub risk: crate::risk::Level,
+    /// The same with its reasons, for the device's status.
+    pub risk_status: Option<std::sync::Arc<crate::api::RiskStatus>>,
 }
 
 /// Decision records one device may cause per second, and as a burst; the rest are summed into
@@ -221,6 +225,8 @@ impl Peer {
             log_budget: None,
             unlogged: (0, 0),
             service_budget: None,
+            risk: crate::risk::Level::Low,
+            risk_status: None,
         }
     }
 

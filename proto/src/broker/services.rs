@@ -123,6 +123,7 @@ impl BrokerState {
             denials: peer.denials.iter().cloned().collect(),
             posture_expires: peer.posture.as_ref().map(|p| p.exp),
             failing_checks: peer.failing_checks(),
+            risk: peer.risk_status.as_deref().cloned(),
         };
         let body = serde_json::to_vec(&status).unwrap_or_default();
         self.answer_service(slot, key, &body);

@@ -309,8 +309,8 @@ mod tests {
                 let named = named.filter(|&a| (a as usize) < n);
                 let u = user as UserId;
                 prop_assert_eq!(
-                    p.decide(u, &key, claims.as_ref(), named, 0),
-                    p.decide_scan(u, &key, claims.as_ref(), named, 0),
+                    p.decide(u, &key, &crate::policy::Facts::new(claims.as_ref(), 0), named),
+                    p.decide_scan(u, &key, &crate::policy::Facts::new(claims.as_ref(), 0), named),
                     "user {} flow {:?} named {:?}\n{}", user, key, named, text
                 );
             }

@@ -21,6 +21,7 @@ use crate::config::{ConfigError, Source, parse_toml};
 use crate::keys::PublicKeyBytes;
 use crate::packet::{FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 use crate::posture::PostureClaims;
+pub use risk::DeviceClass;
 
 /// Device addresses come from here unless the policy says otherwise. Chosen inside the shared
 /// address space 100.64.0.0/10 but away from the ranges other overlays are known to use
@@ -56,6 +57,8 @@ struct RawPolicy {
     identity: RawIdentity,
     #[serde(default)]
     risk: risk::RawRisk,
+    #[serde(default)]
+    device_classes: risk::RawClasses,
     #[serde(default)]
     tests: Vec<RawTest>,
     #[serde(default)]
@@ -278,6 +281,7 @@ pub struct DirectoryDevice {
     pub user: String,
     pub public_key: String,
     pub address: IpAddr,
+    pub class: DeviceClass,
 }
 
 /// A device check the client evaluates; only its pass/fail result leaves the device.
@@ -496,6 +500,8 @@ struct RawDevice {
     user: Spanned<String>,
     public_key: Spanned<String>,
     address: Spanned<IpAddr>,
+    #[serde(default)]
+    class: Option<Spanned<DeviceClass>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -646,6 +652,7 @@ pub struct Device {
     pub user: UserId,
     pub public_key: PublicKeyBytes,
     pub address: IpAddr,
+    pub class: DeviceClass,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -714,6 +721,35 @@ pub struct Rule {
     pub when: Option<schedule::Schedule>,
 }
 
+/// What is known about a device when one of its flows is decided, besides the policy.
+#[derive(Debug, Clone, Copy)]
+pub struct Facts<'a> {
+    /// Its verified posture (None: no valid token).
+    pub posture: Option<&'a PostureClaims>,
+    /// Its risk now (the risk engine's level for its user and itself).
+    pub risk: crate::risk::Level,
+    /// Its class; [`Policy::evaluate`] takes it from the policy's device.
+    pub class: DeviceClass,
+    /// Unix seconds (rule hours and the age of the sign-in count), or [`ANY_TIME`].
+    pub now: u64,
+}
+
+impl<'a> Facts<'a> {
+    /// A device with `posture` at `now`, at low risk.
+    pub fn new(posture: Option<&'a PostureClaims>, now: u64) -> Facts<'a> {
+        Facts {
+            posture,
+            risk: crate::risk::Level::Low,
+            class: DeviceClass::Managed,
+            now,
+        }
+    }
+
+    pub fn at_risk(self, risk: crate::risk::Level) -> Facts<'a> {
+        Facts { risk, ..self }
+    }
+}
+
 /// A checked policy, ready for evaluation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
@@ -734,6 +770,8 @@ pub struct Policy {
     pub identity: IdentityMapping,
     /// What risk each sensitivity level tolerates (`[risk]`).
     pub risk: risk::RiskPolicy,
+    /// The highest sensitivity level each class of device may use (`[device_classes]`).
+    pub classes: risk::ClassLevels,
     /// The policy's time zone: seconds east of UTC.
     pub utc_offset: i64,
     pub tests: Vec<PolicyTest>,
@@ -765,6 +803,12 @@ pub enum Reason {
     /// A rule allows it, but the application's sensitivity level wants a more recent sign-in
     /// through the identity provider than the device's (or the device never signed in).
     SignInTooOld,
+    /// A rule allows it, but devices of this class may not use the application's sensitivity
+    /// level (`[device_classes]`).
+    DeviceClass(DeviceClass),
+    /// A rule allows it, but the device's risk is above what the application's sensitivity
+    /// level tolerates, and `[risk]` says deny.
+    RiskTooHigh(crate::risk::Level),
     /// No application: internet egress for a full-tunnel user, by this `[[tunnels]]` entry.
     Egress(u32),
     /// No application, and the broker does not carry this to the internet.
@@ -777,9 +821,22 @@ pub struct Decision {
     /// The application the deciding rule refers to, or the first application the flow matches.
     pub application: Option<AppId>,
     pub reason: Reason,
+    /// Allowed although the device's risk is above what the application's sensitivity level
+    /// tolerates (`[risk] levelN.above = "log"`): its records carry the full detail.
+    pub risk_logged: bool,
 }
 
 impl Decision {
+    /// A denial naming `application` (when known) and why.
+    pub fn deny(application: Option<AppId>, reason: Reason) -> Decision {
+        Decision {
+            action: Action::Deny,
+            application,
+            reason,
+            risk_logged: false,
+        }
+    }
+
     pub fn allowed(&self) -> bool {
         self.action == Action::Allow
     }
@@ -857,6 +914,7 @@ impl Policy {
                 user: here(&d.user),
                 public_key: here(&d.public_key),
                 address: Spanned::new(0..0, d.address),
+                class: Some(Spanned::new(0..0, d.class)),
             });
         }
         compile(&src, raw)
@@ -1006,7 +1064,7 @@ impl Policy {
                     };
                 };
                 let claims = self.assumed_posture(user, &t.failing_checks);
-                let d = self.evaluate_user(user, &t.key, Some(&claims), ANY_TIME);
+                let d = self.evaluate_user(user, &t.key, &Facts::new(Some(&claims), ANY_TIME));
                 let rule = self.rule_name(d.reason);
                 let mut passed = d.action == t.expect;
                 if let Some(want) = &t.rule {
@@ -1075,6 +1133,13 @@ impl Policy {
             }
             Reason::PostureCheck(_) => "posture check failed",
             Reason::SignInTooOld => "sign-in too old",
+            Reason::DeviceClass(DeviceClass::Personal) => {
+                "personal device: this sensitivity level needs a managed one"
+            }
+            Reason::DeviceClass(DeviceClass::Managed) => {
+                "managed device: this sensitivity level is closed to its class"
+            }
+            Reason::RiskTooHigh(_) => "risk too high for this application's sensitivity",
             Reason::OutsideHours(_) => "outside the rule's hours",
             Reason::Egress(_) => "internet egress (full tunnel)",
             Reason::EgressRefused(r) => r.text(),
@@ -1283,49 +1348,36 @@ impl Policy {
         &self,
         device: DeviceId,
         key: &FlowKey,
-        posture: Option<&PostureClaims>,
+        facts: &Facts<'_>,
         app: AppId,
-        now: u64,
     ) -> Decision {
         let Some(dev) = self.devices.get(device as usize) else {
-            return Decision {
-                action: Action::Deny,
-                application: None,
-                reason: Reason::UnknownDevice,
-            };
+            return Decision::deny(None, Reason::UnknownDevice);
         };
-        self.decide(dev.user, key, posture, Some(app), now)
+        let facts = Facts {
+            class: dev.class,
+            ..*facts
+        };
+        self.decide(dev.user, key, &facts, Some(app))
     }
 
-    /// Decides a new flow from `device`, whose verified posture is `posture` (None when it has
-    /// no valid token), at `now` (Unix seconds: the age of the user's sign-in counts for some
-    /// sensitivity levels). Pure: same policy and inputs, same answer.
-    pub fn evaluate(
-        &self,
-        device: DeviceId,
-        key: &FlowKey,
-        posture: Option<&PostureClaims>,
-        now: u64,
-    ) -> Decision {
+    /// Decides a new flow from `device` given what is known about it now ([`Facts`]: its
+    /// verified posture, its risk, the time). The device's class comes from the policy. Pure:
+    /// same policy and inputs, same answer.
+    pub fn evaluate(&self, device: DeviceId, key: &FlowKey, facts: &Facts<'_>) -> Decision {
         let Some(dev) = self.devices.get(device as usize) else {
-            return Decision {
-                action: Action::Deny,
-                application: None,
-                reason: Reason::UnknownDevice,
-            };
+            return Decision::deny(None, Reason::UnknownDevice);
         };
-        self.evaluate_user(dev.user, key, posture, now)
+        let facts = Facts {
+            class: dev.class,
+            ..*facts
+        };
+        self.decide(dev.user, key, &facts, None)
     }
 
-    /// Decides a flow of `user_id` (see [`Policy::evaluate`]).
-    pub fn evaluate_user(
-        &self,
-        user_id: UserId,
-        key: &FlowKey,
-        posture: Option<&PostureClaims>,
-        now: u64,
-    ) -> Decision {
-        self.decide(user_id, key, posture, None, now)
+    /// Decides a flow of `user_id` on a device of `facts.class` (see [`Policy::evaluate`]).
+    pub fn evaluate_user(&self, user_id: UserId, key: &FlowKey, facts: &Facts<'_>) -> Decision {
+        self.decide(user_id, key, facts, None)
     }
 
     /// The straightforward evaluation: every rule in order. The reference the compiled
@@ -1334,15 +1386,16 @@ impl Policy {
         &self,
         user_id: UserId,
         key: &FlowKey,
-        posture: Option<&PostureClaims>,
+        facts: &Facts<'_>,
         named: Option<AppId>,
-        now: u64,
     ) -> Decision {
+        let now = facts.now;
         if self.users[user_id as usize].disabled {
             return Decision {
                 action: Action::Deny,
                 application: None,
                 reason: Reason::UserDisabled,
+                risk_logged: false,
             };
         }
         let mut found = Found::default();
@@ -1366,6 +1419,7 @@ impl Policy {
                             action: Action::Deny,
                             application: Some(app),
                             reason: Reason::Rule(i as RuleId),
+                            risk_logged: false,
                         };
                     }
                     Action::Allow => found.allow = Some((i as RuleId, app)),
@@ -1377,7 +1431,7 @@ impl Policy {
             .iter()
             .position(|a| a.matches(key))
             .map(|a| a as AppId);
-        self.conclude(user_id, key, posture, found, named.or(first_app), now)
+        self.conclude(user_id, key, facts, found, named.or(first_app))
     }
 
     /// Decides a flow through the compiled index: only the rules that name an application the
@@ -1386,15 +1440,16 @@ impl Policy {
         &self,
         user_id: UserId,
         key: &FlowKey,
-        posture: Option<&PostureClaims>,
+        facts: &Facts<'_>,
         named: Option<AppId>,
-        now: u64,
     ) -> Decision {
+        let now = facts.now;
         if self.users[user_id as usize].disabled {
             return Decision {
                 action: Action::Deny,
                 application: None,
                 reason: Reason::UserDisabled,
+                risk_logged: false,
             };
         }
         let mut apps: Vec<AppId> = Vec::new();
@@ -1438,19 +1493,13 @@ impl Policy {
                         action: Action::Deny,
                         application: Some(app),
                         reason: Reason::Rule(r),
+                        risk_logged: false,
                     };
                 }
                 Action::Allow => found.allow = Some((r, app)),
             }
         }
-        self.conclude(
-            user_id,
-            key,
-            posture,
-            found,
-            named.or(apps.first().copied()),
-            now,
-        )
+        self.conclude(user_id, key, facts, found, named.or(apps.first().copied()))
     }
 
     /// The end of a decision: the allowing rule (if any) against the posture, else default
@@ -1459,24 +1508,20 @@ impl Policy {
         &self,
         user_id: UserId,
         key: &FlowKey,
-        posture: Option<&PostureClaims>,
+        facts: &Facts<'_>,
         found: Found,
         // The application a denial names: the one a synthetic address stands for, else the
         // first the flow matches.
         application: Option<AppId>,
-        now: u64,
     ) -> Decision {
         if found.allow.is_none()
             && let Some((rule, app)) = found.outside
         {
-            return Decision {
-                action: Action::Deny,
-                application: Some(app),
-                reason: Reason::OutsideHours(rule),
-            };
+            return Decision::deny(Some(app), Reason::OutsideHours(rule));
         }
         match found.allow {
             Some((rule, app)) => {
+                let posture = facts.posture;
                 let required = self.required_checks(app);
                 let failing = match posture {
                     None if !required.is_empty() => Some(Reason::NoPosture),
@@ -1486,20 +1531,27 @@ impl Policy {
                         .find(|&&c| !p.passes(&self.posture_checks[c as usize].name))
                         .map(|&c| Reason::PostureCheck(c)),
                 };
-                let failing = failing.or_else(|| {
-                    self.sign_in_too_old(app, posture, now)
-                        .then_some(Reason::SignInTooOld)
-                });
-                match failing {
-                    Some(reason) => Decision {
-                        action: Action::Deny,
-                        application: Some(app),
-                        reason,
-                    },
-                    None => Decision {
+                let level = self.applications[app as usize].sensitivity.clamp(1, 3);
+                let failing = failing
+                    .or_else(|| {
+                        self.sign_in_too_old(app, posture, facts.now)
+                            .then_some(Reason::SignInTooOld)
+                    })
+                    .or_else(|| {
+                        (level > self.classes.highest(facts.class))
+                            .then_some(Reason::DeviceClass(facts.class))
+                    });
+                let response = self.risk.response(level, facts.risk);
+                match (failing, response) {
+                    (Some(reason), _) => Decision::deny(Some(app), reason),
+                    (None, Some(risk::Response::Deny)) => {
+                        Decision::deny(Some(app), Reason::RiskTooHigh(facts.risk))
+                    }
+                    (None, response) => Decision {
                         action: Action::Allow,
                         application: Some(app),
                         reason: Reason::Rule(rule),
+                        risk_logged: response == Some(risk::Response::Log),
                     },
                 }
             }
@@ -1516,19 +1568,17 @@ impl Policy {
                             action: Action::Allow,
                             application: None,
                             reason: Reason::Egress(t),
+                            risk_logged: false,
                         },
                         Err(r) => Decision {
                             action: Action::Deny,
                             application: None,
                             reason: Reason::EgressRefused(r),
+                            risk_logged: false,
                         },
                     };
                 }
-                Decision {
-                    action: Action::Deny,
-                    application,
-                    reason: Reason::DefaultDeny,
-                }
+                Decision::deny(application, Reason::DefaultDeny)
             }
         }
     }
@@ -1717,6 +1767,7 @@ fn compile(src: &Source, raw: RawPolicy) -> Result<Policy, ConfigError> {
             user,
             public_key,
             address,
+            class: d.class.as_ref().map(|c| *c.get_ref()).unwrap_or_default(),
         });
     }
 
@@ -2028,6 +2079,7 @@ fn compile(src: &Source, raw: RawPolicy) -> Result<Policy, ConfigError> {
         sign_in_max_age,
         identity,
         risk: risk::check(src, &raw.risk)?,
+        classes: risk::check_classes(src, &raw.device_classes)?,
         utc_offset: match &raw.utc_offset {
             None => 0,
             Some(o) => risk::parse_offset(o.get_ref()).ok_or_else(|| {
@@ -2457,21 +2509,22 @@ applications = ["intranet"]
         let p = Policy::parse(Path::new("p.toml"), &demo_text(&a, &b)).unwrap();
         let alice = 0;
         let bob = 1;
-        let d = p.evaluate(alice, &tcp([10, 20, 0, 10], 80), None, 0);
+        let d = p.evaluate(alice, &tcp([10, 20, 0, 10], 80), &Facts::new(None, 0));
         assert_eq!(d.action, Action::Allow);
         assert_eq!(p.rule_name(d.reason), Some("eng-intranet"));
         // Bob: the deny rule on intranet wins over the allow on the whole host.
-        let d = p.evaluate(bob, &tcp([10, 20, 0, 10], 80), None, 0);
+        let d = p.evaluate(bob, &tcp([10, 20, 0, 10], 80), &Facts::new(None, 0));
         assert_eq!(d.action, Action::Deny);
         assert_eq!(p.rule_name(d.reason), Some("no-db-for-finance"));
         // Outside every application: default deny, no application.
-        let d = p.evaluate(alice, &tcp([10, 30, 0, 1], 80), None, 0);
+        let d = p.evaluate(alice, &tcp([10, 30, 0, 1], 80), &Facts::new(None, 0));
         assert_eq!(
             (d.action, d.reason, d.application),
             (Action::Deny, Reason::DefaultDeny, None)
         );
         assert_eq!(
-            p.evaluate(7, &tcp([10, 20, 0, 10], 80), None, 0).reason,
+            p.evaluate(7, &tcp([10, 20, 0, 10], 80), &Facts::new(None, 0))
+                .reason,
             Reason::UnknownDevice
         );
     }
@@ -2531,22 +2584,121 @@ level3 = ["client", "edr"]
         let host = tcp([10, 20, 0, 11], 22); // app-host, level 1
         let ok = claims(&[("client", true), ("edr", true)]);
         let no_edr = claims(&[("client", true), ("edr", false)]);
-        assert_eq!(p.evaluate(0, &web, Some(&ok), 0).action, Action::Allow);
-        let d = p.evaluate(0, &web, Some(&no_edr), 0);
+        assert_eq!(
+            p.evaluate(0, &web, &Facts::new(Some(&ok), 0)).action,
+            Action::Allow
+        );
+        let d = p.evaluate(0, &web, &Facts::new(Some(&no_edr), 0));
         assert_eq!(
             (d.action, p.check_name(d.reason)),
             (Action::Deny, Some("edr"))
         );
         assert_eq!(p.reason_text(d.reason), "posture check failed");
         // The level-1 app needs only the client check.
-        assert_eq!(p.evaluate(0, &host, Some(&no_edr), 0).action, Action::Allow);
+        assert_eq!(
+            p.evaluate(0, &host, &Facts::new(Some(&no_edr), 0)).action,
+            Action::Allow
+        );
         // No token at all: denied where checks are required.
-        assert_eq!(p.evaluate(0, &host, None, 0).reason, Reason::NoPosture);
+        assert_eq!(
+            p.evaluate(0, &host, &Facts::new(None, 0)).reason,
+            Reason::NoPosture
+        );
         // A check missing from the token counts as failing.
         assert_eq!(
-            p.evaluate(0, &host, Some(&claims(&[])), 0).reason,
+            p.evaluate(0, &host, &Facts::new(Some(&claims(&[])), 0))
+                .reason,
             Reason::PostureCheck(0)
         );
+    }
+
+    #[test]
+    fn risk_degrades_access_by_sensitivity() {
+        use crate::risk::Level;
+        let (a, b) = keys();
+        let text = posture_policy_text(&a, &b)
+            + "[risk]\nlevel3 = { max = \"low\", above = \"deny\" }\n\
+               level1 = { max = \"medium\", above = \"log\" }\n";
+        let p = Policy::parse(Path::new("p.toml"), &text).unwrap();
+        let web = tcp([10, 20, 0, 10], 80); // level 3
+        let host = tcp([10, 20, 0, 11], 22); // level 1
+        let c = claims(&[("client", true), ("edr", true)]);
+        let at = |risk| Facts::new(Some(&c), 0).at_risk(risk);
+        let d = p.evaluate(0, &web, &at(Level::Low));
+        assert_eq!((d.action, d.risk_logged), (Action::Allow, false));
+        // Medium: level 3 closes, with the risk as the reason; level 1 tolerates it.
+        let d = p.evaluate(0, &web, &at(Level::Medium));
+        assert_eq!(
+            (d.action, d.reason),
+            (Action::Deny, Reason::RiskTooHigh(Level::Medium))
+        );
+        assert_eq!(
+            p.reason_text(d.reason),
+            "risk too high for this application's sensitivity"
+        );
+        let d = p.evaluate(0, &host, &at(Level::Medium));
+        assert_eq!((d.action, d.risk_logged), (Action::Allow, false));
+        // High: level 1 is still allowed, marked for full records.
+        let d = p.evaluate(0, &host, &at(Level::High));
+        assert_eq!((d.action, d.risk_logged), (Action::Allow, true));
+        assert!(matches!(d.reason, Reason::Rule(_)));
+        // A failing posture check is named before the risk.
+        let no_edr = claims(&[("client", true), ("edr", false)]);
+        let d = p.evaluate(0, &web, &Facts::new(Some(&no_edr), 0).at_risk(Level::High));
+        assert_eq!(d.reason, Reason::PostureCheck(1));
+        // Policy tests and explain by user evaluate at low risk unless told.
+        assert!(
+            p.run_tests().iter().all(|t| t.passed),
+            "{:?}",
+            p.run_tests()
+        );
+    }
+
+    #[test]
+    fn personal_devices_stay_below_level_3_by_default() {
+        let (a, b) = keys();
+        let text = posture_policy_text(&a, &b);
+        let text = text.replacen(
+            "address = \"100.118.0.2\"",
+            "address = \"100.118.0.2\"\nclass = \"personal\"",
+            1,
+        );
+        let p = Policy::parse(Path::new("p.toml"), &text).unwrap();
+        assert_eq!(p.devices[0].class, DeviceClass::Personal, "{text}");
+        assert_eq!(p.classes.highest(DeviceClass::Personal), 2);
+        let c = claims(&[("client", true), ("edr", true)]);
+        let d = p.evaluate(0, &tcp([10, 20, 0, 10], 80), &Facts::new(Some(&c), 0));
+        assert_eq!(
+            (d.action, d.reason),
+            (Action::Deny, Reason::DeviceClass(DeviceClass::Personal))
+        );
+        assert_eq!(
+            p.reason_text(d.reason),
+            "personal device: this sensitivity level needs a managed one"
+        );
+        let d = p.evaluate(0, &tcp([10, 20, 0, 11], 22), &Facts::new(Some(&c), 0));
+        assert_eq!(d.action, Action::Allow, "level 1 from a personal device");
+        // The policy may open level 3 to personal devices, or close more to them.
+        let open = Policy::parse(
+            Path::new("p.toml"),
+            &format!("{text}\n[device_classes]\npersonal = 3\n"),
+        )
+        .unwrap();
+        let d = open.evaluate(0, &tcp([10, 20, 0, 10], 80), &Facts::new(Some(&c), 0));
+        assert_eq!(d.action, Action::Allow);
+        let e = Policy::parse(
+            Path::new("p.toml"),
+            &format!("{text}\n[device_classes]\npersonal = 4\n"),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "device_classes.personal", "{e}");
+        assert!(e.line > 0, "{e}");
+        let e = Policy::parse(
+            Path::new("p.toml"),
+            &text.replacen("class = \"personal\"", "class = \"mine\"", 1),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("class"), "{e}");
     }
 
     #[test]
@@ -2563,25 +2715,28 @@ level3 = ["client", "edr"]
         c.auth_time = Some(t0);
         // Within 12 hours (the bound itself included) both levels are allowed.
         for now in [t0, t0 + 12 * 3600] {
-            assert_eq!(p.evaluate(0, &web, Some(&c), now).action, Action::Allow);
+            assert_eq!(
+                p.evaluate(0, &web, &Facts::new(Some(&c), now)).action,
+                Action::Allow
+            );
         }
         // A second past it, level 3 says why; level 1 goes on.
-        let d = p.evaluate(0, &web, Some(&c), t0 + 12 * 3600 + 1);
+        let d = p.evaluate(0, &web, &Facts::new(Some(&c), t0 + 12 * 3600 + 1));
         assert_eq!((d.action, d.reason), (Action::Deny, Reason::SignInTooOld));
         assert_eq!(p.reason_text(d.reason), "sign-in too old");
-        let d = p.evaluate(0, &host, Some(&c), t0 + 12 * 3600 + 1);
+        let d = p.evaluate(0, &host, &Facts::new(Some(&c), t0 + 12 * 3600 + 1));
         assert_eq!(d.action, Action::Allow);
         // A device that never signed in through the provider has no sign-in to be fresh.
         c.auth_time = None;
         assert_eq!(
-            p.evaluate(0, &web, Some(&c), t0).reason,
+            p.evaluate(0, &web, &Facts::new(Some(&c), t0)).reason,
             Reason::SignInTooOld
         );
         // A failing posture check is named first: it is what the user can fix on the device.
         let mut no_edr = claims(&[("client", true), ("edr", false)]);
         no_edr.auth_time = Some(0);
         assert_eq!(
-            p.evaluate(0, &web, Some(&no_edr), t0).reason,
+            p.evaluate(0, &web, &Facts::new(Some(&no_edr), t0)).reason,
             Reason::PostureCheck(1)
         );
         // Policy tests assume a fresh sign-in.
@@ -2615,10 +2770,10 @@ level3 = ["client", "edr"]
         let web = tcp([10, 20, 0, 10], 80);
         // Monday 2026-11-30 10:00 in Tokyo is 01:00 UTC.
         let monday_10 = 1_795_996_800 + 3600;
-        let d = p.evaluate(alice, &web, None, monday_10);
+        let d = p.evaluate(alice, &web, &Facts::new(None, monday_10));
         assert_eq!(d.action, Action::Allow, "{d:?}");
         // 20:00 in Tokyo: outside, and the denial names the rule and why.
-        let d = p.evaluate(alice, &web, None, monday_10 + 10 * 3600);
+        let d = p.evaluate(alice, &web, &Facts::new(None, monday_10 + 10 * 3600));
         let rule = p
             .rules
             .iter()
@@ -2631,15 +2786,19 @@ level3 = ["client", "edr"]
         assert_eq!(p.reason_text(d.reason), "outside the rule's hours");
         assert_eq!(p.rule_name(d.reason), Some("eng-intranet"));
         // Saturday noon in Tokyo: eng-intranet keeps weekdays, everyone-host every day.
-        let d = p.evaluate(alice, &web, None, monday_10 + 5 * 86_400 + 2 * 3600);
+        let d = p.evaluate(
+            alice,
+            &web,
+            &Facts::new(None, monday_10 + 5 * 86_400 + 2 * 3600),
+        );
         assert_eq!(p.rule_name(d.reason), Some("everyone-host"), "{d:?}");
         assert_eq!(d.action, Action::Allow);
         // The compiled evaluation and the plain scan agree.
         for t in [monday_10, monday_10 + 10 * 3600, monday_10 + 5 * 86_400] {
             let user = p.device(alice).user;
             assert_eq!(
-                p.decide(user, &web, None, None, t),
-                p.decide_scan(user, &web, None, None, t)
+                p.decide(user, &web, &Facts::new(None, t), None),
+                p.decide_scan(user, &web, &Facts::new(None, t), None)
             );
         }
         // Policy tests check what a rule allows, whatever its hours.
@@ -2910,18 +3069,26 @@ block_answer = "null"
         );
         // A flow to a synthetic address is decided as the named application.
         let key = probe_flow(Protocol::Tcp, "100.119.0.9".parse().unwrap(), 80);
-        let d = p.decide(alice, &key, None, Some(p.app_by_name("wiki").unwrap()), 0);
+        let d = p.decide(
+            alice,
+            &key,
+            &Facts::new(None, 0),
+            Some(p.app_by_name("wiki").unwrap()),
+        );
         assert_eq!(
             (d.action, p.rule_name(d.reason)),
             (Action::Allow, Some("eng"))
         );
-        let d = p.decide(alice, &key, None, Some(payroll), 0);
+        let d = p.decide(alice, &key, &Facts::new(None, 0), Some(payroll));
         assert_eq!(
             (d.action, p.rule_name(d.reason)),
             (Action::Deny, Some("no-payroll"))
         );
         // Without the binding the same address is nobody's application.
-        assert_eq!(p.evaluate_user(alice, &key, None, 0).action, Action::Deny);
+        assert_eq!(
+            p.evaluate_user(alice, &key, &Facts::new(None, 0)).action,
+            Action::Deny
+        );
     }
 
     #[test]
@@ -3065,6 +3232,7 @@ expect = "deny"
                 user: "carol".into(),
                 public_key: PrivateKey::generate().public().to_string(),
                 address: "100.118.0.9".parse().unwrap(),
+                class: DeviceClass::Managed,
             }],
         }
     }
@@ -3108,12 +3276,14 @@ expect = "deny"
             user: "bob".into(),
             public_key: PrivateKey::generate().public().to_string(),
             address: "100.118.0.20".parse().unwrap(),
+            class: DeviceClass::Managed,
         });
         dir.devices.push(DirectoryDevice {
             name: "ghost-laptop".into(),
             user: "ghost".into(),
             public_key: PrivateKey::generate().public().to_string(),
             address: "100.118.0.21".parse().unwrap(),
+            class: DeviceClass::Managed,
         });
         let text = format!(
             "{DIR_POLICY}\n[[users]]\nname = \"bob\"\n[[devices]]\nname = \"bob-file\"\nuser = \"bob\"\n\

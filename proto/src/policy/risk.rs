@@ -7,6 +7,10 @@
 //! level3 = { max = "low", above = "deny" }     # high-sensitivity apps: only at low risk
 //! level2 = { max = "medium", above = "log" }   # allowed above, with full detail recorded
 //! monitor_from = 2                             # behaviour signals only for levels >= 2
+//!
+//! [device_classes]
+//! managed = 3    # the highest sensitivity level a class of device may use
+//! personal = 2   # the default: personal devices stay below level 3
 //! ```
 
 use serde::Deserialize;
@@ -14,6 +18,86 @@ use toml::Spanned;
 
 use crate::config::{ConfigError, Source};
 use crate::risk::Level;
+
+/// What kind of device: enrolled and looked after by the organisation, or a person's own. Set
+/// at enrollment (the token's class) or by an MDM through the admin API; never by the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceClass {
+    #[default]
+    Managed,
+    Personal,
+}
+
+impl DeviceClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceClass::Managed => "managed",
+            DeviceClass::Personal => "personal",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DeviceClass> {
+        match s {
+            "managed" => Some(DeviceClass::Managed),
+            "personal" => Some(DeviceClass::Personal),
+            _ => None,
+        }
+    }
+}
+
+/// `[device_classes]`: the highest sensitivity level each class of device may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClassLevels {
+    pub managed: u8,
+    pub personal: u8,
+}
+
+impl Default for ClassLevels {
+    fn default() -> Self {
+        ClassLevels {
+            managed: 3,
+            personal: 2,
+        }
+    }
+}
+
+impl ClassLevels {
+    pub fn highest(&self, class: DeviceClass) -> u8 {
+        match class {
+            DeviceClass::Managed => self.managed,
+            DeviceClass::Personal => self.personal,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawClasses {
+    #[serde(default)]
+    managed: Option<Spanned<u8>>,
+    #[serde(default)]
+    personal: Option<Spanned<u8>>,
+}
+
+pub(super) fn check_classes(
+    src: &Source<'_>,
+    raw: &RawClasses,
+) -> Result<ClassLevels, ConfigError> {
+    let mut out = ClassLevels::default();
+    for (field, v, slot) in [
+        ("device_classes.managed", &raw.managed, &mut out.managed),
+        ("device_classes.personal", &raw.personal, &mut out.personal),
+    ] {
+        if let Some(v) = v {
+            if !(0..=3).contains(v.get_ref()) {
+                return Err(src.error(Some(v.span()), field, "a sensitivity level, 0 (none) to 3"));
+            }
+            *slot = *v.get_ref();
+        }
+    }
+    Ok(out)
+}
 
 /// What a flow gets when the risk is above what its application's level tolerates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -390,7 +390,13 @@ async fn peers(a: PeersArgs) -> Result<()> {
             let (tx, checks, i) = (ttx.clone(), checks.clone(), next);
             tokio::spawn(async move {
                 let r: Result<api::PostureResponse> = api
-                    .post("/v1/posture", &api::PostureRequest { checks })
+                    .post(
+                        "/v1/posture",
+                        &api::PostureRequest {
+                            checks,
+                            dns_blocks: Default::default(),
+                        },
+                    )
                     .await
                     .map_err(|e| anyhow::anyhow!("posture: {e}"));
                 let _ = tx.send((i, r.map(|p| p.token))).await;

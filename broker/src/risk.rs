@@ -1,0 +1,585 @@
+//! The risk engine at work in the broker: behaviour from the decision log's records and
+//! signals from other systems go in over a bounded channel; one task owns the engine
+//! ([`sekisho_proto::risk::RiskEngine`], pure) and, whenever a device's level or reasons
+//! change, tells the data plane's workers (a level per device: the per-flow cost is one
+//! comparison), writes a `risk` record and tells the Shared Signals receivers.
+//!
+//! Subjects are `user:NAME` (behaviour, the identity provider's signals) and `device:NAME`
+//! (compliance, posture, DNS blocks); a device's level is the higher of its own and its
+//! user's. Behaviour counts only for applications at or above the policy's
+//! `[risk] monitor_from`; denied flows count for the burst signal whatever they aimed at.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use sekisho_proto::api::RiskStatus;
+use sekisho_proto::keys::PublicKeyBytes;
+use sekisho_proto::policy::{Action, Policy};
+use sekisho_proto::risk::{Assessment, Level, Reason, RiskEngine, RiskRecord, Signal};
+
+use crate::dataplane::DataPlane;
+use crate::log::LogLine;
+
+/// Inputs waiting for the engine; beyond this they are counted (`risk.inputs_dropped`).
+pub const QUEUE: usize = 16384;
+/// How often decay is looked at (levels fall without new input).
+const TICK: Duration = Duration::from_millis(250);
+/// Reasons a device's status carries (it travels in one datagram).
+const STATUS_REASONS: usize = 4;
+/// Flows whose bytes so far are remembered between progress records.
+const OPEN_FLOWS: usize = 200_000;
+
+/// Something the engine should know.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// A flow decided (allowed or denied) for `user` to `application`.
+    Decision {
+        user: String,
+        application: Option<String>,
+        allowed: bool,
+    },
+    /// Flows denied but summed up in the log.
+    DeniedMany { user: String, count: u64 },
+    /// A flow's bytes so far (a traffic record), `flow` naming it among the open ones.
+    Traffic {
+        user: String,
+        application: Option<String>,
+        flow: String,
+        bytes: u64,
+        last: bool,
+    },
+    /// Posture checks failing on a device now (empty: all pass).
+    Posture {
+        device: String,
+        failing: Vec<String>,
+    },
+    /// Blocked DNS names the device counted, per category.
+    DnsBlocks {
+        device: String,
+        category: String,
+        count: u64,
+    },
+    /// A lasting state another system reports (compliance, a risk level) for a subject
+    /// (`user:NAME` or `device:NAME`); None withdraws the source's earlier report.
+    Standing {
+        subject: String,
+        signal: Signal,
+        source: String,
+        state: Option<(f64, String)>,
+    },
+    /// A one-time signal from another system (decays like behaviour).
+    External {
+        subject: String,
+        level: Level,
+        source: String,
+    },
+}
+
+/// The sending side, handed to the decision log's writer and the control plane.
+#[derive(Clone)]
+pub struct RiskFeed {
+    tx: mpsc::Sender<Input>,
+    dropped: Arc<AtomicU64>,
+    accepted: Arc<AtomicU64>,
+}
+
+impl RiskFeed {
+    pub fn channel() -> (RiskFeed, mpsc::Receiver<Input>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        (
+            RiskFeed {
+                tx,
+                dropped: Arc::default(),
+                accepted: Arc::default(),
+            },
+            rx,
+        )
+    }
+
+    /// Never waits: a full queue drops and counts.
+    pub fn send(&self, input: Input) {
+        if self.tx.try_send(input).is_ok() {
+            self.accepted.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// What a decision log line tells the engine.
+    pub fn observe(&self, line: &LogLine) {
+        match line {
+            LogLine::Decision(r) => self.send(Input::Decision {
+                user: r.user.clone(),
+                application: r.application.clone(),
+                allowed: r.decision == Action::Allow,
+            }),
+            LogLine::Summary(r) if r.denied > 0 => self.send(Input::DeniedMany {
+                user: r.user.clone(),
+                count: r.denied,
+            }),
+            LogLine::Flow(r) => self.send(Input::Traffic {
+                user: r.meta.user.clone(),
+                application: r.meta.application.clone(),
+                flow: format!(
+                    "{} {}:{} {}:{} {}",
+                    r.proto, r.src, r.sport, r.dst, r.dport, r.start_ms
+                ),
+                bytes: r.traffic.bytes_in + r.traffic.bytes_out,
+                last: r.end != sekisho_proto::flow::FlowEnd::Ongoing,
+            }),
+            LogLine::Posture(r) if r.result == "accepted" => self.send(Input::Posture {
+                device: r.device.clone(),
+                failing: r.failing_checks.clone(),
+            }),
+            _ => {}
+        }
+    }
+}
+
+/// Counters and the devices at risk, for `stats` and metrics.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RiskStats {
+    pub inputs: u64,
+    pub inputs_dropped: u64,
+    pub changes: u64,
+    pub devices_medium: u64,
+    pub devices_high: u64,
+    /// Traffic records of flows not remembered (more than `OPEN_FLOWS` open at once): their
+    /// bytes count from that record on.
+    pub flows_forgotten: u64,
+}
+
+/// A device's level changed: what the Shared Signals transmitter and others are told.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub device: String,
+    pub user: String,
+    pub level: Level,
+    pub previous: Level,
+    pub reasons: Vec<Reason>,
+}
+
+struct State {
+    engine: RiskEngine,
+    /// What the workers were told last, by device name: key, level, reason texts.
+    pushed: HashMap<String, (PublicKeyBytes, Level, Vec<String>)>,
+    /// Open flows' bytes so far (traffic records are cumulative).
+    open: HashMap<String, u64>,
+    /// Posture checks failing per device, as last reported.
+    failing: HashMap<String, Vec<String>>,
+    changes: u64,
+    flows_forgotten: u64,
+}
+
+pub struct RiskService {
+    config: sekisho_proto::risk::RiskConfig,
+    state: Mutex<State>,
+    feed: RiskFeed,
+    dp: DataPlane,
+    log: mpsc::Sender<LogLine>,
+    clock_file: Option<PathBuf>,
+    offset: AtomicI64,
+    on_change: OnceLock<ChangeHook>,
+}
+
+/// Told of every change of a device's level.
+type ChangeHook = Box<dyn Fn(&Change) + Send + Sync>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn user_subject(name: &str) -> String {
+    format!("user:{name}")
+}
+
+fn device_subject(name: &str) -> String {
+    format!("device:{name}")
+}
+
+impl RiskService {
+    /// Starts the engine's task.
+    pub fn start(
+        config: &crate::config::RiskEngineConfig,
+        feed: RiskFeed,
+        rx: mpsc::Receiver<Input>,
+        dp: DataPlane,
+        log: mpsc::Sender<LogLine>,
+    ) -> Arc<RiskService> {
+        let offset = dp.policy().utc_offset;
+        let svc = Arc::new(RiskService {
+            config: config.engine(),
+            state: Mutex::new(State {
+                engine: RiskEngine::new(config.engine(), offset),
+                pushed: HashMap::new(),
+                open: HashMap::new(),
+                failing: HashMap::new(),
+                changes: 0,
+                flows_forgotten: 0,
+            }),
+            feed,
+            dp,
+            log,
+            clock_file: config.test_clock_offset_file.clone(),
+            offset: AtomicI64::new(0),
+            on_change: OnceLock::new(),
+        });
+        if let Some(f) = &svc.clock_file {
+            warn!(file = %f.display(), "risk engine: TEST-ONLY clock offset file in use");
+        }
+        tokio::spawn(svc.clone().run(rx));
+        svc
+    }
+
+    /// The engine's weights and thresholds.
+    pub fn config(&self) -> &sekisho_proto::risk::RiskConfig {
+        &self.config
+    }
+
+    pub fn feed(&self) -> &RiskFeed {
+        &self.feed
+    }
+
+    /// Called for every change of a device's level (the Shared Signals transmitter).
+    pub fn on_change(&self, f: impl Fn(&Change) + Send + Sync + 'static) {
+        let _ = self.on_change.set(Box::new(f));
+    }
+
+    /// The engine's clock: Unix seconds (plus the test-only offset).
+    pub fn now(&self) -> u64 {
+        unix_now().saturating_add_signed(self.offset.load(Ordering::Relaxed))
+    }
+
+    fn read_clock(&self) {
+        if let Some(f) = &self.clock_file {
+            let v = std::fs::read_to_string(f)
+                .ok()
+                .and_then(|t| t.trim().parse::<i64>().ok())
+                .unwrap_or(0);
+            self.offset.store(v, Ordering::Relaxed);
+        }
+    }
+
+    /// The risk of a device of `user` now: the higher of the two, reasons of both.
+    pub fn assess(&self, device: &str, user: &str) -> Assessment {
+        let now = self.now();
+        let st = lock(&self.state);
+        combine(
+            st.engine.assess(&user_subject(user), now),
+            st.engine.assess(&device_subject(device), now),
+        )
+    }
+
+    pub fn stats(&self) -> RiskStats {
+        let st = lock(&self.state);
+        let count = |l: Level| st.pushed.values().filter(|(_, x, _)| *x == l).count() as u64;
+        RiskStats {
+            inputs: self.feed.accepted.load(Ordering::Relaxed),
+            inputs_dropped: self.feed.dropped.load(Ordering::Relaxed),
+            changes: st.changes,
+            devices_medium: count(Level::Medium),
+            devices_high: count(Level::High),
+            flows_forgotten: st.flows_forgotten,
+        }
+    }
+
+    async fn run(self: Arc<Self>, mut rx: mpsc::Receiver<Input>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut prune = 0u32;
+        loop {
+            tokio::select! {
+                input = rx.recv() => {
+                    let Some(input) = input else { return };
+                    let policy = self.dp.policy();
+                    let now = self.now();
+                    {
+                        let mut st = lock(&self.state);
+                        st.engine.offset = policy.utc_offset;
+                        apply(&mut st, &policy, input, now);
+                        // Take what else is waiting, in one go.
+                        let mut more = 0;
+                        while more < 1024 {
+                            match rx.try_recv() {
+                                Ok(i) => apply(&mut st, &policy, i, now),
+                                Err(_) => break,
+                            }
+                            more += 1;
+                        }
+                    }
+                    self.publish(&policy);
+                }
+                _ = tick.tick() => {
+                    self.read_clock();
+                    let policy = self.dp.policy();
+                    prune += 1;
+                    if prune.is_multiple_of(240) {
+                        lock(&self.state).engine.prune(self.now());
+                    }
+                    self.publish(&policy);
+                }
+            }
+        }
+    }
+
+    /// Tells the workers about every device whose level or reasons changed.
+    fn publish(&self, policy: &Policy) {
+        let now = self.now();
+        let collected = collected(policy);
+        let mut changes = Vec::new();
+        let mut records = Vec::new();
+        {
+            let mut st = lock(&self.state);
+            // The devices something is held against: their users' and their own.
+            let active: HashSet<String> = st.engine.active().map(str::to_string).collect();
+            let mut devices: Vec<usize> = Vec::new();
+            if !active.is_empty() {
+                for (i, d) in policy.devices.iter().enumerate() {
+                    let user = &policy.users[d.user as usize].name;
+                    if active.contains(&device_subject(&d.name))
+                        || active.contains(&user_subject(user))
+                    {
+                        devices.push(i);
+                    }
+                }
+            }
+            let mut seen: HashSet<String> = HashSet::new();
+            for i in devices {
+                let d = &policy.devices[i];
+                let user = &policy.users[d.user as usize].name;
+                let a = combine(
+                    st.engine.assess(&user_subject(user), now),
+                    st.engine.assess(&device_subject(&d.name), now),
+                );
+                if a.level == Level::Low && a.reasons.is_empty() {
+                    continue; // nothing held against it: dropped below, if it was
+                }
+                seen.insert(d.name.clone());
+                let texts: Vec<String> = a
+                    .reasons
+                    .iter()
+                    .take(STATUS_REASONS)
+                    .map(|r| r.detail.clone())
+                    .collect();
+                let before = st.pushed.get(&d.name).map(|b| (b.0, b.1, b.2 == texts));
+                let previous = before.map_or(Level::Low, |b| b.1);
+                if before.is_some_and(|b| b.0 == d.public_key && b.1 == a.level && b.2) {
+                    continue;
+                }
+                self.dp.set_risk(
+                    d.public_key,
+                    Some(Arc::new(RiskStatus {
+                        level: a.level,
+                        reasons: texts.clone(),
+                        collected: collected.clone(),
+                    })),
+                );
+                st.pushed
+                    .insert(d.name.clone(), (d.public_key, a.level, texts));
+                if previous != a.level {
+                    st.changes += 1;
+                    info!(device = %d.name, user = %user, from = previous.as_str(), to = a.level.as_str(), score = a.score, "risk level changed");
+                    records.push(RiskRecord {
+                        event: "risk",
+                        device: d.name.clone(),
+                        user: user.clone(),
+                        level: a.level,
+                        previous: before.map(|b| b.1),
+                        score: (a.score * 10.0).round() / 10.0,
+                        reasons: a.reasons.clone(),
+                    });
+                    changes.push(Change {
+                        device: d.name.clone(),
+                        user: user.clone(),
+                        level: a.level,
+                        previous,
+                        reasons: a.reasons,
+                    });
+                }
+            }
+            // Devices nothing is held against any more (or gone from the policy).
+            let gone: Vec<String> = st
+                .pushed
+                .keys()
+                .filter(|k| !seen.contains(*k))
+                .cloned()
+                .collect();
+            for name in gone {
+                let Some((key, previous, _)) = st.pushed.remove(&name) else {
+                    continue;
+                };
+                self.dp.set_risk(key, None);
+                if previous != Level::Low {
+                    st.changes += 1;
+                    let user = policy
+                        .devices
+                        .iter()
+                        .find(|d| d.name == name)
+                        .map(|d| policy.users[d.user as usize].name.clone())
+                        .unwrap_or_default();
+                    info!(device = %name, user = %user, from = previous.as_str(), to = "low", "risk level changed");
+                    records.push(RiskRecord {
+                        event: "risk",
+                        device: name.clone(),
+                        user: user.clone(),
+                        level: Level::Low,
+                        previous: Some(previous),
+                        score: 0.0,
+                        reasons: Vec::new(),
+                    });
+                    changes.push(Change {
+                        device: name,
+                        user,
+                        level: Level::Low,
+                        previous,
+                        reasons: Vec::new(),
+                    });
+                }
+            }
+        }
+        for r in records {
+            let _ = self.log.try_send(LogLine::Risk(r));
+        }
+        if let Some(f) = self.on_change.get() {
+            for c in &changes {
+                f(c);
+            }
+        }
+    }
+}
+
+/// A device's view: the higher level of its user's and its own assessment, all reasons.
+fn combine(user: Assessment, device: Assessment) -> Assessment {
+    let mut reasons = user.reasons;
+    reasons.extend(device.reasons);
+    reasons.sort_by(|a, b| b.score.total_cmp(&a.score));
+    Assessment {
+        level: user.level.max(device.level),
+        score: user.score.max(device.score),
+        reasons,
+    }
+}
+
+/// What the engine collects, in words a user reads in `sekisho-client status`.
+fn collected(policy: &Policy) -> Vec<String> {
+    let from = policy.risk.monitor_from;
+    vec![
+        format!(
+            "for applications of sensitivity {from} and above: which ones you use, when, and how many bytes"
+        ),
+        "denied flows (counts)".into(),
+        "blocked DNS names: a count per category, not the names".into(),
+        "posture check results (pass/fail only)".into(),
+        "signals from your organisation's identity provider or device management".into(),
+    ]
+}
+
+fn apply(st: &mut State, policy: &Policy, input: Input, now: u64) {
+    let monitored = |app: &Option<String>| {
+        app.as_deref()
+            .and_then(|a| policy.app_by_name(a))
+            .is_some_and(|a| {
+                policy
+                    .risk
+                    .monitored(policy.applications[a as usize].sensitivity)
+            })
+    };
+    match input {
+        Input::Decision {
+            user,
+            application,
+            allowed,
+        } => {
+            if allowed {
+                if monitored(&application) {
+                    let app = application.unwrap_or_default();
+                    st.engine.flow(&user_subject(&user), &app, now);
+                }
+            } else {
+                st.engine.denied(&user_subject(&user), now);
+            }
+        }
+        Input::DeniedMany { user, count } => {
+            let who = user_subject(&user);
+            for _ in 0..count.min(1000) {
+                st.engine.denied(&who, now);
+            }
+        }
+        Input::Traffic {
+            user,
+            application,
+            flow,
+            bytes,
+            last,
+        } => {
+            if !monitored(&application) {
+                return;
+            }
+            let before = if last {
+                st.open.remove(&flow)
+            } else if st.open.len() < OPEN_FLOWS || st.open.contains_key(&flow) {
+                st.open.insert(flow, bytes)
+            } else {
+                st.flows_forgotten += 1;
+                None
+            };
+            let delta = bytes.saturating_sub(before.unwrap_or(0));
+            if delta > 0 {
+                let app = application.unwrap_or_default();
+                st.engine.traffic(&user_subject(&user), &app, delta, now);
+            }
+        }
+        Input::Posture { device, failing } => {
+            let who = device_subject(&device);
+            let before = st.failing.get(&device).cloned().unwrap_or_default();
+            for check in failing.iter().filter(|c| !before.contains(c)) {
+                st.engine.posture_failing(&who, check, now);
+            }
+            if failing.is_empty() {
+                st.failing.remove(&device);
+            } else {
+                st.failing.insert(device, failing);
+            }
+        }
+        Input::DnsBlocks {
+            device,
+            category,
+            count,
+        } => st
+            .engine
+            .dns_blocks(&device_subject(&device), &category, count, now),
+        Input::Standing {
+            subject,
+            signal,
+            source,
+            state,
+        } => st.engine.standing(&subject, signal, &source, state, now),
+        Input::External {
+            subject,
+            level,
+            source,
+        } => st.engine.external(&subject, level, &source, now),
+    }
+}
+
+/// The subject names the engine uses.
+pub fn user(name: &str) -> String {
+    user_subject(name)
+}
+
+pub fn device(name: &str) -> String {
+    device_subject(name)
+}
