@@ -198,6 +198,9 @@ pub enum FlowEnd {
     Cut,
     /// The process stopped.
     Shutdown,
+    /// Flows of one device to one application summed over a period, without destinations
+    /// (`[risk] aggregate_below`).
+    Aggregate,
 }
 
 /// One flow record: its 5-tuple as the device sent it, its traffic, when.

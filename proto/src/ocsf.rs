@@ -110,7 +110,7 @@ struct Ends<'a> {
 /// What every traffic record has: times, endpoints, traffic each way, why it was written.
 fn traffic_record(ends: Ends<'_>, r: &FlowReportTimes, time_ms: u64, by: Observer) -> Value {
     let (activity_id, activity) = match r.end {
-        FlowEnd::Ongoing => (6, "Traffic"),
+        FlowEnd::Ongoing | FlowEnd::Aggregate => (6, "Traffic"),
         FlowEnd::Cut => (3, "Reset"),
         _ => (2, "Close"),
     };
@@ -171,6 +171,7 @@ pub fn flow(r: &FlowRecord, time_ms: u64, by: Observer) -> Value {
             ("rule", json!(r.meta.rule)),
             ("sensitivity", json!(r.meta.sensitivity)),
             ("end", json!(r.end)),
+            ("flows", json!(r.flows)),
             ("risk", json!(r.meta.risk)),
         ]),
     );
@@ -546,6 +547,7 @@ mod tests {
             rule: Some("eng-web".into()),
             sensitivity: Some(1),
             risk: None,
+            aggregated: false,
         });
         let r = FlowRecord::new(meta, &report(FlowEnd::Idle));
         let v = flow(&r, 5_000, Observer::Broker);

@@ -529,7 +529,6 @@ impl Jtis {
     pub fn len(&self) -> usize {
         self.order.len()
     }
-
 }
 
 #[cfg(test)]

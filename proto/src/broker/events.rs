@@ -97,6 +97,10 @@ pub struct FlowMeta {
     pub sensitivity: Option<u8>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub risk: Option<RiskMark>,
+    /// Below the policy's monitored level with `[risk] aggregate_below`: records leave out
+    /// destinations and traffic is summed per device and application.
+    #[serde(skip)]
+    pub aggregated: bool,
 }
 
 /// A flow's traffic, as written to the decision log (`"event": "traffic"`): bytes and packets
@@ -117,6 +121,9 @@ pub struct FlowRecord {
     pub end_ms: u64,
     pub duration_ms: u64,
     pub end: crate::flow::FlowEnd,
+    /// An aggregate record: how many flows it sums.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flows: Option<u64>,
 }
 
 impl FlowRecord {
@@ -134,6 +141,7 @@ impl FlowRecord {
             end_ms: r.end_ms,
             duration_ms: r.duration_ms,
             end: r.end,
+            flows: None,
         }
     }
 }

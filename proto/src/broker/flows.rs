@@ -152,9 +152,13 @@ impl BrokerState {
                         flow.meter
                             .final_at_tcp_end(*key, was_ended, flow.tcp.ended(), now)
                 {
-                    self.counters.flows.records += 1;
-                    self.events
-                        .push_back(Event::Flow(FlowRecord::new(meta.clone(), &r)));
+                    emit_flow(
+                        &mut self.aggregates,
+                        &mut self.events,
+                        &mut self.counters,
+                        meta.clone(),
+                        &r,
+                    );
                 }
                 if !flow.allowed {
                     return Verdict::Deny;
@@ -382,6 +386,8 @@ impl BrokerState {
             rule: p.rule_name(reason).map(str::to_string),
             sensitivity: app.map(|a| p.applications[a as usize].sensitivity),
             risk: RiskMark::of(d, risk),
+            aggregated: app
+                .is_some_and(|a| p.risk.aggregated(p.applications[a as usize].sensitivity)),
         }
     }
 
@@ -394,18 +400,29 @@ impl BrokerState {
                 && !flow.meter.final_sent
             {
                 let r = flow.meter.report(key, last_seen, end);
-                self.counters.flows.records += 1;
-                self.events
-                    .push_back(Event::Flow(FlowRecord::new(meta, &r)));
+                emit_flow(
+                    &mut self.aggregates,
+                    &mut self.events,
+                    &mut self.counters,
+                    meta,
+                    &r,
+                );
             }
         }
         if now < self.next_progress_report {
             return;
         }
         self.next_progress_report = now + FLOW_REPORT_EVERY;
+        // Aggregates of the period that ended.
+        for (_, a) in self.aggregates.drain() {
+            self.counters.flows.records += 1;
+            self.events.push_back(Event::Flow(a));
+        }
         let mut out = Vec::new();
         self.flows.for_each_mut(|key, flow, last_seen| {
+            // Aggregated flows are counted when they end, not while they run.
             if let Some(meta) = &flow.meta
+                && !meta.aggregated
                 && !flow.meter.final_sent
                 && now.saturating_duration_since(flow.meter.reported) >= FLOW_REPORT_EVERY
             {
@@ -422,6 +439,12 @@ impl BrokerState {
         let p = &self.policy;
         let reason = d.reason;
         let m = self.flow_meta(device, d, risk);
+        // Below the monitored level with aggregation on: no destination in the record.
+        let (sport, dst, dport) = if m.aggregated {
+            (0, unspecified(key.dst), 0)
+        } else {
+            (key.sport, key.dst, key.dport)
+        };
         DecisionRecord {
             event: "flow",
             decision: d.action,
@@ -434,10 +457,54 @@ impl BrokerState {
             check: p.check_name(reason).map(str::to_string),
             proto: key.proto_name(),
             src: key.src,
-            sport: key.sport,
-            dst: key.dst,
-            dport: key.dport,
+            sport,
+            dst,
+            dport,
             risk: m.risk,
         }
     }
+}
+
+/// The unspecified address of `a`'s family (records that leave destinations out).
+fn unspecified(a: std::net::IpAddr) -> std::net::IpAddr {
+    match a {
+        std::net::IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        std::net::IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    }
+}
+
+/// A flow's record: as it is, or summed into its device's and application's aggregate for
+/// the period, without its destination (flows below the monitored level with
+/// `[risk] aggregate_below`).
+fn emit_flow(
+    aggregates: &mut std::collections::HashMap<(String, Option<String>), FlowRecord>,
+    events: &mut std::collections::VecDeque<Event>,
+    counters: &mut crate::broker::Counters,
+    meta: Arc<FlowMeta>,
+    r: &crate::flow::FlowReport,
+) {
+    if !meta.aggregated {
+        counters.flows.records += 1;
+        events.push_back(Event::Flow(FlowRecord::new(meta, r)));
+        return;
+    }
+    let key = (meta.device.clone(), meta.application.clone());
+    let a = aggregates.entry(key).or_insert_with(|| {
+        let mut first = FlowRecord::new(meta.clone(), r);
+        first.traffic = crate::flow::Traffic::default();
+        first.sport = 0;
+        first.dst = unspecified(r.key.dst);
+        first.dport = 0;
+        first.end = FlowEnd::Aggregate;
+        first.flows = Some(0);
+        first
+    });
+    a.traffic
+        .add(true, r.traffic.packets_out, r.traffic.bytes_out);
+    a.traffic
+        .add(false, r.traffic.packets_in, r.traffic.bytes_in);
+    a.start_ms = a.start_ms.min(r.start_ms);
+    a.end_ms = a.end_ms.max(r.end_ms);
+    a.duration_ms = a.end_ms - a.start_ms;
+    a.flows = Some(a.flows.unwrap_or(0) + 1);
 }

@@ -180,6 +180,9 @@ pub struct BrokerState {
     /// Devices whose risk is above low, by key (kept for devices this worker does not hold
     /// yet: a policy change may bring them here).
     risks: HashMap<PublicKeyBytes, Arc<crate::api::RiskStatus>>,
+    /// Traffic of flows below the monitored level, summed per device and application until
+    /// the next report period (`[risk] aggregate_below`).
+    aggregates: HashMap<(String, Option<String>), FlowRecord>,
 }
 
 impl BrokerState {
@@ -221,6 +224,7 @@ impl BrokerState {
             events: VecDeque::new(),
             timers,
             risks: HashMap::new(),
+            aggregates: HashMap::new(),
             config,
         };
         state.set_policy(policy, assignment);

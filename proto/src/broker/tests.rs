@@ -637,6 +637,49 @@ fn ended_tcp_flows_stop_counting_as_open() {
 }
 
 #[test]
+fn flows_below_the_monitored_level_are_recorded_without_destinations_and_summed() {
+    let mut f = fixture();
+    let key = f.core.policy().devices[0].public_key;
+    let text = format!(
+        "{}\n[risk]\naggregate_below = true\n",
+        POLICY.replace("@KEY@", &key.to_string())
+    );
+    f.set_policy(Policy::parse(Path::new("p.toml"), &text).unwrap());
+    let mut io = Recorder::default();
+    let client = [100, 118, 0, 2];
+    let t0 = f.now;
+    for port in [42000, 42001, 42002] {
+        f.send(&tcp_syn(client, port, [10, 20, 0, 10], 80), &mut io);
+        f.send(
+            &tcp_segment(client, port, [10, 20, 0, 10], 80, 0x04),
+            &mut io,
+        );
+    }
+    // The decisions name the application, not where it is.
+    assert_eq!(io.decisions.len(), 3);
+    for d in &io.decisions {
+        assert_eq!(d.application.as_deref(), Some("web"), "{d:?}");
+        assert_eq!(
+            (d.dst.to_string().as_str(), d.dport, d.sport),
+            ("0.0.0.0", 0, 0)
+        );
+    }
+    // No record per flow: one for the three, at the end of the report period.
+    f.tick_to(t0 + Duration::from_secs(5), &mut io);
+    f.tick_to(
+        t0 + crate::flow::FLOW_REPORT_EVERY + Duration::from_secs(6),
+        &mut io,
+    );
+    assert_eq!(io.flows.len(), 1, "{:?}", io.flows);
+    let r = &io.flows[0];
+    assert_eq!((r.end, r.flows, r.dport), (FlowEnd::Aggregate, Some(3), 0));
+    assert_eq!(r.dst.to_string(), "0.0.0.0");
+    assert_eq!(r.traffic.packets_out, 6, "{r:?}");
+    assert_eq!(r.meta.application.as_deref(), Some("web"));
+    assert_eq!(f.core.counters().flows.records, 1);
+}
+
+#[test]
 fn denied_flow_gets_an_rst_through_the_tunnel() {
     let mut f = fixture();
     let mut io = Recorder::default();

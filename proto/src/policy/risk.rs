@@ -7,6 +7,8 @@
 //! level3 = { max = "low", above = "deny" }     # high-sensitivity apps: only at low risk
 //! level2 = { max = "medium", above = "log" }   # allowed above, with full detail recorded
 //! monitor_from = 2                             # behaviour signals only for levels >= 2
+//! aggregate_below = true                       # below it: records without destinations,
+//!                                              # traffic summed per device and application
 //!
 //! [device_classes]
 //! managed = 3    # the highest sensitivity level a class of device may use
@@ -126,6 +128,9 @@ pub struct RiskPolicy {
     pub grades: [Grade; 3],
     /// Behaviour signals are computed only for applications of this level and above.
     pub monitor_from: u8,
+    /// Records of flows below `monitor_from` leave out destinations (address and ports), and
+    /// their traffic is summed per device and application (one record a period).
+    pub aggregate_below: bool,
 }
 
 impl Default for RiskPolicy {
@@ -137,6 +142,7 @@ impl Default for RiskPolicy {
         RiskPolicy {
             grades: [all; 3],
             monitor_from: 2,
+            aggregate_below: false,
         }
     }
 }
@@ -153,6 +159,11 @@ impl RiskPolicy {
     pub fn monitored(&self, sensitivity: u8) -> bool {
         sensitivity >= self.monitor_from
     }
+
+    /// Whether records of flows to an application of `sensitivity` are aggregated.
+    pub fn aggregated(&self, sensitivity: u8) -> bool {
+        self.aggregate_below && !self.monitored(sensitivity)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,6 +177,8 @@ pub(super) struct RawRisk {
     level3: Option<RawGrade>,
     #[serde(default)]
     monitor_from: Option<Spanned<u8>>,
+    #[serde(default)]
+    aggregate_below: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -223,6 +236,7 @@ pub(super) fn check(src: &Source<'_>, raw: &RawRisk) -> Result<RiskPolicy, Confi
         }
         out.monitor_from = *m.get_ref();
     }
+    out.aggregate_below = raw.aggregate_below;
     Ok(out)
 }
 
