@@ -512,6 +512,9 @@ issuer = "https://idp.example"
 client_id = "sekisho"
 client_secret_file = "$STATE/idp/client_secret"
 ca_file = "$STATE/idp/ca.pem"
+# The quickstart's laptops are the company's: devices they enroll by signing in are managed
+# (the default, personal, keeps them below level 3).
+device_class = "managed"
 EOF
     fi
     # The first broker's decision log keeps its historical name.

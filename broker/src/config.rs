@@ -344,6 +344,10 @@ pub struct SsfTransmitter {
     /// A file with the bearer token its pushes must carry (RFC 8935 §2.1); none: any.
     #[serde(default)]
     pub bearer_token_file: Option<PathBuf>,
+    /// The events it may send (`device-compliance-change`, `risk-level-change`,
+    /// `session-revoked`, `credential-change`, `assurance-level-change`); default all.
+    #[serde(default)]
+    pub events: Option<Vec<String>>,
 }
 
 /// A system Sekisho pushes its SETs to.
@@ -400,6 +404,11 @@ pub struct OidcConfig {
     /// externalId are linked by that id either way.
     #[serde(default)]
     pub link_by_name: bool,
+    /// The class of devices a first sign-in enrolls: `personal` (the default: a sign-in
+    /// proves the person, not that the organisation manages the laptop) or `managed`.
+    /// An MDM or an admin changes it later (`admin device class`).
+    #[serde(default = "default_signin_class")]
+    pub device_class: sekisho_proto::policy::DeviceClass,
     /// Lifetime of the admin token `admin login` gets.
     #[serde(default = "default_admin_session", with = "humantime_serde_secs")]
     pub admin_session: Duration,
@@ -407,6 +416,10 @@ pub struct OidcConfig {
     /// when a token names an unknown key).
     #[serde(default = "default_oidc_refresh", with = "humantime_serde_secs")]
     pub metadata_refresh: Duration,
+}
+
+fn default_signin_class() -> sekisho_proto::policy::DeviceClass {
+    sekisho_proto::policy::DeviceClass::Personal
 }
 
 fn default_oidc_scopes() -> Vec<String> {

@@ -35,6 +35,9 @@ const TICK: Duration = Duration::from_millis(250);
 const STATUS_REASONS: usize = 4;
 /// Flows whose bytes so far are remembered between progress records.
 const OPEN_FLOWS: usize = 200_000;
+/// A remembered flow without a record for this long is forgotten (progress records come
+/// every minute).
+const OPEN_FLOW_STALE: u64 = 180;
 
 /// Something the engine should know.
 #[derive(Debug, Clone)]
@@ -44,6 +47,9 @@ pub enum Input {
         user: String,
         application: Option<String>,
         allowed: bool,
+        /// A denial by a rule or by default (not one the risk, the class or the posture
+        /// caused: those must not raise the risk that caused them).
+        probing: bool,
     },
     /// Flows denied but summed up in the log.
     DeniedMany { user: String, count: u64 },
@@ -103,6 +109,15 @@ impl RiskFeed {
         )
     }
 
+    /// Waits for room: for signals another system was told were taken (Shared Signals).
+    pub async fn send_reliably(&self, input: Input) -> bool {
+        let ok = self.tx.send(input).await.is_ok();
+        if ok {
+            self.accepted.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
     /// Never waits: a full queue drops and counts.
     pub fn send(&self, input: Input) {
         if self.tx.try_send(input).is_ok() {
@@ -119,6 +134,8 @@ impl RiskFeed {
                 user: r.user.clone(),
                 application: r.application.clone(),
                 allowed: r.decision == Action::Allow,
+                probing: r.reason.starts_with("denied by rule")
+                    || r.reason.starts_with("default deny"),
             }),
             LogLine::Summary(r) if r.denied > 0 => self.send(Input::DeniedMany {
                 user: r.user.clone(),
@@ -152,8 +169,10 @@ pub struct RiskStats {
     pub devices_medium: u64,
     pub devices_high: u64,
     /// Traffic records of flows not remembered (more than `OPEN_FLOWS` open at once): their
-    /// bytes count from that record on.
+    /// bytes are not counted.
     pub flows_forgotten: u64,
+    /// Risk records the decision log's queue had no room for.
+    pub records_dropped: u64,
 }
 
 /// A device's level changed: what the Shared Signals transmitter and others are told.
@@ -170,8 +189,11 @@ struct State {
     engine: RiskEngine,
     /// What the workers were told last, by device name: key, level, reason texts.
     pushed: HashMap<String, (PublicKeyBytes, Level, Vec<String>)>,
-    /// Open flows' bytes so far (traffic records are cumulative).
-    open: HashMap<String, u64>,
+    /// Open flows' bytes so far (traffic records are cumulative) and when last reported.
+    open: HashMap<String, (u64, u64)>,
+    /// Each device of the policy in force with its subjects (rebuilt when the policy changes).
+    subjects: Option<(Arc<Policy>, Vec<DeviceSubjects>)>,
+    records_dropped: u64,
     /// Posture checks failing per device, as last reported.
     failing: HashMap<String, Vec<String>>,
     changes: u64,
@@ -188,6 +210,9 @@ pub struct RiskService {
     offset: AtomicI64,
     on_change: OnceLock<ChangeHook>,
 }
+
+/// A device's user subject and its own.
+type DeviceSubjects = (String, String);
 
 /// Told of every change of a device's level.
 type ChangeHook = Box<dyn Fn(&Change) + Send + Sync>;
@@ -226,6 +251,8 @@ impl RiskService {
                 engine: RiskEngine::new(config.engine(), offset),
                 pushed: HashMap::new(),
                 open: HashMap::new(),
+                subjects: None,
+                records_dropped: 0,
                 failing: HashMap::new(),
                 changes: 0,
                 flows_forgotten: 0,
@@ -293,6 +320,7 @@ impl RiskService {
             devices_medium: count(Level::Medium),
             devices_high: count(Level::High),
             flows_forgotten: st.flows_forgotten,
+            records_dropped: st.records_dropped,
         }
     }
 
@@ -327,7 +355,11 @@ impl RiskService {
                     let policy = self.dp.policy();
                     prune += 1;
                     if prune.is_multiple_of(240) {
-                        lock(&self.state).engine.prune(self.now());
+                        let now = self.now();
+                        let mut st = lock(&self.state);
+                        st.engine.prune(now);
+                        // Flows that ended without a final record (cut, or its record lost).
+                        st.open.retain(|_, (_, seen)| seen.saturating_add(OPEN_FLOW_STALE) >= now);
                     }
                     self.publish(&policy);
                 }
@@ -336,7 +368,7 @@ impl RiskService {
     }
 
     /// Tells the workers about every device whose level or reasons changed.
-    fn publish(&self, policy: &Policy) {
+    fn publish(&self, policy: &Arc<Policy>) {
         let now = self.now();
         let collected = collected(policy);
         let mut changes = Vec::new();
@@ -345,13 +377,30 @@ impl RiskService {
             let mut st = lock(&self.state);
             // The devices something is held against: their users' and their own.
             let active: HashSet<String> = st.engine.active().map(str::to_string).collect();
+            // (The cache holds the policy it was made for, so its address is not reused.)
+            if st
+                .subjects
+                .as_ref()
+                .is_none_or(|(p, _)| !Arc::ptr_eq(p, policy))
+            {
+                let subjects = policy
+                    .devices
+                    .iter()
+                    .map(|d| {
+                        (
+                            user_subject(&policy.users[d.user as usize].name),
+                            device_subject(&d.name),
+                        )
+                    })
+                    .collect();
+                st.subjects = Some((policy.clone(), subjects));
+            }
             let mut devices: Vec<usize> = Vec::new();
-            if !active.is_empty() {
-                for (i, d) in policy.devices.iter().enumerate() {
-                    let user = &policy.users[d.user as usize].name;
-                    if active.contains(&device_subject(&d.name))
-                        || active.contains(&user_subject(user))
-                    {
+            if !active.is_empty()
+                && let Some((_, subjects)) = &st.subjects
+            {
+                for (i, (u, d)) in subjects.iter().enumerate() {
+                    if active.contains(u) || active.contains(d) {
                         devices.push(i);
                     }
                 }
@@ -378,6 +427,12 @@ impl RiskService {
                 let previous = before.map_or(Level::Low, |b| b.1);
                 if before.is_some_and(|b| b.0 == d.public_key && b.1 == a.level && b.2) {
                     continue;
+                }
+                if let Some((old, _, _)) = before
+                    && old != d.public_key
+                {
+                    // The device has a new key: its old one holds nothing any more.
+                    self.dp.set_risk(old, None);
                 }
                 self.dp.set_risk(
                     d.public_key,
@@ -422,14 +477,14 @@ impl RiskService {
                     continue;
                 };
                 self.dp.set_risk(key, None);
+                // A device gone from the policy (revoked, deleted) is not "low" now: nothing
+                // is said of it.
+                let Some(dev) = policy.devices.iter().find(|d| d.name == name) else {
+                    continue;
+                };
                 if previous != Level::Low {
                     st.changes += 1;
-                    let user = policy
-                        .devices
-                        .iter()
-                        .find(|d| d.name == name)
-                        .map(|d| policy.users[d.user as usize].name.clone())
-                        .unwrap_or_default();
+                    let user = policy.users[dev.user as usize].name.clone();
                     info!(device = %name, user = %user, from = previous.as_str(), to = "low", "risk level changed");
                     records.push(RiskRecord {
                         event: "risk",
@@ -450,8 +505,14 @@ impl RiskService {
                 }
             }
         }
+        let mut dropped = 0;
         for r in records {
-            let _ = self.log.try_send(LogLine::Risk(r));
+            if self.log.try_send(LogLine::Risk(r)).is_err() {
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            lock(&self.state).records_dropped += dropped;
         }
         if let Some(f) = self.on_change.get() {
             for c in &changes {
@@ -502,13 +563,14 @@ fn apply(st: &mut State, policy: &Policy, input: Input, now: u64) {
             user,
             application,
             allowed,
+            probing,
         } => {
             if allowed {
                 if monitored(&application) {
                     let app = application.unwrap_or_default();
                     st.engine.flow(&user_subject(&user), &app, now);
                 }
-            } else {
+            } else if probing {
                 st.engine.denied(&user_subject(&user), now);
             }
         }
@@ -529,12 +591,13 @@ fn apply(st: &mut State, policy: &Policy, input: Input, now: u64) {
                 return;
             }
             let before = if last {
-                st.open.remove(&flow)
+                st.open.remove(&flow).map(|b| b.0)
             } else if st.open.len() < OPEN_FLOWS || st.open.contains_key(&flow) {
-                st.open.insert(flow, bytes)
+                st.open.insert(flow, (bytes, now)).map(|b| b.0)
             } else {
+                // Not remembered: its running total would be counted again at every record.
                 st.flows_forgotten += 1;
-                None
+                return;
             };
             let delta = bytes.saturating_sub(before.unwrap_or(0));
             if delta > 0 {
@@ -582,4 +645,114 @@ pub fn user(name: &str) -> String {
 
 pub fn device(name: &str) -> String {
     device_subject(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = r#"
+[[users]]
+name = "alice"
+[[sites]]
+name = "dc1"
+[[applications]]
+name = "files"
+site = "dc1"
+addresses = ["10.20.0.10"]
+protocols = ["tcp"]
+sensitivity = 2
+[[applications]]
+name = "intranet"
+site = "dc1"
+addresses = ["10.20.0.11"]
+protocols = ["tcp"]
+"#;
+
+    fn state() -> (State, Policy) {
+        let policy = Policy::parse(std::path::Path::new("p.toml"), POLICY).unwrap();
+        let config = sekisho_proto::risk::RiskConfig {
+            volume_floor: 1000,
+            ..Default::default()
+        };
+        let st = State {
+            engine: RiskEngine::new(config, 0),
+            pushed: HashMap::new(),
+            open: HashMap::new(),
+            subjects: None,
+            records_dropped: 0,
+            failing: HashMap::new(),
+            changes: 0,
+            flows_forgotten: 0,
+        };
+        (st, policy)
+    }
+
+    fn traffic(app: &str, flow: &str, bytes: u64, last: bool) -> Input {
+        Input::Traffic {
+            user: "alice".into(),
+            application: Some(app.into()),
+            flow: flow.into(),
+            bytes,
+            last,
+        }
+    }
+
+    const T: u64 = 1_800_000_000;
+
+    #[test]
+    fn cumulative_traffic_records_count_their_increase_once() {
+        let (mut st, p) = state();
+        // Progress records of one flow: 400, then 900 in all, then the final 1,200.
+        apply(&mut st, &p, traffic("files", "f1", 400, false), T);
+        apply(&mut st, &p, traffic("files", "f1", 900, false), T + 60);
+        assert_eq!(st.engine.assess("user:alice", T + 60).reasons.len(), 0);
+        apply(&mut st, &p, traffic("files", "f1", 1200, true), T + 61);
+        // 1,200 bytes in the hour, over the 1,000 floor: flagged once, the flow forgotten.
+        let a = st.engine.assess("user:alice", T + 61);
+        assert_eq!(a.reasons.len(), 1, "{a:?}");
+        assert!(a.reasons[0].detail.starts_with("0 MB this hour"), "{a:?}");
+        assert!(st.open.is_empty());
+        // Below the monitored level: nothing counts.
+        apply(
+            &mut st,
+            &p,
+            traffic("intranet", "f2", 1 << 30, true),
+            T + 62,
+        );
+        assert!(st.open.is_empty());
+    }
+
+    #[test]
+    fn flows_beyond_the_remembered_are_not_counted_again_and_again() {
+        let (mut st, p) = state();
+        for i in 0..OPEN_FLOWS {
+            st.open.insert(format!("x{i}"), (1, T));
+        }
+        for _ in 0..5 {
+            apply(&mut st, &p, traffic("files", "big", 800, false), T + 1);
+        }
+        assert_eq!(st.flows_forgotten, 5);
+        assert_eq!(st.engine.assess("user:alice", T + 1).reasons.len(), 0);
+    }
+
+    #[test]
+    fn only_probing_denials_feed_the_burst_signal() {
+        let (mut st, p) = state();
+        let denied = |probing| Input::Decision {
+            user: "alice".into(),
+            application: Some("files".into()),
+            allowed: false,
+            probing,
+        };
+        for i in 0..100 {
+            apply(&mut st, &p, denied(false), T + i / 10);
+        }
+        assert!(st.engine.assess("user:alice", T + 10).reasons.is_empty());
+        for i in 0..100 {
+            apply(&mut st, &p, denied(true), T + i / 10);
+        }
+        let a = st.engine.assess("user:alice", T + 10);
+        assert_eq!(a.reasons[0].signal, Signal::DeniedBurst, "{a:?}");
+    }
 }

@@ -149,12 +149,19 @@ pub struct Assessment {
 
 /// The hour of the week (0 = Monday 00:00–01:00 UTC shifted by `offset` seconds) of `unix`.
 pub fn hour_of_week(unix: u64, offset: i64) -> usize {
-    let t = unix as i64 + offset;
+    week_hour(local_hour(unix, offset))
+}
+
+/// Hours since the epoch in local time (`offset` seconds east of UTC): half-hour zones too.
+fn local_hour(unix: u64, offset: i64) -> i64 {
+    (unix as i64 + offset).div_euclid(3600)
+}
+
+/// The hour of the week of a local hour index.
+fn week_hour(local_hour: i64) -> usize {
     // 1970-01-01 was a Thursday: day 0 is Thursday, so Monday is day 4.
-    let days = t.div_euclid(86_400);
-    let weekday = (days + 3).rem_euclid(7); // 0 = Monday
-    let hour = t.rem_euclid(86_400) / 3600;
-    (weekday * 24 + hour) as usize
+    let weekday = (local_hour.div_euclid(24) + 3).rem_euclid(7); // 0 = Monday
+    (weekday * 24 + local_hour.rem_euclid(24)) as usize
 }
 
 /// A user's usual traffic: a mean of bytes per hour for each hour of the week.
@@ -206,6 +213,8 @@ impl Baseline {
 #[derive(Debug, Clone)]
 struct Contribution {
     signal: Signal,
+    /// What repeats of the signal are merged by (a category, a check, an application).
+    key: String,
     detail: String,
     at: u64,
     weight: f64,
@@ -219,8 +228,8 @@ struct Contribution {
 pub struct Subject {
     pub baseline: Baseline,
     contributions: Vec<Contribution>,
-    /// The hour being counted (Unix hour) and its bytes.
-    hour: u64,
+    /// The hour being counted (local hour index) and its bytes.
+    hour: Option<i64>,
     hour_bytes: u64,
     volume_flagged: bool,
     off_hours_flagged: bool,
@@ -240,6 +249,9 @@ pub struct RiskEngine {
 
 /// Contributions this small are forgotten.
 const NEGLIGIBLE: f64 = 0.01;
+/// Contributions kept per subject: beyond, the smallest goes (a device reporting many DNS
+/// categories, say, cannot grow the engine without bound).
+pub const MAX_CONTRIBUTIONS: usize = 32;
 
 impl RiskEngine {
     pub fn new(config: RiskConfig, offset: i64) -> Self {
@@ -254,12 +266,43 @@ impl RiskEngine {
         self.subjects.entry(who.to_string()).or_default()
     }
 
-    fn add(&mut self, who: &str, signal: Signal, weight: f64, detail: String, at: u64) {
+    /// Adds a signal's points. A signal of the same kind and `key` (a category, a check, an
+    /// application) that is still there is topped up instead (its points now plus these,
+    /// at most twice the high threshold), so repeats do not grow the list.
+    fn add(&mut self, who: &str, signal: Signal, key: &str, weight: f64, detail: String, at: u64) {
         if weight <= 0.0 {
             return;
         }
-        self.subject(who).contributions.push(Contribution {
+        let half = self.config.half_life.max(1) as f64;
+        let cap = self.config.high * 2.0;
+        let s = self.subjects.entry(who.to_string()).or_default();
+        let decayed = |c: &Contribution| match c.standing {
+            Some(_) => c.weight,
+            None => c.weight * 0.5f64.powf(at.saturating_sub(c.at) as f64 / half),
+        };
+        if let Some(c) = s
+            .contributions
+            .iter_mut()
+            .find(|c| c.standing.is_none() && c.signal == signal && c.key == key)
+        {
+            c.weight = (decayed(c) + weight).min(cap.max(weight));
+            c.at = at;
+            c.detail = detail;
+            return;
+        }
+        if s.contributions.len() >= MAX_CONTRIBUTIONS
+            && let Some((i, _)) = s
+                .contributions
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.standing.is_none())
+                .min_by(|a, b| decayed(a.1).total_cmp(&decayed(b.1)))
+        {
+            s.contributions.swap_remove(i);
+        }
+        s.contributions.push(Contribution {
             signal,
+            key: key.to_string(),
             detail,
             at,
             weight,
@@ -286,6 +329,7 @@ impl RiskEngine {
         {
             s.contributions.push(Contribution {
                 signal,
+                key: source.to_string(),
                 detail,
                 at,
                 weight,
@@ -312,17 +356,18 @@ impl RiskEngine {
         let alpha = self.config.baseline_alpha;
         let offset = self.offset;
         let s = self.subject(who);
-        let hour = at / 3600;
-        if s.hour == 0 {
-            s.hour = hour;
+        let hour = local_hour(at, offset);
+        let Some(current) = s.hour else {
+            s.hour = Some(hour);
             return;
-        }
-        if hour > s.hour {
-            if s.hour_bytes > 0 {
-                s.baseline
-                    .observe(hour_of_week(s.hour * 3600, offset), s.hour_bytes, alpha);
+        };
+        if hour > current {
+            // An hour whose volume was flagged is not learned as usual (one exfiltration
+            // must not raise the limit for that hour of every week).
+            if s.hour_bytes > 0 && !s.volume_flagged {
+                s.baseline.observe(week_hour(current), s.hour_bytes, alpha);
             }
-            s.hour = hour;
+            s.hour = Some(hour);
             s.hour_bytes = 0;
             s.volume_flagged = false;
             s.off_hours_flagged = false;
@@ -336,7 +381,8 @@ impl RiskEngine {
         let c = self.config.clone();
         let s = self.subject(who);
         s.hour_bytes = s.hour_bytes.saturating_add(bytes);
-        let limit = s.baseline.expected(how).map_or(c.volume_floor as f64, |e| {
+        let usual = s.baseline.expected(how);
+        let limit = usual.map_or(c.volume_floor as f64, |e| {
             (e * c.volume_factor).max(c.volume_floor as f64)
         });
         let (total, flag) = (
@@ -345,14 +391,18 @@ impl RiskEngine {
         );
         if flag {
             s.volume_flagged = true;
+            let usual = match usual {
+                Some(e) => format!("usual for this hour: {} MB", e as u64 >> 20),
+                None => "nothing usual for this hour yet".to_string(),
+            };
             self.add(
                 who,
                 Signal::Volume,
+                "",
                 c.volume,
                 format!(
-                    "{} MB this hour (usual for this hour: {} MB), last to {application}",
-                    total >> 20,
-                    (limit / c.volume_factor) as u64 >> 20
+                    "{} MB this hour ({usual}), last to {application}",
+                    total >> 20
                 ),
                 at,
             );
@@ -376,6 +426,7 @@ impl RiskEngine {
             self.add(
                 who,
                 Signal::OffHours,
+                "",
                 c.off_hours,
                 format!("active at an unusual hour (hour {how} of the week)"),
                 at,
@@ -385,6 +436,7 @@ impl RiskEngine {
             self.add(
                 who,
                 Signal::NewDestination,
+                application,
                 c.new_destination,
                 format!("first use of {application}"),
                 at,
@@ -412,6 +464,7 @@ impl RiskEngine {
             self.add(
                 who,
                 Signal::DeniedBurst,
+                "",
                 c.denied_burst,
                 format!("{n} denied flows within {} s", c.burst_window),
                 at,
@@ -425,6 +478,7 @@ impl RiskEngine {
         self.add(
             who,
             Signal::DnsBlocks,
+            category,
             w,
             format!("{count} blocked names ({category})"),
             at,
@@ -437,6 +491,7 @@ impl RiskEngine {
         self.add(
             who,
             Signal::FailingPosture,
+            check,
             w,
             format!("posture check {check} fails"),
             at,
@@ -453,14 +508,16 @@ impl RiskEngine {
         if level == Level::Low {
             // The source says all is well again: its earlier signals end.
             if let Some(s) = self.subjects.get_mut(who) {
-                s.contributions
-                    .retain(|c| !(c.signal == Signal::External && c.detail.ends_with(source)));
+                s.contributions.retain(|c| {
+                    !(c.signal == Signal::External && c.standing.is_none() && c.key == source)
+                });
             }
             return;
         }
         self.add(
             who,
             Signal::External,
+            source,
             w,
             format!("{} risk from {source}", level.as_str()),
             at,
@@ -604,6 +661,59 @@ mod tests {
         // The source says low again: its signal ends at once.
         r.external("mallory", Level::Low, "idp.example", MONDAY + 13);
         assert_eq!(r.assess("mallory", MONDAY + 13).level, Level::Medium);
+    }
+
+    #[test]
+    fn repeats_top_up_one_entry_and_a_subject_keeps_a_bounded_list() {
+        let mut r = RiskEngine::new(RiskConfig::default(), 0);
+        // The same category again and again: one entry, its points capped.
+        for i in 0..1000 {
+            r.dns_blocks("laptop", "malware", 10, MONDAY + i);
+        }
+        let a = r.assess("laptop", MONDAY + 1000);
+        assert_eq!(a.reasons.len(), 1, "{a:?}");
+        assert!(a.score <= 2.0 * r.config.high + 1e-9, "{}", a.score);
+        // Many categories: the list stays bounded, the largest stay.
+        for i in 0..10_000 {
+            r.dns_blocks("laptop", &format!("c{i}"), 1, MONDAY + 1000 + i);
+        }
+        let a = r.assess("laptop", MONDAY + 20_000);
+        assert!(a.reasons.len() <= MAX_CONTRIBUTIONS, "{}", a.reasons.len());
+        assert!(a.reasons.iter().any(|x| x.detail.contains("malware")));
+        // One source's "low" withdraws only its own signal.
+        r.external("u", Level::High, "idp", MONDAY);
+        r.external("u", Level::High, "corp-idp", MONDAY);
+        r.external("u", Level::Low, "idp", MONDAY + 1);
+        let a = r.assess("u", MONDAY + 1);
+        assert_eq!(a.reasons.len(), 1, "{a:?}");
+        assert!(a.reasons[0].detail.ends_with("corp-idp"));
+    }
+
+    #[test]
+    fn half_hour_time_zones_count_local_hours() {
+        // +05:30: 04:30 UTC on Monday is 10:00 local, hour 10 of the week.
+        let off = 5 * 3600 + 1800;
+        assert_eq!(hour_of_week(MONDAY + 4 * 3600 + 1800, off), 10);
+        assert_eq!(hour_of_week(MONDAY + 4 * 3600 + 1799, off), 9);
+        // Bytes of one local hour are learned as that hour, not split over two.
+        let mut r = RiskEngine::new(RiskConfig::default(), off);
+        let ten = MONDAY + 4 * 3600 + 1800; // 10:00 local
+        r.traffic("u", "app", 100, ten + 60);
+        r.traffic("u", "app", 100, ten + 3000); // 10:50 local, 05:20 UTC
+        r.traffic("u", "app", 1, ten + 3600 + 60); // 11:01 local: 10 is learned
+        let s = &r.subjects["u"];
+        assert_eq!(s.baseline.expected(10), Some(200.0));
+        assert_eq!(s.baseline.expected(9), None);
+    }
+
+    #[test]
+    fn an_hour_flagged_for_volume_is_not_learned_as_usual() {
+        let (mut r, t) = learned();
+        let night = t + 3 * 3600; // an hour never seen
+        r.traffic("alice", "files", 3 << 30, night);
+        r.traffic("alice", "files", 1, night + 3600);
+        let how = hour_of_week(night, 0);
+        assert_eq!(r.subjects["alice"].baseline.expected(how), None);
     }
 
     #[test]

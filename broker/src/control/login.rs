@@ -344,6 +344,7 @@ pub(super) async fn finish(State(ctl): Ctl, body: Bytes) -> ApiResult<api::Login
                 signed_in_at: identity.auth_time,
                 range: policy.device_range,
                 reserved: &reserved,
+                class: oidc.config.device_class,
             }),
             now,
         )

@@ -37,7 +37,32 @@ struct Transmitter {
     issuer: String,
     keys: TransmitterKeys,
     bearer: Option<String>,
+    /// The event kinds it may send (None: all).
+    events: Option<Vec<String>>,
 }
+
+/// Short names of the CAEP events, as `events` in `[[control.ssf.transmitters]]` lists them.
+pub const EVENT_NAMES: [&str; 5] = [
+    "session-revoked",
+    "credential-change",
+    "device-compliance-change",
+    "assurance-level-change",
+    "risk-level-change",
+];
+
+fn event_name(k: &EventKind) -> &'static str {
+    match k {
+        EventKind::SessionRevoked => EVENT_NAMES[0],
+        EventKind::CredentialChange => EVENT_NAMES[1],
+        EventKind::Compliance { .. } => EVENT_NAMES[2],
+        EventKind::Assurance { .. } => EVENT_NAMES[3],
+        EventKind::RiskLevel { .. } => EVENT_NAMES[4],
+    }
+}
+
+/// Event times already applied, per (subject, event kind, transmitter): an older event that
+/// arrives late does not undo a newer one. Bounded: beyond it, it starts afresh.
+const LATEST: usize = 100_000;
 
 /// The control plane's Shared Signals state.
 pub struct Ssf {
@@ -49,6 +74,7 @@ pub struct Ssf {
     pusher: Option<Pusher>,
     /// Whether each device passed its checks at its last posture request.
     compliance: std::sync::Mutex<HashMap<String, bool>>,
+    latest: std::sync::Mutex<HashMap<(String, &'static str, String), u64>>,
 }
 
 fn read_secret(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
@@ -78,7 +104,20 @@ impl Ssf {
                     t.issuer
                 ),
             };
+            if let Some(bad) = t
+                .events
+                .iter()
+                .flatten()
+                .find(|e| !EVENT_NAMES.contains(&e.as_str()))
+            {
+                anyhow::bail!(
+                    "[[control.ssf.transmitters]] {i} ({}): unknown event {bad:?} (known: {})",
+                    t.issuer,
+                    EVENT_NAMES.join(", ")
+                );
+            }
             transmitters.push(Transmitter {
+                events: t.events.clone(),
                 issuer: t.issuer.clone(),
                 keys: TransmitterKeys::new(source)?,
                 bearer: t
@@ -115,9 +154,10 @@ impl Ssf {
             audience: c.audience.clone().unwrap_or_else(|| ctl.url.clone()),
             max_age,
             transmitters,
-            jtis: std::sync::Mutex::new(Jtis::new(max_age + set::LEEWAY, Jtis::CAPACITY)),
+            jtis: std::sync::Mutex::new(Jtis::new(max_age, Jtis::CAPACITY)),
             pusher,
             compliance: std::sync::Mutex::new(HashMap::new()),
+            latest: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -143,10 +183,10 @@ impl Control {
     /// A device's posture was just attested: tell receivers when its compliance changed.
     pub(super) fn posture_compliance(&self, device: &str, user: &str, compliant: bool) {
         let Some(ssf) = self.ssf() else { return };
-        let previous = {
-            let mut m = ssf.compliance.lock().unwrap_or_else(|e| e.into_inner());
-            m.insert(device.to_string(), compliant)
-        };
+        // Held while sending (sending only queues): two posture requests at once cannot
+        // send their changes in the other order than the map has them.
+        let mut m = ssf.compliance.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = m.insert(device.to_string(), compliant);
         if previous == Some(compliant) || (previous.is_none() && compliant) {
             return;
         }
@@ -194,16 +234,23 @@ impl Control {
     }
 }
 
+/// At most `n` characters of untrusted text.
+fn clip(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
+}
+
 fn refused(ctl: &Control, issuer: &str, r: &Refusal) -> Response {
+    let issuer = clip(issuer, 200);
+    let description = clip(&r.to_string(), 300);
     warn!(
         issuer,
         error = r.code(),
-        "Shared Signals event refused: {r}"
+        "Shared Signals event refused: {description}"
     );
     ctl.audit(
         "ssf_refused",
-        issuer,
-        serde_json::json!({"error": r.code(), "description": r.to_string()}),
+        &issuer,
+        serde_json::json!({"error": r.code(), "description": description}),
     );
     let status = StatusCode::from_u16(r.status()).unwrap_or(StatusCode::BAD_REQUEST);
     (status, Json(r.body())).into_response()
@@ -225,7 +272,7 @@ pub(super) async fn receive(State(ctl): Ctl, headers: HeaderMap, body: Bytes) ->
     let Some(t) = ssf.transmitters.iter().find(|t| t.issuer == issuer) else {
         return refused(
             &ctl,
-            &issuer,
+            "-",
             &Refusal::UnknownIssuer {
                 got: issuer.clone(),
                 want: "a configured transmitter".into(),
@@ -270,15 +317,42 @@ pub(super) async fn receive(State(ctl): Ctl, headers: HeaderMap, body: Bytes) ->
         .jtis
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .seen(&issuer, &set.jti, now);
+        .contains(&issuer, &set.jti);
     if replay {
         // A retransmission (our 202 was lost): accepted again, done once.
         info!(issuer, jti = %set.jti, "Shared Signals event seen before; ignored");
         return StatusCode::ACCEPTED.into_response();
     }
     for e in &set.events {
-        apply(&ctl, &issuer, e).await;
+        if let Some(allowed) = &t.events
+            && !allowed.iter().any(|a| a == event_name(&e.kind))
+        {
+            warn!(
+                issuer,
+                event = event_name(&e.kind),
+                "Shared Signals event this transmitter may not send; ignored"
+            );
+            ctl.audit(
+                "ssf_ignored",
+                &issuer,
+                serde_json::json!({"event": event_name(&e.kind), "why": "not among the transmitter's events"}),
+            );
+            continue;
+        }
+        if let Err(err) = apply(&ctl, &ssf, &issuer, e).await {
+            // Not noted as seen: the transmitter retries (RFC 8935: a 5xx is retried).
+            warn!(issuer, "Shared Signals event not applied: {err:#}");
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(serde_json::json!({"err": "temporarily_unavailable", "description": "try again"})),
+            )
+                .into_response();
+        }
     }
+    ssf.jtis
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .seen(&issuer, &set.jti, now);
     if !set.unknown.is_empty() {
         info!(issuer, events = ?set.unknown, "Shared Signals events of types not acted on");
     }
@@ -286,8 +360,8 @@ pub(super) async fn receive(State(ctl): Ctl, headers: HeaderMap, body: Bytes) ->
 }
 
 /// The Sekisho user a subject names, if any.
-async fn user_of(ctl: &Control, u: &UserRef) -> Option<String> {
-    let found = match u {
+async fn user_of(ctl: &Control, u: &UserRef) -> anyhow::Result<Option<String>> {
+    match u {
         UserRef::Email(e) => ctl.store.user_named_by(None, Some(e)).await,
         UserRef::Opaque(n) => ctl.store.user_named_by(None, Some(n)).await,
         UserRef::IssSub { iss, sub } => {
@@ -295,12 +369,13 @@ async fn user_of(ctl: &Control, u: &UserRef) -> Option<String> {
                 .user_named_by(Some(&format!("{iss} {sub}")), None)
                 .await
         }
-    };
-    found.ok().flatten()
+    }
 }
 
-async fn apply(ctl: &Control, issuer: &str, e: &set::Event) {
-    let Some(risk) = ctl.risk.get() else { return };
+async fn apply(ctl: &Control, ssf: &Ssf, issuer: &str, e: &set::Event) -> anyhow::Result<()> {
+    let Some(risk) = ctl.risk.get() else {
+        return Ok(());
+    };
     let policy = ctl.policy();
     let device = e
         .subject
@@ -309,9 +384,41 @@ async fn apply(ctl: &Control, issuer: &str, e: &set::Event) {
         .filter(|d| policy.devices.iter().any(|x| &x.name == *d))
         .cloned();
     let user = match &e.subject.user {
-        Some(u) => user_of(ctl, u).await,
+        Some(u) => user_of(ctl, u).await?,
         None => None,
     };
+    // A subject naming both: the device must be that user's.
+    if let (Some(d), Some(u)) = (&device, &user)
+        && let Some(dev) = policy.devices.iter().find(|x| &x.name == d)
+        && &policy.users[dev.user as usize].name != u
+    {
+        warn!(issuer, device = %d, user = %u, "Shared Signals event names a device of another user; ignored");
+        ctl.audit(
+            "ssf_ignored",
+            issuer,
+            serde_json::json!({"event": event_name(&e.kind), "why": "the device is not the named user's"}),
+        );
+        return Ok(());
+    }
+    // A late event older than one already applied for the same subject and kind changes
+    // nothing.
+    if let Some(at) = e.at {
+        let subject = device.clone().or(user.clone()).unwrap_or_default();
+        let key = (subject, event_name(&e.kind), issuer.to_string());
+        let mut latest = ssf.latest.lock().unwrap_or_else(|e| e.into_inner());
+        if latest.get(&key).is_some_and(|&t| t > at) {
+            info!(
+                issuer,
+                event = key.1,
+                "Shared Signals event older than one applied; ignored"
+            );
+            return Ok(());
+        }
+        if latest.len() >= LATEST {
+            latest.clear();
+        }
+        latest.insert(key, at);
+    }
     let weight = |level: Level| match level {
         Level::High => risk.config().external_high,
         Level::Medium => risk.config().external_high / 2.0,
@@ -320,25 +427,27 @@ async fn apply(ctl: &Control, issuer: &str, e: &set::Event) {
     let why = e
         .reason
         .as_deref()
-        .map(|r| format!(": {r}"))
+        .map(|r| format!(": {}", clip(r, 120)))
         .unwrap_or_default();
     let (what, subject) = match &e.kind {
         EventKind::Compliance { compliant } => {
             let Some(d) = &device else {
                 warn!(issuer, subject = ?e.subject, "device-compliance-change for no device of the policy; ignored");
-                return;
+                return Ok(());
             };
-            risk.feed().send(Input::Standing {
-                subject: crate::risk::device(d),
-                signal: Signal::NonCompliant,
-                source: issuer.to_string(),
-                state: (!compliant).then(|| {
-                    (
-                        weight(Level::High),
-                        format!("not compliant according to {issuer}{why}"),
-                    )
-                }),
-            });
+            risk.feed()
+                .send_reliably(Input::Standing {
+                    subject: crate::risk::device(d),
+                    signal: Signal::NonCompliant,
+                    source: issuer.to_string(),
+                    state: (!compliant).then(|| {
+                        (
+                            weight(Level::High),
+                            format!("not compliant according to {issuer}{why}"),
+                        )
+                    }),
+                })
+                .await;
             (
                 if *compliant {
                     "compliant"
@@ -354,38 +463,42 @@ async fn apply(ctl: &Control, issuer: &str, e: &set::Event) {
                 (None, Some(u)) => crate::risk::user(u),
                 _ => {
                     warn!(issuer, subject = ?e.subject, "risk-level-change for no user or device here; ignored");
-                    return;
+                    return Ok(());
                 }
             };
-            risk.feed().send(Input::Standing {
-                subject: subject.clone(),
-                signal: Signal::External,
-                source: issuer.to_string(),
-                state: (*level != Level::Low).then(|| {
-                    (
-                        weight(*level),
-                        format!("{} risk according to {issuer}{why}", level.as_str()),
-                    )
-                }),
-            });
+            risk.feed()
+                .send_reliably(Input::Standing {
+                    subject: subject.clone(),
+                    signal: Signal::External,
+                    source: issuer.to_string(),
+                    state: (*level != Level::Low).then(|| {
+                        (
+                            weight(*level),
+                            format!("{} risk according to {issuer}{why}", level.as_str()),
+                        )
+                    }),
+                })
+                .await;
             (level.as_str(), subject)
         }
         EventKind::Assurance { decreased, level } => {
             let Some(u) = &user else {
                 warn!(issuer, subject = ?e.subject, "assurance-level-change for no user here; ignored");
-                return;
+                return Ok(());
             };
-            risk.feed().send(Input::Standing {
-                subject: crate::risk::user(u),
-                signal: Signal::External,
-                source: format!("{issuer} assurance"),
-                state: decreased.then(|| {
-                    (
-                        weight(Level::Medium),
-                        format!("sign-in assurance lowered to {level} by {issuer}{why}"),
-                    )
-                }),
-            });
+            risk.feed()
+                .send_reliably(Input::Standing {
+                    subject: crate::risk::user(u),
+                    signal: Signal::External,
+                    source: format!("{issuer} assurance"),
+                    state: decreased.then(|| {
+                        (
+                            weight(Level::Medium),
+                            format!("sign-in assurance lowered to {level} by {issuer}{why}"),
+                        )
+                    }),
+                })
+                .await;
             (
                 if *decreased {
                     "assurance-decreased"
@@ -403,19 +516,21 @@ async fn apply(ctl: &Control, issuer: &str, e: &set::Event) {
             });
             let Some(u) = owner else {
                 warn!(issuer, subject = ?e.subject, "session event for no user here; ignored");
-                return;
+                return Ok(());
             };
-            let forgot = ctl.store.forget_sign_ins(&u).await.unwrap_or(0);
+            let forgot = ctl.store.forget_sign_ins(&u).await?;
             let what = if e.kind == EventKind::SessionRevoked {
                 "session-revoked"
             } else {
                 "credential-change"
             };
-            risk.feed().send(Input::External {
-                subject: crate::risk::user(&u),
-                level: Level::Medium,
-                source: format!("{issuer} ({what})"),
-            });
+            risk.feed()
+                .send_reliably(Input::External {
+                    subject: crate::risk::user(&u),
+                    level: Level::Medium,
+                    source: format!("{issuer} ({what})"),
+                })
+                .await;
             info!(issuer, user = %u, devices = forgot, "{what}: the user's sign-ins are forgotten");
             (what, u)
         }
@@ -426,6 +541,7 @@ async fn apply(ctl: &Control, issuer: &str, e: &set::Event) {
         issuer,
         serde_json::json!({"event": what, "subject": subject}),
     );
+    Ok(())
 }
 
 /// `GET /v1/ssf/jwks.json`: the keys Sekisho's SETs are signed with (the posture signing keys

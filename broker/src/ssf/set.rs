@@ -492,7 +492,7 @@ pub struct Jtis {
 }
 
 impl Jtis {
-    pub const CAPACITY: usize = 10_000;
+    pub const CAPACITY: usize = 100_000;
 
     pub fn new(max_age: u64, capacity: usize) -> Jtis {
         Jtis {
@@ -501,6 +501,11 @@ impl Jtis {
             order: VecDeque::new(),
             seen: HashSet::new(),
         }
+    }
+
+    /// Whether `jti` from `iss` was seen already (nothing is noted).
+    pub fn contains(&self, iss: &str, jti: &str) -> bool {
+        self.seen.contains(&format!("{iss}\u{0}{jti}"))
     }
 
     /// Whether `jti` from `iss` was seen already; if not, it is now.

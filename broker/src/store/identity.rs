@@ -70,6 +70,8 @@ pub struct DeviceSignIn<'a> {
     pub signed_in_at: u64,
     pub range: IpNet,
     pub reserved: &'a Reserved,
+    /// The class a device enrolled by this sign-in gets (`[control.oidc] device_class`).
+    pub class: sekisho_proto::policy::DeviceClass,
 }
 
 /// The device of a sign-in, and its new credential (id, secret) when it was enrolled by it.
@@ -191,6 +193,7 @@ impl Store {
             now,
             range,
             reserved,
+            Default::default(),
         )
         .await?;
         if r.is_ok() {
@@ -236,6 +239,7 @@ impl Store {
                 now,
                 d.range,
                 d.reserved,
+                d.class,
             )
             .await?
             {
@@ -377,6 +381,7 @@ impl Store {
         now: u64,
         range: IpNet,
         reserved: &Reserved,
+        class: sekisho_proto::policy::DeviceClass,
     ) -> Result<std::result::Result<(DeviceRecord, Option<(String, String)>), SignInRefusal>> {
         let existing = sqlx::query(
             "SELECT name, user_name, address, created_at, revoked_at FROM devices \
@@ -445,7 +450,8 @@ impl Store {
         let cred_secret = random_text(24);
         sqlx::query(
             "INSERT INTO devices (name, user_name, public_key, address, credential_id, \
-             credential_hash, created_at, signed_in_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+             credential_hash, created_at, signed_in_at, class) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(name)
         .bind(user)
@@ -455,6 +461,7 @@ impl Store {
         .bind(hash_secret(&cred_secret))
         .bind(ts(now))
         .bind(ts(signed_in_at))
+        .bind(class.as_str())
         .execute(&mut **tx)
         .await?;
         Ok(Ok((
@@ -465,7 +472,7 @@ impl Store {
                 address,
                 created_at: now,
                 revoked_at: None,
-                class: Default::default(),
+                class,
             },
             Some((cred_id, cred_secret)),
         )))
@@ -716,6 +723,7 @@ mod tests {
                     signed_in_at: 300,
                     range,
                     reserved: &none,
+                    class: sekisho_proto::policy::DeviceClass::Personal,
                 }),
                 301,
             )
