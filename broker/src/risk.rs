@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use sekisho_proto::api::RiskStatus;
 use sekisho_proto::keys::PublicKeyBytes;
@@ -86,6 +86,51 @@ pub enum Input {
         level: Level,
         source: String,
     },
+}
+
+impl Input {
+    /// The engine's subject this input is about.
+    fn subject(&self) -> String {
+        match self {
+            Input::Decision { user, .. }
+            | Input::DeniedMany { user, .. }
+            | Input::Traffic { user, .. } => user_subject(user),
+            Input::Posture { device, .. } | Input::DnsBlocks { device, .. } => {
+                device_subject(device)
+            }
+            Input::Standing { subject, .. } | Input::External { subject, .. } => subject.clone(),
+        }
+    }
+}
+
+/// The devices of the policy in force and their subjects, both ways.
+struct SubjectIndex {
+    /// Per device (by index): its user's subject and its own.
+    of_device: Vec<(String, String)>,
+    /// Per subject: the devices it counts for.
+    devices_of: HashMap<String, Vec<usize>>,
+}
+
+impl SubjectIndex {
+    fn of(policy: &Policy) -> SubjectIndex {
+        let mut devices_of: HashMap<String, Vec<usize>> = HashMap::new();
+        let of_device = policy
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let u = user_subject(&policy.users[d.user as usize].name);
+                let ds = device_subject(&d.name);
+                devices_of.entry(u.clone()).or_default().push(i);
+                devices_of.entry(ds.clone()).or_default().push(i);
+                (u, ds)
+            })
+            .collect();
+        SubjectIndex {
+            of_device,
+            devices_of,
+        }
+    }
 }
 
 /// The sending side, handed to the decision log's writer and the control plane.
@@ -192,7 +237,9 @@ struct State {
     /// Open flows' bytes so far (traffic records are cumulative) and when last reported.
     open: HashMap<String, (u64, u64)>,
     /// Each device of the policy in force with its subjects (rebuilt when the policy changes).
-    subjects: Option<(Arc<Policy>, Vec<DeviceSubjects>)>,
+    subjects: Option<(Arc<Policy>, SubjectIndex)>,
+    /// Subjects inputs touched since the last publication.
+    dirty: HashSet<String>,
     records_dropped: u64,
     /// Posture checks failing per device, as last reported.
     failing: HashMap<String, Vec<String>>,
@@ -210,9 +257,6 @@ pub struct RiskService {
     offset: AtomicI64,
     on_change: OnceLock<ChangeHook>,
 }
-
-/// A device's user subject and its own.
-type DeviceSubjects = (String, String);
 
 /// Told of every change of a device's level.
 type ChangeHook = Box<dyn Fn(&Change) + Send + Sync>;
@@ -252,6 +296,7 @@ impl RiskService {
                 pushed: HashMap::new(),
                 open: HashMap::new(),
                 subjects: None,
+                dirty: HashSet::new(),
                 records_dropped: 0,
                 failing: HashMap::new(),
                 changes: 0,
@@ -337,18 +382,24 @@ impl RiskService {
                     {
                         let mut st = lock(&self.state);
                         st.engine.offset = policy.utc_offset;
+                        let subject = input.subject();
+                        st.dirty.insert(subject);
                         apply(&mut st, &policy, input, now);
                         // Take what else is waiting, in one go.
                         let mut more = 0;
                         while more < 1024 {
                             match rx.try_recv() {
-                                Ok(i) => apply(&mut st, &policy, i, now),
+                                Ok(i) => {
+                                    let subject = i.subject();
+                                    st.dirty.insert(subject);
+                                    apply(&mut st, &policy, i, now)
+                                }
                                 Err(_) => break,
                             }
                             more += 1;
                         }
                     }
-                    self.publish(&policy);
+                    self.publish(&policy, false);
                 }
                 _ = tick.tick() => {
                     self.read_clock();
@@ -361,98 +412,120 @@ impl RiskService {
                         // Flows that ended without a final record (cut, or its record lost).
                         st.open.retain(|_, (_, seen)| seen.saturating_add(OPEN_FLOW_STALE) >= now);
                     }
-                    self.publish(&policy);
+                    // Decay is slow: every device something is held against is looked at
+                    // once a second (inputs are published at once).
+                    if prune.is_multiple_of(4) {
+                        self.publish(&policy, true);
+                    }
                 }
             }
         }
     }
 
-    /// Tells the workers about every device whose level or reasons changed.
-    fn publish(&self, policy: &Arc<Policy>) {
+    /// Tells the workers about every device whose level or reasons changed: after inputs,
+    /// the devices of the subjects they touched (`dirty`); on the tick (`full`), every device
+    /// something is held against, and those nothing is held against any more (decay).
+    fn publish(&self, policy: &Arc<Policy>, full: bool) {
         let now = self.now();
         let collected = collected(policy);
         let mut changes = Vec::new();
         let mut records = Vec::new();
         {
             let mut st = lock(&self.state);
-            // The devices something is held against: their users' and their own.
-            let active: HashSet<String> = st.engine.active().map(str::to_string).collect();
+            let st = &mut *st;
             // (The cache holds the policy it was made for, so its address is not reused.)
             if st
                 .subjects
                 .as_ref()
                 .is_none_or(|(p, _)| !Arc::ptr_eq(p, policy))
             {
-                let subjects = policy
-                    .devices
-                    .iter()
-                    .map(|d| {
-                        (
-                            user_subject(&policy.users[d.user as usize].name),
-                            device_subject(&d.name),
-                        )
-                    })
-                    .collect();
-                st.subjects = Some((policy.clone(), subjects));
+                st.subjects = Some((policy.clone(), SubjectIndex::of(policy)));
             }
-            let mut devices: Vec<usize> = Vec::new();
-            if !active.is_empty()
-                && let Some((_, subjects)) = &st.subjects
-            {
-                for (i, (u, d)) in subjects.iter().enumerate() {
-                    if active.contains(u) || active.contains(d) {
-                        devices.push(i);
-                    }
+            let index = &st.subjects.as_ref().expect("just made").1;
+            let dirty = std::mem::take(&mut st.dirty);
+            let mut candidates: Vec<usize> = Vec::new();
+            let add = |subject: &str, out: &mut Vec<usize>| {
+                if let Some(ds) = index.devices_of.get(subject) {
+                    out.extend(ds.iter().copied());
+                }
+            };
+            if full {
+                for subject in st.engine.active() {
+                    add(subject, &mut candidates);
+                }
+                for name in st.pushed.keys() {
+                    add(&device_subject(name), &mut candidates);
+                }
+            } else {
+                for subject in &dirty {
+                    add(subject, &mut candidates);
                 }
             }
-            let mut seen: HashSet<String> = HashSet::new();
-            for i in devices {
+            candidates.sort_unstable();
+            candidates.dedup();
+            // A user's assessment is made once for all their devices.
+            let mut users: HashMap<u32, Assessment> = HashMap::new();
+            let mut changed_here = 0u64;
+            for i in candidates {
                 let d = &policy.devices[i];
                 let user = &policy.users[d.user as usize].name;
-                let a = combine(
-                    st.engine.assess(&user_subject(user), now),
-                    st.engine.assess(&device_subject(&d.name), now),
-                );
+                let (us, ds) = &index.of_device[i];
+                let ua = users
+                    .entry(d.user)
+                    .or_insert_with(|| st.engine.assess(us, now))
+                    .clone();
+                let a = combine(ua, st.engine.assess(ds, now));
+                let before = st.pushed.get(&d.name).map(|b| (b.0, b.1, b.2.clone()));
+                let previous = before.as_ref().map_or(Level::Low, |b| b.1);
                 if a.level == Level::Low && a.reasons.is_empty() {
-                    continue; // nothing held against it: dropped below, if it was
+                    // Nothing held against it any more.
+                    if let Some((key, _, _)) = st.pushed.remove(&d.name) {
+                        self.dp.set_risk(key, None);
+                    }
+                } else {
+                    let texts: Vec<String> = a
+                        .reasons
+                        .iter()
+                        .take(STATUS_REASONS)
+                        .map(|r| r.detail.clone())
+                        .collect();
+                    if before
+                        .as_ref()
+                        .is_some_and(|b| b.0 == d.public_key && b.1 == a.level && b.2 == texts)
+                    {
+                        continue;
+                    }
+                    if let Some((old, _, _)) = before
+                        && old != d.public_key
+                    {
+                        // The device has a new key: its old one holds nothing any more.
+                        self.dp.set_risk(old, None);
+                    }
+                    self.dp.set_risk(
+                        d.public_key,
+                        Some(Arc::new(RiskStatus {
+                            level: a.level,
+                            reasons: texts.clone(),
+                            collected: collected.clone(),
+                        })),
+                    );
+                    st.pushed
+                        .insert(d.name.clone(), (d.public_key, a.level, texts));
                 }
-                seen.insert(d.name.clone());
-                let texts: Vec<String> = a
-                    .reasons
-                    .iter()
-                    .take(STATUS_REASONS)
-                    .map(|r| r.detail.clone())
-                    .collect();
-                let before = st.pushed.get(&d.name).map(|b| (b.0, b.1, b.2 == texts));
-                let previous = before.map_or(Level::Low, |b| b.1);
-                if before.is_some_and(|b| b.0 == d.public_key && b.1 == a.level && b.2) {
-                    continue;
-                }
-                if let Some((old, _, _)) = before
-                    && old != d.public_key
-                {
-                    // The device has a new key: its old one holds nothing any more.
-                    self.dp.set_risk(old, None);
-                }
-                self.dp.set_risk(
-                    d.public_key,
-                    Some(Arc::new(RiskStatus {
-                        level: a.level,
-                        reasons: texts.clone(),
-                        collected: collected.clone(),
-                    })),
-                );
-                st.pushed
-                    .insert(d.name.clone(), (d.public_key, a.level, texts));
                 if previous != a.level {
                     st.changes += 1;
-                    info!(device = %d.name, user = %user, from = previous.as_str(), to = a.level.as_str(), score = a.score, "risk level changed");
+                    changed_here += 1;
+                    debug!(device = %d.name, user = %user, from = previous.as_str(), to = a.level.as_str(), score = a.score, "risk level changed");
+                    if changed_here <= 10 {
+                        info!(device = %d.name, user = %user, from = previous.as_str(), to = a.level.as_str(), score = a.score, "risk level changed");
+                    }
                     records.push(RiskRecord {
                         event: "risk",
                         device: d.name.clone(),
                         user: user.clone(),
                         level: a.level,
-                        previous: before.map(|b| b.1),
+                        previous: (previous != Level::Low || a.level == Level::Low)
+                            .then_some(previous),
                         score: (a.score * 10.0).round() / 10.0,
                         reasons: a.reasons.clone(),
                     });
@@ -465,43 +538,25 @@ impl RiskService {
                     });
                 }
             }
-            // Devices nothing is held against any more (or gone from the policy).
-            let gone: Vec<String> = st
-                .pushed
-                .keys()
-                .filter(|k| !seen.contains(*k))
-                .cloned()
-                .collect();
-            for name in gone {
-                let Some((key, previous, _)) = st.pushed.remove(&name) else {
-                    continue;
-                };
-                self.dp.set_risk(key, None);
-                // A device gone from the policy (revoked, deleted) is not "low" now: nothing
-                // is said of it.
-                let Some(dev) = policy.devices.iter().find(|d| d.name == name) else {
-                    continue;
-                };
-                if previous != Level::Low {
-                    st.changes += 1;
-                    let user = policy.users[dev.user as usize].name.clone();
-                    info!(device = %name, user = %user, from = previous.as_str(), to = "low", "risk level changed");
-                    records.push(RiskRecord {
-                        event: "risk",
-                        device: name.clone(),
-                        user: user.clone(),
-                        level: Level::Low,
-                        previous: Some(previous),
-                        score: 0.0,
-                        reasons: Vec::new(),
-                    });
-                    changes.push(Change {
-                        device: name,
-                        user,
-                        level: Level::Low,
-                        previous,
-                        reasons: Vec::new(),
-                    });
+            if changed_here > 10 {
+                info!(
+                    devices = changed_here,
+                    "risk level changed (the first 10 logged one by one; every one has its risk record)"
+                );
+            }
+            if full {
+                // Devices gone from the policy (revoked, deleted): nothing is said of them,
+                // their key holds nothing any more.
+                let gone: Vec<String> = st
+                    .pushed
+                    .keys()
+                    .filter(|k| !index.devices_of.contains_key(&device_subject(k)))
+                    .cloned()
+                    .collect();
+                for name in gone {
+                    if let Some((key, _, _)) = st.pushed.remove(&name) {
+                        self.dp.set_risk(key, None);
+                    }
                 }
             }
         }
@@ -680,6 +735,7 @@ protocols = ["tcp"]
             pushed: HashMap::new(),
             open: HashMap::new(),
             subjects: None,
+            dirty: HashSet::new(),
             records_dropped: 0,
             failing: HashMap::new(),
             changes: 0,

@@ -103,7 +103,7 @@ impl Default for RiskConfig {
             new_destination: 5.0,
             denied_burst: 25.0,
             dns_block: 5.0,
-            failing_posture: 30.0,
+            failing_posture: 20.0,
             external_high: 70.0,
             volume_factor: 5.0,
             volume_floor: 500 << 20,
