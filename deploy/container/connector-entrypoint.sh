@@ -36,6 +36,22 @@ if [ $# -gt 0 ] && [ "$1" != run ]; then
     exec "$CONNECTOR" "$@"
 fi
 
+# What the connector needs from its container; said here plainly rather than as an error from
+# deep inside, and before enrolling (a failed start does not use up the one-time token).
+[ -c /dev/net/tun ] || die "/dev/net/tun is missing: give the container the TUN device (docker run --device /dev/net/tun, compose \`devices: [/dev/net/tun]\`)"
+# The device node comes with the host's owner and mode: 0666 where udev made it (the usual
+# case), 0600 root on hosts without udev, which uid $(id -u) cannot open.
+if [ ! -r /dev/net/tun ] || [ ! -w /dev/net/tun ]; then
+    die "/dev/net/tun is not readable and writable by uid $(id -u) (it is $(stat -c '%A %U' /dev/net/tun 2>/dev/null || echo '?'), as on the host): make it 0666 on the host (chmod 0666 /dev/net/tun, as udev does; opening it grants nothing without CAP_NET_ADMIN), or run the container as root (--user 0)"
+fi
+capbnd=$(sed -n 's/^CapBnd:[[:space:]]*//p' /proc/self/status 2>/dev/null || true)
+if [ -n "$capbnd" ] && [ $(((0x$capbnd >> 12) & 1)) = 0 ]; then
+    die "CAP_NET_ADMIN is not in this container's capability set: add it (docker run --cap-add NET_ADMIN, compose \`cap_add: [NET_ADMIN]\`); nothing more (no --privileged) is needed"
+fi
+command -v nft >/dev/null 2>&1 || die "nft (nftables) is not on PATH: the connector's source NAT needs it"
+if [ "$(cat /proc/sys/net/ipv4/ip_forward 2>/dev/null || echo 0)" != 1 ] && [ ! -w /proc/sys/net/ipv4/ip_forward ]; then
+    say "warning: IPv4 forwarding is off in this network namespace and /proc/sys is read-only here; unless connector.toml says enable_forwarding = false, set it for the container (docker run --sysctl net.ipv4.ip_forward=1, compose \`sysctls\`)"
+fi
 
 prepare_state_dir
 
@@ -101,18 +117,6 @@ else
     } >"$CONFIG.tmp"
     mv "$CONFIG.tmp" "$CONFIG"
     say "config: $CONFIG (from $ENROLLED)"
-fi
-
-# What the connector needs from its container; said here plainly rather than as an error from
-# deep inside.
-[ -c /dev/net/tun ] || die "/dev/net/tun is missing: give the container the TUN device (docker run --device /dev/net/tun, compose \`devices: [/dev/net/tun]\`)"
-capbnd=$(sed -n 's/^CapBnd:[[:space:]]*//p' /proc/self/status 2>/dev/null || true)
-if [ -n "$capbnd" ] && [ $(((0x$capbnd >> 12) & 1)) = 0 ]; then
-    die "CAP_NET_ADMIN is not in this container's capability set: add it (docker run --cap-add NET_ADMIN, compose \`cap_add: [NET_ADMIN]\`); nothing more (no --privileged) is needed"
-fi
-command -v nft >/dev/null 2>&1 || die "nft (nftables) is not on PATH: the connector's source NAT needs it"
-if [ "$(cat /proc/sys/net/ipv4/ip_forward 2>/dev/null || echo 0)" != 1 ] && [ ! -w /proc/sys/net/ipv4/ip_forward ]; then
-    say "warning: IPv4 forwarding is off in this network namespace and /proc/sys is read-only here; unless connector.toml says enable_forwarding = false, set it for the container (docker run --sysctl net.ipv4.ip_forward=1, compose \`sysctls\`)"
 fi
 
 exec "$CONNECTOR" run --config "$CONFIG"

@@ -6,12 +6,14 @@
 #   PATH       /healthz (the process serves), /readyz (broker: store answers and policy loaded;
 #              connector: at least one broker link up). Default /readyz.
 #   HOST:PORT  default SEKISHO_METRICS_LISTEN (an unspecified address 0.0.0.0 or [::] means
-#              this host), else 127.0.0.1:9464.
+#              this host; set but empty means metrics are off, and the check fails), else
+#              127.0.0.1:9464.
 #   SEKISHO_HEALTHCHECK_TIMEOUT  seconds to wait for the answer (default 5).
 set -u
 
 path=${1:-/readyz}
-addr=${2:-${SEKISHO_METRICS_LISTEN:-127.0.0.1:9464}}
+# Unset: the broker's default; set but empty (as the entrypoints read it): metrics are off.
+addr=${2:-${SEKISHO_METRICS_LISTEN-127.0.0.1:9464}}
 if [ -z "$addr" ]; then
     echo "sekisho-healthcheck: no address: SEKISHO_METRICS_LISTEN is empty (metrics are off)" >&2
     exit 1

@@ -929,6 +929,12 @@ fn healthcheck_script_passes_only_on_200() {
         !closed.0 && closed.2.contains("cannot connect"),
         "{closed:?}"
     );
+    // Metrics switched off (set but empty, as the entrypoints read it): the check says so
+    // rather than trying the broker's default port.
+    let off = run(Command::new(deploy().join("container/healthcheck.sh"))
+        .arg("/readyz")
+        .env("SEKISHO_METRICS_LISTEN", ""));
+    assert!(!off.0 && off.2.contains("metrics are off"), "{off:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1763,14 +1769,46 @@ fn container_files_build_what_the_entrypoints_need() {
     ] {
         let text = read(&deploy().join("container").join(file));
         let froms: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
-        assert_eq!(froms.len(), 2, "{file}: builder and runtime stages");
-        assert!(froms[0].starts_with("FROM rust:1-bookworm AS "), "{file}");
-        assert_eq!(froms[1], "FROM debian:bookworm-slim", "{file}");
+        // The Rust build, the binary built elsewhere, the choice between them, the runtime.
+        assert_eq!(
+            froms,
+            [
+                "FROM docker.io/library/rust:1-bookworm AS build",
+                "FROM scratch AS prebuilt",
+                "FROM ${BINARIES} AS binaries",
+                "FROM ${BASE}",
+            ],
+            "{file}: stages"
+        );
+        // Build arguments before the first FROM, with the public defaults.
+        let head = &text[..text.find(froms[0]).unwrap()];
+        assert!(
+            head.contains("\nARG BASE=docker.io/library/debian:bookworm-slim\n"),
+            "{file}"
+        );
+        assert!(head.contains("\nARG BINARIES=build\n"), "{file}");
+        for doc in [
+            "#   BASE ",
+            "#   BINARIES ",
+            "--build-arg BINARIES=prebuilt",
+        ] {
+            assert!(head.contains(doc), "{file}: {doc:?} undocumented");
+        }
         assert!(
             text.contains(&format!("cargo build --release --locked -p {binary}")),
             "{file}: release build with --locked"
         );
-        let runtime = &text[text.find(froms[1]).unwrap()..];
+        assert!(
+            text.contains(&format!("COPY prebuilt/{binary} /out/{binary}\n")),
+            "{file}: the prebuilt stage takes prebuilt/{binary}"
+        );
+        let runtime = &text[text.find(froms[3]).unwrap()..];
+        // The runtime stage takes the binary from the chosen stage, nothing from the others.
+        assert!(runtime.contains("from=binaries"), "{file}");
+        assert!(
+            !runtime.contains("from=build") && !runtime.contains("from=prebuilt"),
+            "{file}"
+        );
         for pkg in ["ca-certificates", "iproute2", "nftables"] {
             assert!(runtime.contains(pkg), "{file}: {pkg}");
         }
