@@ -209,6 +209,11 @@ impl Image {
         let context = image.context.display().to_string();
         let mut args = vec![
             "build",
+            // The build's RUN steps use the machine's own network: podman's default bridge
+            // network (CNI) would create a bridge, firewall rules and turn on IPv4 forwarding
+            // in the root namespace, which tests must never change.
+            "--network",
+            "host",
             // HEALTHCHECK is kept in the docker format only (OCI images have none).
             "--format",
             "docker",
@@ -354,6 +359,29 @@ fn capabilities(status: &str, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in {status}"))
 }
 
+/// Fails the test (when it would otherwise pass) if the root namespace's IPv4 forwarding
+/// changed or a podman bridge appeared there.
+struct RootUnchanged(String);
+
+impl Drop for RootUnchanged {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        let now = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
+        assert_eq!(now, self.0, "the root namespace's ip_forward changed");
+        let links = std::process::Command::new("ip")
+            .args(["-o", "link"])
+            .output()
+            .unwrap();
+        let links = String::from_utf8_lossy(&links.stdout);
+        assert!(
+            !links.contains("cni-podman"),
+            "a podman bridge appeared in the root namespace: {links}"
+        );
+    }
+}
+
 #[test]
 fn connector_image_runs_in_the_site_with_net_admin_only() {
     if skip_containers() {
@@ -361,6 +389,10 @@ fn connector_image_runs_in_the_site_with_net_admin_only() {
     }
     let started = Instant::now();
     let at = |what: &str| println!("[{:5.1} s] {what}", started.elapsed().as_secs_f64());
+    // The root namespace's forwarding and links before: nothing here may change them.
+    let root_forwarding = || std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
+    let forwarding_before = root_forwarding();
+    let _root_unchanged = RootUnchanged(forwarding_before.clone());
     sweep_stale();
     ensure_base_image();
     at("base image there");
