@@ -133,3 +133,51 @@ pub async fn get_json<T: serde::de::DeserializeOwned>(
     anyhow::ensure!(body.len() <= max, "GET {url}: answer too large");
     serde_json::from_slice(&body).with_context(|| format!("GET {url}: not the JSON expected"))
 }
+
+/// Test keys: ES256 signers with their public JWKs, and tokens signed by them.
+#[cfg(test)]
+pub mod testing {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use jsonwebtoken::jwk::JwkSet;
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+    use serde_json::Value;
+
+    pub struct Signer {
+        pub pkcs8: Vec<u8>,
+        pub jwk: Value,
+    }
+
+    /// A new P-256 key published under `kid`.
+    pub fn signer(kid: &str) -> Signer {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .unwrap()
+            .as_ref()
+            .to_vec();
+        let pair =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8, &rng).unwrap();
+        let point = pair.public_key().as_ref();
+        let jwk = serde_json::json!({"kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256",
+            "use": "sig", "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
+            "y": URL_SAFE_NO_PAD.encode(&point[33..65])});
+        Signer { pkcs8, jwk }
+    }
+
+    /// `claims` signed ES256 by `s`, naming `kid`, with header type `typ`.
+    pub fn sign_typ(s: &Signer, kid: &str, typ: Option<&str>, claims: &Value) -> String {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some(kid.into());
+        h.typ = typ.map(String::from);
+        jsonwebtoken::encode(&h, claims, &EncodingKey::from_ec_der(&s.pkcs8)).unwrap()
+    }
+
+    /// The JWK set publishing `signers`.
+    pub fn key_set(signers: &[&Signer]) -> JwkSet {
+        serde_json::from_value(
+            serde_json::json!({"keys": signers.iter().map(|s| s.jwk.clone()).collect::<Vec<_>>()}),
+        )
+        .unwrap()
+    }
+}

@@ -306,6 +306,14 @@ impl Deployment {
             .collect()
     }
 
+    /// The latest flow decision of `user` to port `dport` in the decision log.
+    pub fn last_decision(&self, user: &str, dport: u64) -> Option<Value> {
+        self.decisions()
+            .into_iter()
+            .rev()
+            .find(|r| r["event"] == "flow" && r["user"] == user && r["dport"] == dport)
+    }
+
     pub fn pid(&self, daemon: &str) -> i32 {
         std::fs::read_to_string(self.state.join(format!("{daemon}.pid")))
             .ok()
@@ -390,10 +398,21 @@ pub fn udp_probe(addr: &str, port: u16, payload: &str) -> String {
 
 /// As [`udp_probe`], from a fixed local port (0: any), so that probes share one 5-tuple.
 pub fn udp_probe_from(local_port: u16, addr: &str, port: u16, payload: &str) -> String {
+    udp_probe_within(local_port, addr, port, payload, 5)
+}
+
+/// As [`udp_probe_from`], waiting at most `timeout` seconds for the answer.
+pub fn udp_probe_within(
+    local_port: u16,
+    addr: &str,
+    port: u16,
+    payload: &str,
+    timeout: u32,
+) -> String {
     format!(
         "import socket,time\n\
          t=time.time()\n\
-         s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)\n\
+         s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout({timeout})\n\
          s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0',{local_port})); s.connect(('{addr}',{port}))\n\
          try:\n  s.send(b'{payload}'); r='reply:'+s.recv(2000).decode()\n\
          except Exception as e: r=type(e).__name__+':'+str(e)\n\

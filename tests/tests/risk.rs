@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use sekisho_tests::{Deployment, wait_until};
+use sekisho_tests::{Deployment, udp_probe_within, wait_until};
 use serde_json::Value;
 
 const APP: &str = "10.20.0.10";
@@ -69,17 +69,8 @@ fn ping(d: &Deployment) -> bool {
 /// One UDP echo to the level-3 application, always from the same port: every probe is the
 /// same flow, so a refusal after an answer is a running flow cut.
 fn echo(d: &Deployment) -> bool {
-    d.py(
-        "laptop",
-        &format!(
-            "import socket\n\
-             s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(1)\n\
-             s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); s.bind(('',40007))\n\
-             s.sendto(b'ping',('{APP}',7))\n\
-             try:\n  print(s.recvfrom(100)[0].decode())\n\
-             except Exception as e: print('no answer')"
-        ),
-    ) == "ping"
+    d.py("laptop", &udp_probe_within(40007, APP, 7, "ping", 1))
+        .starts_with("reply:ping ")
 }
 
 /// The file the broker's risk engine reads its test-only clock offset from.
@@ -92,6 +83,19 @@ fn set_engine_clock(target: u64) {
     let offset = target as i64 - unix() as i64;
     std::fs::write(clock_path(), offset.to_string()).unwrap();
     std::thread::sleep(Duration::from_millis(600));
+}
+
+/// `admin explain` for alice's laptop to the level-3 echo: (denied?, text).
+fn explain_echo(d: &Deployment) -> (bool, String, String) {
+    d.admin(&[
+        "explain",
+        "--device",
+        "alice-laptop",
+        "--to",
+        &format!("{APP}:7"),
+        "--protocol",
+        "udp",
+    ])
 }
 
 /// The latest risk record of a device in the decision log.
@@ -160,12 +164,7 @@ fn a_bulk_download_at_an_unusual_hour_degrades_access_by_sensitivity_then_decays
     assert!(cut < Duration::from_secs(5), "cut took {cut:?}");
 
     // The denial names the risk.
-    let denial = d
-        .decisions()
-        .into_iter()
-        .rev()
-        .find(|r| r["event"] == "flow" && r["user"] == "alice" && r["dport"] == 7)
-        .expect("a decision for echo");
+    let denial = d.last_decision("alice", 7).expect("a decision for echo");
     assert_eq!(denial["decision"], "deny", "{denial}");
     assert_eq!(
         denial["reason"], "risk too high for this application's sensitivity",
@@ -177,10 +176,7 @@ fn a_bulk_download_at_an_unusual_hour_degrades_access_by_sensitivity_then_decays
     let (n, _) = download(&d, "/index.html");
     assert!(n > 0, "level 2 (intranet) still serves at high risk");
     let logged = d
-        .decisions()
-        .into_iter()
-        .rev()
-        .find(|r| r["event"] == "flow" && r["user"] == "alice" && r["dport"] == 80)
+        .last_decision("alice", 80)
         .expect("a decision for the intranet");
     assert_eq!(logged["decision"], "allow", "{logged}");
     assert_eq!(logged["risk"]["response"], "log", "{logged}");
@@ -223,15 +219,7 @@ fn a_bulk_download_at_an_unusual_hour_degrades_access_by_sensitivity_then_decays
     );
 
     // The admin sees the same through explain.
-    let (_, explained, _) = d.admin(&[
-        "explain",
-        "--device",
-        "alice-laptop",
-        "--to",
-        &format!("{APP}:7"),
-        "--protocol",
-        "udp",
-    ]);
+    let (_, explained, _) = explain_echo(&d);
     assert!(
         explained.contains("risk: high") && explained.contains("volume"),
         "{explained}"
@@ -273,27 +261,14 @@ fn a_personal_device_does_not_reach_level_3() {
     );
     let refused = wait_until(Duration::from_secs(5), || !echo(&d));
     assert!(refused.is_some(), "a personal device loses level 3");
-    let rec = d
-        .decisions()
-        .into_iter()
-        .rev()
-        .find(|r| r["event"] == "flow" && r["user"] == "alice" && r["dport"] == 7)
-        .expect("a decision");
+    let rec = d.last_decision("alice", 7).expect("a decision");
     assert_eq!(rec["decision"], "deny", "{rec}");
     assert_eq!(
         rec["reason"], "personal device: this sensitivity level needs a managed one",
         "{rec}"
     );
     assert!(ping(&d), "level 1 from a personal device");
-    let (ok, out, _) = d.admin(&[
-        "explain",
-        "--device",
-        "alice-laptop",
-        "--to",
-        &format!("{APP}:7"),
-        "--protocol",
-        "udp",
-    ]);
+    let (ok, out, _) = explain_echo(&d);
     assert!(
         !ok && out.contains("personal device") && out.contains("device class: personal"),
         "{out}"

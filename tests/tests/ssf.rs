@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use sekisho_tests::{Deployment, wait_until};
+use sekisho_tests::{Deployment, udp_probe_within, wait_until};
 use serde_json::Value;
 
 const APP: &str = "10.20.0.10";
@@ -22,17 +22,8 @@ fn tool() -> PathBuf {
 
 /// One UDP echo to the level-3 application from a fixed port (one flow).
 fn echo(d: &Deployment) -> bool {
-    d.py(
-        "laptop",
-        &format!(
-            "import socket\n\
-             s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(1)\n\
-             s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); s.bind(('',40008))\n\
-             s.sendto(b'ping',('{APP}',7))\n\
-             try:\n  print(s.recvfrom(100)[0].decode())\n\
-             except Exception as e: print('no answer')"
-        ),
-    ) == "ping"
+    d.py("laptop", &udp_probe_within(40008, APP, 7, "ping", 1))
+        .starts_with("reply:ping ")
 }
 
 /// Pushes one SET from the broker host (where the test's transmitter lives); returns
@@ -68,6 +59,20 @@ fn push(d: &Deployment, args: &[&str]) -> (u16, String) {
     );
     let (status, body) = text.split_once(' ').unwrap_or((&text, ""));
     (status.parse().unwrap_or(0), body.to_string())
+}
+
+/// A device-compliance-change for alice's laptop with `status`, and extra arguments.
+fn compliance(d: &Deployment, status: &str, extra: &[&str]) -> (u16, String) {
+    let mut args = vec![
+        "--event",
+        "compliance",
+        "--device",
+        "alice-laptop",
+        "--status",
+        status,
+    ];
+    args.extend_from_slice(extra);
+    push(d, &args)
 }
 
 fn audit(d: &Deployment) -> Vec<Value> {
@@ -188,16 +193,7 @@ fn shared_signals_in_and_out() {
         (&["--tamper", "iat-stale"], "invalid_request"),
     ];
     for (extra, code) in bad {
-        let mut args = vec![
-            "--event",
-            "compliance",
-            "--device",
-            "alice-laptop",
-            "--status",
-            "not-compliant",
-        ];
-        args.extend_from_slice(extra);
-        let (status, body) = push(&d, &args);
+        let (status, body) = compliance(&d, "not-compliant", extra);
         assert_eq!(status, 400, "{extra:?}: {body}");
         let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
         assert_eq!(v["err"], code, "{extra:?}: {body}");
@@ -211,17 +207,7 @@ fn shared_signals_in_and_out() {
     assert!(echo(&d), "refused SETs change nothing");
 
     // A good device-compliance-change: level 3 is cut within a second.
-    let (status, body) = push(
-        &d,
-        &[
-            "--event",
-            "compliance",
-            "--device",
-            "alice-laptop",
-            "--status",
-            "not-compliant",
-        ],
-    );
+    let (status, body) = compliance(&d, "not-compliant", &[]);
     assert_eq!(status, 202, "{body}");
     let cut = wait_until(Duration::from_secs(10), || !echo(&d)).expect("level 3 cut");
     eprintln!(
@@ -233,12 +219,7 @@ fn shared_signals_in_and_out() {
         d.sh("laptop", &format!("ping -c 1 -W 2 {APP}")).0,
         "level 1 goes on"
     );
-    let rec = d
-        .decisions()
-        .into_iter()
-        .rev()
-        .find(|r| r["event"] == "flow" && r["dport"] == 7 && r["user"] == "alice")
-        .unwrap();
+    let rec = d.last_decision("alice", 7).unwrap();
     assert_eq!(
         rec["reason"], "risk too high for this application's sensitivity",
         "{rec}"
@@ -282,17 +263,7 @@ fn shared_signals_in_and_out() {
     );
 
     // Compliant again (the same transmitter withdraws its signal): level 3 returns.
-    let (status, body) = push(
-        &d,
-        &[
-            "--event",
-            "compliance",
-            "--device",
-            "alice-laptop",
-            "--status",
-            "compliant",
-        ],
-    );
+    let (status, body) = compliance(&d, "compliant", &[]);
     assert_eq!(status, 202, "{body}");
     assert!(
         wait_until(Duration::from_secs(10), || echo(&d)).is_some(),

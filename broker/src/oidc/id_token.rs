@@ -174,40 +174,11 @@ mod tests {
     use super::*;
     use base64::Engine;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    use jsonwebtoken::{Algorithm, EncodingKey, Header};
-    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 
-    struct Signer {
-        pkcs8: Vec<u8>,
-        jwk: Value,
-    }
-
-    fn signer(kid: &str) -> Signer {
-        let rng = ring::rand::SystemRandom::new();
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
-            .unwrap()
-            .as_ref()
-            .to_vec();
-        let pair =
-            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8, &rng).unwrap();
-        let point = pair.public_key().as_ref();
-        let jwk = serde_json::json!({"kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256",
-            "use": "sig", "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
-            "y": URL_SAFE_NO_PAD.encode(&point[33..65])});
-        Signer { pkcs8, jwk }
-    }
+    use crate::jose::testing::{Signer, key_set as set, sign_typ, signer};
 
     fn sign(s: &Signer, kid: &str, claims: &Value) -> String {
-        let mut h = Header::new(Algorithm::ES256);
-        h.kid = Some(kid.into());
-        jsonwebtoken::encode(&h, claims, &EncodingKey::from_ec_der(&s.pkcs8)).unwrap()
-    }
-
-    fn set(signers: &[&Signer]) -> JwkSet {
-        serde_json::from_value(
-            serde_json::json!({"keys": signers.iter().map(|s| s.jwk.clone()).collect::<Vec<_>>()}),
-        )
-        .unwrap()
+        sign_typ(s, kid, Some("JWT"), claims)
     }
 
     const NOW: u64 = 1_800_000_000;

@@ -539,46 +539,12 @@ impl Jtis {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use jsonwebtoken::{Algorithm, EncodingKey, Header};
-    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
     use serde_json::json;
 
-    struct Signer {
-        pkcs8: Vec<u8>,
-        jwk: Value,
-    }
-
-    fn signer(kid: &str) -> Signer {
-        let rng = ring::rand::SystemRandom::new();
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
-            .unwrap()
-            .as_ref()
-            .to_vec();
-        let pair =
-            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8, &rng).unwrap();
-        let point = pair.public_key().as_ref();
-        let jwk = json!({"kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256",
-            "use": "sig", "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
-            "y": URL_SAFE_NO_PAD.encode(&point[33..65])});
-        Signer { pkcs8, jwk }
-    }
-
-    fn sign_typ(s: &Signer, kid: &str, typ: Option<&str>, claims: &Value) -> String {
-        let mut h = Header::new(Algorithm::ES256);
-        h.kid = Some(kid.into());
-        h.typ = typ.map(String::from);
-        jsonwebtoken::encode(&h, claims, &EncodingKey::from_ec_der(&s.pkcs8)).unwrap()
-    }
+    use crate::jose::testing::{Signer, key_set as keyset, sign_typ, signer};
 
     fn sign(s: &Signer, kid: &str, claims: &Value) -> String {
         sign_typ(s, kid, Some("secevent+jwt"), claims)
-    }
-
-    fn keyset(signers: &[&Signer]) -> JwkSet {
-        serde_json::from_value(
-            json!({"keys": signers.iter().map(|s| s.jwk.clone()).collect::<Vec<_>>()}),
-        )
-        .unwrap()
     }
 
     const NOW: u64 = 1_800_000_000;
