@@ -2455,10 +2455,7 @@ async fn explain(State(ctl): Ctl, _: Admin, body: Bytes) -> ApiResult<api::Expla
             .reasons
             .iter()
             .map(|r| api::ExplainedReason {
-                signal: serde_json::to_value(r.signal)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default(),
+                signal: r.signal.as_str().to_string(),
                 detail: r.detail.clone(),
                 score: (r.score * 10.0).round() / 10.0,
             })

@@ -10,6 +10,7 @@
 //! `[risk] monitor_from`; denied flows count for the burst signal whatever they aimed at.
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -39,6 +40,9 @@ const OPEN_FLOWS: usize = 200_000;
 /// every minute).
 const OPEN_FLOW_STALE: u64 = 180;
 
+/// A flow among the open ones: protocol, source, source port, destination, its port, start.
+type FlowId = (&'static str, IpAddr, u16, IpAddr, u16, u64);
+
 /// Something the engine should know.
 #[derive(Debug, Clone)]
 pub enum Input {
@@ -57,7 +61,7 @@ pub enum Input {
     Traffic {
         user: String,
         application: Option<String>,
-        flow: String,
+        flow: FlowId,
         bytes: u64,
         last: bool,
     },
@@ -189,10 +193,7 @@ impl RiskFeed {
             LogLine::Flow(r) => self.send(Input::Traffic {
                 user: r.meta.user.clone(),
                 application: r.meta.application.clone(),
-                flow: format!(
-                    "{} {}:{} {}:{} {}",
-                    r.proto, r.src, r.sport, r.dst, r.dport, r.start_ms
-                ),
+                flow: (r.proto, r.src, r.sport, r.dst, r.dport, r.start_ms),
                 bytes: r.traffic.bytes_in + r.traffic.bytes_out,
                 last: r.end != sekisho_proto::flow::FlowEnd::Ongoing,
             }),
@@ -235,7 +236,7 @@ struct State {
     /// What the workers were told last, by device name: key, level, reason texts.
     pushed: HashMap<String, (PublicKeyBytes, Level, Vec<String>)>,
     /// Open flows' bytes so far (traffic records are cumulative) and when last reported.
-    open: HashMap<String, (u64, u64)>,
+    open: HashMap<FlowId, (u64, u64)>,
     /// Each device of the policy in force with its subjects (rebuilt when the policy changes).
     subjects: Option<(Arc<Policy>, SubjectIndex)>,
     /// Subjects inputs touched since the last publication.
@@ -245,6 +246,22 @@ struct State {
     failing: HashMap<String, Vec<String>>,
     changes: u64,
     flows_forgotten: u64,
+}
+
+impl State {
+    fn new(engine: RiskEngine) -> State {
+        State {
+            engine,
+            pushed: HashMap::new(),
+            open: HashMap::new(),
+            subjects: None,
+            dirty: HashSet::new(),
+            records_dropped: 0,
+            failing: HashMap::new(),
+            changes: 0,
+            flows_forgotten: 0,
+        }
+    }
 }
 
 pub struct RiskService {
@@ -271,37 +288,30 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn user_subject(name: &str) -> String {
+/// The engine's subject for a user.
+pub fn user_subject(name: &str) -> String {
     format!("user:{name}")
 }
 
-fn device_subject(name: &str) -> String {
+/// The engine's subject for a device.
+pub fn device_subject(name: &str) -> String {
     format!("device:{name}")
 }
 
 impl RiskService {
     /// Starts the engine's task.
     pub fn start(
-        config: &crate::config::RiskEngineConfig,
+        config: &sekisho_proto::risk::RiskConfig,
         feed: RiskFeed,
         rx: mpsc::Receiver<Input>,
         dp: DataPlane,
         log: mpsc::Sender<LogLine>,
     ) -> Arc<RiskService> {
         let offset = dp.policy().utc_offset;
+        let state = State::new(RiskEngine::new(config.clone(), offset));
         let svc = Arc::new(RiskService {
-            config: config.engine(),
-            state: Mutex::new(State {
-                engine: RiskEngine::new(config.engine(), offset),
-                pushed: HashMap::new(),
-                open: HashMap::new(),
-                subjects: None,
-                dirty: HashSet::new(),
-                records_dropped: 0,
-                failing: HashMap::new(),
-                changes: 0,
-                flows_forgotten: 0,
-            }),
+            config: state.engine.config.clone(),
+            state: Mutex::new(state),
             feed,
             dp,
             log,
@@ -382,18 +392,12 @@ impl RiskService {
                     {
                         let mut st = lock(&self.state);
                         st.engine.offset = policy.utc_offset;
-                        let subject = input.subject();
-                        st.dirty.insert(subject);
                         apply(&mut st, &policy, input, now);
                         // Take what else is waiting, in one go.
                         let mut more = 0;
                         while more < 1024 {
                             match rx.try_recv() {
-                                Ok(i) => {
-                                    let subject = i.subject();
-                                    st.dirty.insert(subject);
-                                    apply(&mut st, &policy, i, now)
-                                }
+                                Ok(i) => apply(&mut st, &policy, i, now),
                                 Err(_) => break,
                             }
                             more += 1;
@@ -603,7 +607,10 @@ fn collected(policy: &Policy) -> Vec<String> {
     ]
 }
 
+/// Gives `input` to the engine and notes its subject for the next publication.
 fn apply(st: &mut State, policy: &Policy, input: Input, now: u64) {
+    let who = input.subject();
+    st.dirty.insert(who.clone());
     let monitored = |app: &Option<String>| {
         app.as_deref()
             .and_then(|a| policy.app_by_name(a))
@@ -615,7 +622,7 @@ fn apply(st: &mut State, policy: &Policy, input: Input, now: u64) {
     };
     match input {
         Input::Decision {
-            user,
+            user: _,
             application,
             allowed,
             probing,
@@ -623,20 +630,19 @@ fn apply(st: &mut State, policy: &Policy, input: Input, now: u64) {
             if allowed {
                 if monitored(&application) {
                     let app = application.unwrap_or_default();
-                    st.engine.flow(&user_subject(&user), &app, now);
+                    st.engine.flow(&who, &app, now);
                 }
             } else if probing {
-                st.engine.denied(&user_subject(&user), now);
+                st.engine.denied(&who, now);
             }
         }
-        Input::DeniedMany { user, count } => {
-            let who = user_subject(&user);
+        Input::DeniedMany { user: _, count } => {
             for _ in 0..count.min(1000) {
                 st.engine.denied(&who, now);
             }
         }
         Input::Traffic {
-            user,
+            user: _,
             application,
             flow,
             bytes,
@@ -657,11 +663,10 @@ fn apply(st: &mut State, policy: &Policy, input: Input, now: u64) {
             let delta = bytes.saturating_sub(before.unwrap_or(0));
             if delta > 0 {
                 let app = application.unwrap_or_default();
-                st.engine.traffic(&user_subject(&user), &app, delta, now);
+                st.engine.traffic(&who, &app, delta, now);
             }
         }
         Input::Posture { device, failing } => {
-            let who = device_subject(&device);
             let before = st.failing.get(&device).cloned().unwrap_or_default();
             for check in failing.iter().filter(|c| !before.contains(c)) {
                 st.engine.posture_failing(&who, check, now);
@@ -673,12 +678,10 @@ fn apply(st: &mut State, policy: &Policy, input: Input, now: u64) {
             }
         }
         Input::DnsBlocks {
-            device,
+            device: _,
             category,
             count,
-        } => st
-            .engine
-            .dns_blocks(&device_subject(&device), &category, count, now),
+        } => st.engine.dns_blocks(&who, &category, count, now),
         Input::Standing {
             subject,
             signal,
@@ -691,15 +694,6 @@ fn apply(st: &mut State, policy: &Policy, input: Input, now: u64) {
             source,
         } => st.engine.external(&subject, level, &source, now),
     }
-}
-
-/// The subject names the engine uses.
-pub fn user(name: &str) -> String {
-    user_subject(name)
-}
-
-pub fn device(name: &str) -> String {
-    device_subject(name)
 }
 
 #[cfg(test)]
@@ -727,28 +721,18 @@ protocols = ["tcp"]
     fn state() -> (State, Policy) {
         let policy = Policy::parse(std::path::Path::new("p.toml"), POLICY).unwrap();
         let config = sekisho_proto::risk::RiskConfig {
-            volume_floor: 1000,
+            volume_floor_mib: 1,
             ..Default::default()
         };
-        let st = State {
-            engine: RiskEngine::new(config, 0),
-            pushed: HashMap::new(),
-            open: HashMap::new(),
-            subjects: None,
-            dirty: HashSet::new(),
-            records_dropped: 0,
-            failing: HashMap::new(),
-            changes: 0,
-            flows_forgotten: 0,
-        };
-        (st, policy)
+        (State::new(RiskEngine::new(config, 0)), policy)
     }
 
-    fn traffic(app: &str, flow: &str, bytes: u64, last: bool) -> Input {
+    fn traffic(app: &str, port: u16, bytes: u64, last: bool) -> Input {
+        let a: IpAddr = [100, 118, 0, 2].into();
         Input::Traffic {
             user: "alice".into(),
             application: Some(app.into()),
-            flow: flow.into(),
+            flow: ("tcp", a, port, a, 80, 0),
             bytes,
             last,
         }
@@ -760,22 +744,17 @@ protocols = ["tcp"]
     fn cumulative_traffic_records_count_their_increase_once() {
         let (mut st, p) = state();
         // Progress records of one flow: 400, then 900 in all, then the final 1,200.
-        apply(&mut st, &p, traffic("files", "f1", 400, false), T);
-        apply(&mut st, &p, traffic("files", "f1", 900, false), T + 60);
+        apply(&mut st, &p, traffic("files", 1, 400 << 10, false), T);
+        apply(&mut st, &p, traffic("files", 1, 900 << 10, false), T + 60);
         assert_eq!(st.engine.assess("user:alice", T + 60).reasons.len(), 0);
-        apply(&mut st, &p, traffic("files", "f1", 1200, true), T + 61);
+        apply(&mut st, &p, traffic("files", 1, 1200 << 10, true), T + 61);
         // 1,200 bytes in the hour, over the 1,000 floor: flagged once, the flow forgotten.
         let a = st.engine.assess("user:alice", T + 61);
         assert_eq!(a.reasons.len(), 1, "{a:?}");
-        assert!(a.reasons[0].detail.starts_with("0 MB this hour"), "{a:?}");
+        assert!(a.reasons[0].detail.starts_with("1 MB this hour"), "{a:?}");
         assert!(st.open.is_empty());
         // Below the monitored level: nothing counts.
-        apply(
-            &mut st,
-            &p,
-            traffic("intranet", "f2", 1 << 30, true),
-            T + 62,
-        );
+        apply(&mut st, &p, traffic("intranet", 3, 1 << 30, true), T + 62);
         assert!(st.open.is_empty());
     }
 
@@ -783,10 +762,12 @@ protocols = ["tcp"]
     fn flows_beyond_the_remembered_are_not_counted_again_and_again() {
         let (mut st, p) = state();
         for i in 0..OPEN_FLOWS {
-            st.open.insert(format!("x{i}"), (1, T));
+            let a: IpAddr = [10, 0, 0, 1].into();
+            st.open
+                .insert(("tcp", a, i as u16, a, 80, i as u64), (1, T));
         }
         for _ in 0..5 {
-            apply(&mut st, &p, traffic("files", "big", 800, false), T + 1);
+            apply(&mut st, &p, traffic("files", 2, 800 << 10, false), T + 1);
         }
         assert_eq!(st.flows_forgotten, 5);
         assert_eq!(st.engine.assess("user:alice", T + 1).reasons.len(), 0);

@@ -63,10 +63,29 @@ pub enum Signal {
     NonCompliant,
 }
 
-/// Weights, decay and thresholds.
-#[derive(Debug, Clone, PartialEq)]
+impl Signal {
+    /// Its name in records and explanations (as serialized).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Signal::Volume => "volume",
+            Signal::OffHours => "off_hours",
+            Signal::NewDestination => "new_destination",
+            Signal::DeniedBurst => "denied_burst",
+            Signal::DnsBlocks => "dns_blocks",
+            Signal::FailingPosture => "failing_posture",
+            Signal::External => "external",
+            Signal::NonCompliant => "non_compliant",
+        }
+    }
+}
+
+/// Weights, decay and thresholds: `[risk_engine]` in broker.toml, every field optional. The
+/// weights are points, the thresholds sums of points; durations are written like "20s".
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RiskConfig {
     /// Seconds after which a signal's score has halved.
+    #[serde(deserialize_with = "duration_secs")]
     pub half_life: u64,
     /// Scores at which the risk is medium, high.
     pub medium: f64,
@@ -81,15 +100,30 @@ pub struct RiskConfig {
     pub external_high: f64,
     /// Volume: the hour's bytes beyond this many times the baseline for that hour.
     pub volume_factor: f64,
-    /// Volume: never below this many bytes in an hour (a new user, a quiet hour).
-    pub volume_floor: u64,
+    /// Volume: never below this many MiB in an hour (a new user, a quiet hour).
+    pub volume_floor_mib: u64,
     /// Off hours: only once the baseline has seen this many hours of activity.
     pub learned_hours: u32,
     /// Denied burst: this many denied flows within `burst_window` seconds.
     pub burst_count: usize,
+    #[serde(deserialize_with = "duration_secs")]
     pub burst_window: u64,
     /// Weight of a new observation in an hour's mean (exponential weighting).
     pub baseline_alpha: f64,
+    /// TEST ONLY, read by the broker, not the engine: a file holding seconds (may be
+    /// negative) added to the engine's clock, read every 250 ms, so a test can put "now" at
+    /// another hour of the week. Never set it in a deployment.
+    pub test_clock_offset_file: Option<std::path::PathBuf>,
+}
+
+/// "20s", "1h" as whole seconds.
+fn duration_secs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let text = <String as serde::Deserialize>::deserialize(d)?;
+    humantime::parse_duration(&text)
+        .map(|t| t.as_secs())
+        .map_err(|e| {
+            serde::de::Error::custom(format!("{text:?} is not a duration like \"20s\": {e}"))
+        })
 }
 
 impl Default for RiskConfig {
@@ -106,11 +140,12 @@ impl Default for RiskConfig {
             failing_posture: 20.0,
             external_high: 70.0,
             volume_factor: 5.0,
-            volume_floor: 500 << 20,
+            volume_floor_mib: 500,
             learned_hours: 20,
             burst_count: 20,
             burst_window: 60,
             baseline_alpha: 0.3,
+            test_clock_offset_file: None,
         }
     }
 }
@@ -254,7 +289,13 @@ const NEGLIGIBLE: f64 = 0.01;
 pub const MAX_CONTRIBUTIONS: usize = 32;
 
 impl RiskEngine {
-    pub fn new(config: RiskConfig, offset: i64) -> Self {
+    /// An engine with `config` (values that cannot work are brought into range: a half-life
+    /// and a burst window of at least a second, a burst of at least one, a weight of 0 to 1).
+    pub fn new(mut config: RiskConfig, offset: i64) -> Self {
+        config.half_life = config.half_life.max(1);
+        config.burst_window = config.burst_window.max(1);
+        config.burst_count = config.burst_count.max(1);
+        config.baseline_alpha = config.baseline_alpha.clamp(0.0, 1.0);
         RiskEngine {
             config,
             offset,
@@ -382,8 +423,8 @@ impl RiskEngine {
         let s = self.subject(who);
         s.hour_bytes = s.hour_bytes.saturating_add(bytes);
         let usual = s.baseline.expected(how);
-        let limit = usual.map_or(c.volume_floor as f64, |e| {
-            (e * c.volume_factor).max(c.volume_floor as f64)
+        let limit = usual.map_or((c.volume_floor_mib << 20) as f64, |e| {
+            (e * c.volume_factor).max((c.volume_floor_mib << 20) as f64)
         });
         let (total, flag) = (
             s.hour_bytes,
@@ -687,6 +728,23 @@ mod tests {
         let a = r.assess("u", MONDAY + 1);
         assert_eq!(a.reasons.len(), 1, "{a:?}");
         assert!(a.reasons[0].detail.ends_with("corp-idp"));
+    }
+
+    #[test]
+    fn signal_names_are_their_serialized_names() {
+        use Signal::*;
+        for s in [
+            Volume,
+            OffHours,
+            NewDestination,
+            DeniedBurst,
+            DnsBlocks,
+            FailingPosture,
+            External,
+            NonCompliant,
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
     }
 
     #[test]

@@ -437,7 +437,7 @@ async fn apply(ctl: &Control, ssf: &Ssf, issuer: &str, e: &set::Event) -> anyhow
             };
             risk.feed()
                 .send_reliably(Input::Standing {
-                    subject: crate::risk::device(d),
+                    subject: crate::risk::device_subject(d),
                     signal: Signal::NonCompliant,
                     source: issuer.to_string(),
                     state: (!compliant).then(|| {
@@ -459,8 +459,8 @@ async fn apply(ctl: &Control, ssf: &Ssf, issuer: &str, e: &set::Event) -> anyhow
         }
         EventKind::RiskLevel { level } => {
             let subject = match (&device, &user) {
-                (Some(d), _) => crate::risk::device(d),
-                (None, Some(u)) => crate::risk::user(u),
+                (Some(d), _) => crate::risk::device_subject(d),
+                (None, Some(u)) => crate::risk::user_subject(u),
                 _ => {
                     warn!(issuer, subject = ?e.subject, "risk-level-change for no user or device here; ignored");
                     return Ok(());
@@ -488,7 +488,7 @@ async fn apply(ctl: &Control, ssf: &Ssf, issuer: &str, e: &set::Event) -> anyhow
             };
             risk.feed()
                 .send_reliably(Input::Standing {
-                    subject: crate::risk::user(u),
+                    subject: crate::risk::user_subject(u),
                     signal: Signal::External,
                     source: format!("{issuer} assurance"),
                     state: decreased.then(|| {
@@ -526,7 +526,7 @@ async fn apply(ctl: &Control, ssf: &Ssf, issuer: &str, e: &set::Event) -> anyhow
             };
             risk.feed()
                 .send_reliably(Input::External {
-                    subject: crate::risk::user(&u),
+                    subject: crate::risk::user_subject(&u),
                     level: Level::Medium,
                     source: format!("{issuer} ({what})"),
                 })
