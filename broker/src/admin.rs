@@ -202,6 +202,15 @@ enum ConnectorCommand {
     Revoke {
         name: String,
     },
+    /// Drain a connector for maintenance: on every broker its links take no new flows (the
+    /// site's other connectors do); open flows go on. It stays enrolled and linked.
+    Drain {
+        name: String,
+    },
+    /// Let a drained connector take new flows again.
+    Resume {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -539,6 +548,8 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
                             when(c.not_after),
                             if c.revoked_at.is_some() {
                                 "revoked"
+                            } else if c.drained_at.is_some() {
+                                "drained"
                             } else {
                                 "active"
                             }
@@ -548,9 +559,19 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
                     .join("\n")
             })
         }
-        AdminCommand::Connector(ConnectorCommand::Revoke { name }) => {
+        AdminCommand::Connector(
+            c @ (ConnectorCommand::Revoke { .. }
+            | ConnectorCommand::Drain { .. }
+            | ConnectorCommand::Resume { .. }),
+        ) => {
+            let (action, name) = match c {
+                ConnectorCommand::Drain { name } => ("drain", name),
+                ConnectorCommand::Resume { name } => ("resume", name),
+                ConnectorCommand::Revoke { name } => ("revoke", name),
+                ConnectorCommand::List => unreachable!("listed above"),
+            };
             let d: serde_json::Value =
-                post(&conn, &format!("/v1/admin/connectors/{name}/revoke"), &()).await?;
+                post(&conn, &format!("/v1/admin/connectors/{name}/{action}"), &()).await?;
             print(json, &d, |d| {
                 d["done"].as_str().unwrap_or_default().to_string()
             })
@@ -683,6 +704,7 @@ async fn dispatch(conn: Conn, command: AdminCommand, json: bool) -> Result<()> {
                     protocol,
                     failing_checks,
                     risk,
+                    application: None,
                 },
             )
             .await?;

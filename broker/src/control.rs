@@ -525,6 +525,8 @@ impl Control {
         // Revocations always move the fingerprint; new links are checked when they connect.
         if moved {
             changed |= self.drop_revoked_links().await > 0;
+            self.dp
+                .hold_connectors(self.track(self.store.drained_connectors().await)?);
         }
         let latest = self.track(self.store.latest_policy().await)?;
         let dir = self.track(self.store.directory().await)?;
@@ -1026,6 +1028,36 @@ impl Control {
     }
 
     /// Validates `text` against the directory, runs its tests and installs it.
+    /// Checks a policy text as [`Control::apply_policy`] would (parsed with the store's
+    /// directory, its tests run) without applying it, and diffs it against the text in force.
+    pub async fn check_policy(&self, text: &str) -> Result<api::PolicyChecked, ApiErr> {
+        let dir = self.store.directory().await?;
+        let current = self
+            .policy_text
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let diff = similar::TextDiff::from_lines(current.as_str(), text)
+            .unified_diff()
+            .context_radius(3)
+            .header("policy.toml (in force)", "policy.toml (edited)")
+            .to_string();
+        Ok(
+            match Policy::parse_with(Path::new("policy.toml"), text, &dir) {
+                Ok(policy) => api::PolicyChecked {
+                    error: None,
+                    tests: policy.run_tests(),
+                    diff,
+                },
+                Err(e) => api::PolicyChecked {
+                    error: Some(e.to_string()),
+                    tests: Vec::new(),
+                    diff,
+                },
+            },
+        )
+    }
+
     pub async fn apply_policy(
         &self,
         label: &Path,
@@ -1362,7 +1394,12 @@ fn admin_routes() -> Router<Arc<Control>> {
         .route("/v1/admin/overrides/{id}/revoke", post(revoke_override))
         .route("/v1/admin/connectors", get(list_connectors))
         .route("/v1/admin/connectors/{name}/revoke", post(revoke_connector))
+        .route("/v1/admin/connectors/{name}/drain", post(drain_connector))
+        .route("/v1/admin/connectors/{name}/resume", post(resume_connector))
         .route("/v1/admin/policy", get(get_policy).put(put_policy))
+        .route("/v1/admin/policy/check", post(check_policy))
+        .route("/v1/admin/policy/history", get(policy_history))
+        .route("/v1/admin/policy/versions/{version}", get(policy_version))
         .route("/v1/admin/explain", post(explain))
         .route("/v1/admin/signing-keys", get(list_signing_keys))
         .route("/v1/admin/signing-keys/rotate", post(rotate_signing_key))
@@ -2307,9 +2344,54 @@ async fn list_connectors(State(ctl): Ctl, _: Admin) -> ApiResult<Vec<api::Connec
                 not_after: c.not_after,
                 created_at: c.created_at,
                 revoked_at: c.revoked_at,
+                drained_at: c.drained_at,
             })
             .collect(),
     ))
+}
+
+async fn drain_connector(
+    State(ctl): Ctl,
+    Admin(admin): Admin,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Done> {
+    set_drained(&ctl, &admin, &name, true).await
+}
+
+async fn resume_connector(
+    State(ctl): Ctl,
+    Admin(admin): Admin,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Done> {
+    set_drained(&ctl, &admin, &name, false).await
+}
+
+/// Drains a connector (its links on every broker take no new flows; open flows go on) or
+/// resumes it. Other brokers apply it when they see the store change.
+async fn set_drained(ctl: &Control, admin: &str, name: &str, drain: bool) -> ApiResult<Done> {
+    let at = drain.then(now_unix);
+    if !ctl.store.set_connector_drained(name, at).await? {
+        return Err(bad(
+            StatusCode::NOT_FOUND,
+            format!("no active connector {name:?}"),
+        ));
+    }
+    ctl.dp
+        .hold_connectors(ctl.store.drained_connectors().await?);
+    let event = if drain {
+        "connector_drained"
+    } else {
+        "connector_resumed"
+    };
+    info!(connector = %name, by = %admin, "{}", event.replace('_', " "));
+    ctl.audit(event, admin, serde_json::json!({"connector": name}));
+    Ok(Json(Done {
+        done: if drain {
+            format!("connector {name} drained: no new flows through it; open flows go on")
+        } else {
+            format!("connector {name} takes new flows again")
+        },
+    }))
 }
 
 async fn revoke_connector(
@@ -2370,12 +2452,44 @@ async fn put_policy(State(ctl): Ctl, Admin(admin): Admin, body: Bytes) -> Respon
     }
 }
 
+/// A policy checked and its tests run, without applying it; with its diff to the one in force.
+async fn check_policy(State(ctl): Ctl, _: Admin, body: Bytes) -> ApiResult<api::PolicyChecked> {
+    let (req, _): (api::ApplyPolicy, _) = parse_body(&body)?;
+    Ok(Json(ctl.check_policy(&req.text).await?))
+}
+
+async fn policy_history(State(ctl): Ctl, _: Admin) -> ApiResult<Vec<api::PolicyVersion>> {
+    Ok(Json(ctl.store.policy_history(1000).await?))
+}
+
+async fn policy_version(
+    State(ctl): Ctl,
+    _: Admin,
+    UrlPath(version): UrlPath<u64>,
+) -> ApiResult<api::ApplyPolicy> {
+    match ctl.store.policy_version(version).await? {
+        Some(text) => Ok(Json(api::ApplyPolicy { text })),
+        None => Err(bad(
+            StatusCode::NOT_FOUND,
+            format!("no policy version {version}"),
+        )),
+    }
+}
+
 async fn explain(State(ctl): Ctl, _: Admin, body: Bytes) -> ApiResult<api::Explanation> {
     use sekisho_proto::policy::{DeviceClass, Facts};
     use sekisho_proto::risk::{Assessment, Level};
     let (req, _): (api::ExplainRequest, _) = parse_body(&body)?;
     let policy = ctl.policy();
     let key = probe_flow(req.protocol, req.address, req.port);
+    let named = match &req.application {
+        Some(name) => Some(
+            policy
+                .app_by_name(name)
+                .ok_or_else(|| bad(StatusCode::NOT_FOUND, format!("no application {name:?}")))?,
+        ),
+        None => None,
+    };
     let (decision, posture, class, risk) = match (&req.user, &req.device) {
         (Some(user), None) => {
             let id = policy
@@ -2398,7 +2512,7 @@ async fn explain(State(ctl): Ctl, _: Admin, body: Bytes) -> ApiResult<api::Expla
                 reasons: Vec::new(),
             };
             (
-                policy.evaluate_user(id, &key, &facts),
+                policy.evaluate_user(id, &key, &facts, named),
                 "assumed",
                 DeviceClass::Managed,
                 (assessed, "assumed"),
@@ -2426,7 +2540,10 @@ async fn explain(State(ctl): Ctl, _: Admin, body: Bytes) -> ApiResult<api::Expla
                 },
             };
             let facts = Facts::new(claims.as_ref(), now_unix()).at_risk(assessed.level);
-            let d = policy.evaluate(id as u32, &key, &facts);
+            let d = match named {
+                Some(app) => policy.evaluate_named(id as u32, &key, &facts, app),
+                None => policy.evaluate(id as u32, &key, &facts),
+            };
             (
                 d,
                 if claims.is_some() { "token" } else { "none" },

@@ -574,6 +574,7 @@ async fn suite(db: &str) {
         protocol: sekisho_proto::policy::Protocol::Tcp,
         failing_checks: failing,
         risk: None,
+        application: None,
     };
     let e: api::Explanation = h
         .admin()

@@ -417,6 +417,9 @@ pub struct ConnectorInfo {
     pub not_after: u64,
     pub created_at: u64,
     pub revoked_at: Option<u64>,
+    /// When an admin drained it: no new flows through it on any broker until resumed.
+    #[serde(default)]
+    pub drained_at: Option<u64>,
 }
 
 /// `PUT /v1/admin/policy`.
@@ -430,6 +433,26 @@ pub struct ApplyPolicy {
 pub struct PolicyApplied {
     pub version: u64,
     pub tests: Vec<TestOutcome>,
+}
+
+/// A stored policy version (`GET /v1/admin/policy/history`, newest first).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyVersion {
+    pub version: u64,
+    pub applied_at: u64,
+    pub applied_by: String,
+    /// Size of its text.
+    pub bytes: u64,
+}
+
+/// `POST /v1/admin/policy/check`: a policy checked and its tests run against the directory,
+/// without applying it; and how it differs from the policy in force (a unified diff).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PolicyChecked {
+    /// The error (file:line:column field: message), when it does not parse.
+    pub error: Option<String>,
+    pub tests: Vec<TestOutcome>,
+    pub diff: String,
 }
 
 /// Refused policy: the error (file:line:column field: message) or the failing tests.
@@ -458,6 +481,10 @@ pub struct ExplainRequest {
     /// Risk assumed (with `user`; a device's own current risk is used otherwise).
     #[serde(default)]
     pub risk: Option<crate::risk::Level>,
+    /// A flow to a name of this application (applications known by DNS names have no fixed
+    /// address; `address` is then only the flow's stand-in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub application: Option<String>,
 }
 
 /// A device's risk in an explanation: level, score and every reason with its points now.

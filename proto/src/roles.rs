@@ -72,7 +72,10 @@ pub fn permits(role: Role, method: &str, path: &str) -> bool {
     let Some(seg) = admin_segments(path) else {
         return false;
     };
-    let read = method == "GET" || method == "HEAD";
+    // Calls that change nothing, though they are POSTs (they carry a body): an explanation
+    // and a policy check without applying it.
+    let asks = method == "POST" && matches!(&seg[..], ["explain"] | ["policy", "check"]);
+    let read = method == "GET" || method == "HEAD" || asks;
     let first = seg.first().copied().unwrap_or("");
     // Tokens that authorize API calls (admin and SCIM tokens): the admin role only, even to
     // list them.
@@ -160,6 +163,18 @@ mod tests {
             assert!(!permits(role, "POST", "/v1/admin/scim-tokens/x/revoke"));
         }
         assert!(permits(Role::Admin, "POST", "/v1/admin/scim-tokens"));
+        // Asking changes nothing: an auditor may explain a decision and check a policy text
+        // (the console's "Why?" and its check as you type), not apply it; helpdesk neither.
+        for (m, p) in [
+            ("POST", "/v1/admin/explain"),
+            ("POST", "/v1/admin/policy/check"),
+        ] {
+            assert!(permits(Role::Auditor, m, p), "{m} {p}");
+            assert!(permits(Role::Operator, m, p), "{m} {p}");
+            assert!(!permits(Role::Helpdesk, m, p), "{m} {p}");
+        }
+        assert!(!permits(Role::Auditor, "POST", "/v1/admin/policy/checkx"));
+        assert!(!permits(Role::Auditor, "POST", "/v1/admin/explain/x"));
         // Nothing outside the admin API, whatever the role.
         assert!(!permits(Role::Admin, "GET", "/v1/posture"));
         assert!(!permits(

@@ -64,6 +64,8 @@ pub enum WorkerCommand {
     LinkDown(LinkId),
     LinkStale(LinkId, bool),
     LinkHealth(LinkId, bool, Vec<String>),
+    /// The connectors an admin drained, by name.
+    HoldConnectors(std::collections::BTreeSet<String>),
     LinkMtu(LinkId, usize),
     Snapshot(oneshot::Sender<WorkerView>),
 }
@@ -325,6 +327,11 @@ impl DataPlane {
 
     pub fn link_health(&self, link: LinkId, draining: bool, unreachable: &[String]) {
         self.broadcast(|| WorkerCommand::LinkHealth(link, draining, unreachable.to_vec()));
+    }
+
+    /// The connectors an admin drained (all of them): their links get no new flows.
+    pub fn hold_connectors(&self, names: std::collections::BTreeSet<String>) {
+        self.broadcast(|| WorkerCommand::HoldConnectors(names.clone()));
     }
 
     pub fn link_mtu(&self, link: LinkId, max: usize) {

@@ -169,6 +169,7 @@ fn command(
         WorkerCommand::LinkHealth(link, draining, unreachable) => {
             state.link_health(link, draining, &unreachable)
         }
+        WorkerCommand::HoldConnectors(names) => state.hold_connectors(names),
         WorkerCommand::LinkMtu(link, max) => state.link_mtu(link, max),
         WorkerCommand::Snapshot(tx) => {
             let _ = tx.send(WorkerView {

@@ -99,7 +99,8 @@ impl Store {
 
     pub async fn connectors(&self) -> Result<Vec<ConnectorRecord>> {
         sqlx::query(
-            "SELECT name, site, serial, not_after, created_at, revoked_at FROM connectors ORDER BY name",
+            "SELECT name, site, serial, not_after, created_at, revoked_at, drained_at \
+             FROM connectors ORDER BY name",
         )
         .fetch_all(&self.pool)
         .await?
@@ -112,6 +113,7 @@ impl Store {
                 not_after: opt_u64(Some(r.try_get(3)?)).unwrap_or(0),
                 created_at: opt_u64(Some(r.try_get(4)?)).unwrap_or(0),
                 revoked_at: opt_u64(r.try_get(5)?),
+                drained_at: opt_u64(r.try_get(6)?),
             })
         })
         .collect()
@@ -164,6 +166,35 @@ impl Store {
             Some(r) => Some((r.try_get(0)?, r.try_get(1)?)),
             None => None,
         })
+    }
+
+    /// Drains an active connector (`Some(now)`) or resumes it (`None`); false when there is
+    /// no active connector of that name.
+    pub async fn set_connector_drained(&self, name: &str, at: Option<u64>) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE connectors SET drained_at = $1 WHERE name = $2 AND revoked_at IS NULL",
+        )
+        .bind(at.map(ts))
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        let done = r.rows_affected() == 1;
+        if done {
+            self.announce("connector_drained").await;
+        }
+        Ok(done)
+    }
+
+    /// The names of the active connectors an admin drained.
+    pub async fn drained_connectors(&self) -> Result<std::collections::BTreeSet<String>> {
+        sqlx::query(
+            "SELECT name FROM connectors WHERE drained_at IS NOT NULL AND revoked_at IS NULL",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| Ok(r.try_get(0)?))
+        .collect()
     }
 
     pub async fn revoke_connector(&self, name: &str, now: u64) -> Result<bool> {

@@ -155,6 +155,15 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &[&str])] = &[
             "ALTER TABLE enrollment_tokens ADD COLUMN device_class TEXT",
         ],
     ),
+    (
+        9,
+        "connector drain by an admin",
+        &[
+            // When an admin drained the connector (no new flows through it on any broker
+            // until resumed); NULL: not drained.
+            "ALTER TABLE connectors ADD COLUMN drained_at BIGINT",
+        ],
+    ),
 ];
 
 /// The PostgreSQL channel on which every change of shared state is announced (`NOTIFY`); the
@@ -308,6 +317,8 @@ pub struct ConnectorRecord {
     pub not_after: u64,
     pub created_at: u64,
     pub revoked_at: Option<u64>,
+    /// When an admin drained it (no new flows until resumed).
+    pub drained_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,6 +13,42 @@ impl Store {
         })
     }
 
+    /// Every stored policy version, newest first (at most `limit`).
+    pub async fn policy_history(
+        &self,
+        limit: u64,
+    ) -> Result<Vec<sekisho_proto::api::PolicyVersion>> {
+        let rows = sqlx::query(
+            "SELECT version, applied_at, applied_by, LENGTH(text) FROM policies \
+             ORDER BY version DESC LIMIT $1",
+        )
+        .bind(ts(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(sekisho_proto::api::PolicyVersion {
+                    version: opt_u64(Some(r.try_get(0)?)).unwrap_or(0),
+                    applied_at: opt_u64(Some(r.try_get(1)?)).unwrap_or(0),
+                    applied_by: r.try_get(2)?,
+                    bytes: opt_u64(Some(r.try_get::<i64, _>(3)?)).unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
+    /// The text of one stored policy version.
+    pub async fn policy_version(&self, version: u64) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT text FROM policies WHERE version = $1")
+            .bind(ts(version))
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => Some(r.try_get(0)?),
+            None => None,
+        })
+    }
+
     /// Stores a new policy version; returns its number.
     pub async fn save_policy(&self, text: &str, now: u64, by: &str) -> Result<u64> {
         let mut tx = self.pool.begin().await?;
@@ -54,6 +90,7 @@ impl Store {
             "(SELECT COALESCE(MAX(version), 0) FROM policies)",
             "(SELECT COUNT(*) FROM connectors)",
             "(SELECT COUNT(*) FROM connectors WHERE revoked_at IS NOT NULL)",
+            "(SELECT CAST(COALESCE(SUM(drained_at), 0) AS BIGINT) FROM connectors)",
             "(SELECT COUNT(*) FROM connector_certs)",
             "(SELECT COALESCE(MAX(generation), 0) FROM signing_keys)",
             "(SELECT COUNT(*) FROM signing_keys WHERE retired_at IS NOT NULL)",

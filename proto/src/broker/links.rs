@@ -55,6 +55,8 @@ pub struct LinkInfo {
     /// Open flows through it (as of the last count, plus flows given to it since).
     pub flows: usize,
     pub unreachable: Vec<String>,
+    /// Drained by an admin (no new flows until resumed), whatever the connector says.
+    pub held: bool,
 }
 
 #[derive(Debug, Default)]
@@ -62,6 +64,8 @@ pub struct ConnectorPool {
     links: BTreeMap<LinkId, Link>,
     /// Breaks ties between equally loaded connectors in turn.
     turn: usize,
+    /// Connectors an admin drained, by name: their links take no new flows, open ones go on.
+    held: BTreeSet<String>,
 }
 
 impl ConnectorPool {
@@ -92,7 +96,21 @@ impl ConnectorPool {
 
     /// Whether the link would get new flows now (live, answering, not draining).
     pub fn takes_new(&self, id: LinkId) -> bool {
-        self.links.get(&id).is_some_and(|l| !l.stale && !l.draining)
+        self.links
+            .get(&id)
+            .is_some_and(|l| !l.stale && !self.closed(l))
+    }
+
+    /// Whether a link takes no new flows: its connector drains, or an admin drained it.
+    fn closed(&self, l: &Link) -> bool {
+        l.draining || self.held.contains(&l.name)
+    }
+
+    /// The connectors an admin drained (all of them, by name); true when that changed.
+    pub fn set_held(&mut self, names: BTreeSet<String>) -> bool {
+        let changed = self.held != names;
+        self.held = names;
+        changed
     }
 
     /// The connector's own report; true when something changed.
@@ -125,7 +143,7 @@ impl ConnectorPool {
     /// turn.
     pub fn pick(&mut self, site: &str, app: &str) -> Option<LinkId> {
         let tier = |l: &Link| -> Option<u8> {
-            if l.site != site || l.draining {
+            if l.site != site || self.closed(l) {
                 None
             } else if l.stale {
                 Some(2)
@@ -194,7 +212,7 @@ impl ConnectorPool {
                 id: *id,
                 site: l.site.clone(),
                 connector: l.name.clone(),
-                state: if l.draining {
+                state: if self.closed(l) {
                     LinkState::Draining
                 } else if l.stale {
                     LinkState::Stale
@@ -203,6 +221,7 @@ impl ConnectorPool {
                 },
                 flows: l.flows,
                 unreachable: l.unreachable.iter().cloned().collect(),
+                held: self.held.contains(&l.name),
             })
             .collect()
     }
@@ -233,6 +252,28 @@ mod tests {
         p.recount([2, 2, 2, 1].into_iter().map(LinkId));
         assert_eq!(p.pick("dc1", "wiki"), Some(LinkId(1)));
         assert_eq!(p.pick("dc1", "wiki"), Some(LinkId(1)));
+    }
+
+    #[test]
+    fn connectors_an_admin_drained_get_no_new_flows_until_resumed() {
+        let mut p = pool();
+        assert!(p.set_held(["c1".to_string()].into()));
+        assert!(!p.set_held(["c1".to_string()].into()), "no change");
+        for _ in 0..4 {
+            assert_eq!(p.pick("dc1", "wiki"), Some(LinkId(2)));
+        }
+        assert!(!p.takes_new(LinkId(1)) && p.takes_new(LinkId(2)));
+        let l1 = p.links().into_iter().find(|l| l.id == LinkId(1)).unwrap();
+        assert_eq!((l1.state, l1.held), (LinkState::Draining, true));
+        // A new link of a drained connector is drained too (it is held by name).
+        p.down(LinkId(1));
+        p.up(LinkId(9), "dc1", "c1");
+        assert!(!p.takes_new(LinkId(9)));
+        // Every connector of the site drained: nothing takes new flows there.
+        p.set_held(["c1".to_string(), "c2".to_string()].into());
+        assert_eq!(p.pick("dc1", "wiki"), None);
+        p.set_held(BTreeSet::new());
+        assert!(p.takes_new(LinkId(9)));
     }
 
     #[test]

@@ -396,6 +396,13 @@ impl BrokerState {
         }
     }
 
+    /// The connectors an admin drained (by name; all of them): no new flows to their links.
+    pub fn hold_connectors(&mut self, names: std::collections::BTreeSet<String>) {
+        if self.pool.set_held(names) && self.config.worker.0 == 0 {
+            info!("connectors drained by an admin changed");
+        }
+    }
+
     /// Whether the link is silent (stale links get new flows only when nothing else can).
     pub fn link_stale(&mut self, link: LinkId, stale: bool) {
         if self.pool.set_stale(link, stale) {

@@ -611,6 +611,15 @@ pub enum Action {
     Deny,
 }
 
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRule {
@@ -1064,7 +1073,8 @@ impl Policy {
                     };
                 };
                 let claims = self.assumed_posture(user, &t.failing_checks);
-                let d = self.evaluate_user(user, &t.key, &Facts::new(Some(&claims), ANY_TIME));
+                let d =
+                    self.evaluate_user(user, &t.key, &Facts::new(Some(&claims), ANY_TIME), None);
                 let rule = self.rule_name(d.reason);
                 let mut passed = d.action == t.expect;
                 if let Some(want) = &t.rule {
@@ -1375,9 +1385,16 @@ impl Policy {
         self.decide(dev.user, key, &facts, None)
     }
 
-    /// Decides a flow of `user_id` on a device of `facts.class` (see [`Policy::evaluate`]).
-    pub fn evaluate_user(&self, user_id: UserId, key: &FlowKey, facts: &Facts<'_>) -> Decision {
-        self.decide(user_id, key, facts, None)
+    /// Decides a flow of `user_id` on a device of `facts.class` (see [`Policy::evaluate`]);
+    /// with `app`, a flow to a name of that application (as [`Policy::evaluate_named`]).
+    pub fn evaluate_user(
+        &self,
+        user_id: UserId,
+        key: &FlowKey,
+        facts: &Facts<'_>,
+        app: Option<AppId>,
+    ) -> Decision {
+        self.decide(user_id, key, facts, app)
     }
 
     /// The straightforward evaluation: every rule in order. The reference the compiled
@@ -3086,7 +3103,8 @@ block_answer = "null"
         );
         // Without the binding the same address is nobody's application.
         assert_eq!(
-            p.evaluate_user(alice, &key, &Facts::new(None, 0)).action,
+            p.evaluate_user(alice, &key, &Facts::new(None, 0), None)
+                .action,
             Action::Deny
         );
     }
