@@ -373,7 +373,9 @@ clients = [{
     "client_secret": os.environ["SECRET"],
     "client_name": "Sekisho",
     "application_type": "native",
-    "redirect_uris": ["http://127.0.0.1/callback"],
+    # The CLI's loopback redirect, and each broker's admin console.
+    "redirect_uris": ["http://127.0.0.1/callback", "https://10.99.2.2:8443/console/callback",
+                      "https://10.99.8.2:8443/console/callback"],
     "response_types": ["code"],
     "grant_types": ["authorization_code", "urn:ietf:params:oauth:grant-type:device_code"],
     "token_endpoint_auth_method": "client_secret_basic",

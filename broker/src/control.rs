@@ -52,6 +52,7 @@ use sekisho_proto::tunnel::OverrideKey;
 
 use crate::config::ControlConfig;
 
+pub mod console;
 mod login;
 #[path = "scim/mod.rs"]
 mod scim;
@@ -236,6 +237,8 @@ pub struct Control {
     risk: std::sync::OnceLock<Arc<crate::risk::RiskService>>,
     /// Shared Signals receiver and transmitter (`[control.ssf]`).
     ssf: Option<Arc<ssf::Ssf>>,
+    /// The console's recent history (set once at start; see [`Control::use_feed`]).
+    feed: std::sync::OnceLock<Arc<console::feed::Feed>>,
 }
 
 /// Compares two secrets in time that does not depend on where they differ.
@@ -436,6 +439,7 @@ impl Control {
             shipper: std::sync::OnceLock::new(),
             risk: std::sync::OnceLock::new(),
             ssf,
+            feed: std::sync::OnceLock::new(),
         }))
     }
 
@@ -929,6 +933,16 @@ impl Control {
         let _ = self.risk.set(risk);
     }
 
+    /// The console's rings (decisions, samples, audit lines, posture reports); set once at
+    /// start, before the API serves.
+    pub fn use_feed(&self, feed: Arc<console::feed::Feed>) {
+        let _ = self.feed.set(feed);
+    }
+
+    fn feed(&self) -> &console::feed::Feed {
+        self.feed.get_or_init(Default::default)
+    }
+
     /// Where records for the SIEM go (`[[log_sinks]]`); set once at start.
     pub fn ship_to(&self, shipper: sekisho_sys::logship::Shipper) {
         let _ = self.shipper.set(shipper);
@@ -969,6 +983,7 @@ impl Control {
             "actor": actor,
             "detail": detail,
         });
+        self.feed().audit(line.clone());
         let mut g = self.audit.lock().unwrap_or_else(|e| e.into_inner());
         match g.as_mut() {
             Some(f) => {
@@ -1413,6 +1428,8 @@ fn admin_routes() -> Router<Arc<Control>> {
         )
         // SCIM provisioning (/scim/v2, its own tokens) and the SCIM token admin routes.
         .merge(scim::routes())
+        // The console (/console), for admins in a browser.
+        .merge(console::routes())
 }
 
 pub fn router_for(control: Arc<Control>, scope: Scope) -> Router {
@@ -1861,6 +1878,8 @@ async fn posture(
     };
     let token = ctl.key_ring().signer.issue(claims.clone());
     ctl.posture_compliance(&dev.name, &dev.user, claims.checks.values().all(|&ok| ok));
+    ctl.feed()
+        .posture(&dev.name, claims.checks.clone(), &req.dns_blocks, now);
     if let Some(risk) = ctl.risk.get() {
         // Counts per category only, and only categories a list of the policy could name.
         for (category, &count) in req.dns_blocks.iter().take(16) {

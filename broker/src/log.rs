@@ -123,6 +123,7 @@ pub async fn decision_writer(
     mut rx: mpsc::Receiver<LogLine>,
     shipper: Shipper,
     risk: crate::risk::RiskFeed,
+    console: std::sync::Arc<crate::control::console::feed::Feed>,
 ) {
     let mut out: Box<dyn std::io::Write + Send> = if path == Path::new("-") {
         Box::new(std::io::stdout())
@@ -145,6 +146,12 @@ pub async fn decision_writer(
     while let Some(line) = rx.recv().await {
         risk.observe(&line);
         let now = SystemTime::now();
+        if let LogLine::Decision(r) = &line {
+            let secs = now
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            console.decision(r, secs);
+        }
         if shipper.wants(kind_of(&line)) {
             let ms = now
                 .duration_since(std::time::UNIX_EPOCH)

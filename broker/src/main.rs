@@ -217,11 +217,13 @@ async fn run(config_path: &Path) -> Result<()> {
     .with_context(|| format!("{}: log_sinks", config_path.display()))?;
     let (log_tx, log_rx) = mpsc::channel(log::QUEUE);
     let (risk_feed, risk_rx) = risk::RiskFeed::channel();
+    let console_feed = Arc::new(control::console::feed::Feed::default());
     tokio::spawn(log::decision_writer(
         config.decision_log.clone(),
         log_rx,
         shipper.clone(),
         risk_feed.clone(),
+        console_feed.clone(),
     ));
     let mut kernel = stats::KernelSources {
         egress_interface: config.egress.as_ref().map(|e| e.interface.clone()),
@@ -279,6 +281,11 @@ async fn run(config_path: &Path) -> Result<()> {
             let control = control::Control::new(opened, dp.clone(), ctl.clone(), broker_key)?;
             control.ship_to(shipper.clone());
             control.use_risk(risk.clone());
+            control.use_feed(console_feed.clone());
+            tokio::spawn(control::console::sample_loop(
+                dp.clone(),
+                console_feed.clone(),
+            ));
             control.transmit_risk(&risk);
             let tls = &config.tls;
             // With admin_listen, the admin API has its own address (a management network,

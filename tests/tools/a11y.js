@@ -19,9 +19,13 @@ const describe = (el) => {
   return s;
 };
 
-// Laid out and not hidden (display: none has no boxes).
+// Laid out and not hidden (display: none has no boxes; the content of a closed <details> is
+// skipped by content-visibility, which only checkVisibility sees).
 const rendered = (el) => {
   if (el.getClientRects().length === 0) return false;
+  if (el.checkVisibility && !el.checkVisibility({ visibilityProperty: true, contentVisibilityAuto: true })) {
+    return false;
+  }
   const cs = getComputedStyle(el);
   return cs.visibility !== 'hidden' && cs.visibility !== 'collapse';
 };

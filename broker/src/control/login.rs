@@ -78,7 +78,8 @@ pub(super) async fn start(State(ctl): Ctl, body: Bytes) -> ApiResult<api::LoginS
     let answer = match req.method.as_str() {
         "code" => {
             let redirect = req.redirect_uri.clone().unwrap_or_default();
-            if !loopback_redirect(&redirect) {
+            // A native client's loopback address, or this control plane's own console.
+            if !loopback_redirect(&redirect) && redirect != super::console::callback_url(&ctl) {
                 return Err(bad(
                     StatusCode::BAD_REQUEST,
                     "redirect_uri must be a loopback address with a port, like \
@@ -145,40 +146,83 @@ pub(super) async fn start(State(ctl): Ctl, body: Bytes) -> ApiResult<api::LoginS
     Ok(Json(answer))
 }
 
+/// Audits a refused sign-in (with the request as received, redacted) and hands the error on.
+fn refused(ctl: &Control, raw: &serde_json::Value, e: ApiErr) -> ApiErr {
+    warn!(reason = %e.1, "sign-in refused");
+    ctl.audit(
+        "sign_in",
+        "-",
+        serde_json::json!({"result": "refused", "reason": e.1, "request": redacted(raw.clone())}),
+    );
+    e
+}
+
+/// The sign-in `login_id` names, if it is still good: known, unused and not expired.
+pub(super) async fn pending(
+    ctl: &Control,
+    login_id: &str,
+    now: u64,
+) -> Result<LoginSession, ApiErr> {
+    let Some(session) = ctl.store.login(login_id).await? else {
+        return Err(bad(
+            StatusCode::UNAUTHORIZED,
+            "unknown sign-in: start again",
+        ));
+    };
+    if session.used_at.is_some() {
+        return Err(bad(
+            StatusCode::UNAUTHORIZED,
+            "this sign-in was already used (a replayed authorization code?): start again",
+        ));
+    }
+    if now > session.expires_at {
+        return Err(bad(
+            StatusCode::UNAUTHORIZED,
+            "this sign-in expired: start again",
+        ));
+    }
+    Ok(session)
+}
+
+/// A browser's return from the provider: the state must be this sign-in's; the sign-in is
+/// marked used before the provider is asked (a code is redeemed once, whatever happens), then
+/// the code is redeemed with the PKCE verifier. The provider's ID token.
+pub(super) async fn redeem_code(
+    ctl: &Control,
+    oidc: &crate::oidc::Provider,
+    session: &LoginSession,
+    state: Option<&str>,
+    code: &str,
+    verifier: &str,
+    now: u64,
+) -> Result<Option<String>, ApiErr> {
+    // The state ties the browser's return to this sign-in (CSRF, mixed-up logins).
+    if state != Some(session.state.as_str()) {
+        return Err(bad(
+            StatusCode::UNAUTHORIZED,
+            "the state the browser came back with is not this sign-in's",
+        ));
+    }
+    if !ctl.store.use_login(&session.id, now).await? {
+        return Err(bad(
+            StatusCode::UNAUTHORIZED,
+            "this sign-in was already used (a replayed authorization code?): start again",
+        ));
+    }
+    let redirect = session.redirect_uri.clone().unwrap_or_default();
+    let tokens = oidc
+        .exchange_code(code, &redirect, verifier)
+        .await
+        .map_err(provider_err)?;
+    Ok(tokens.id_token)
+}
+
 pub(super) async fn finish(State(ctl): Ctl, body: Bytes) -> ApiResult<api::LoginFinishResponse> {
     let (req, raw): (api::LoginFinishRequest, _) = parse_body(&body)?;
     let oidc = provider(&ctl)?.clone();
     let now = now_unix();
-    let refuse = |e: ApiErr| {
-        warn!(reason = %e.1, "sign-in refused");
-        ctl.audit(
-            "sign_in",
-            "-",
-            serde_json::json!({"result": "refused", "reason": e.1, "request": redacted(raw.clone())}),
-        );
-        e
-    };
-    let session = match ctl.store.login(&req.login_id).await? {
-        Some(s) => s,
-        None => {
-            return Err(refuse(bad(
-                StatusCode::UNAUTHORIZED,
-                "unknown sign-in: start again",
-            )));
-        }
-    };
-    if session.used_at.is_some() {
-        return Err(refuse(bad(
-            StatusCode::UNAUTHORIZED,
-            "this sign-in was already used (a replayed authorization code?): start again",
-        )));
-    }
-    if now > session.expires_at {
-        return Err(refuse(bad(
-            StatusCode::UNAUTHORIZED,
-            "this sign-in expired: start again",
-        )));
-    }
+    let refuse = |e: ApiErr| refused(&ctl, &raw, e);
+    let session = pending(&ctl, &req.login_id, now).await.map_err(refuse)?;
     if session.purpose == "device" {
         let Some(d) = &req.device else {
             return Err(bad(
@@ -193,32 +237,24 @@ pub(super) async fn finish(State(ctl): Ctl, body: Bytes) -> ApiResult<api::Login
     let policy = ctl.policy();
     let (id_token, nonce) = match session.method.as_str() {
         "code" => {
-            // The state ties the browser's return to this sign-in (CSRF, mixed-up logins).
-            if req.state.as_deref() != Some(session.state.as_str()) {
-                return Err(refuse(bad(
-                    StatusCode::UNAUTHORIZED,
-                    "the state the browser came back with is not this sign-in's",
-                )));
-            }
             let (Some(code), Some(verifier)) = (&req.code, &req.code_verifier) else {
                 return Err(bad(
                     StatusCode::BAD_REQUEST,
                     "code and code_verifier are needed",
                 ));
             };
-            // Used before the provider is asked: a code is redeemed once, whatever happens.
-            if !ctl.store.use_login(&session.id, now).await? {
-                return Err(refuse(bad(
-                    StatusCode::UNAUTHORIZED,
-                    "this sign-in was already used (a replayed authorization code?): start again",
-                )));
-            }
-            let redirect = session.redirect_uri.clone().unwrap_or_default();
-            let tokens = oidc
-                .exchange_code(code, &redirect, verifier)
-                .await
-                .map_err(|e| refuse(provider_err(e)))?;
-            (tokens.id_token, Some(session.nonce.clone()))
+            let id_token = redeem_code(
+                &ctl,
+                &oidc,
+                &session,
+                req.state.as_deref(),
+                code,
+                verifier,
+                now,
+            )
+            .await
+            .map_err(refuse)?;
+            (id_token, Some(session.nonce.clone()))
         }
         "device" => {
             let device_code = session.device_code.clone().unwrap_or_default();
