@@ -120,6 +120,61 @@ fn peers_args(d: &Deployment, name: &str, n: usize, source: &str, sources: u32) 
     .collect()
 }
 
+/// The console's device pages with 10,000 devices: paged and filtered on the server, each
+/// answered well within a generous bound (timings printed).
+fn console_pages_stay_fast(d: &Deployment) {
+    let token = std::fs::read_to_string(d.state().join("admin.token")).unwrap();
+    let jar = d.state().join("console.jar");
+    let curl = format!(
+        "curl -sk -b {0} -c {0} -H 'Sec-Fetch-Site: same-origin' -o /dev/null \
+         -w '%{{http_code}} %{{time_total}} %{{size_download}}\n'",
+        jar.display()
+    );
+    let (ok, _, err) = d.sh(
+        "laptop",
+        &format!(
+            "{curl} --data-urlencode 'token={}' https://{BROKER}:8443/console/login/token",
+            token.trim()
+        ),
+    );
+    assert!(ok, "console sign-in: {err}");
+    for page in [
+        "devices",
+        "devices?page=150",
+        "devices?q=ten-9999",
+        "devices?risk=high",
+        "devices/ten-42",
+        "",
+    ] {
+        let (ok, out, err) = d.sh(
+            "laptop",
+            &format!("{curl} 'https://{BROKER}:8443/console/{page}'"),
+        );
+        assert!(ok, "{page}: {err}");
+        let f: Vec<&str> = out.split_whitespace().collect();
+        println!(
+            "console /console/{page}: HTTP {}, {} s, {} bytes",
+            f[0], f[1], f[2]
+        );
+        assert_eq!(f[0], "200", "/console/{page}");
+        let secs: f64 = f[1].parse().unwrap();
+        assert!(secs < 10.0, "/console/{page} took {secs} s");
+    }
+    let (_, page, _) = d.sh(
+        "laptop",
+        &format!(
+            "curl -sk -b {} 'https://{BROKER}:8443/console/devices'",
+            jar.display()
+        ),
+    );
+    assert!(
+        page.contains("Page 1 of 201"),
+        "{}",
+        &page[..page.len().min(3000)]
+    );
+    assert_eq!(page.matches("<tr data-device=").count(), 50);
+}
+
 fn finish(child: Child) -> Value {
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -189,6 +244,7 @@ fn ten_thousand_peers_handshake_present_tokens_and_keep_alive() {
     assert_eq!(r["tokens_accepted"], 10_000);
     assert!(r["flows_answered"].as_u64().unwrap() >= 9_900, "{r}");
     assert_eq!(d.stats()["peers"].as_array().unwrap().len(), 10_002);
+    console_pages_stay_fast(&d);
     // The target is 80 %; the bound leaves room for a noisy shared machine.
     assert!(
         during >= 0.6 * solo,
