@@ -943,6 +943,11 @@ impl Control {
         self.feed.get_or_init(Default::default)
     }
 
+    /// What the console's in-memory views let go, for stats and metrics.
+    pub fn console_forgotten(&self) -> console::feed::Forgotten {
+        self.feed().forgotten()
+    }
+
     /// Where records for the SIEM go (`[[log_sinks]]`); set once at start.
     pub fn ship_to(&self, shipper: sekisho_sys::logship::Shipper) {
         let _ = self.shipper.set(shipper);

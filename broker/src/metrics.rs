@@ -287,6 +287,19 @@ fn control_metrics(c: &control::Control, m: &mut Snapshot) {
             gate.open() as f64,
         );
     }
+    let f = c.console_forgotten();
+    for (ring, n) in [
+        ("decisions", f.decisions),
+        ("audit_lines", f.audit_lines),
+        ("postures", f.postures),
+    ] {
+        m.counter_with(
+            "console_forgotten",
+            "Entries the console's in-memory views let go (the oldest first; the logs keep them).",
+            &[("ring", ring)],
+            n,
+        );
+    }
     let r = &c.api_refusals;
     let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     for (why, n) in [

@@ -80,6 +80,8 @@ struct StatsReport<'a> {
     risk: crate::risk::RiskStats,
     /// Shared Signals receivers Sekisho pushes to: sent, refused, failed, dropped.
     ssf_receivers: Vec<crate::ssf::transmit::ReceiverStats>,
+    /// What the console's in-memory views let go (the logs keep it).
+    console_forgotten: Option<crate::control::console::feed::Forgotten>,
 }
 
 /// The stats as JSON.
@@ -108,6 +110,7 @@ pub async fn report(
         log_sinks: shipper.stats(),
         risk: risk.stats(),
         ssf_receivers: control.map(|c| c.ssf_stats()).unwrap_or_default(),
+        console_forgotten: control.map(|c| c.console_forgotten()),
     })?)
 }
 

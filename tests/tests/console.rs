@@ -449,4 +449,57 @@ fn the_console_in_a_browser() {
         .filter(|l| l.contains("\"admin_refused\"") && l.contains("sso:carol"))
         .count();
     assert!(refused >= 4, "{audit}");
+
+    drop(b);
+
+    // Break-glass with a helpdesk's admin token: a console session of its own (the token
+    // itself is not kept by the browser), devices only; sign-out ends the session.
+    let (ok, out, err) = d.admin(&[
+        "--json",
+        "admin-token",
+        "create",
+        "desk",
+        "--role",
+        "helpdesk",
+    ]);
+    assert!(ok, "{err}");
+    let created: Value = serde_json::from_str(&out).unwrap();
+    let token = created["token"].as_str().unwrap();
+    let b = browser(&d);
+    b.goto(&format!("{CONSOLE}login")).unwrap();
+    b.click("details summary").unwrap();
+    b.fill("#token", token).unwrap();
+    b.submit("form[action='/console/login/token']").unwrap();
+    b.wait_for("#device-table", T)
+        .unwrap_or_else(|_| panic!("helpdesk lands on devices: {}", b.source().unwrap()));
+    assert_eq!(b.texts("header.top nav a").unwrap(), ["Devices"]);
+    assert!(b.text("header.top .who").unwrap().contains("helpdesk"));
+    let cookies = b.cookies().unwrap();
+    let session = cookies
+        .iter()
+        .find(|c| c.name == "__Host-sekisho-console")
+        .unwrap();
+    assert_ne!(session.value, token);
+    b.goto(&format!("{CONSOLE}users")).unwrap();
+    assert!(
+        b.text("main")
+            .unwrap()
+            .contains("the helpdesk role may not GET /v1/admin/users"),
+        "{}",
+        b.text("main").unwrap()
+    );
+    b.submit("form.signout button").unwrap();
+    b.wait_text("p.flash", "Signed out", T).unwrap();
+    b.goto(&format!("{CONSOLE}devices")).unwrap();
+    b.wait_for("#sso", T).expect("back at the sign-in page");
+    let audit = std::fs::read_to_string(d.state().join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"admin_sign_out\""), "{audit}");
+
+    // The console's views lose nothing yet; their counters are in stats and the metrics.
+    assert_eq!(d.stats()["console_forgotten"]["decisions"], 0);
+    let (_, metrics, _) = d.sh("broker", "curl -s http://127.0.0.1:9464/metrics");
+    assert!(
+        metrics.contains("console_forgotten") && metrics.contains("ring=\"decisions\""),
+        "{metrics}"
+    );
 }

@@ -200,7 +200,9 @@ fn csrf_of(cookie: &str) -> String {
 /// A flash message travels in a cookie as hex (any text, nothing a cookie cannot hold).
 fn flash_cookie(msg: &str) -> String {
     let hex: String = msg.bytes().take(300).map(|b| format!("{b:02x}")).collect();
-    cookie(FLASH_COOKIE, &hex, 60, "Strict")
+    // Lax: a message for the sign-in page must survive the identity provider's redirect
+    // back (a Strict cookie is not sent on a navigation that began on another site).
+    cookie(FLASH_COOKIE, &hex, 60, "Lax")
 }
 
 fn flash_text(hex: &str) -> Option<String> {
@@ -358,16 +360,27 @@ impl Session {
     }
 
     pub fn render_status(&self, status: StatusCode, title: &str, body: Markup) -> Response {
+        // Each page with the admin API call it stands for: shown to the roles that may make it.
         let nav = [
-            ("/console/", "Overview"),
-            ("/console/users", "Users"),
-            ("/console/devices", "Devices"),
-            ("/console/connectors", "Connectors"),
-            ("/console/policy", "Policy"),
-            ("/console/why", "Why?"),
-            ("/console/decisions", "Decisions"),
-            ("/console/dns", "DNS blocks"),
-            ("/console/audit", "Audit log"),
+            ("/console/", "Overview", "GET", "/v1/admin/connectors"),
+            ("/console/users", "Users", "GET", "/v1/admin/users"),
+            ("/console/devices", "Devices", "GET", "/v1/admin/devices"),
+            (
+                "/console/connectors",
+                "Connectors",
+                "GET",
+                "/v1/admin/connectors",
+            ),
+            ("/console/policy", "Policy", "GET", "/v1/admin/policy"),
+            ("/console/why", "Why?", "POST", "/v1/admin/explain"),
+            (
+                "/console/decisions",
+                "Decisions",
+                "GET",
+                "/v1/admin/decisions",
+            ),
+            ("/console/dns", "DNS blocks", "GET", "/v1/admin/dns-blocks"),
+            ("/console/audit", "Audit log", "GET", "/v1/admin/audit"),
         ];
         let body = html! {
             header.top {
@@ -375,8 +388,10 @@ impl Session {
                 span.brand { "Sekisho" }
                 nav aria-label="Console" {
                     ul {
-                        @for (href, label) in nav {
-                            li { a href=(href) { (label) } }
+                        @for (href, label, method, api) in nav {
+                            @if self.may(method, api) {
+                                li { a href=(href) { (label) } }
+                            }
                         }
                     }
                 }
@@ -396,7 +411,7 @@ impl Session {
         };
         let mut res = document(status, title, Some(&self.csrf), body);
         if self.flash.is_some()
-            && let Ok(v) = cookie(FLASH_COOKIE, "", 0, "Strict").parse()
+            && let Ok(v) = cookie(FLASH_COOKIE, "", 0, "Lax").parse()
         {
             res.headers_mut().append(axum::http::header::SET_COOKIE, v);
         }
@@ -466,24 +481,13 @@ fn document_with(
         .into_response()
 }
 
-#[derive(serde::Deserialize, Default)]
-pub struct LoginQuery {
-    #[serde(default)]
-    error: Option<String>,
-}
-
 /// The sign-in page: the identity provider (when configured) and the break-glass token.
-async fn login_page(
-    State(ctl): Ctl,
-    headers: axum::http::HeaderMap,
-    Query(q): Query<LoginQuery>,
-) -> Response {
+async fn login_page(State(ctl): Ctl, headers: axum::http::HeaderMap) -> Response {
     let flash = cookie_value(&headers, FLASH_COOKIE).and_then(flash_text);
     let body = html! {
         main id="main" .narrow {
             h1 { "Sign in to the Sekisho console" }
             @if let Some(f) = &flash { p.flash role="status" { (f) } }
-            @if let Some(e) = &q.error { p.error role="alert" { (e) } }
             @if ctl.oidc.is_some() {
                 p { a.button #sso href="/console/login/sso" { "Sign in with your identity provider" } }
             } @else {
@@ -502,7 +506,7 @@ async fn login_page(
     };
     let mut res = document(StatusCode::OK, "Sign in", None, body);
     if flash.is_some()
-        && let Ok(v) = cookie(FLASH_COOKIE, "", 0, "Strict").parse()
+        && let Ok(v) = cookie(FLASH_COOKIE, "", 0, "Lax").parse()
     {
         res.headers_mut().append(axum::http::header::SET_COOKIE, v);
     }
@@ -527,7 +531,7 @@ async fn sso_start(State(ctl): Ctl) -> Response {
     match super::login::start(State(ctl.clone()), body).await {
         Ok(Json(started)) => {
             let Some(url) = started.authorization_url else {
-                return see_other("/console/login?error=the+provider+gave+no+address");
+                return login_error("the identity provider gave no sign-in address");
             };
             let mut r = see_other(&url);
             let value = format!("{}.{}", started.login_id, verifier);
@@ -540,9 +544,14 @@ async fn sso_start(State(ctl): Ctl) -> Response {
     }
 }
 
+/// Back to the sign-in page with the reason (in the flash cookie, not the URL: a link cannot
+/// put words of its own on the console's page).
 fn login_error(why: &str) -> Response {
-    let q = serde_urlencoded::to_string([("error", why)]).unwrap_or_default();
-    see_other(&format!("/console/login?{q}"))
+    let mut r = see_other("/console/login");
+    if let Ok(v) = flash_cookie(&format!("Not signed in: {why}")).parse() {
+        r.headers_mut().append(axum::http::header::SET_COOKIE, v);
+    }
+    r
 }
 
 #[derive(serde::Deserialize)]
@@ -634,7 +643,7 @@ async fn token_sign_in(
             "-",
             serde_json::json!({"method": "POST", "path": "/console/login/token", "reason": why, "from": from}),
         );
-        login_error(&format!("Not signed in: {why}."))
+        login_error(why)
     };
     let Ok(cred) = Credential::parse(ADMIN_PREFIX, f.token.trim()) else {
         return refuse("that is not an admin token");
