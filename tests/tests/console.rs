@@ -149,9 +149,13 @@ fn the_console_in_a_browser() {
     if skip_browser() {
         return;
     }
-    let Some(d) =
-        Deployment::for_test_with(&[("SK_SSO", "1"), ("SK_BROKERS", "2"), ("SK_CONNECTORS", "2")])
-    else {
+    let Some(d) = Deployment::for_test_with(&[
+        ("SK_SSO", "1"),
+        ("SK_BROKERS", "2"),
+        ("SK_CONNECTORS", "2"),
+        // Posture requests (which carry the DNS block counts) every 10 s.
+        ("SK_TOKEN_LIFETIME", "20s"),
+    ]) else {
         return;
     };
     alice_signs_in_her_laptop(&d);
@@ -160,6 +164,12 @@ fn the_console_in_a_browser() {
     assert!(reaches(&d, "ping"));
     let (denied, _, _) = d.sh("laptop", "curl -s -m 2 http://10.20.0.10:5432/");
     assert!(!denied);
+    // Two names the DNS filter blocks (category malware): counted on the laptop, reported with
+    // its next posture request.
+    for _ in 0..2 {
+        let (_, out, _) = d.sh("laptop", "dig +time=2 +tries=1 blocked.example");
+        assert!(out.contains("NXDOMAIN"), "{out}");
+    }
 
     let mut b = browser(&d);
     console_sign_in(&b, &d, "alice");
@@ -194,6 +204,15 @@ fn the_console_in_a_browser() {
         "{}",
         b.text("main").unwrap()
     );
+
+    // DNS blocks: alice's laptop, two in malware (the names stay on the laptop).
+    let blocks = wait_until(Duration::from_secs(30), || {
+        b.goto(&format!("{CONSOLE}dns")).unwrap();
+        b.text("#dns-table")
+            .is_ok_and(|t| t.contains("alice-laptop") && t.contains("malware: 2"))
+    });
+    assert!(blocks.is_some(), "{}", b.text("main").unwrap());
+    assert!(!b.text("main").unwrap().contains("blocked.example"));
 
     // Devices: alice's laptop with its posture.
     b.goto(&format!("{CONSOLE}devices?q=alice")).unwrap();
