@@ -168,6 +168,11 @@ pub struct ControlConfig {
     /// The API's URL as devices, connectors and the admin CLI reach it. The broker certificate
     /// must be valid for its host (name or address).
     pub url: String,
+    /// The admin console's URL (`https://HOST:PORT`, no path), when admins reach it elsewhere
+    /// than `url`: with `admin_listen`, the console is served on that listener. The identity
+    /// provider sends admins back to it + `/console/callback`. Default: `url`.
+    #[serde(default)]
+    pub console_url: Option<String>,
     /// `sqlite://PATH` (created and migrated on first start) or `postgres://…`.
     #[serde(default = "default_database")]
     pub database: String,

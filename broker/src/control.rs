@@ -529,9 +529,11 @@ impl Control {
         // Revocations always move the fingerprint; new links are checked when they connect.
         if moved {
             changed |= self.drop_revoked_links().await > 0;
-            self.dp
-                .hold_connectors(self.track(self.store.drained_connectors().await)?);
         }
+        // Connectors drained by an admin: read on every sync (forced ones too), the same set
+        // sent again is a no-op for the workers.
+        self.dp
+            .hold_connectors(self.track(self.store.drained_connectors().await)?);
         let latest = self.track(self.store.latest_policy().await)?;
         let dir = self.track(self.store.directory().await)?;
         let text = {
@@ -936,7 +938,11 @@ impl Control {
     /// The console's rings (decisions, samples, audit lines, posture reports); set once at
     /// start, before the API serves.
     pub fn use_feed(&self, feed: Arc<console::feed::Feed>) {
-        let _ = self.feed.set(feed);
+        if self.feed.set(feed).is_err() {
+            warn!(
+                "the console's feed was set twice (or used before it was set): the decision log's records will not reach it"
+            );
+        }
     }
 
     fn feed(&self) -> &console::feed::Feed {
@@ -1047,7 +1053,6 @@ impl Control {
         Ok(true)
     }
 
-    /// Validates `text` against the directory, runs its tests and installs it.
     /// Checks a policy text as [`Control::apply_policy`] would (parsed with the store's
     /// directory, its tests run) without applying it, and diffs it against the text in force.
     pub async fn check_policy(&self, text: &str) -> Result<api::PolicyChecked, ApiErr> {
@@ -1057,7 +1062,10 @@ impl Control {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let diff = similar::TextDiff::from_lines(current.as_str(), text)
+        // Bounded work whatever is posted (the console checks as one types).
+        let diff = similar::TextDiff::configure()
+            .timeout(Duration::from_millis(250))
+            .diff_lines(current.as_str(), text)
             .unified_diff()
             .context_radius(3)
             .header("policy.toml (in force)", "policy.toml (edited)")
@@ -1078,6 +1086,7 @@ impl Control {
         )
     }
 
+    /// Validates `text` against the directory, runs its tests and installs it.
     pub async fn apply_policy(
         &self,
         label: &Path,
@@ -1396,8 +1405,9 @@ pub enum Scope {
     Admin,
 }
 
-/// The admin API's routes.
-fn admin_routes() -> Router<Arc<Control>> {
+/// The admin API's routes, and the console (its sign-in pages limited per source address by
+/// `rate`, like the API's own sign-in).
+fn admin_routes(rate: Arc<crate::api_limits::RateGate>) -> Router<Arc<Control>> {
     Router::new()
         .route("/v1/admin/users", get(list_users).post(create_user))
         .route("/v1/admin/users/{name}/disable", post(disable_user))
@@ -1434,16 +1444,16 @@ fn admin_routes() -> Router<Arc<Control>> {
         // SCIM provisioning (/scim/v2, its own tokens) and the SCIM token admin routes.
         .merge(scim::routes())
         // The console (/console), for admins in a browser.
-        .merge(console::routes())
+        .merge(console::routes(rate))
 }
 
 pub fn router_for(control: Arc<Control>, scope: Scope) -> Router {
+    let rate = crate::api_limits::RateGate::new(control.api_refusals.clone());
     if scope == Scope::Admin {
-        return admin_routes()
+        return admin_routes(rate)
             .layer(DefaultBodyLimit::max(MAX_BODY))
             .with_state(control);
     }
-    let rate = crate::api_limits::RateGate::new(control.api_refusals.clone());
     // Anyone may call these (a one-time token is checked inside): a rate per source address,
     // and small bodies.
     let open = Router::new()
@@ -1456,7 +1466,7 @@ pub fn router_for(control: Arc<Control>, scope: Scope) -> Router {
         .route("/.well-known/ssf-configuration", get(ssf::configuration))
         .layer(DefaultBodyLimit::max(SMALL_BODY))
         .route_layer(axum::middleware::from_fn_with_state(
-            rate,
+            rate.clone(),
             crate::api_limits::limit_unauthenticated,
         ));
     let devices = Router::new()
@@ -1469,7 +1479,7 @@ pub fn router_for(control: Arc<Control>, scope: Scope) -> Router {
         .route("/v1/device/dns", get(device_dns))
         .route("/v1/device/dns/lists/{name}", get(device_dns_list));
     if scope == Scope::All {
-        app = app.merge(admin_routes());
+        app = app.merge(admin_routes(rate));
     }
     app.layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(control)
@@ -2393,6 +2403,8 @@ async fn resume_connector(
 /// Drains a connector (its links on every broker take no new flows; open flows go on) or
 /// resumes it. Other brokers apply it when they see the store change.
 async fn set_drained(ctl: &Control, admin: &str, name: &str, drain: bool) -> ApiResult<Done> {
+    // Serialized with syncs, so the set sent to the workers is never an older one.
+    let _g = ctl.change.lock().await;
     let at = drain.then(now_unix);
     if !ctl.store.set_connector_drained(name, at).await? {
         return Err(bad(

@@ -176,6 +176,7 @@ async fn start_with(dir: &Path, db: &str, token_lifetime: Duration) -> Harness {
     let config = ControlConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         url: String::new(),
+        console_url: None,
         database: db.to_string(),
         ca_key: dir.join("ca.key"),
         // Brokers sharing a database share the key-encryption key (as a cluster must).

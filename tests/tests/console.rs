@@ -190,6 +190,14 @@ fn the_console_in_a_browser() {
             && b.exists("#chart-throughput path.series").unwrap()
     });
     assert!(charted.is_some(), "charts: {}", b.source().unwrap());
+    // Not a flat line: the highest rate of decisions is above zero.
+    let label = b
+        .execute(
+            "return document.querySelector('#chart-decisions svg').getAttribute('aria-label');",
+            &[],
+        )
+        .unwrap();
+    assert!(!label.as_str().unwrap().contains("highest 0 /s"), "{label}");
     let brokers = b.texts("#broker-table tbody tr").unwrap();
     assert_eq!(brokers.len(), 2, "{brokers:?}");
     assert!(
@@ -213,6 +221,24 @@ fn the_console_in_a_browser() {
     });
     assert!(blocks.is_some(), "{}", b.text("main").unwrap());
     assert!(!b.text("main").unwrap().contains("blocked.example"));
+
+    // Live decisions, denied only: alice's database attempt with its rule; a new one appears
+    // without reloading (the page's script refreshes the rows).
+    b.goto(&format!("{CONSOLE}decisions?denied=on&user=alice"))
+        .unwrap();
+    let rows = || b.texts("#decision-table tbody tr").unwrap();
+    let before = rows();
+    assert!(
+        before
+            .iter()
+            .any(|r| r.contains("10.20.0.10:5432") && r.contains("no-database-from-laptops")),
+        "{before:?}"
+    );
+    assert!(before.iter().all(|r| r.contains("deny")), "{before:?}");
+    let (denied, _, _) = d.sh("laptop", "curl -s -m 2 http://10.20.0.10:5432/");
+    assert!(!denied);
+    let live = wait_until(Duration::from_secs(15), || rows().len() > before.len());
+    assert!(live.is_some(), "no new row without a reload: {:?}", rows());
 
     // Devices: alice's laptop with its posture.
     b.goto(&format!("{CONSOLE}devices?q=alice")).unwrap();
@@ -384,8 +410,10 @@ fn the_console_in_a_browser() {
     .unwrap();
     b.wait_text("p.flash", "takes new flows again", T).unwrap();
     let resumed = wait_until(Duration::from_secs(10), || {
-        held(&d, "broker").iter().all(|(_, h, _)| !h)
-            && held(&d, "broker2").iter().all(|(_, h, _)| !h)
+        ["broker", "broker2"].iter().all(|broker| {
+            let links = held(&d, broker);
+            links.len() == 2 && links.iter().all(|(_, h, st)| !h && st == "up")
+        })
     });
     assert!(resumed.is_some());
 
@@ -499,13 +527,29 @@ fn the_console_in_a_browser() {
         .find(|c| c.name == "__Host-sekisho-console")
         .unwrap();
     assert_ne!(session.value, token);
-    b.goto(&format!("{CONSOLE}users")).unwrap();
+    for (page, api) in [
+        ("users", "GET /v1/admin/users"),
+        ("audit", "GET /v1/admin/audit"),
+        ("decisions", "GET /v1/admin/decisions"),
+        ("policy", "GET /v1/admin/policy"),
+        (
+            "why?user=alice&to=10.20.0.10:5432",
+            "POST /v1/admin/explain",
+        ),
+    ] {
+        b.goto(&format!("{CONSOLE}{page}")).unwrap();
+        let main = b.text("main").unwrap();
+        assert!(
+            main.contains(&format!("the helpdesk role may not {api}")),
+            "{page}: {main}"
+        );
+    }
+    // Devices, without what the API gives only through explain (posture, risk, sign-in).
+    b.goto(&format!("{CONSOLE}devices/alice-laptop")).unwrap();
+    let main = b.text("main").unwrap();
     assert!(
-        b.text("main")
-            .unwrap()
-            .contains("the helpdesk role may not GET /v1/admin/users"),
-        "{}",
-        b.text("main").unwrap()
+        !b.exists("#posture-table").unwrap() && !main.contains("Risk"),
+        "{main}"
     );
     b.submit("form.signout button").unwrap();
     b.wait_text("p.flash", "Signed out", T).unwrap();
@@ -513,6 +557,44 @@ fn the_console_in_a_browser() {
     b.wait_for("#sso", T).expect("back at the sign-in page");
     let audit = std::fs::read_to_string(d.state().join("audit.jsonl")).unwrap();
     assert!(audit.contains("\"admin_sign_out\""), "{audit}");
+    // The signed-out session's cookie, replayed, is worth nothing.
+    let replay = |cookie: &str| -> String {
+        let (_, out, _) = d.sh(
+            "laptop",
+            &format!(
+                "curl -sk -o /dev/null -w '%{{http_code}} %{{redirect_url}}' \
+                 -b '__Host-sekisho-console={cookie}' {CONSOLE}devices"
+            ),
+        );
+        out
+    };
+    assert!(
+        replay(&session.value).starts_with("303 "),
+        "{}",
+        replay(&session.value)
+    );
+    assert!(replay(&session.value).ends_with("/console/login"));
+    // A session ends with the token it was made from.
+    b.goto(&format!("{CONSOLE}login")).unwrap();
+    b.click("details summary").unwrap();
+    b.fill("#token", token).unwrap();
+    b.submit("form[action='/console/login/token']").unwrap();
+    b.wait_for("#device-table", T).unwrap();
+    let (ok, _, err) = d.admin(&["admin-token", "revoke", created["id"].as_str().unwrap()]);
+    assert!(ok, "{err}");
+    b.goto(&format!("{CONSOLE}devices")).unwrap();
+    b.wait_for("#sso", T)
+        .expect("the session ended with its token");
+    assert!(b.text("p.flash").unwrap().contains("no longer valid"));
+    // The provider's words in a crafted callback link are not shown.
+    b.goto(&format!(
+        "{CONSOLE}callback?error=access_denied&error_description=Call%20555-0100%20now"
+    ))
+    .unwrap();
+    b.wait_for("#sso", T).unwrap();
+    let main = b.text("main").unwrap();
+    assert!(!main.contains("555"), "{main}");
+    assert!(main.contains("not started in this browser"), "{main}");
 
     // The console's views lose nothing yet; their counters are in stats and the metrics.
     assert_eq!(d.stats()["console_forgotten"]["decisions"], 0);

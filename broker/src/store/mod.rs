@@ -164,6 +164,15 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &[&str])] = &[
             "ALTER TABLE connectors ADD COLUMN drained_at BIGINT",
         ],
     ),
+    (
+        10,
+        "console sessions",
+        &[
+            // A console session made by presenting another admin token: that token's id. The
+            // session is worth what its parent is (revoked, expired, its user disabled: ended).
+            "ALTER TABLE admin_tokens ADD COLUMN parent TEXT",
+        ],
+    ),
 ];
 
 /// The PostgreSQL channel on which every change of shared state is announced (`NOTIFY`); the
@@ -280,6 +289,10 @@ pub struct AdminIdentity {
     pub id: String,
     pub name: String,
     pub role: Role,
+    /// When it expires (Unix seconds), if it does.
+    pub expires_at: Option<u64>,
+    /// A console session's: the token it was made from.
+    pub parent: Option<String>,
 }
 
 /// What an enrollment token is for.

@@ -90,6 +90,9 @@ impl Store {
             "(SELECT COALESCE(MAX(version), 0) FROM policies)",
             "(SELECT COUNT(*) FROM connectors)",
             "(SELECT COUNT(*) FROM connectors WHERE revoked_at IS NOT NULL)",
+            // Drains and resumes: the count and the sum of the times (a drain and a resume
+            // between two looks can leave one of them as it was, not both).
+            "(SELECT COUNT(drained_at) FROM connectors)",
             "(SELECT CAST(COALESCE(SUM(drained_at), 0) AS BIGINT) FROM connectors)",
             "(SELECT COUNT(*) FROM connector_certs)",
             "(SELECT COALESCE(MAX(generation), 0) FROM signing_keys)",

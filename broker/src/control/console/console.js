@@ -4,6 +4,11 @@
 (function () {
   const csrf = document.querySelector('meta[name="csrf-token"]');
   const token = csrf ? csrf.getAttribute("content") : "";
+  // A session that ended answers with the sign-in page: show it, rather than paste it in.
+  const reload = () => {
+    window.location.reload();
+    return Promise.reject(new Error("signed out"));
+  };
 
   // Live decisions: the table's rows again every 3 s, with the page's own filters.
   const live = document.querySelector("table[data-live]");
@@ -11,7 +16,7 @@
     const body = live.querySelector("tbody");
     const refresh = () => {
       fetch(live.dataset.live + window.location.search, { credentials: "same-origin" })
-        .then((r) => (r.ok ? r.text() : Promise.reject(r.status)))
+        .then((r) => (r.redirected ? reload() : r.ok ? r.text() : Promise.reject(r.status)))
         .then((html) => { body.innerHTML = html; })
         .catch(() => {});
     };
@@ -37,7 +42,7 @@
           headers: { "Content-Type": "application/x-www-form-urlencoded", "X-CSRF-Token": token },
           body: form.toString(),
         })
-          .then((r) => (r.ok ? r.text() : Promise.reject(r.status)))
+          .then((r) => (r.redirected ? reload() : r.ok ? r.text() : Promise.reject(r.status)))
           .then((html) => { if (n === asked) out.innerHTML = html; })
           .catch(() => {});
       }, 600);

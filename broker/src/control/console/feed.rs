@@ -225,10 +225,11 @@ impl Feed {
     }
 
     /// Audit lines, newest first, whose text contains `q` (case-insensitive): a page of them
-    /// and how many matched.
+    /// and how many matched. Lines about admin and SCIM tokens only `with_tokens`.
     pub fn audit_lines(
         &self,
         q: &str,
+        with_tokens: bool,
         skip: usize,
         take: usize,
     ) -> (Vec<serde_json::Value>, usize) {
@@ -237,6 +238,11 @@ impl Feed {
         let mut total = 0;
         let mut out = Vec::new();
         for l in g.audit.iter().rev() {
+            let event = l["event"].as_str().unwrap_or("");
+            if !with_tokens && (event.starts_with("admin_token") || event.starts_with("scim_token"))
+            {
+                continue;
+            }
             if !q.is_empty() && !l.to_string().to_ascii_lowercase().contains(&q) {
                 continue;
             }
@@ -331,10 +337,13 @@ mod tests {
             f.audit(serde_json::json!({"event": "x", "n": i}));
         }
         assert_eq!(f.forgotten().audit_lines, 5);
-        let (page, total) = f.audit_lines("", 0, 3);
+        let (page, total) = f.audit_lines("", true, 0, 3);
         assert_eq!(total, AUDIT_LINES);
         assert_eq!(page[0]["n"], AUDIT_LINES + 4, "newest first");
-        let (page, total) = f.audit_lines("\"n\":7", 0, 10);
+        let (page, total) = f.audit_lines("\"n\":7", true, 0, 10);
+        f.audit(serde_json::json!({"event": "admin_token_created", "n": -1}));
+        assert_eq!(f.audit_lines("admin_token", true, 0, 10).1, 1);
+        assert_eq!(f.audit_lines("admin_token", false, 0, 10).1, 0);
         assert!(total >= 1 && page.iter().all(|l| l.to_string().contains("\"n\":7")));
         for i in 0..(SAMPLES + 1) {
             f.sample(sample(i as u64, 0, 0));

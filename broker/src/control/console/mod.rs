@@ -49,7 +49,8 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-
 
 /// Where the identity provider sends the browser back: this control plane's URL.
 pub(super) fn callback_url(ctl: &Control) -> String {
-    format!("{}/console/callback", ctl.config.url.trim_end_matches('/'))
+    let base = ctl.config.console_url.as_deref().unwrap_or(&ctl.config.url);
+    format!("{}/console/callback", base.trim_end_matches('/'))
 }
 
 fn session_lifetime(ctl: &Control) -> u64 {
@@ -58,17 +59,24 @@ fn session_lifetime(ctl: &Control) -> u64 {
     })
 }
 
-pub(super) fn routes() -> Router<Arc<Control>> {
+pub(super) fn routes(rate: Arc<crate::api_limits::RateGate>) -> Router<Arc<Control>> {
     use pages::*;
+    // What anyone may call: a rate per source address, as for the API's sign-in.
+    let signing_in = Router::new()
+        .route("/console/login/sso", get(sso_start))
+        .route("/console/callback", get(sso_callback))
+        .route("/console/login/token", post(token_sign_in))
+        .route_layer(axum::middleware::from_fn_with_state(
+            rate,
+            crate::api_limits::limit_unauthenticated,
+        ));
     Router::new()
+        .merge(signing_in)
         .route("/console", get(|| async { see_other("/console/") }))
         .route("/console/", get(overview::page))
         .route("/console/static/console.css", get(style))
         .route("/console/static/console.js", get(script))
         .route("/console/login", get(login_page))
-        .route("/console/login/sso", get(sso_start))
-        .route("/console/callback", get(sso_callback))
-        .route("/console/login/token", post(token_sign_in))
         .route("/console/logout", post(sign_out))
         .route("/console/users", get(directory::users))
         .route("/console/users/{name}/{action}", post(directory::set_user))
@@ -199,7 +207,12 @@ fn csrf_of(cookie: &str) -> String {
 
 /// A flash message travels in a cookie as hex (any text, nothing a cookie cannot hold).
 fn flash_cookie(msg: &str) -> String {
-    let hex: String = msg.bytes().take(300).map(|b| format!("{b:02x}")).collect();
+    // At most 300 bytes, cut at a character's boundary.
+    let mut end = msg.len().min(300);
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    let hex: String = msg[..end].bytes().map(|b| format!("{b:02x}")).collect();
     // Lax: a message for the sign-in page must survive the identity provider's redirect
     // back (a Strict cookie is not sent on a navigation that began on another site).
     cookie(FLASH_COOKIE, &hex, 60, "Lax")
@@ -229,14 +242,10 @@ impl FromRequestParts<Arc<Control>> for Session {
 
     async fn from_request_parts(parts: &mut Parts, ctl: &Arc<Control>) -> Result<Self, Response> {
         let to_login = |why: &str| {
-            let mut r = see_other("/console/login");
-            if let Ok(v) = flash_cookie(why).parse() {
-                r.headers_mut().append(axum::http::header::SET_COOKIE, v);
-            }
-            if let Ok(v) = cookie(SESSION_COOKIE, "", 0, "Strict").parse() {
-                r.headers_mut().append(axum::http::header::SET_COOKIE, v);
-            }
-            r
+            with_cookies(
+                see_other("/console/login"),
+                &[flash_cookie(why), cookie(SESSION_COOKIE, "", 0, "Strict")],
+            )
         };
         let Some(value) = cookie_value(&parts.headers, SESSION_COOKIE) else {
             return Err(to_login("Sign in to use the console."));
@@ -409,22 +418,17 @@ impl Session {
                 (body)
             }
         };
-        let mut res = document(status, title, Some(&self.csrf), body);
-        if self.flash.is_some()
-            && let Ok(v) = cookie(FLASH_COOKIE, "", 0, "Lax").parse()
-        {
-            res.headers_mut().append(axum::http::header::SET_COOKIE, v);
+        let res = document(status, title, Some(&self.csrf), body);
+        if self.flash.is_some() {
+            with_cookies(res, &[cookie(FLASH_COOKIE, "", 0, "Lax")])
+        } else {
+            res
         }
-        res
     }
 
     /// Back to `to` with a message for the next page.
     pub fn done(&self, to: &str, msg: &str) -> Response {
-        let mut r = see_other(to);
-        if let Ok(v) = flash_cookie(msg).parse() {
-            r.headers_mut().append(axum::http::header::SET_COOKIE, v);
-        }
-        r
+        with_cookies(see_other(to), &[flash_cookie(msg)])
     }
 }
 
@@ -504,13 +508,12 @@ async fn login_page(State(ctl): Ctl, headers: axum::http::HeaderMap) -> Response
             }
         }
     };
-    let mut res = document(StatusCode::OK, "Sign in", None, body);
-    if flash.is_some()
-        && let Ok(v) = cookie(FLASH_COOKIE, "", 0, "Lax").parse()
-    {
-        res.headers_mut().append(axum::http::header::SET_COOKIE, v);
+    let res = document(StatusCode::OK, "Sign in", None, body);
+    if flash.is_some() {
+        with_cookies(res, &[cookie(FLASH_COOKIE, "", 0, "Lax")])
+    } else {
+        res
     }
-    res
 }
 
 /// Starts a sign-in at the identity provider: the same sign-in the CLI's `admin login` makes,
@@ -533,12 +536,8 @@ async fn sso_start(State(ctl): Ctl) -> Response {
             let Some(url) = started.authorization_url else {
                 return login_error("the identity provider gave no sign-in address");
             };
-            let mut r = see_other(&url);
             let value = format!("{}.{}", started.login_id, verifier);
-            if let Ok(v) = cookie(LOGIN_COOKIE, &value, 600, "Lax").parse() {
-                r.headers_mut().append(axum::http::header::SET_COOKIE, v);
-            }
-            r
+            with_cookies(see_other(&url), &[cookie(LOGIN_COOKIE, &value, 600, "Lax")])
         }
         Err(e) => login_error(&e.1),
     }
@@ -547,9 +546,21 @@ async fn sso_start(State(ctl): Ctl) -> Response {
 /// Back to the sign-in page with the reason (in the flash cookie, not the URL: a link cannot
 /// put words of its own on the console's page).
 fn login_error(why: &str) -> Response {
-    let mut r = see_other("/console/login");
-    if let Ok(v) = flash_cookie(&format!("Not signed in: {why}")).parse() {
-        r.headers_mut().append(axum::http::header::SET_COOKIE, v);
+    with_cookies(
+        see_other("/console/login"),
+        &[
+            flash_cookie(&format!("Not signed in: {why}")),
+            cookie(LOGIN_COOKIE, "", 0, "Lax"),
+        ],
+    )
+}
+
+/// The response with these `Set-Cookie` values added.
+fn with_cookies(mut r: Response, cookies: &[String]) -> Response {
+    for c in cookies {
+        if let Ok(v) = c.parse() {
+            r.headers_mut().append(axum::http::header::SET_COOKIE, v);
+        }
     }
     r
 }
@@ -574,17 +585,34 @@ async fn sso_callback(
     headers: axum::http::HeaderMap,
     Query(cb): Query<Callback>,
 ) -> Response {
-    if let Some(e) = cb.error {
-        let why = cb.error_description.unwrap_or(e);
-        return login_error(&format!("The identity provider refused the sign-in: {why}"));
-    }
+    // Only a sign-in this browser started is answered; whatever happens, it is over.
     let Some((login_id, verifier)) =
         cookie_value(&headers, LOGIN_COOKIE).and_then(|v| v.split_once('.'))
     else {
         return login_error(
-            "This sign-in was not started in this browser (or took over ten minutes): start again.",
+            "this sign-in was not started in this browser (or took over ten minutes): start again",
         );
     };
+    if let Some(e) = cb.error {
+        // The provider's own words are not shown (a link could carry any); its error code
+        // is, when it is one of OAuth's.
+        let known = [
+            "access_denied",
+            "login_required",
+            "consent_required",
+            "interaction_required",
+            "invalid_request",
+            "unauthorized_client",
+            "server_error",
+            "temporarily_unavailable",
+        ];
+        let code = known.iter().find(|k| **k == e).copied().unwrap_or("error");
+        warn!(error = %e, description = ?cb.error_description,
+            "console sign-in refused by the identity provider");
+        return login_error(&format!(
+            "the identity provider refused the sign-in ({code})"
+        ));
+    }
     let req = api::LoginFinishRequest {
         login_id: login_id.to_string(),
         code: cb.code,
@@ -612,16 +640,13 @@ fn signed_in(token: &str, max_age: u64) -> Response {
             p { a href="/console/" { "Continue to the console" } }
         }
     };
-    let mut res = document_with(StatusCode::OK, "Signed in", None, Some("/console/"), body);
-    for c in [
-        cookie(SESSION_COOKIE, token, max_age, "Strict"),
-        cookie(LOGIN_COOKIE, "", 0, "Lax"),
-    ] {
-        if let Ok(v) = c.parse() {
-            res.headers_mut().append(axum::http::header::SET_COOKIE, v);
-        }
-    }
-    res
+    with_cookies(
+        document_with(StatusCode::OK, "Signed in", None, Some("/console/"), body),
+        &[
+            cookie(SESSION_COOKIE, token, max_age, "Strict"),
+            cookie(LOGIN_COOKIE, "", 0, "Lax"),
+        ],
+    )
 }
 
 #[derive(serde::Deserialize)]
@@ -653,17 +678,16 @@ async fn token_sign_in(
         Ok(Err(why)) => return refuse(why),
         Err(e) => return ApiErr::from(e).into_response(),
     };
-    let lifetime = session_lifetime(&ctl);
-    // Named after the token's own admin; a console session of an SSO token keeps the user id,
-    // so it ends with the user (see `Store::admin_by_token`).
-    let name = if who.name.starts_with("sso:") {
-        who.name.clone()
-    } else {
-        format!("console:{}", who.name)
-    };
+    if who.parent.is_some() {
+        return refuse("a console session's token cannot open another session");
+    }
+    // The session ends after the console's session lifetime, or with the presented token
+    // (revoked, expired, its user disabled: see `Store::admin_by_token`), whichever is first.
+    let expires_at = (now + session_lifetime(&ctl)).min(who.expires_at.unwrap_or(u64::MAX));
+    let name = format!("console:{}", who.name);
     let (id, secret) = match ctl
         .store
-        .create_admin_token_with(&name, who.role, Some(now + lifetime), now)
+        .create_console_session(&name, who.role, expires_at, now, &who.id)
         .await
     {
         Ok(x) => x,
@@ -673,12 +697,12 @@ async fn token_sign_in(
     ctl.audit(
         "admin_sign_in",
         &who.name,
-        serde_json::json!({"id": id, "role": who.role, "expires_at": now + lifetime,
+        serde_json::json!({"id": id, "role": who.role, "expires_at": expires_at,
             "via": "console", "with_token": cred.id, "from": from}),
     );
     signed_in(
         &Credential::format(ADMIN_PREFIX, &id, &secret, None),
-        lifetime,
+        expires_at.saturating_sub(now),
     )
 }
 
@@ -696,16 +720,13 @@ async fn sign_out(State(ctl): Ctl, Posted(s, Nothing {}): Posted<Nothing>) -> Re
         &s.name,
         serde_json::json!({"id": s.token_id, "via": "console"}),
     );
-    let mut r = see_other("/console/login");
-    for c in [
-        cookie(SESSION_COOKIE, "", 0, "Strict"),
-        flash_cookie("Signed out."),
-    ] {
-        if let Ok(v) = c.parse() {
-            r.headers_mut().append(axum::http::header::SET_COOKIE, v);
-        }
-    }
-    r
+    with_cookies(
+        see_other("/console/login"),
+        &[
+            cookie(SESSION_COOKIE, "", 0, "Strict"),
+            flash_cookie("Signed out."),
+        ],
+    )
 }
 
 /// Time as the console shows it: UTC, to the second.
@@ -802,6 +823,14 @@ mod tests {
         assert!(v.bytes().all(|b| b.is_ascii_hexdigit()));
         assert_eq!(flash_text(v).as_deref(), Some(msg));
         assert_eq!(flash_text("zz"), None);
+        // A long message is cut at a character's boundary, not inside one.
+        let long = "é".repeat(200);
+        let c = flash_cookie(&long);
+        let v = c
+            .strip_prefix("__Host-sekisho-flash=")
+            .and_then(|r| r.split(';').next())
+            .unwrap();
+        assert_eq!(flash_text(v).unwrap(), "é".repeat(150));
         assert_eq!(flash_text(""), None);
     }
 }

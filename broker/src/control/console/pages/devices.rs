@@ -46,6 +46,12 @@ fn risk_of(ctl: &Control, d: &DeviceRecord) -> Option<Assessment> {
     ctl.risk.get().map(|r| r.assess(&d.name, &d.user))
 }
 
+/// Whether the role may see posture, risk and sign-in details, which the API gives through
+/// `explain` (helpdesk lists and revokes devices; it does not get these).
+fn sees_details(s: &Session) -> bool {
+    s.may("POST", "/v1/admin/explain")
+}
+
 fn level_badge(level: Level) -> Markup {
     html! { span class=(format!("risk {}", level.as_str())) { (level.as_str()) } }
 }
@@ -65,12 +71,13 @@ pub async fn list(State(ctl): Ctl, s: Session, Query(q): Query<DeviceQuery>) -> 
         q: q.q.clone(),
         page: q.page,
     };
+    let details = sees_details(&s);
     let min_risk = match q.risk.as_str() {
-        "medium" => Some(Level::Medium),
-        "high" => Some(Level::High),
+        "medium" if details => Some(Level::Medium),
+        "high" if details => Some(Level::High),
         _ => None,
     };
-    let failing = q.failing.trim();
+    let failing = if details { q.failing.trim() } else { "" };
     let matching: Vec<&DeviceRecord> = devices
         .iter()
         .filter(|d| match q.state.as_str() {
@@ -101,6 +108,7 @@ pub async fn list(State(ctl): Ctl, s: Session, Query(q): Query<DeviceQuery>) -> 
                 label for="q" { "Find (device, user or address)" }
                 input #q type="search" name="q" value=(q.q);
             }
+            @if details {
             div {
                 label for="failing" { "Failing the check" }
                 select #failing name="failing" {
@@ -118,6 +126,7 @@ pub async fn list(State(ctl): Ctl, s: Session, Query(q): Query<DeviceQuery>) -> 
                     option value="high" selected[q.risk == "high"] { "high" }
                 }
             }
+            }
             div {
                 label for="state" { "State" }
                 select #state name="state" {
@@ -132,8 +141,9 @@ pub async fn list(State(ctl): Ctl, s: Session, Query(q): Query<DeviceQuery>) -> 
         table #device-table {
             thead { tr {
                 th scope="col" { "Device" } th scope="col" { "User" } th scope="col" { "Address" }
-                th scope="col" { "Class" } th scope="col" { "Online" } th scope="col" { "Posture" }
-                th scope="col" { "Risk" } th scope="col" { "Actions" }
+                th scope="col" { "Class" } th scope="col" { "Online" }
+                @if details { th scope="col" { "Posture" } th scope="col" { "Risk" } }
+                th scope="col" { "Actions" }
             } }
             tbody {
                 @for d in matching.iter().skip(list.skip()).take(PAGE) {
@@ -148,12 +158,14 @@ pub async fn list(State(ctl): Ctl, s: Session, Query(q): Query<DeviceQuery>) -> 
                             Some(t) if t < 180 => "online",
                             _ => "—",
                         } }
-                        td.posture { @match &fails {
-                            None => span.muted { "no report" },
-                            Some(f) if f.is_empty() => "passes",
-                            Some(f) => span.state.stale { "fails " (f.join(", ")) },
-                        } }
-                        td { @if let Some(a) = risk_of(&ctl, d) { (level_badge(a.level)) } }
+                        @if details {
+                            td.posture { @match &fails {
+                                None => span.muted { "no report" },
+                                Some(f) if f.is_empty() => "passes",
+                                Some(f) => span.state.stale { "fails " (f.join(", ")) },
+                            } }
+                            td { @if let Some(a) = risk_of(&ctl, d) { (level_badge(a.level)) } }
+                        }
                         td {
                             @if d.revoked_at.is_some() { "revoked" }
                             @else if may_revoke(d) {
@@ -185,6 +197,7 @@ pub async fn detail(State(ctl): Ctl, s: Session, UrlPath(name): UrlPath<String>)
     let peer = view.peers.iter().find(|p| p.device == d.name);
     let posture = ctl.feed().posture_of(&d.name);
     let signed_in = ctl.store.device_signed_in_at(&d.name).await.ok().flatten();
+    let details = sees_details(&s);
     let risk = risk_of(&ctl, &d);
     let revoke = format!("/v1/admin/devices/{}/revoke", d.name);
     let class = format!("/v1/admin/devices/{}/class", d.name);
@@ -194,13 +207,16 @@ pub async fn detail(State(ctl): Ctl, s: Session, UrlPath(name): UrlPath<String>)
             dt { "Address" } dd { (d.address) }
             dt { "Class" } dd #class { (d.class.as_str()) }
             dt { "Enrolled" } dd { (when(d.created_at)) }
-            dt { "Last sign-in" } dd { @match signed_in { Some(t) => (when(t)), None => "never through the identity provider" } }
+            @if details {
+                dt { "Last sign-in" } dd { @match signed_in { Some(t) => (when(t)), None => "never through the identity provider" } }
+            }
             dt { "State" } dd { @if let Some(t) = d.revoked_at { "revoked " (when(t)) } @else { "active" } }
             dt { "Tunnel" } dd { @match peer.and_then(|p| p.seconds_since_handshake) {
-                Some(t) => { "last handshake " (t) " s ago" @if let Some(e) = peer.and_then(|p| p.endpoint) { " from " (e) } },
+                Some(t) => { "last handshake " (t) " s ago" @if details { @if let Some(e) = peer.and_then(|p| p.endpoint) { " from " (e) } } },
                 None => "not connected to this broker",
             } }
         }
+        @if details {
         h2 { "Posture" }
         @match &posture {
             Some(p) => {
@@ -237,6 +253,7 @@ pub async fn detail(State(ctl): Ctl, s: Session, UrlPath(name): UrlPath<String>)
             None => p.muted { "The risk engine is not running." },
         }
         p { a href=(format!("/console/why?device={}", seg(&d.name))) { "Why can or can't this device reach something?" } }
+        }
         @if d.revoked_at.is_none() {
             h2 { "Actions" }
             @if s.may("POST", &class) {

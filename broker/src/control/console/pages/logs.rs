@@ -31,6 +31,10 @@ impl DecisionQuery {
     fn page(&self) -> usize {
         self.page.unwrap_or(1).max(1)
     }
+
+    fn skip(&self) -> usize {
+        (self.page() - 1).saturating_mul(PAGE)
+    }
 }
 
 fn rows(list: &[Decided]) -> Markup {
@@ -59,9 +63,7 @@ pub async fn decision_rows(
     if let Some(r) = not_for_role(&s, &ctl, "GET", "/v1/admin/decisions") {
         return r;
     }
-    let (list, _) = ctl
-        .feed()
-        .decisions(&q.filter(), (q.page() - 1) * PAGE, PAGE);
+    let (list, _) = ctl.feed().decisions(&q.filter(), q.skip(), PAGE);
     (
         [(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")],
         rows(&list).into_string(),
@@ -73,9 +75,7 @@ pub async fn decisions(State(ctl): Ctl, s: Session, Query(q): Query<DecisionQuer
     if let Some(r) = not_for_role(&s, &ctl, "GET", "/v1/admin/decisions") {
         return r;
     }
-    let (list, total) = ctl
-        .feed()
-        .decisions(&q.filter(), (q.page() - 1) * PAGE, PAGE);
+    let (list, total) = ctl.feed().decisions(&q.filter(), q.skip(), PAGE);
     let forgotten = ctl.feed().forgotten().decisions;
     let body = html! {
         form.filters method="get" action="/console/decisions" role="search" {
@@ -147,7 +147,9 @@ pub async fn audit(State(ctl): Ctl, s: Session, Query(q): Query<ListQuery>) -> R
     if let Some(r) = not_for_role(&s, &ctl, "GET", "/v1/admin/audit") {
         return r;
     }
-    let (lines, total) = ctl.feed().audit_lines(&q.q, q.skip(), PAGE);
+    // Admin and SCIM tokens are the admin role's alone, even to list: their lines too.
+    let tokens = s.may("GET", "/v1/admin/admin-tokens");
+    let (lines, total) = ctl.feed().audit_lines(&q.q, tokens, q.skip(), PAGE);
     let body = html! {
         p.muted { "Every change and refusal through this broker's control plane, newest first (the last "
             (feed::AUDIT_LINES) "; the audit log file and the SIEM keep every one)." }

@@ -25,7 +25,7 @@ impl ListQuery {
     }
 
     pub fn skip(&self) -> usize {
-        (self.page() - 1) * PAGE
+        (self.page() - 1).saturating_mul(PAGE)
     }
 
     /// Whether any of `fields` contains the filter (case-insensitive).

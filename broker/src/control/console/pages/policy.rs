@@ -58,7 +58,9 @@ async fn page_with(
         form #policy-form method="post" action="/console/policy/check" {
             (s.csrf_field())
             label for="policy-text" { "policy.toml" }
-            textarea #policy-text name="text" rows="24" spellcheck="false" readonly[!may_apply] { (text) }
+            // HTML drops one newline right after <textarea>: one is given, so a text that
+            // starts with an empty line keeps it.
+            textarea #policy-text name="text" rows="24" spellcheck="false" readonly[!may_apply] { "\n" (text) }
             div.buttons {
                 button type="submit" formaction="/console/policy/check" { "Check" }
                 @if may_apply {

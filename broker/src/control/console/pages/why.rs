@@ -53,13 +53,15 @@ pub fn destination(policy: &Policy, to: &str) -> Result<Destination, String> {
         _ => (to, None),
     };
     let name = name.trim_end_matches('.').to_ascii_lowercase();
-    let app = policy.applications.iter().find(|a| {
-        a.name.eq_ignore_ascii_case(&name)
-            || a.names.iter().any(|p| match p.strip_prefix("*.") {
-                Some(zone) => name.ends_with(&format!(".{zone}")),
-                None => *p == name,
-            })
-    });
+    // An application's own name, else the one the data plane would take for that DNS name
+    // (an exact name before the longest wildcard).
+    let app = policy
+        .applications
+        .iter()
+        .position(|a| a.name.eq_ignore_ascii_case(&name))
+        .map(|i| i as sekisho_proto::policy::AppId)
+        .or_else(|| policy.app_for_name(&name))
+        .map(|i| &policy.applications[i as usize]);
     let Some(app) = app else {
         return Err(format!(
             "{to:?} is not an address (like 10.20.0.10:5432) nor a name of an application of the policy"
@@ -234,6 +236,13 @@ site = "dc1"
 names = ["wiki.corp.example", "*.dev.corp.example"]
 protocols = ["tcp"]
 ports = [80, 8080]
+
+[[applications]]
+name = "build"
+site = "dc1"
+names = ["build.dev.corp.example"]
+protocols = ["tcp"]
+ports = [443]
 "#;
         Policy::parse_with(std::path::Path::new("p.toml"), text, &Directory::default()).unwrap()
     }
@@ -263,8 +272,11 @@ ports = [80, 8080]
         // Known by DNS names only: a flow to a name of it, the port given or its first.
         let d = destination(&p, "wiki.corp.example").unwrap();
         assert_eq!((d.named.as_deref(), d.port), (Some("wiki"), 80));
-        let d = destination(&p, "Build.Dev.Corp.Example.:8080").unwrap();
+        let d = destination(&p, "ci.dev.corp.example:8080").unwrap();
         assert_eq!((d.named.as_deref(), d.port), (Some("wiki"), 8080));
+        // An exact name wins over a wildcard, as in the data plane, whatever the order.
+        let d = destination(&p, "Build.Dev.Corp.Example.").unwrap();
+        assert_eq!((d.named.as_deref(), d.port), (Some("build"), 443));
         let e = destination(&p, "evil.example").unwrap_err();
         assert!(e.contains("not an address"), "{e}");
         assert!(
