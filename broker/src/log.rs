@@ -146,11 +146,15 @@ pub async fn decision_writer(
     while let Some(line) = rx.recv().await {
         risk.observe(&line);
         let now = SystemTime::now();
-        if let LogLine::Decision(r) = &line {
-            let secs = now
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            console.decision(r, secs);
+        match &line {
+            LogLine::Decision(r) => {
+                let secs = now
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                console.decision(r, secs);
+            }
+            LogLine::Summary(r) => console.summary(r),
+            _ => {}
         }
         if shipper.wants(kind_of(&line)) {
             let ms = now

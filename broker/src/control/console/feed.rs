@@ -24,6 +24,8 @@ pub const SAMPLES: usize = 720;
 pub const DECISIONS: usize = 5000;
 /// Audit lines kept.
 pub const AUDIT_LINES: usize = 2000;
+/// The reason top denials give flows the decision log summed per device.
+pub const SUMMARISED: &str = "denied, summarised per device (over its share of the log)";
 /// Devices whose last posture report is kept (more than any test or fleet here; the oldest
 /// report goes first).
 pub const POSTURES: usize = 200_000;
@@ -189,6 +191,14 @@ impl Feed {
         }
     }
 
+    /// Flows a device decided beyond its share of the decision log, summed there without their
+    /// reasons: their denials count under a reason of their own.
+    pub fn summary(&self, r: &sekisho_proto::broker::SummaryRecord) {
+        if r.denied > 0 {
+            *self.lock().denials.entry(SUMMARISED).or_insert(0) += r.denied;
+        }
+    }
+
     /// The newest decisions first that pass `filter`: `skip` of them left out, at most `take`;
     /// and how many passed in all.
     pub fn decisions(
@@ -350,6 +360,22 @@ mod tests {
         }
         assert_eq!(f.samples().len(), SAMPLES);
         assert_eq!(f.samples()[0].at, 1);
+    }
+
+    #[test]
+    fn summarised_denials_count_under_their_own_reason() {
+        let f = Feed::default();
+        let r = sekisho_proto::broker::SummaryRecord {
+            event: "flow_summary",
+            device: "d".into(),
+            user: "u".into(),
+            allowed: 3,
+            denied: 40_000,
+            seconds: 1,
+        };
+        f.summary(&r);
+        f.summary(&r);
+        assert_eq!(f.top_denials(3), vec![(SUMMARISED, 80_000)]);
     }
 
     #[test]
