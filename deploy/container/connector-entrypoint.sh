@@ -42,7 +42,7 @@ fi
 # The device node comes with the host's owner and mode: 0666 where udev made it (the usual
 # case), 0600 root on hosts without udev, which uid $(id -u) cannot open.
 if [ ! -r /dev/net/tun ] || [ ! -w /dev/net/tun ]; then
-    die "/dev/net/tun is not readable and writable by uid $(id -u) (it is $(stat -c '%A %U' /dev/net/tun 2>/dev/null || echo '?'), as on the host): make it 0666 on the host (chmod 0666 /dev/net/tun, as udev does; opening it grants nothing without CAP_NET_ADMIN), or run the container as root (--user 0)"
+    die "/dev/net/tun is not readable and writable by uid $(id -u) (it is $(stat -c '%A %U' /dev/net/tun 2>/dev/null || echo '?'), as on the host): make it 0666 on the host (chmod 0666 /dev/net/tun, as udev does; opening it grants nothing without CAP_NET_ADMIN), or run the container as root (--user 0, with a state volume owned by root)"
 fi
 capbnd=$(sed -n 's/^CapBnd:[[:space:]]*//p' /proc/self/status 2>/dev/null || true)
 if [ -n "$capbnd" ] && [ $(((0x$capbnd >> 12) & 1)) = 0 ]; then
