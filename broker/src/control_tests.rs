@@ -741,7 +741,7 @@ async fn suite(db: &str) {
     h.task.abort();
     drop(h.control.clone());
     let store = Store::open(&db2).await.unwrap();
-    assert_eq!(store.schema_version().await.unwrap(), 8);
+    assert_eq!(store.schema_version().await.unwrap(), 10);
     // The signing keys are sealed at rest: without the key-encryption key they do not open.
     assert!(store.has_sealed_signing_keys().await.unwrap());
     let e = store.signing_keys(now_unix(), 300).await.err().unwrap();
@@ -909,10 +909,10 @@ async fn migrations_are_applied_once() {
     let dir = scratch("migrate");
     let url = format!("sqlite://{}/m.db", dir.display());
     let a = Store::open(&url).await.unwrap();
-    assert_eq!(a.schema_version().await.unwrap(), 8);
+    assert_eq!(a.schema_version().await.unwrap(), 10);
     drop(a);
     let b = Store::open(&url).await.unwrap();
-    assert_eq!(b.schema_version().await.unwrap(), 8);
+    assert_eq!(b.schema_version().await.unwrap(), 10);
     assert!(Store::open("mysql://nope").await.is_err());
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -967,7 +967,7 @@ async fn migration_keeps_the_signing_key(url: &str) {
     }
     pool.close().await;
     let store = Store::open(url).await.unwrap();
-    assert_eq!(store.schema_version().await.unwrap(), 8);
+    assert_eq!(store.schema_version().await.unwrap(), 10);
     assert_eq!(
         store.signing_key(now_unix()).await.unwrap().kid(),
         old.kid()
