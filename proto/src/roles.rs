@@ -103,7 +103,6 @@ pub fn permits(role: Role, method: &str, path: &str) -> bool {
                         | ("POST", ["groups"])
                         | ("POST", ["enrollment-tokens"])
                         | ("POST", ["devices", _, "class"])
-                        | ("POST", ["explain"])
                 )
         }
     }
