@@ -1716,7 +1716,14 @@ fn check_compose(doc: &Value, raw: bool) {
             !sec.contains("no-new-privileges"),
             "{name}: no-new-privileges disables the image's file capabilities"
         );
-        assert_eq!(s["sysctls"]["net.ipv4.ip_forward"], "1", "{name}");
+        // The list form (podman-compose 1.0.3 loses the value of the map form).
+        assert!(
+            s["sysctls"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|v| v == "net.ipv4.ip_forward=1")),
+            "{name}: sysctls {}",
+            s["sysctls"]
+        );
         assert!(
             ["always", "unless-stopped", "on-failure"].contains(&s["restart"].as_str().unwrap()),
             "{name}"

@@ -18,8 +18,9 @@
 #     made or used: `podman network create` and a `run` that would join one are refused.
 #  2. `sysctls` written as a map (`net.ipv4.ip_forward: "1"`, as docker compose documents it)
 #     reaches podman as `--sysctl net.ipv4.ip_forward`, without its value, which podman refuses.
-#     The value is taken from SEKISHO_COMPOSE_SYSCTLS ("KEY=VALUE ...", which the test reads
-#     from the compose file); a sysctl missing there is refused.
+#     The compose file writes them as a list, which arrives whole; for a map-form file the value
+#     is taken from SEKISHO_COMPOSE_SYSCTLS ("KEY=VALUE ..."), and a sysctl missing there is
+#     refused.
 #  3. (Not a correction: these machines' podman needs `--runtime runc`: crun refuses their
 #     hybrid cgroups.)
 #
