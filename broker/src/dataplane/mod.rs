@@ -68,6 +68,8 @@ pub enum WorkerCommand {
     HoldConnectors(std::collections::BTreeSet<String>),
     LinkMtu(LinkId, usize),
     Snapshot(oneshot::Sender<WorkerView>),
+    /// Counters, open flows and peers online, copying no peer (the console's sampler).
+    Totals(Duration, oneshot::Sender<sekisho_proto::broker::Totals>),
 }
 
 /// One worker's answer to a snapshot request.
@@ -401,6 +403,27 @@ impl DataPlane {
         v.peers.sort_by(|a, b| a.device.cmp(&b.device));
         v.connectors = links.into_values().collect();
         v
+    }
+
+    /// Every worker's totals, summed: counters, open flows and peers whose last handshake is
+    /// younger than `online`. Cheap for the workers (no peer copied), for periodic sampling.
+    pub async fn totals(&self, online: Duration) -> sekisho_proto::broker::Totals {
+        let mut answers = Vec::new();
+        for w in &self.inner.workers {
+            let (tx, rx) = oneshot::channel();
+            if w.commands.send(WorkerCommand::Totals(online, tx)).is_ok() {
+                answers.push(rx);
+            }
+        }
+        let mut sum = sekisho_proto::broker::Totals::default();
+        for rx in answers {
+            if let Ok(Ok(t)) = tokio::time::timeout(Duration::from_secs(2), rx).await {
+                sum.counters.merge(&t.counters);
+                sum.flows += t.flows;
+                sum.peers_online += t.peers_online;
+            }
+        }
+        sum
     }
 
     /// The accepted posture claims of the device with this key, if it has a valid token.

@@ -171,6 +171,9 @@ fn command(
         }
         WorkerCommand::HoldConnectors(names) => state.hold_connectors(names),
         WorkerCommand::LinkMtu(link, max) => state.link_mtu(link, max),
+        WorkerCommand::Totals(online, tx) => {
+            let _ = tx.send(state.totals(online));
+        }
         WorkerCommand::Snapshot(tx) => {
             let _ = tx.send(WorkerView {
                 worker: state.worker(),

@@ -38,11 +38,21 @@ struct Link {
     site: String,
     name: String,
     draining: bool,
+    /// Its connector is one an admin drained (kept in step with the pool's `held` names, so a
+    /// lookup of a link never compares names).
+    held: bool,
     stale: bool,
     unreachable: BTreeSet<String>,
     flows: usize,
     /// The largest QUIC datagram the link carries now (unknown: no limit known).
     max_datagram: Option<usize>,
+}
+
+impl Link {
+    /// Whether it takes no new flows: its connector drains, or an admin drained it.
+    fn closed(&self) -> bool {
+        self.draining || self.held
+    }
 }
 
 /// A link as reported.
@@ -77,6 +87,7 @@ impl ConnectorPool {
                 site: site.to_string(),
                 name: connector.to_string(),
                 draining: false,
+                held: self.held.contains(connector),
                 stale: false,
                 unreachable: BTreeSet::new(),
                 flows: 0,
@@ -96,21 +107,19 @@ impl ConnectorPool {
 
     /// Whether the link would get new flows now (live, answering, not draining).
     pub fn takes_new(&self, id: LinkId) -> bool {
-        self.links
-            .get(&id)
-            .is_some_and(|l| !l.stale && !self.closed(l))
-    }
-
-    /// Whether a link takes no new flows: its connector drains, or an admin drained it.
-    fn closed(&self, l: &Link) -> bool {
-        l.draining || self.held.contains(&l.name)
+        self.links.get(&id).is_some_and(|l| !l.stale && !l.closed())
     }
 
     /// The connectors an admin drained (all of them, by name); true when that changed.
     pub fn set_held(&mut self, names: BTreeSet<String>) -> bool {
-        let changed = self.held != names;
+        if self.held == names {
+            return false;
+        }
+        for l in self.links.values_mut() {
+            l.held = names.contains(&l.name);
+        }
         self.held = names;
-        changed
+        true
     }
 
     /// The connector's own report; true when something changed.
@@ -143,7 +152,7 @@ impl ConnectorPool {
     /// turn.
     pub fn pick(&mut self, site: &str, app: &str) -> Option<LinkId> {
         let tier = |l: &Link| -> Option<u8> {
-            if l.site != site || self.closed(l) {
+            if l.site != site || l.closed() {
                 None
             } else if l.stale {
                 Some(2)
@@ -212,7 +221,7 @@ impl ConnectorPool {
                 id: *id,
                 site: l.site.clone(),
                 connector: l.name.clone(),
-                state: if self.closed(l) {
+                state: if l.closed() {
                     LinkState::Draining
                 } else if l.stale {
                     LinkState::Stale
@@ -221,7 +230,7 @@ impl ConnectorPool {
                 },
                 flows: l.flows,
                 unreachable: l.unreachable.iter().cloned().collect(),
-                held: self.held.contains(&l.name),
+                held: l.held,
             })
             .collect()
     }

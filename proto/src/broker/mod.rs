@@ -134,6 +134,14 @@ pub struct PeerInfo {
     pub failing_checks: Vec<String>,
 }
 
+/// A worker's totals (see [`BrokerState::totals`]).
+#[derive(Debug, Clone, Default)]
+pub struct Totals {
+    pub counters: Counters,
+    pub flows: usize,
+    pub peers_online: usize,
+}
+
 /// What a worker publishes for readers (stats, metrics, the control plane).
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -866,6 +874,25 @@ impl BrokerState {
     }
 
     /// The worker's state for readers.
+    /// What a periodic sampler needs, without copying any peer: the counters, open flows, and
+    /// peers whose last handshake is younger than `online`.
+    pub fn totals(&self, online: Duration) -> Totals {
+        Totals {
+            counters: self.counters.clone(),
+            flows: self.flows.len(),
+            peers_online: self
+                .peers
+                .values()
+                .filter(|p| {
+                    p.session
+                        .as_ref()
+                        .and_then(|s| s.time_since_handshake())
+                        .is_some_and(|t| t < online)
+                })
+                .count(),
+        }
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         let p = &self.policy;
         Snapshot {

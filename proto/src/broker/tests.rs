@@ -1242,3 +1242,24 @@ fn only_authenticated_input_moves_a_devices_endpoint() {
     io3.drain(&mut f.core);
     assert_eq!(io3.udp.last().map(|(to, d)| (*to, d[0])), Some((roamed, 2)));
 }
+
+#[test]
+fn totals_agree_with_the_snapshot() {
+    let mut f = fixture();
+    let mut io = Recorder::default();
+    let client = [100, 118, 0, 2];
+    f.send(&tcp_syn(client, 42000, [10, 20, 0, 10], 80), &mut io);
+    f.send(&tcp_syn(client, 42001, [10, 20, 0, 10], 80), &mut io);
+    let snap = f.core.snapshot();
+    let t = f.core.totals(Duration::from_secs(180));
+    assert_eq!(t.flows, snap.flows);
+    assert_eq!(t.counters.flows.allowed, snap.counters.flows.allowed);
+    let online = snap
+        .peers
+        .iter()
+        .filter(|p| p.seconds_since_handshake.is_some_and(|s| s < 180))
+        .count();
+    assert_eq!(t.peers_online, online);
+    assert!(t.peers_online >= 1, "the fixture's client handshook");
+    assert_eq!(f.core.totals(Duration::ZERO).peers_online, 0);
+}
