@@ -174,25 +174,36 @@ async fn script() -> Response {
 
 use axum::extract::Query;
 
+/// A request body for one of the API's handlers, called in-process.
+pub(super) fn json_body<T: serde::Serialize>(value: &T) -> Bytes {
+    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
+}
+
+/// A device counts as online while its last handshake is this recent (WireGuard rekeys every
+/// two minutes while traffic flows, and keepalives refresh it).
+const ONLINE: Duration = Duration::from_secs(180);
+
+pub(super) fn online(p: &sekisho_proto::broker::PeerInfo) -> bool {
+    p.seconds_since_handshake
+        .is_some_and(|t| t < ONLINE.as_secs())
+}
+
 /// Samples the data plane's totals for the charts, now and every [`feed::SAMPLE_EVERY`].
 pub async fn sample_loop(dp: DataPlane, feed: Arc<feed::Feed>) {
     let mut tick = tokio::time::interval(feed::SAMPLE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let v = dp.view().await;
-        let c = &v.counters;
+        // Totals only: a full view would have every worker copy every peer each time.
+        let t = dp.totals(ONLINE).await;
+        let c = &t.counters;
         feed.sample(feed::Sample {
             at: now_unix(),
             allowed: c.flows.allowed,
             denied: c.flows.denied,
             bytes: c.from_clients.bytes + c.to_clients.bytes,
-            peers: v
-                .peers
-                .iter()
-                .filter(|p| p.seconds_since_handshake.is_some_and(|t| t < 180))
-                .count(),
-            flows: v.flows,
+            peers: t.peers_online,
+            flows: t.flows,
         });
     }
 }

@@ -51,7 +51,7 @@ pub(super) async fn sso_start(State(ctl): Ctl) -> Response {
         redirect_uri: Some(callback_url(&ctl)),
         code_challenge: Some(challenge),
     };
-    let body = Bytes::from(serde_json::to_vec(&req).unwrap_or_default());
+    let body = json_body(&req);
     match super::login::start(State(ctl.clone()), body).await {
         Ok(Json(started)) => {
             let Some(url) = started.authorization_url else {
@@ -131,7 +131,7 @@ pub(super) async fn sso_callback(
         code_verifier: Some(verifier.to_string()),
         device: None,
     };
-    let body = Bytes::from(serde_json::to_vec(&req).unwrap_or_default());
+    let body = json_body(&req);
     let finished = match super::login::finish(State(ctl.clone()), body).await {
         Ok(Json(f)) => f,
         Err(e) => return login_error(&e.1),

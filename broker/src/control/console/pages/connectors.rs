@@ -17,11 +17,7 @@ pub async fn list(State(ctl): Ctl, s: Session, Query(q): Query<ListQuery>) -> Re
         .collect();
     let total = matching.len();
     let body = html! {
-        form.filters method="get" action="/console/connectors" role="search" {
-            label for="q" { "Find (connector or site)" }
-            input #q type="search" name="q" value=(q.q);
-            button type="submit" { "Find" }
-        }
+        (search("/console/connectors", "Find (connector or site)", &q.q))
         div.scroll {
         table #connector-table {
             thead { tr {

@@ -154,10 +154,7 @@ pub async fn list(State(ctl): Ctl, s: Session, Query(q): Query<DeviceQuery>) -> 
                         td { (d.user) }
                         td { (d.address) }
                         td { (d.class.as_str()) }
-                        td { @match peer.and_then(|p| p.seconds_since_handshake) {
-                            Some(t) if t < 180 => "online",
-                            _ => "—",
-                        } }
+                        td { @if peer.is_some_and(online) { "online" } @else { "—" } }
                         @if details {
                             td.posture { @match &fails {
                                 None => span.muted { "no report" },
@@ -303,9 +300,7 @@ pub async fn set_class(
     if let Err(r) = s.require(&ctl, "POST", &format!("/v1/admin/devices/{name}/class")) {
         return r;
     }
-    let body = Bytes::from(
-        serde_json::to_vec(&api::SetDeviceClass { class: f.class }).unwrap_or_default(),
-    );
+    let body = json_body(&api::SetDeviceClass { class: f.class });
     let back = format!("/console/devices/{}", seg(&name));
     match set_device_class(State(ctl.clone()), s.admin(), UrlPath(name), body).await {
         Ok(Json(done)) => s.done(&back, &format!("{}.", done.done)),

@@ -22,11 +22,7 @@ pub async fn users(State(ctl): Ctl, s: Session, Query(q): Query<ListQuery>) -> R
     let may_create = s.may("POST", "/v1/admin/users");
     let may_group = s.may("POST", "/v1/admin/groups");
     let body = html! {
-        form.filters method="get" action="/console/users" role="search" {
-            label for="q" { "Find users (name or group)" }
-            input #q type="search" name="q" value=(q.q);
-            button type="submit" { "Find" }
-        }
+        (search("/console/users", "Find users (name or group)", &q.q))
         table #user-table {
             thead { tr { th scope="col" { "User" } th scope="col" { "Groups" } th scope="col" { "State" } th scope="col" { "Actions" } } }
             tbody {
@@ -117,7 +113,7 @@ pub async fn set_user(
                     .filter(|g| !g.is_empty())
                     .collect(),
             };
-            let body = Bytes::from(serde_json::to_vec(&req).unwrap_or_default());
+            let body = json_body(&req);
             match create_user(State(ctl.clone()), s.admin(), body).await {
                 Ok(Json(u)) => s.done("/console/users", &format!("User {} created.", u.name)),
                 Err(e) => api_failure(&s, e),
@@ -140,12 +136,9 @@ pub async fn create_group(State(ctl): Ctl, Posted(s, f): Posted<GroupForm>) -> R
     if let Err(r) = s.require(&ctl, "POST", "/v1/admin/groups") {
         return r;
     }
-    let body = Bytes::from(
-        serde_json::to_vec(&api::CreateGroup {
-            name: f.name.trim().to_string(),
-        })
-        .unwrap_or_default(),
-    );
+    let body = json_body(&api::CreateGroup {
+        name: f.name.trim().to_string(),
+    });
     match super::super::super::create_group(State(ctl.clone()), s.admin(), body).await {
         Ok(Json(g)) => s.done("/console/users", &format!("Group {} created.", g.name)),
         Err(e) => api_failure(&s, e),

@@ -121,11 +121,7 @@ pub async fn dns(State(ctl): Ctl, s: Session, Query(q): Query<ListQuery>) -> Res
     let total = matching.len();
     let body = html! {
         p.muted { "Names each device's DNS filter blocked, counted per category since this broker started. The names themselves stay on the device." }
-        form.filters method="get" action="/console/dns" role="search" {
-            label for="q" { "Find (device or category)" }
-            input #q type="search" name="q" value=(q.q);
-            button type="submit" { "Find" }
-        }
+        (search("/console/dns", "Find (device or category)", &q.q))
         table #dns-table {
             thead { tr { th scope="col" { "Device" } th scope="col" { "Blocked, by category" } th scope="col" { "In all" } th scope="col" { "Last block reported" } } }
             tbody { @for (device, p) in matching.iter().skip(q.skip()).take(PAGE) {
@@ -153,11 +149,7 @@ pub async fn audit(State(ctl): Ctl, s: Session, Query(q): Query<ListQuery>) -> R
     let body = html! {
         p.muted { "Every change and refusal through this broker's control plane, newest first (the last "
             (feed::AUDIT_LINES) "; the audit log file and the SIEM keep every one)." }
-        form.filters method="get" action="/console/audit" role="search" {
-            label for="q" { "Find (event, admin, device…)" }
-            input #q type="search" name="q" value=(q.q);
-            button type="submit" { "Find" }
-        }
+        (search("/console/audit", "Find (event, admin, device…)", &q.q))
         div.scroll {
         table #audit-table {
             thead { tr { th scope="col" { "Time" } th scope="col" { "Event" } th scope="col" { "By" } th scope="col" { "Detail" } } }

@@ -35,6 +35,17 @@ impl ListQuery {
     }
 }
 
+/// A list's search form: one text field, `q`.
+pub fn search(action: &str, label: &str, q: &str) -> Markup {
+    html! {
+        form.filters method="get" action=(action) role="search" {
+            label for="q" { (label) }
+            input #q type="search" name="q" value=(q);
+            button type="submit" { "Find" }
+        }
+    }
+}
+
 /// The page a role may not see.
 pub fn not_for_role(s: &Session, ctl: &Control, method: &str, path: &str) -> Option<Response> {
     s.require(ctl, method, path).err()

@@ -21,11 +21,7 @@ pub async fn page(State(ctl): Ctl, s: Session) -> Response {
     };
     let samples = ctl.feed().samples();
     let now = now_unix();
-    let online = view
-        .peers
-        .iter()
-        .filter(|p| p.seconds_since_handshake.is_some_and(|t| t < 180))
-        .count();
+    let online = view.peers.iter().filter(|p| online(p)).count();
     let series = |f: fn(&Sample) -> u64| rates(&samples, f);
     let bits: Vec<(u64, f64)> = series(|s| s.bytes)
         .into_iter()

@@ -183,16 +183,9 @@ pub async fn version(State(ctl): Ctl, s: Session, UrlPath(version): UrlPath<u64>
     ) {
         return r;
     }
-    let text = match ctl.store.policy_version(version).await {
-        Ok(Some(t)) => t,
-        Ok(None) => {
-            return failure(
-                &s,
-                StatusCode::NOT_FOUND,
-                &format!("no policy version {version}"),
-            );
-        }
-        Err(e) => return api_failure(&s, e.into()),
+    let text = match policy_version(State(ctl.clone()), s.admin(), UrlPath(version)).await {
+        Ok(Json(p)) => p.text,
+        Err(e) => return api_failure(&s, e),
     };
     let checked = match ctl.check_policy(&text).await {
         Ok(c) => c,
@@ -219,16 +212,9 @@ pub async fn rollback(
     if let Err(r) = s.require(&ctl, "PUT", POLICY_API) {
         return r;
     }
-    let text = match ctl.store.policy_version(version).await {
-        Ok(Some(t)) => t,
-        Ok(None) => {
-            return failure(
-                &s,
-                StatusCode::NOT_FOUND,
-                &format!("no policy version {version}"),
-            );
-        }
-        Err(e) => return api_failure(&s, e.into()),
+    let text = match policy_version(State(ctl.clone()), s.admin(), UrlPath(version)).await {
+        Ok(Json(p)) => p.text,
+        Err(e) => return api_failure(&s, e),
     };
     apply_text(
         &ctl,

@@ -141,7 +141,7 @@ pub async fn page(State(ctl): Ctl, s: Session, Query(q): Query<WhyQuery>) -> Res
                         format!(" port {port}")
                     }
                 );
-                let body = Bytes::from(serde_json::to_vec(&req).unwrap_or_default());
+                let body = json_body(&req);
                 match explain(State(ctl.clone()), s.admin(), body).await {
                     Ok(Json(e)) => Ok((e, shown)),
                     Err(e) => Err(e.1),
