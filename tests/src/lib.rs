@@ -277,6 +277,31 @@ impl Deployment {
         path
     }
 
+    /// The password the test OpenID provider (SK_IDP=1) gave `user` (`idp/users.json`).
+    pub fn idp_password(&self, user: &str) -> String {
+        let users: Value = serde_json::from_str(
+            &std::fs::read_to_string(self.state.join("idp/users.json"))
+                .expect("idp/users.json (SK_IDP=1)"),
+        )
+        .expect("users.json");
+        users
+            .as_array()
+            .and_then(|a| a.iter().find(|u| u["username"] == user))
+            .and_then(|u| u["password"].as_str())
+            .unwrap_or_else(|| panic!("no {user} in idp/users.json"))
+            .to_string()
+    }
+
+    /// The app host's HTTP log lines ("http CLIENT-ADDRESS REQUEST …") from the `from`-th on.
+    pub fn app_requests(&self, from: usize) -> Vec<String> {
+        self.log("app")
+            .lines()
+            .filter(|l| l.starts_with("http "))
+            .skip(from)
+            .map(str::to_string)
+            .collect()
+    }
+
     /// The broker's counters, peers and links (from its control socket).
     pub fn stats(&self) -> Value {
         let out = Command::new(self.bin("sekisho-broker"))
@@ -367,6 +392,13 @@ impl Drop for Deployment {
 }
 
 /// Polls `f` until it returns true; returns how long it took, or None after `limit`.
+/// How many of the app host's request lines (see [`Deployment::app_requests`]) came from
+/// `addr`.
+pub fn count_from(lines: &[String], addr: &str) -> usize {
+    let prefix = format!("http {addr} ");
+    lines.iter().filter(|l| l.starts_with(&prefix)).count()
+}
+
 pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
     let start = Instant::now();
     while start.elapsed() < limit {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use sekisho_tests::pg::Postgres;
-use sekisho_tests::{Deployment, udp_probe, wait_until};
+use sekisho_tests::{Deployment, count_from, udp_probe, wait_until};
 
 /// The stats of broker `name` ("broker" or "broker2") from its control socket.
 fn stats(d: &Deployment, name: &str) -> Value {
@@ -46,21 +46,6 @@ fn dc1_links(d: &Deployment, broker: &str) -> Vec<(String, String)> {
 /// A client's status (`sekisho-client status --json`).
 fn client_status(d: &Deployment, who: &str) -> Value {
     d.client_status(who)
-}
-
-/// The app host's HTTP log lines from `from` on: (client address, request line).
-fn app_requests(d: &Deployment, from: usize) -> Vec<String> {
-    d.log("app")
-        .lines()
-        .filter(|l| l.starts_with("http "))
-        .skip(from)
-        .map(str::to_string)
-        .collect()
-}
-
-fn count_from(lines: &[String], addr: &str) -> usize {
-    let prefix = format!("http {addr} ");
-    lines.iter().filter(|l| l.starts_with(&prefix)).count()
 }
 
 /// `n` new flows at once from alice's laptop (curl); how many succeeded.
@@ -183,9 +168,9 @@ fn broker_and_connector_failures_drain_and_metrics() {
     ];
 
     // New flows spread over both connectors (each masquerades to its own address).
-    let mark = app_requests(&d, 0).len();
+    let mark = d.app_requests(0).len();
     assert_eq!(curls(&d, 8, 5), 8);
-    let seen = app_requests(&d, mark);
+    let seen = d.app_requests(mark);
     let (one, two) = (
         count_from(&seen, "10.20.0.1"),
         count_from(&seen, "10.20.0.2"),
@@ -291,9 +276,9 @@ fn broker_and_connector_failures_drain_and_metrics() {
         t0.elapsed().as_secs_f64()
     );
     assert!(back.is_some(), "no new flow worked after the broker died");
-    let mark = app_requests(&d, 0).len();
+    let mark = d.app_requests(0).len();
     assert_eq!(curls(&d, 8, 5), 8);
-    let seen = app_requests(&d, mark);
+    let seen = d.app_requests(mark);
     assert!(
         count_from(&seen, "10.20.0.1") >= 1 && count_from(&seen, "10.20.0.2") >= 1,
         "both connectors serve through the surviving broker: {seen:?}"
@@ -315,9 +300,9 @@ fn broker_and_connector_failures_drain_and_metrics() {
         took.as_secs_f64()
     );
     assert!(took < Duration::from_secs(20), "took {took:?}");
-    let mark = app_requests(&d, 0).len();
+    let mark = d.app_requests(0).len();
     assert_eq!(curls(&d, 6, 5), 6);
-    assert_eq!(count_from(&app_requests(&d, mark), "10.20.0.2"), 6);
+    assert_eq!(count_from(&d.app_requests(mark), "10.20.0.2"), 6);
 
     // Drain: bring connector 1 back, put a slow download on one connector, drain that one.
     d.daemon("start", "connector");
@@ -331,13 +316,14 @@ fn broker_and_connector_failures_drain_and_metrics() {
     });
     assert!(relinked.is_some(), "connector 1 did not come back");
     let (draining, daemon, other) = {
-        let mark = app_requests(&d, 0).len();
+        let mark = d.app_requests(0).len();
         let dl = start_download(&d);
         let first = wait_until(Duration::from_secs(10), || {
-            app_requests(&d, mark).iter().any(|l| l.contains("big.bin"))
+            d.app_requests(mark).iter().any(|l| l.contains("big.bin"))
         });
         assert!(first.is_some(), "the download did not start");
-        let line = app_requests(&d, mark)
+        let line = d
+            .app_requests(mark)
             .into_iter()
             .find(|l| l.contains("big.bin"))
             .unwrap();
@@ -357,9 +343,9 @@ fn broker_and_connector_failures_drain_and_metrics() {
             .any(|(_, s)| s == "draining")
     });
     assert!(marked.is_some(), "{:?}", dc1_links(&d, alive_broker));
-    let mark = app_requests(&d, 0).len();
+    let mark = d.app_requests(0).len();
     assert_eq!(curls(&d, 6, 5), 6);
-    let seen = app_requests(&d, mark);
+    let seen = d.app_requests(mark);
     assert_eq!(
         count_from(&seen, other),
         6,

@@ -20,20 +20,6 @@ fn artifacts() -> PathBuf {
     workspace().join("target/console-artifacts")
 }
 
-fn password(d: &Deployment, user: &str) -> String {
-    let users: Value =
-        serde_json::from_str(&std::fs::read_to_string(d.state().join("idp/users.json")).unwrap())
-            .unwrap();
-    users
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|u| u["username"] == user)
-        .and_then(|u| u["password"].as_str())
-        .unwrap()
-        .to_string()
-}
-
 /// `sekisho-client login` for alice on her laptop through the scripted browser, then her
 /// client started and connected with a posture token.
 fn alice_signs_in_her_laptop(d: &Deployment) {
@@ -41,7 +27,7 @@ fn alice_signs_in_her_laptop(d: &Deployment) {
         "python3 {} --ca {} --user alice --password {}",
         workspace().join("tests/tools/oidc_browser.py").display(),
         d.state().join("idp/ca.pem").display(),
-        password(d, "alice")
+        d.idp_password("alice")
     );
     let (ok, _, err) = d.sh(
         "laptop",
@@ -79,7 +65,7 @@ fn console_sign_in(b: &Browser, d: &Deployment, user: &str) {
     b.wait_for("form#login", T)
         .expect("the provider's login form");
     b.fill("form#login input[name=login]", user).unwrap();
-    b.fill("form#login input[name=password]", &password(d, user))
+    b.fill("form#login input[name=password]", &d.idp_password(user))
         .unwrap();
     b.submit("form#login").unwrap();
     let landed = wait_until(T, || {

@@ -41,7 +41,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use sekisho_tests::pg::Postgres;
-use sekisho_tests::{Deployment, binaries, skip_netns, unique_tag, wait_until, workspace};
+use sekisho_tests::{
+    Deployment, binaries, count_from, skip_netns, unique_tag, wait_until, workspace,
+};
 
 /// The base image the tests build on (made by tests/tools/base-image.sh when missing).
 const BASE: &str = "localhost/debian:bookworm-slim";
@@ -1498,21 +1500,6 @@ impl Drop for ComposeProject {
     }
 }
 
-/// The app host's HTTP log lines from `from` on.
-fn app_requests(d: &Deployment, from: usize) -> Vec<String> {
-    d.log("app")
-        .lines()
-        .filter(|l| l.starts_with("http "))
-        .skip(from)
-        .map(str::to_string)
-        .collect()
-}
-
-fn count_from(lines: &[String], addr: &str) -> usize {
-    let prefix = format!("http {addr} ");
-    lines.iter().filter(|l| l.starts_with(&prefix)).count()
-}
-
 /// `n` new flows at once from alice's laptop (curl); how many succeeded.
 fn curls(d: &Deployment, n: usize) -> usize {
     let script = format!(
@@ -1714,9 +1701,9 @@ fn compose_file_starts_two_connectors_with_podman_compose() {
     println!("podman-compose ps:\n{}", table.join("\n"));
 
     // Both carry flows: each masquerades to its own address on the site network.
-    let mark = app_requests(&d, 0).len();
+    let mark = d.app_requests(0).len();
     assert_eq!(curls(&d, 8), 8, "alice's flows through the two connectors");
-    let seen = app_requests(&d, mark);
+    let seen = d.app_requests(mark);
     let (a, b) = (
         count_from(&seen, "10.20.0.1"),
         count_from(&seen, "10.20.0.2"),
@@ -1731,9 +1718,9 @@ fn compose_file_starts_two_connectors_with_podman_compose() {
     assert!(ok, "podman-compose stop: {err}");
     let one = wait_until(Duration::from_secs(30), || dc1_links(&d.stats()).len() == 1);
     assert!(one.is_some(), "{}", d.stats());
-    let mark = app_requests(&d, 0).len();
+    let mark = d.app_requests(0).len();
     assert_eq!(curls(&d, 4), 4, "alice with connector-a stopped");
-    let seen = app_requests(&d, mark);
+    let seen = d.app_requests(mark);
     assert_eq!(count_from(&seen, "10.20.0.2"), 4, "{seen:?}");
     at("connector-a stopped: alice through connector-b");
 

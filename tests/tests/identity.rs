@@ -14,27 +14,13 @@ use serde_json::Value;
 const APP: &str = "10.20.0.10";
 const API: &str = "https://10.99.2.2:8443";
 
-fn password(d: &Deployment, user: &str) -> String {
-    let users: Value =
-        serde_json::from_str(&std::fs::read_to_string(d.state().join("idp/users.json")).unwrap())
-            .unwrap();
-    users
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|u| u["username"] == user)
-        .and_then(|u| u["password"].as_str())
-        .unwrap_or_else(|| panic!("no {user} in users.json"))
-        .to_string()
-}
-
 /// The `$BROWSER` command that signs `user` in (with `extra` options of the script).
 fn browser(d: &Deployment, user: &str, extra: &str) -> String {
     format!(
         "python3 {} --ca {} --user {user} --password {} {extra}",
         workspace().join("tests/tools/oidc_browser.py").display(),
         d.state().join("idp/ca.pem").display(),
-        password(d, user)
+        d.idp_password(user)
     )
 }
 
